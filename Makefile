@@ -1,0 +1,39 @@
+# mnist-sweep: `make help` lists the targets.
+SHELL := /bin/bash
+PYTHON ?= python3.11
+VENV ?= .venv
+PY := $(VENV)/bin/python
+ARGS ?=
+# Where `make train/bench` find MNIST: the shared copy beside the repo when present, else ./data
+# (downloaded there by torchvision on first use). Override: make train DATA=/path/to/mnist
+DATA ?= $(if $(wildcard ../shared/data/mnist),../shared/data/mnist,./data)
+export MNIST_SWEEP_DATA ?= $(DATA)
+
+.DEFAULT_GOAL := help
+.PHONY: help install test test-full train ui bench clean
+
+help: ## list the targets
+	@grep -hE '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  \033[36m%-12s\033[0m %s\n", $$1, $$2}'
+
+install: ## create .venv and install the package with pinned dependencies
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade "pip>=24"
+	$(PY) -m pip install --quiet -e '.[dev]'
+
+test: ## run the fast test suite (synthetic data, no network)
+	$(PY) -m pytest -q
+
+test-full: ## run every test, the slow tier on real MNIST (../shared) included
+	$(PY) -m pytest -q -m "slow or not slow"
+
+train: ## train one trial of the seed note's configuration (ARGS="optim.momentum=0.9 schedule=step")
+	$(PY) -m mnist_sweep.train $(ARGS)
+
+ui: ## open the MLflow UI on http://127.0.0.1:5000 over the local store
+	$(VENV)/bin/mlflow ui --backend-store-uri $${MLFLOW_TRACKING_URI:-sqlite:///mlflow.db} --host 127.0.0.1 --port 5000
+
+bench: ## time our epoch against a pytorch/examples loop and a GEMM floor; tracking overhead
+	$(PY) tests/benchmarks/bench_trial.py $(ARGS)
+
+clean: ## remove Hydra outputs (keeps mlflow.db and mlruns/)
+	rm -rf outputs multirun .pytest_cache

@@ -1,0 +1,115 @@
+"""Command-line glue shared by the entry points: Hydra app, config location, error handling."""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+from pathlib import Path
+from typing import Callable
+
+import hydra
+from omegaconf import DictConfig, OmegaConf
+
+from mnist_sweep.errors import ConfigError, report, user_errors_exit
+
+# conf/ sits at the repository root (`make install` installs the package editable);
+# MNIST_SWEEP_CONF may point elsewhere.
+CONF_DIR = Path(os.environ.get("MNIST_SWEEP_CONF", Path(__file__).resolve().parents[2] / "conf"))
+
+
+def _sigterm_as_interrupt(signum, frame):
+    # A SIGTERM (kill, a scheduler's pre-emption) ends runs as KILLED, like Ctrl-C.
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def config_groups(conf_dir: Path = CONF_DIR) -> dict[str, list[str]]:
+    """{group: [options]} of the config tree, e.g. {"schedule": ["cosine", ..., "step"]}."""
+    return {d.name: sorted(p.stem for p in d.glob("*.yaml"))
+            for d in sorted(conf_dir.iterdir()) if d.is_dir()}
+
+
+def compose(overrides: list[str], conf_dir: Path = CONF_DIR, config_name: str = "config") -> DictConfig:
+    """The composed config for `overrides`, or a ConfigError naming the bad override."""
+    from hydra import compose as hydra_compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    check_overrides(overrides, conf_dir, config_name)
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(str(conf_dir), version_base="1.3"):
+        try:
+            return hydra_compose(config_name, overrides=overrides)
+        except Exception as error:  # anything check_overrides did not foresee
+            raise ConfigError(f"The overrides {' '.join(overrides)} cannot be applied: "
+                              f"{' '.join(str(error).split())}") from None
+
+
+def check_overrides(overrides: list[str], conf_dir: Path = CONF_DIR,
+                    config_name: str = "config") -> None:
+    """Raise a ConfigError naming the first override that names an unknown group option or key."""
+    from hydra import compose as hydra_compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import OverrideParseException
+
+    try:
+        parsed = OverridesParser.create().parse_overrides(overrides)
+    except OverrideParseException as error:
+        raise ConfigError(f"Cannot parse the override(s) {' '.join(overrides)}: "
+                          f"{' '.join(str(error).split())}") from None
+    groups = config_groups(conf_dir)
+    plain = [o for o in parsed if not o.key_or_group.startswith("hydra")]
+    for o in plain:  # group options first: they decide which keys exist
+        if o.key_or_group in groups and not o.is_delete() and not o.is_sweep_override():
+            option = o.value()
+            if isinstance(option, str) and option not in groups[o.key_or_group]:
+                raise ConfigError(f"{o.input_line} names no option of the config group "
+                                  f"{o.key_or_group!r}: allowed are "
+                                  f"{', '.join(groups[o.key_or_group])}.")
+    group_choices = [o.input_line for o in plain if o.key_or_group in groups]
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(str(conf_dir), version_base="1.3"):
+        base = hydra_compose(config_name, overrides=group_choices)
+    for o in plain:
+        if o.key_or_group in groups or o.is_add() or o.is_force_add():
+            continue
+        parent_key, _, leaf = o.key_or_group.rpartition(".")
+        parent = OmegaConf.select(base, parent_key) if parent_key else base
+        if not isinstance(parent, DictConfig) or leaf not in parent:
+            where = f"the {parent_key!r} config" if parent_key else "the top-level config"
+            keys = ", ".join(k for k in parent.keys() if k != "hydra") if isinstance(parent, DictConfig) else "none"
+            raise ConfigError(f"{o.input_line} overrides a key that does not exist: "
+                              f"{o.key_or_group!r} is not in {where}, whose keys are: {keys}. "
+                              f"To add a new key use +{o.input_line}.")
+
+
+def _command_line_overrides(argv: list[str]) -> tuple[list[str], bool]:
+    """(overrides, whether Hydra runs a job with them) as Hydra's own argument parser sees them."""
+    from hydra._internal.utils import get_args_parser
+
+    args, _ = get_args_parser().parse_known_args(argv)
+    informational = args.help or args.hydra_help or args.info or args.shell_completion
+    return args.overrides, not (informational or args.multirun)
+
+
+def run_hydra_app(task: Callable[[DictConfig], object], config_name: str = "config") -> None:
+    """Run `task` as a Hydra app over conf/, turning UserErrors into one-paragraph exits."""
+    signal.signal(signal.SIGTERM, _sigterm_as_interrupt)
+    overrides, runs_job = _command_line_overrides(sys.argv[1:])
+    if runs_job:
+        try:
+            check_overrides(overrides, CONF_DIR, config_name)
+        except ConfigError as error:
+            report(error)
+            raise SystemExit(error.exit_code) from None
+
+    @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name=config_name)
+    def app(cfg: DictConfig) -> None:
+        with user_errors_exit(debug=bool(cfg.get("debug", False))):
+            task(cfg)
+
+    try:
+        app()
+    except KeyboardInterrupt:
+        sys.stderr.write("interrupted\n")
+        raise SystemExit(130) from None

@@ -1,0 +1,257 @@
+"""MLflow runs of trials: params, tags, batched curves, final metrics, artifacts, run status.
+
+Everything goes through one MlflowClient with an explicit tracking URI (no global active run),
+so that a sweep's workers and its parent run can share a process. Curves are sent with one
+`log_batch` per epoch (a `log_metric` per step would cost ~5 ms each on SQLite).
+"""
+
+from __future__ import annotations
+
+import logging
+import platform
+import subprocess
+import time
+import urllib.parse
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from mnist_sweep.errors import TrackingError
+
+log = logging.getLogger("mnist_sweep")
+
+MAX_METRICS_PER_BATCH = 1000  # MLflow's log_batch limits
+MAX_PARAMS_PER_BATCH = 100
+MAX_PARAM_LENGTH = 6000
+DB_SCHEMES = ("sqlite", "postgresql", "mysql", "mssql")
+HTTP_SCHEMES = ("http", "https")
+
+
+# ----------------------------------------------------------------------------- URIs
+
+
+def redact_uri(uri: str) -> str:
+    """The URI with any password replaced by ***, for logs, tags and messages."""
+    parts = urllib.parse.urlsplit(uri)
+    if parts.password is None:
+        return uri
+    netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
+    return urllib.parse.urlunsplit(parts._replace(netloc=netloc))
+
+
+def _allowed_forms() -> str:
+    return ("sqlite:///path/to/mlflow.db, postgresql://user:password@host:port/db (also mysql, "
+            "mssql) or http(s)://host:port of an MLflow server")
+
+
+def check_tracking_uri(uri: str) -> None:
+    """Reject malformed or unreachable URIs before the store is opened (nothing is written)."""
+    shown = redact_uri(uri)
+    scheme = urllib.parse.urlsplit(uri).scheme.split("+")[0]
+    if scheme == "" or scheme == "file":
+        raise TrackingError(f"tracking.tracking_uri={shown!r} is a file store, which MLflow 3 no "
+                            f"longer supports for tracking; use {_allowed_forms()}.")
+    if scheme not in DB_SCHEMES + HTTP_SCHEMES:
+        raise TrackingError(f"tracking.tracking_uri={shown!r} has an unknown scheme {scheme!r}; "
+                            f"use {_allowed_forms()}.")
+    if scheme == "sqlite":
+        if not uri.startswith("sqlite:///"):
+            raise TrackingError(f"tracking.tracking_uri={shown!r} is malformed: a SQLite URI is "
+                                "sqlite:///relative/path.db or sqlite:////absolute/path.db.")
+        path = Path(uri[len("sqlite:///"):])
+        if path.name in ("", ":memory:") or str(path) == ".":
+            raise TrackingError(f"tracking.tracking_uri={shown!r} names no database file; use "
+                                "sqlite:///path/to/mlflow.db.")
+        if not path.parent.resolve().is_dir():
+            raise TrackingError(f"tracking.tracking_uri={shown!r}: the folder {path.parent} does "
+                                "not exist; create it or point the URI at an existing folder.")
+        if path.exists() and path.read_bytes()[:16] != b"SQLite format 3\x00":
+            raise TrackingError(f"tracking.tracking_uri={shown!r}: {path} exists but is not a "
+                                "SQLite database; move it away or use another file name.")
+    if scheme in HTTP_SCHEMES:
+        import requests
+
+        try:
+            requests.get(uri.rstrip("/") + "/health", timeout=5).raise_for_status()
+        except requests.RequestException as error:
+            raise TrackingError(f"The MLflow server at tracking.tracking_uri={shown!r} cannot be "
+                                f"reached ({type(error).__name__}); start it (make server) or fix "
+                                f"the URI; allowed forms: {_allowed_forms()}.") from None
+
+
+# ----------------------------------------------------------------------------- params and tags
+
+
+def flatten(config: dict, prefix: str = "") -> dict[str, str]:
+    """{"optim": {"lr": 0.01}} -> {"optim.lr": "0.01"}: MLflow params are flat strings."""
+    flat = {}
+    for key, value in config.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            flat.update(flatten(value, f"{name}."))
+        else:
+            flat[name] = str(value)[:MAX_PARAM_LENGTH]
+    return flat
+
+
+def git_commit() -> str | None:
+    repo = Path(__file__).resolve().parents[2]
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True,
+                             text=True, timeout=5)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() or None if out.returncode == 0 else None
+
+
+def trial_tags(cfg: DictConfig, device: torch.device) -> dict[str, str]:
+    tags = {"dataset": cfg.data.name, "model": cfg.model._target_.rsplit(".", 1)[-1].lower(),
+            "schedule": cfg.schedule.get("name", "none"), "device": str(device),
+            "torch_version": torch.__version__, "python_version": platform.python_version()}
+    if (commit := git_commit()):
+        tags["git_commit"] = tags["mlflow.source.git.commit"] = commit
+    return tags
+
+
+# ----------------------------------------------------------------------------- runs
+
+
+@dataclass
+class TrialRun:
+    """The MLflow run of one trial; `log_epoch` is an epoch callback of `run_trial`."""
+
+    client: object | None
+    run_id: str | None
+    log_model: bool = False
+
+    def _log_metrics(self, metrics: Sequence) -> None:
+        for start in range(0, len(metrics), MAX_METRICS_PER_BATCH):
+            self.client.log_batch(self.run_id, metrics=metrics[start:start + MAX_METRICS_PER_BATCH])
+
+    def log_epoch(self, r) -> None:
+        if self.client is None:
+            return
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        metrics = [Metric("batch/train_loss", v, now, r.first_step + i)
+                   for i, v in enumerate(r.batch_loss)]
+        metrics += [Metric("batch/lr", v, now, r.first_step + i) for i, v in enumerate(r.batch_lr)]
+        metrics += [Metric(k, v, now, r.epoch) for k, v in r.metrics().items()]
+        self._log_metrics(metrics)
+
+    def log_result(self, result) -> None:
+        if self.client is None:
+            return
+        from mlflow.entities import Metric
+
+        now, step = int(time.time() * 1000), len(result.epochs)
+        self._log_metrics([Metric("test_loss", result.test_loss, now, step),
+                           Metric("test_acc", result.test_acc, now, step)])
+        if self.log_model and result.model is not None:
+            import mlflow.pytorch
+            import numpy as np
+
+            # MLflow 3 saves the traced graph (pt2), which needs an example input; it also
+            # gives the model a signature for serving.
+            example = np.zeros((2, 1, 28, 28), dtype=np.float32)  # batch 2: 1 would be traced as a constant
+            # The LoggedModel entity belongs to the fluent API's current experiment: ours.
+            mlflow.set_experiment(experiment_id=self.client.get_run(self.run_id).info.experiment_id)
+            mlflow.pytorch.log_model(result.model.cpu().eval(), name="model", run_id=self.run_id,
+                                     input_example=example)
+
+    def set_tags(self, tags: dict[str, str]) -> None:
+        if self.client is not None:
+            from mlflow.entities import RunTag
+
+            self.client.log_batch(self.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+
+
+class NullTracker:
+    """tracking.enabled=false: the same interface, nothing recorded."""
+
+    @contextmanager
+    def trial_run(self, cfg, device, **_) -> Iterator[TrialRun]:
+        yield TrialRun(None, None)
+
+
+class MlflowTracker:
+    def __init__(self, tracking_uri: str, experiment: str, log_model: bool = False):
+        check_tracking_uri(tracking_uri)
+        import mlflow
+        from mlflow.tracking import MlflowClient
+
+        logging.getLogger("alembic").setLevel(logging.WARNING)
+        mlflow.set_tracking_uri(tracking_uri)  # for mlflow.pytorch.log_model's own client
+        self.uri = tracking_uri
+        self.client = MlflowClient(tracking_uri)
+        self.log_model = log_model
+        self.experiment_id = self._experiment_id(experiment)
+
+    def _experiment_id(self, name: str) -> str:
+        from mlflow.exceptions import MlflowException
+
+        try:
+            found = self.client.get_experiment_by_name(name)
+            if found is not None:
+                if found.lifecycle_stage == "deleted":
+                    raise TrackingError(f"tracking.experiment={name!r} was deleted in MLflow; "
+                                        "restore it (mlflow experiments restore) or use another name.")
+                return found.experiment_id
+            try:
+                return self.client.create_experiment(name)
+            except MlflowException:  # another worker created it a moment ago
+                return self.client.get_experiment_by_name(name).experiment_id
+        except MlflowException as error:
+            raise TrackingError(f"The MLflow store at {redact_uri(self.uri)} cannot be used: "
+                                f"{str(error).splitlines()[0][:300]}") from None
+
+    def start_run(self, run_name: str | None = None, tags: dict | None = None,
+                  params: dict[str, str] | None = None, parent_run_id: str | None = None) -> str:
+        from mlflow.entities import Param
+
+        tags = dict(tags or {})
+        if parent_run_id:
+            tags["mlflow.parentRunId"] = parent_run_id
+        run = self.client.create_run(self.experiment_id, run_name=run_name, tags=tags)
+        items = [Param(k, v) for k, v in (params or {}).items()]
+        for start in range(0, len(items), MAX_PARAMS_PER_BATCH):
+            self.client.log_batch(run.info.run_id, params=items[start:start + MAX_PARAMS_PER_BATCH])
+        return run.info.run_id
+
+    @contextmanager
+    def trial_run(self, cfg: DictConfig, device: torch.device, run_name: str | None = None,
+                  parent_run_id: str | None = None, extra_tags: dict | None = None,
+                  normal_ends: tuple[type[BaseException], ...] = ()) -> Iterator[TrialRun]:
+        """A run for one trial. Ends FINISHED (also on a `normal_ends` exception, such as a
+        pruned trial), KILLED on Ctrl-C or a kill signal, FAILED on any other exception."""
+        resolved = OmegaConf.to_container(cfg, resolve=True)
+        resolved.pop("hydra", None)
+        run_id = self.start_run(run_name or cfg.tracking.get("run_name"),
+                                tags={**trial_tags(cfg, device), **(extra_tags or {})},
+                                params=flatten(resolved), parent_run_id=parent_run_id)
+        self.client.log_text(run_id, OmegaConf.to_yaml(resolved), "config.yaml")
+        run = TrialRun(self.client, run_id, self.log_model)
+        status = "FAILED"
+        try:
+            yield run
+            status = "FINISHED"
+        except normal_ends:
+            status = "FINISHED"
+            raise
+        except (KeyboardInterrupt, SystemExit):
+            status = "KILLED"
+            raise
+        finally:
+            self.client.set_terminated(run_id, status)
+
+
+def open_tracker(tracking_cfg: DictConfig) -> MlflowTracker | NullTracker:
+    if not tracking_cfg.enabled:
+        return NullTracker()
+    return MlflowTracker(tracking_cfg.tracking_uri, tracking_cfg.experiment,
+                         bool(tracking_cfg.get("log_model", False)))

@@ -1,0 +1,89 @@
+"""Shared fixtures: small synthetic MNIST-format files, composed configs, the CLI in a subprocess."""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import os
+import struct
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_MNIST = REPO.parent / "shared" / "data" / "mnist"
+
+N_TRAIN, N_TEST = 600, 200
+# Small budgets that keep a synthetic trial well under a second.
+FAST = ["data.val_size=100", "train.batch_size=50", "train.epochs=2", "train.progress=false",
+        "train.device=cpu", "train.threads=1"]
+
+
+def write_idx(path: Path, array: np.ndarray) -> None:
+    header = struct.pack(">BBBB", 0, 0, 0x08, array.ndim) + struct.pack(f">{array.ndim}I", *array.shape)
+    payload = header + array.astype(np.uint8).tobytes()
+    if path.suffix == ".gz":
+        with gzip.open(path, "wb") as f:
+            f.write(payload)
+    else:
+        path.write_bytes(payload)
+
+
+def synthetic_images(labels: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Noise plus a bright 5x5 block whose position encodes the label: easy to learn."""
+    images = rng.integers(0, 60, size=(len(labels), 28, 28), dtype=np.uint8)
+    for i, label in enumerate(labels):
+        row, col = 3 + (label // 5) * 12, 1 + (label % 5) * 5
+        images[i, row:row + 5, col:col + 5] = rng.integers(200, 256, size=(5, 5))
+    return images
+
+
+def make_synthetic_mnist(folder: Path, seed: int = 0) -> Path:
+    """The four MNIST files in IDX format: train images gzip'd, the rest raw (both are read)."""
+    rng = np.random.default_rng(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    for prefix, n, gz in (("train", N_TRAIN, True), ("t10k", N_TEST, False)):
+        labels = rng.integers(0, 10, size=n).astype(np.uint8)
+        suffix = ".gz" if gz else ""
+        write_idx(folder / f"{prefix}-images-idx3-ubyte{suffix}", synthetic_images(labels, rng))
+        write_idx(folder / f"{prefix}-labels-idx1-ubyte{suffix}", labels)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def mnist_dir(tmp_path_factory) -> Path:
+    return make_synthetic_mnist(tmp_path_factory.mktemp("synthetic-mnist"))
+
+
+@pytest.fixture()
+def store(tmp_path) -> str:
+    """A fresh SQLite tracking URI in a temporary folder."""
+    return f"sqlite:///{tmp_path / 'mlflow.db'}"
+
+
+@pytest.fixture()
+def cfg_factory(mnist_dir, store):
+    """compose(*overrides) -> a trial config on the synthetic data, tracked in a temp store."""
+    from mnist_sweep.cli import compose
+
+    def make(*overrides: str):
+        return compose([f"data.root={mnist_dir}", f"tracking.tracking_uri={store}", *FAST,
+                        *overrides])
+
+    return make
+
+
+def run_cli(module: str, *args: str, cwd: Path, env: dict | None = None,
+            timeout: float = 180) -> subprocess.CompletedProcess:
+    """`python -m <module> args...` as a user would run it; returns the completed process."""
+    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+    full_env.pop("MNIST_SWEEP_DEBUG", None)
+    return subprocess.run([sys.executable, "-m", module, *args], cwd=cwd, env=full_env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def file_digest(path: Path) -> str | None:
+    return hashlib.sha256(path.read_bytes()).hexdigest() if path.exists() else None

@@ -1,0 +1,62 @@
+"""The config tree: every group option composes, defaults reproduce the seed note."""
+
+import pytest
+from hydra.utils import instantiate
+
+from mnist_sweep.cli import CONF_DIR, compose, config_groups
+from conftest import REPO, run_cli
+
+ALL_OPTIONS = [(group, option) for group, options in config_groups(CONF_DIR).items()
+               for option in options]
+
+
+def test_the_tree_has_the_groups_and_options_the_design_names():
+    groups = config_groups(CONF_DIR)
+    assert set(groups) == {"data", "model", "optim", "schedule", "train", "tracking"}
+    assert set(groups["schedule"]) == {"none", "step", "multistep", "exponential", "cosine",
+                                       "plateau", "onecycle"}
+    assert set(groups["data"]) == {"mnist", "fashion_mnist", "kmnist"}
+    assert set(groups["model"]) == {"mlp", "cnn"}
+
+
+@pytest.mark.parametrize("group,option", ALL_OPTIONS)
+def test_every_group_option_composes(group, option):
+    cfg = compose([f"{group}={option}"])
+    assert cfg[group] is not None
+    if group == "model":
+        assert sum(p.numel() for p in instantiate(cfg.model).parameters()) > 0
+    if group == "schedule":
+        assert cfg.schedule.interval in ("batch", "epoch")
+
+
+def test_defaults_reproduce_the_seed_notes_first_run():
+    cfg = compose([])
+    assert (cfg.optim.lr, cfg.optim.momentum) == (0.01, 0.78)
+    assert (cfg.train.batch_size, cfg.train.epochs) == (200, 10)
+    assert cfg.schedule.name == "none" and cfg.data.name == "mnist"
+    model = instantiate(cfg.model)
+    shapes = [tuple(p.shape) for p in model.parameters()]
+    assert shapes == [(200, 784), (200,), (200, 200), (200,), (10, 200), (10,)]
+
+
+def test_seed_presets_of_plateau_and_step():
+    plateau = compose(["schedule=plateau"]).schedule
+    assert (plateau.mode, plateau.patience, plateau.factor) == ("min", 200, 0.7)
+    assert (plateau.interval, plateau.monitor) == ("batch", "train_loss")
+    step = compose(["schedule=step"]).schedule
+    assert (step.step_size, step.gamma, step.interval) == (800, 0.9, "batch")
+
+
+def test_faithful_output_activation_option_adds_a_leaky_relu_on_the_logits():
+    import torch
+
+    model = instantiate(compose(["model.output_activation=true"]).model)
+    assert isinstance(list(model.net)[-1], torch.nn.LeakyReLU)
+
+
+def test_cfg_job_prints_the_composed_config(tmp_path):
+    out = run_cli("mnist_sweep.train", "optim.momentum=0.9", "schedule=step", "--cfg", "job",
+                  cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    assert "momentum: 0.9" in out.stdout and "step_size: 800" in out.stdout
+    assert not (tmp_path / "mlflow.db").exists()  # printing the config records nothing

@@ -1,0 +1,107 @@
+"""IDX decoding, file discovery, splits and batches."""
+
+import gzip
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from mnist_sweep import data
+from mnist_sweep.errors import DataError
+from conftest import N_TEST, N_TRAIN, make_synthetic_mnist, write_idx
+
+
+def test_read_idx_decodes_raw_and_gzip_alike(tmp_path):
+    array = np.arange(2 * 28 * 28, dtype=np.uint8).reshape(2, 28, 28)
+    write_idx(tmp_path / "a-idx3-ubyte", array)
+    write_idx(tmp_path / "a-idx3-ubyte.gz", array)
+    raw = data.read_idx(tmp_path / "a-idx3-ubyte", expected_ndim=3)
+    gz = data.read_idx(tmp_path / "a-idx3-ubyte.gz", expected_ndim=3)
+    assert raw.dtype == torch.uint8 and raw.shape == (2, 28, 28)
+    assert torch.equal(raw, gz) and torch.equal(raw, torch.from_numpy(array))
+
+
+def test_wrong_magic_is_named(tmp_path):
+    path = tmp_path / "labels"
+    write_idx(path, np.zeros(10, dtype=np.uint8))  # 1-d labels where 3-d images are expected
+    with pytest.raises(DataError, match="magic number is 00000801, expected 00000803"):
+        data.read_idx(path, expected_ndim=3)
+
+
+def test_truncated_file_is_named(tmp_path):
+    path = tmp_path / "images"
+    write_idx(path, np.zeros((3, 28, 28), dtype=np.uint8))
+    path.write_bytes(path.read_bytes()[:-100])
+    with pytest.raises(DataError, match="truncated"):
+        data.read_idx(path, expected_ndim=3)
+
+
+def test_corrupt_gzip_is_named(tmp_path):
+    path = tmp_path / "images.gz"
+    path.write_bytes(b"not gzip at all")
+    with pytest.raises(DataError, match="Cannot read the IDX file"):
+        data.read_idx(path, expected_ndim=3)
+
+
+@pytest.mark.parametrize("layout", [".", "raw", "MNIST/raw", "mnist"])
+def test_files_are_found_in_every_supported_layout(tmp_path, mnist_dir, layout):
+    target = tmp_path / layout
+    shutil.copytree(mnist_dir, target, dirs_exist_ok=True)
+    files = data.locate(tmp_path, "mnist")
+    assert files is not None and set(files) == set(data.ALL_FILES)
+
+
+def test_missing_files_without_download_name_the_folder_and_the_four_files(tmp_path):
+    with pytest.raises(DataError) as info:
+        data.find_or_download(tmp_path, "mnist", allow_download=False)
+    message = str(info.value)
+    assert str(tmp_path) in message and all(name in message for name in data.ALL_FILES)
+
+
+def test_raw_load_has_both_splits_with_matching_labels(mnist_dir):
+    raw = data.load_raw(str(mnist_dir), "mnist", False)
+    assert raw["train"][0].shape == (N_TRAIN, 28, 28) and raw["test"][1].shape == (N_TEST,)
+    assert raw["train"][1].dtype == torch.long and int(raw["train"][1].max()) <= 9
+
+
+def test_validation_split_is_seeded_and_disjoint():
+    train_a, val_a = data.split_indices(1000, 100, seed=3)
+    train_b, val_b = data.split_indices(1000, 100, seed=3)
+    assert torch.equal(val_a, val_b) and len(val_a) == 100 and len(train_a) == 900
+    assert not set(train_a.tolist()) & set(val_a.tolist())
+    assert not torch.equal(val_a, data.split_indices(1000, 100, seed=4)[1])
+
+
+def test_splits_are_normalized_on_the_device(mnist_dir):
+    raw = data.load_raw(str(mnist_dir), "mnist", False)
+    splits = data.make_splits(raw, torch.device("cpu"), val_size=100, seed=0, normalize=True,
+                              mean=0.5, std=0.25)
+    assert splits.train.images.shape == (N_TRAIN - 100, 1, 28, 28) and len(splits.val) == 100
+    expected = (raw["test"][0][0].float() / 255 - 0.5) / 0.25
+    assert torch.allclose(splits.test.images[0, 0], expected)
+    no_val = data.make_splits(raw, torch.device("cpu"), val_size=0, seed=0)
+    assert no_val.val is None and len(no_val.train) == N_TRAIN
+
+
+def test_batches_cover_the_split_once_in_a_seeded_order():
+    gen = torch.Generator().manual_seed(0)
+    batches = list(data.shuffled_batches(105, 20, gen, torch.device("cpu")))
+    assert [len(b) for b in batches] == [20] * 5 + [5]
+    assert sorted(torch.cat(batches).tolist()) == list(range(105))
+    again = list(data.shuffled_batches(105, 20, torch.Generator().manual_seed(0), torch.device("cpu")))
+    assert all(torch.equal(a, b) for a, b in zip(batches, again))
+
+
+@pytest.mark.skipif(not (data.__file__ and __import__("conftest").SHARED_MNIST.exists()),
+                    reason="real MNIST not beside the repo (../shared/data/mnist)")
+@pytest.mark.slow
+def test_real_mnist_decodes_to_the_known_figures():
+    from conftest import SHARED_MNIST
+
+    raw = data.load_raw(str(SHARED_MNIST), "mnist", False)
+    labels = raw["train"][1]
+    assert torch.bincount(labels).tolist() == [5923, 6742, 5958, 6131, 5842, 5421, 5918, 6265,
+                                               5851, 5949]
+    assert round(raw["train"][0].float().mean().item(), 2) == 33.32
+    assert round(raw["test"][0].float().mean().item(), 2) == 33.79

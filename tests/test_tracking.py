@@ -1,0 +1,93 @@
+"""One trial recorded in a real (temporary) SQLite MLflow store."""
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from mnist_sweep.tracking import open_tracker, redact_uri
+from mnist_sweep.train import run_trial, train_and_track
+
+STEPS = 10  # 500 training images / batch 50
+
+
+def only_run(store):
+    client = MlflowClient(store)
+    runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    assert len(runs) == 1
+    return client, runs[0]
+
+
+def test_a_run_has_params_tags_curves_final_metrics_and_config(cfg_factory, store):
+    result = train_and_track(cfg_factory("schedule=step", "schedule.step_size=5"))
+    client, run = only_run(store)
+    assert run.info.status == "FINISHED" and run.info.run_name
+    params = run.data.params
+    assert params["optim.momentum"] == "0.78" and params["schedule.step_size"] == "5"
+    assert params["train.epochs"] == "2" and params["model.hidden"] == "[200, 200]"
+    tags = run.data.tags
+    assert tags["dataset"] == "mnist" and tags["model"] == "mlp" and tags["device"] == "cpu"
+    assert tags["schedule"] == "step" and tags["torch_version"].startswith("2.")
+
+    def history(key):
+        return client.get_metric_history(run.info.run_id, key)
+
+    assert [m.step for m in history("batch/train_loss")] == list(range(2 * STEPS))
+    lrs = [m.value for m in sorted(history("batch/lr"), key=lambda m: m.step)]
+    assert lrs[:5] == [0.01] * 5 and lrs[5] == pytest.approx(0.009)
+    for key in ("train_loss", "train_acc", "val_loss", "val_acc", "lr", "epoch_seconds"):
+        assert [m.step for m in history(key)] == [1, 2], key
+    assert run.data.metrics["test_acc"] == pytest.approx(result.test_acc)
+    assert run.data.metrics["val_acc"] == pytest.approx(result.final_val_acc)
+    config = client.download_artifacts(run.info.run_id, "config.yaml")
+    assert "momentum: 0.78" in open(config).read()
+
+
+def test_a_failing_trial_ends_its_run_failed(cfg_factory, store):
+    cfg = cfg_factory()
+    tracker = open_tracker(cfg.tracking)
+
+    def boom(epoch):
+        raise RuntimeError("boom")
+
+    with pytest.raises(RuntimeError):
+        with tracker.trial_run(cfg, device="cpu") as run:
+            run_trial(cfg, [run.log_epoch, boom])
+    _, run = only_run(store)
+    assert run.info.status == "FAILED"
+    assert len(run.data.metrics) > 0  # the first epoch was recorded before the failure
+
+
+def test_ctrl_c_ends_its_run_killed(cfg_factory, store):
+    cfg = cfg_factory()
+    tracker = open_tracker(cfg.tracking)
+
+    def ctrl_c(epoch):
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        with tracker.trial_run(cfg, device="cpu") as run:
+            run_trial(cfg, [run.log_epoch, ctrl_c])
+    assert only_run(store)[1].info.status == "KILLED"
+
+
+def test_log_model_stores_a_loadable_model(cfg_factory, store):
+    import mlflow.pytorch
+    import torch
+
+    train_and_track(cfg_factory("tracking.log_model=true", "train.epochs=1"))
+    _, run = only_run(store)
+    mlflow.set_tracking_uri(store)
+    models = mlflow.search_logged_models(experiment_ids=[run.info.experiment_id],
+                                         output_format="list")
+    assert len(models) == 1 and models[0].source_run_id == run.info.run_id
+    model = mlflow.pytorch.load_model(models[0].model_uri)
+    assert model(torch.zeros(3, 1, 28, 28)).shape == (3, 10)
+
+
+def test_tracking_disabled_writes_no_store(cfg_factory, tmp_path):
+    train_and_track(cfg_factory("tracking.enabled=false", "train.epochs=1"))
+    assert not (tmp_path / "mlflow.db").exists()
+
+
+def test_passwords_are_redacted():
+    assert redact_uri("postgresql://bob:s3cret@db:5432/mlflow") == "postgresql://bob:***@db:5432/mlflow"
+    assert redact_uri("sqlite:///mlflow.db") == "sqlite:///mlflow.db"
