@@ -10,7 +10,7 @@ DATA ?= $(if $(wildcard ../shared/data/mnist),../shared/data/mnist,./data)
 export MNIST_SWEEP_DATA ?= $(DATA)
 
 .DEFAULT_GOAL := help
-.PHONY: help install test test-full train ui bench clean
+.PHONY: help install test test-slow test-full train ui bench clean
 
 help: ## list the targets
 	@grep -hE '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  \033[36m%-12s\033[0m %s\n", $$1, $$2}'
@@ -21,10 +21,13 @@ install: ## create .venv and install the package with pinned dependencies
 	$(PY) -m pip install --quiet -e '.[dev]'
 
 test: ## run the fast test suite (synthetic data, no network)
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n 2
 
-test-full: ## run every test, the slow tier on real MNIST (../shared) included
-	$(PY) -m pytest -q -m "slow or not slow"
+test-slow: ## run only the slow tier (real MNIST from ../shared, long checks)
+	$(PY) -m pytest -q -m slow
+
+test-full: ## run every test: the fast suite and the slow tier
+	$(PY) -m pytest -q -n 2 -m "slow or not slow"
 
 train: ## train one trial of the seed note's configuration (ARGS="optim.momentum=0.9 schedule=step")
 	$(PY) -m mnist_sweep.train $(ARGS)

@@ -86,10 +86,10 @@ def test_splits_are_normalized_on_the_device(mnist_dir):
 
 def test_batches_cover_the_split_once_in_a_seeded_order():
     gen = torch.Generator().manual_seed(0)
-    batches = list(data.shuffled_batches(105, 20, gen, torch.device("cpu")))
+    batches = data.shuffled_order(105, gen, torch.device("cpu")).split(20)
     assert [len(b) for b in batches] == [20] * 5 + [5]
     assert sorted(torch.cat(batches).tolist()) == list(range(105))
-    again = list(data.shuffled_batches(105, 20, torch.Generator().manual_seed(0), torch.device("cpu")))
+    again = data.shuffled_order(105, torch.Generator().manual_seed(0), torch.device("cpu")).split(20)
     assert all(torch.equal(a, b) for a, b in zip(batches, again))
 
 

@@ -31,8 +31,11 @@ def test_a_run_has_params_tags_curves_final_metrics_and_config(cfg_factory, stor
         return client.get_metric_history(run.info.run_id, key)
 
     assert [m.step for m in history("batch/train_loss")] == list(range(2 * STEPS))
-    lrs = [m.value for m in sorted(history("batch/lr"), key=lambda m: m.step)]
-    assert lrs[:5] == [0.01] * 5 and lrs[5] == pytest.approx(0.009)
+    # StepLR every 5 batches: the LR curve is drawn exactly by its change points.
+    lr_points = {m.step: m.value for m in history("batch/lr")}
+    assert sorted(lr_points) == [0, 4, 5, 9, 10, 14, 15, 19]
+    assert lr_points[4] == 0.01 and lr_points[5] == pytest.approx(0.009)
+    assert lr_points[19] == pytest.approx(0.01 * 0.9 ** 3)
     for key in ("train_loss", "train_acc", "val_loss", "val_acc", "lr", "epoch_seconds"):
         assert [m.step for m in history(key)] == [1, 2], key
     assert run.data.metrics["test_acc"] == pytest.approx(result.test_acc)
@@ -86,6 +89,17 @@ def test_log_model_stores_a_loadable_model(cfg_factory, store):
 def test_tracking_disabled_writes_no_store(cfg_factory, tmp_path):
     train_and_track(cfg_factory("tracking.enabled=false", "train.epochs=1"))
     assert not (tmp_path / "mlflow.db").exists()
+
+
+def test_lr_change_points_keep_the_curve_exact():
+    from mnist_sweep.tracking import lr_change_points
+
+    lrs = [1.0] * 4 + [0.5] * 3 + [0.25]
+    kept = lr_change_points(lrs)
+    assert kept == [0, 3, 4, 6, 7]
+    # the LR at any batch is the value at the last kept index at or before it
+    assert all(lrs[max(k for k in kept if k <= i)] == lrs[i] for i in range(len(lrs)))
+    assert lr_change_points([0.1, 0.2, 0.3]) == [0, 1, 2] and lr_change_points([]) == []
 
 
 def test_passwords_are_redacted():

@@ -205,8 +205,7 @@ def load_splits(data_cfg, device: torch.device) -> Splits:
     return _SPLITS_CACHE[key]
 
 
-def shuffled_batches(n: int, batch_size: int, generator: torch.Generator,
-                     device: torch.device) -> Iterator[torch.Tensor]:
-    """Index tensors of one epoch's batches, in a fresh seeded order (last batch may be short)."""
-    order = torch.randperm(n, generator=generator, device=device)
-    yield from order.split(batch_size)
+def shuffled_order(n: int, generator: torch.Generator, device: torch.device) -> torch.Tensor:
+    """A fresh seeded permutation of range(n) for one epoch; its `split(batch_size)` are the
+    batches' indices (the last batch may be short)."""
+    return torch.randperm(n, generator=generator, device=device)
