@@ -4,13 +4,16 @@ PYTHON ?= python3.11
 VENV ?= .venv
 PY := $(VENV)/bin/python
 ARGS ?=
+SWEEP ?= momentum_decay
+WORKERS ?=
+SEEDS ?= 3
 # Where `make train/bench` find MNIST: the shared copy beside the repo when present, else ./data
 # (downloaded there by torchvision on first use). Override: make train DATA=/path/to/mnist
 DATA ?= $(if $(wildcard ../shared/data/mnist),../shared/data/mnist,./data)
 export MNIST_SWEEP_DATA ?= $(DATA)
 
 .DEFAULT_GOAL := help
-.PHONY: help install test test-slow test-full train ui bench clean
+.PHONY: help install test test-slow test-full train ui sweep sweep-show seed-table bench bench-sweep clean
 
 help: ## list the targets
 	@grep -hE '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  \033[36m%-12s\033[0m %s\n", $$1, $$2}'
@@ -32,8 +35,20 @@ test-full: ## run every test: the fast suite and the slow tier
 train: ## train one trial of the seed note's configuration (ARGS="optim.momentum=0.9 schedule=step")
 	$(PY) -m mnist_sweep.train $(ARGS)
 
-ui: ## open the MLflow UI on http://127.0.0.1:5000 over the local store
+ui: ## open the MLflow UI on http://127.0.0.1:5000 over the local store (parent run per study, nested trials)
 	$(VENV)/bin/mlflow ui --backend-store-uri $${MLFLOW_TRACKING_URI:-sqlite:///mlflow.db} --host 127.0.0.1 --port 5000
+
+sweep: ## run or resume a sweep (SWEEP=momentum_decay|momentum|seed_note|wide, WORKERS=N, ARGS="sweep.n_trials=60 train.epochs=5")
+	$(PY) -m mnist_sweep.sweep --sweep $(SWEEP) $(if $(WORKERS),sweep.workers=$(WORKERS)) $(ARGS)
+
+sweep-show: ## print a sweep's resolved settings and search space, run nothing
+	$(PY) -m mnist_sweep.sweep --sweep $(SWEEP) --show $(ARGS)
+
+seed-table: ## the note's three configurations over SEEDS seeds, as a markdown table
+	$(PY) -m mnist_sweep.seed_table --seeds $(SEEDS) $(ARGS)
+
+bench-sweep: ## pruning vs none, 1 vs 2 workers, per-trial overhead (real MNIST)
+	$(PY) tests/benchmarks/bench_sweep.py $(ARGS)
 
 bench: ## time our epoch against a pytorch/examples loop and a GEMM floor; tracking overhead
 	$(PY) tests/benchmarks/bench_trial.py $(ARGS)

@@ -1,0 +1,148 @@
+"""The parent run's report: best value and params, the sweep file and resolved space, a CSV of all
+trials, and summary plots (Optuna's matplotlib visualizations plus the top trials' curves)."""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import tempfile
+import warnings
+from pathlib import Path
+
+import optuna
+from omegaconf import OmegaConf
+
+log = logging.getLogger("mnist_sweep")
+
+DECAY_PARAMS = ("schedule.gamma", "schedule.factor", "schedule.step_size", "schedule.patience",
+                "schedule.max_lr", "schedule.eta_min")
+
+
+def contour_pair(spec, space, study) -> list[str] | None:
+    """Momentum against the decay parameter (the first one some complete trial has sampled),
+    unless the sweep names its own pair."""
+    if spec.settings.get("contour"):
+        return list(spec.settings["contour"])
+    sampled = {name for t in complete_trials(study) for name in t.params}
+    names = [p.name for p in space.all_params() if p.name in sampled]
+    decay = next((n for n in DECAY_PARAMS if n in names), None)
+    others = [n for n in names if n != "optim.momentum"]
+    if "optim.momentum" in names and (decay or others):
+        return ["optim.momentum", decay or others[0]]
+    return names[:2] if len(names) >= 2 else None
+
+
+def complete_trials(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
+    trials = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
+    reverse = study.direction == optuna.study.StudyDirection.MAXIMIZE
+    return sorted(trials, key=lambda t: t.value, reverse=reverse)
+
+
+def save_optuna_plots(study, spec, space, folder: Path) -> dict[str, str]:
+    """PNG files from optuna.visualization.matplotlib; {name: why skipped} for those it can't draw."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from optuna.visualization import matplotlib as ov
+
+    skipped = {}
+    pair = contour_pair(spec, space, study)
+    plots = {
+        "optimization_history": lambda: ov.plot_optimization_history(study),
+        "param_importances": lambda: ov.plot_param_importances(study),
+        "parallel_coordinate": lambda: ov.plot_parallel_coordinate(study),
+    }
+    if pair:
+        plots[f"contour_{pair[0]}_vs_{pair[1]}"] = lambda: ov.plot_contour(study, params=pair)
+    for name, draw in plots.items():
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                axes = draw()
+            figure = (axes.flat[0] if hasattr(axes, "flat") else axes).figure
+            figure.set_size_inches(max(figure.get_size_inches()[0], 8), max(figure.get_size_inches()[1], 6))
+            figure.tight_layout()
+            figure.savefig(folder / f"{name}.png", dpi=90)
+        except Exception as error:  # e.g. importances need 2+ complete trials with varying params
+            skipped[name] = " ".join(str(error).split())[:160] or type(error).__name__
+        finally:
+            plt.close("all")
+    return skipped
+
+
+def save_top_curves(study, client, folder: Path, top: int = 5) -> bool:
+    """The LR (per batch) and validation-accuracy (per epoch) curves of the best trials, overlaid."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    best = [t for t in complete_trials(study) if t.user_attrs.get("mlflow_run_id")][:top]
+    if not best:
+        return False
+    figure, (lr_ax, acc_ax) = plt.subplots(1, 2, figsize=(13, 5))
+    for t in best:
+        run_id = t.user_attrs["mlflow_run_id"]
+        label = f"#{t.number} ({t.value:.4f})"
+        lr = sorted(client.get_metric_history(run_id, "batch/lr"), key=lambda m: m.step)
+        acc = sorted(client.get_metric_history(run_id, "val_acc"), key=lambda m: m.step)
+        # batch/lr is stored by change points: a step plot draws it exactly
+        lr_ax.step([m.step for m in lr], [m.value for m in lr], where="post", label=label)
+        acc_ax.plot([m.step for m in acc], [m.value for m in acc], marker="o", label=label)
+    lr_ax.set(title="learning rate per batch", xlabel="batch", ylabel="lr", yscale="log")
+    acc_ax.set(title="validation accuracy per epoch", xlabel="epoch", ylabel="val_acc")
+    for ax in (lr_ax, acc_ax):
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    figure.suptitle(f"top {len(best)} trials of {study.study_name}")
+    figure.tight_layout()
+    figure.savefig(folder / "top_trials_curves.png", dpi=90)
+    plt.close(figure)
+    return True
+
+
+def write_report(study: optuna.Study, spec, space, plots: bool = True,
+                 status: str | None = None) -> None:
+    """Refresh the parent run: best value/params, artifacts, plots; end it with `status`."""
+    if not spec.parent_run_id:
+        return
+    from mlflow.tracking import MlflowClient
+
+    from mnist_sweep.cli import compose
+    from mnist_sweep.study import counts
+
+    client = MlflowClient(compose(spec.fixed).tracking.tracking_uri)
+    run_id = spec.parent_run_id
+    folder = Path(tempfile.mkdtemp(prefix="sweep-report-"))
+    try:
+        c = counts(study)
+        client.log_metric(run_id, "trials_finished", c["done"], step=c["done"])
+        client.log_metric(run_id, "trials_pruned", c["pruned"], step=c["done"])
+        trials = complete_trials(study)
+        if trials:
+            best = trials[0]
+            client.log_metric(run_id, f"best_{spec.settings['metric']}", best.value, step=c["done"])
+            if "test_acc" in best.user_attrs:
+                client.log_metric(run_id, "best_trial_test_acc", best.user_attrs["test_acc"], step=c["done"])
+            client.set_tag(run_id, "best_trial", str(best.number))
+            for key, value in best.params.items():
+                client.set_tag(run_id, f"best.{key}", str(value))
+        (folder / "sweep").mkdir()
+        shutil.copy(spec.file, folder / "sweep" / Path(spec.file).name)
+        resolved = {"sweep": {**spec.settings, "storage": client.get_run(run_id).data.tags.get("storage")},
+                    **space.describe(), "fixed": spec.fixed, "enqueue": spec.enqueue}
+        (folder / "sweep" / "resolved_space.yaml").write_text(OmegaConf.to_yaml(resolved))
+        study.trials_dataframe().to_csv(folder / "trials.csv", index=False)
+        if plots:
+            (folder / "plots").mkdir()
+            skipped = save_optuna_plots(study, spec, space, folder / "plots")
+            save_top_curves(study, client, folder / "plots")
+            if skipped:
+                (folder / "plots" / "skipped.txt").write_text(
+                    "".join(f"{k}: {v}\n" for k, v in skipped.items()))
+        client.log_artifacts(run_id, str(folder))
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+        if status:
+            client.set_terminated(run_id, status)

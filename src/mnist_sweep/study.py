@@ -1,0 +1,156 @@
+"""Optuna plumbing: storage (with heartbeat), samplers and pruners by name, the study itself.
+
+Kept apart from `sweep` so that the driver, its workers and the report open the same study the
+same way. The embedded default storage is SQLite (`sqlite:///optuna.db`): no server, and several
+local worker processes share it safely (a 60 s busy timeout, Optuna's RDB heartbeat).
+"""
+
+from __future__ import annotations
+
+import urllib.parse
+import warnings
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+import optuna
+from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
+from optuna.storages import RetryHeartbeatStaleTrialCallback
+from optuna.trial import FrozenTrial, TrialState
+
+from mnist_sweep.errors import ConfigError
+from mnist_sweep.space import SearchSpace
+from mnist_sweep.tracking import redact_uri
+
+# Heartbeat and the visualizations are marked experimental; they are what we rely on on purpose.
+warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+optuna.logging.set_verbosity(optuna.logging.WARNING)
+
+SAMPLERS = ("tpe", "random", "gp", "cmaes", "qmc", "grid")
+PRUNERS = ("median", "hyperband", "successive_halving", "percentile", "none")
+DONE = (TrialState.COMPLETE, TrialState.PRUNED)  # what n_trials counts
+
+
+def open_storage(url: str, heartbeat_interval: int = 10, grace_period: int = 30,
+                 max_retry: int = 1,
+                 on_stale: Callable[[optuna.Study, FrozenTrial], None] | None = None):
+    """An Optuna RDB storage with heartbeat: a trial whose worker died is failed after
+    `grace_period` seconds and retried (at most `max_retry` times)."""
+    shown = redact_uri(url)
+    scheme = urllib.parse.urlsplit(url).scheme.split("+")[0]
+    if scheme not in ("sqlite", "postgresql", "mysql"):
+        raise ConfigError(f"sweep.storage={shown!r} is not an Optuna storage URL this tool opens: "
+                          "use sqlite:///path/optuna.db (the embedded default) or "
+                          "postgresql://user:password@host:port/db (also mysql://).")
+    engine_kwargs: dict[str, Any] = {}
+    if scheme == "sqlite":
+        path = Path(url.split("sqlite:///", 1)[-1])
+        if not url.startswith("sqlite:///") or not path.name:
+            raise ConfigError(f"sweep.storage={shown!r} is malformed: use sqlite:///relative.db "
+                              "or sqlite:////absolute/path.db.")
+        if not path.parent.resolve().is_dir():
+            raise ConfigError(f"sweep.storage={shown!r}: the folder {path.parent} does not exist.")
+        if path.exists() and path.read_bytes()[:16] != b"SQLite format 3\x00":
+            raise ConfigError(f"sweep.storage={shown!r}: {path} exists but is not a SQLite "
+                              "database; move it away or use another file.")
+        engine_kwargs = {"connect_args": {"timeout": 60}}  # wait for a busy writer, don't fail
+    else:
+        engine_kwargs = {"connect_args": {"connect_timeout": 10}}
+    retry = RetryHeartbeatStaleTrialCallback(max_retry=max_retry)
+
+    def stale_trial_callback(study: optuna.Study, trial: FrozenTrial) -> None:
+        if on_stale is not None:
+            on_stale(study, trial)
+        retry(study, trial)
+
+    try:
+        return optuna.storages.RDBStorage(
+            url, engine_kwargs=engine_kwargs, heartbeat_interval=heartbeat_interval,
+            grace_period=grace_period, heartbeat_stale_trial_callback=stale_trial_callback)
+    except Exception as error:  # sqlalchemy/driver errors: unreachable host, bad password...
+        reason = " ".join(str(error).split())
+        raise ConfigError(f"The Optuna storage sweep.storage={shown!r} cannot be opened: "
+                          f"{redact_reason(reason, url)[:300]}") from None
+
+
+def redact_reason(text: str, url: str) -> str:
+    password = urllib.parse.urlsplit(url).password
+    return text.replace(password, "***") if password else text
+
+
+def make_sampler(name: str, seed: int | None, space: SearchSpace, args: Mapping | None = None):
+    args = dict(args or {})
+    if name not in SAMPLERS:
+        raise ConfigError(f"sweep.sampler={name!r} is unknown; allowed: {', '.join(SAMPLERS)}.")
+    try:
+        if name == "tpe":
+            return optuna.samplers.TPESampler(seed=seed, **args)
+        if name == "random":
+            return optuna.samplers.RandomSampler(seed=seed, **args)
+        if name == "gp":
+            return optuna.samplers.GPSampler(seed=seed, **args)
+        if name == "cmaes":
+            return optuna.samplers.CmaEsSampler(seed=seed, **args)
+        if name == "qmc":
+            return optuna.samplers.QMCSampler(seed=seed, **args)
+        return optuna.samplers.GridSampler(grid_of(space), seed=seed, **args)
+    except TypeError as error:
+        raise ConfigError(f"sweep.sampler_args={args} do not fit the {name} sampler: {error}.") from None
+
+
+def grid_of(space: SearchSpace) -> dict[str, list]:
+    """GridSampler's grid: every parameter must be a choice or a stepped range."""
+    if space.conditional:
+        raise ConfigError("sweep.sampler=grid cannot search conditional parameters (a grid "
+                          "fixes every parameter in every trial); use another sampler or move "
+                          "them under params.")
+    grid = {}
+    for p in space.params:
+        d = p.distribution
+        if isinstance(d, CategoricalDistribution):
+            grid[p.name] = list(d.choices)
+        elif isinstance(d, IntDistribution) and not d.log:
+            grid[p.name] = list(range(d.low, d.high + 1, d.step))
+        elif isinstance(d, FloatDistribution) and d.step:
+            n = round((d.high - d.low) / d.step)
+            grid[p.name] = [round(d.low + i * d.step, 12) for i in range(n + 1)]
+        else:
+            raise ConfigError(f"sweep.sampler=grid needs every parameter to be a choice(...) or a "
+                              f"range(...); {p.name}={p.grammar} is continuous.")
+    return grid
+
+
+def make_pruner(name: str, epochs: int, args: Mapping | None = None):
+    args = dict(args or {})
+    if name not in PRUNERS:
+        raise ConfigError(f"sweep.pruner={name!r} is unknown; allowed: {', '.join(PRUNERS)}.")
+    defaults = {
+        "median": (optuna.pruners.MedianPruner, {"n_startup_trials": 5, "n_warmup_steps": 1}),
+        "percentile": (optuna.pruners.PercentilePruner,
+                       {"percentile": 25.0, "n_startup_trials": 5, "n_warmup_steps": 1}),
+        "hyperband": (optuna.pruners.HyperbandPruner,
+                      {"min_resource": 1, "max_resource": max(epochs, 1), "reduction_factor": 3}),
+        "successive_halving": (optuna.pruners.SuccessiveHalvingPruner,
+                               {"min_resource": 1, "reduction_factor": 3}),
+        "none": (optuna.pruners.NopPruner, {}),
+    }
+    cls, kwargs = defaults[name]
+    try:
+        return cls(**{**kwargs, **args})
+    except (TypeError, ValueError) as error:
+        raise ConfigError(f"sweep.pruner_args={args} do not fit the {name} pruner: {error}.") from None
+
+
+def counts(study: optuna.Study) -> dict[str, int]:
+    trials = study.get_trials(deepcopy=False)
+    out = {state.name.lower(): 0 for state in TrialState}
+    for t in trials:
+        out[t.state.name.lower()] += 1
+    out["done"] = out["complete"] + out["pruned"]
+    return out
+
+
+def claimed_before(study: optuna.Study, number: int) -> int:
+    """Trials numbered below `number` that count or may still count towards n_trials
+    (everything but FAIL: a failed trial is retried as a new one)."""
+    return sum(1 for t in study.get_trials(deepcopy=False)
+               if t.number < number and t.state != TrialState.FAIL)
