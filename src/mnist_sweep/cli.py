@@ -62,7 +62,7 @@ def check_overrides(overrides: list[str], conf_dir: Path = CONF_DIR,
     for o in plain:  # group options first: they decide which keys exist
         if o.key_or_group in groups and not o.is_delete() and not o.is_sweep_override():
             option = o.value()
-            if isinstance(option, str) and option not in groups[o.key_or_group]:
+            if not isinstance(option, str) or option not in groups[o.key_or_group]:
                 raise ConfigError(f"{o.input_line} names no option of the config group "
                                   f"{o.key_or_group!r}: allowed are "
                                   f"{', '.join(groups[o.key_or_group])}.")

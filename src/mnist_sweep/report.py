@@ -55,6 +55,8 @@ def save_optuna_plots(study, spec, space, folder: Path) -> dict[str, str]:
     }
     if pair:
         plots[f"contour_{pair[0]}_vs_{pair[1]}"] = lambda: ov.plot_contour(study, params=pair)
+    verbosity = optuna.logging.get_verbosity()
+    optuna.logging.set_verbosity(optuna.logging.ERROR)  # e.g. "unique value length < 2" notes
     for name, draw in plots.items():
         try:
             with warnings.catch_warnings():
@@ -68,6 +70,7 @@ def save_optuna_plots(study, spec, space, folder: Path) -> dict[str, str]:
             skipped[name] = " ".join(str(error).split())[:160] or type(error).__name__
         finally:
             plt.close("all")
+    optuna.logging.set_verbosity(verbosity)
     return skipped
 
 

@@ -186,6 +186,9 @@ def check_space(spec: SweepSpec, space: SearchSpace) -> Any:
     for p in space.all_params():
         context = list(spec.fixed) + ([f"{p.condition[0]}={p.condition[1]}"] if p.condition else [])
         d = p.distribution
+        if p.key in groups and not isinstance(d, CategoricalDistribution):
+            raise ConfigError(f"{p.key}={p.grammar}: {p.key} is a config group, search it with "
+                              f"choice(...) of its options {', '.join(groups[p.key])}.")
         values = list(d.choices) if isinstance(d, CategoricalDistribution) else [d.low, d.high]
         for value in values:
             lines = [*context, *to_overrides({p.key: value})]
@@ -195,9 +198,6 @@ def check_space(spec: SweepSpec, space: SearchSpace) -> Any:
             except ConfigError as error:
                 raise ConfigError(f"The search-space parameter {p.key}={p.grammar} can take "
                                   f"{value!r}, which is not a valid trial: {error}") from None
-        if p.key in groups and not isinstance(d, CategoricalDistribution):
-            raise ConfigError(f"{p.key} is a config group: search it with choice(...) of its "
-                              f"options {', '.join(groups[p.key])}.")
     if spec.settings["metric"].startswith("val_") and base.data.val_size == 0:
         raise ConfigError(f"sweep.metric={spec.settings['metric']} needs a validation split, but "
                           "data.val_size=0; set data.val_size > 0 or use a train_ metric.")

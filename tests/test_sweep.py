@@ -1,0 +1,199 @@
+"""The sweep end to end on synthetic data: real Optuna SQLite storage, real MLflow store, real
+worker processes."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import optuna
+import pytest
+from mlflow.tracking import MlflowClient
+from optuna.trial import TrialState
+
+from conftest import REPO, run_cli
+
+TINY = ["data.val_size=100", "train.batch_size=50", "train.epochs=3"]
+
+
+def sweep_cli(folder: Path, mnist_dir: Path, *args: str, timeout: float = 300):
+    return run_cli("mnist_sweep.sweep", *args, f"data.root={mnist_dir}", *TINY, cwd=folder,
+                   timeout=timeout)
+
+
+def load(folder: Path, name: str) -> optuna.Study:
+    return optuna.load_study(study_name=name, storage=f"sqlite:///{folder / 'optuna.db'}")
+
+
+def finished(study: optuna.Study) -> list:
+    return [t for t in study.trials if t.state in (TrialState.COMPLETE, TrialState.PRUNED)]
+
+
+@pytest.fixture(scope="module")
+def two_worker_sweep(tmp_path_factory, mnist_dir):
+    """momentum_decay, 8 trials, 2 workers, plots refreshed every 3 trials."""
+    folder = tmp_path_factory.mktemp("sweep")
+    out = sweep_cli(folder, mnist_dir, "--sweep", "momentum_decay", "sweep.n_trials=8",
+                    "sweep.workers=2", "sweep.report_every=3")
+    assert out.returncode == 0, out.stderr[-3000:]
+    return folder, out
+
+
+def test_two_workers_finish_exactly_n_trials_without_duplicates_or_lock_errors(two_worker_sweep):
+    folder, out = two_worker_sweep
+    study = load(folder, "momentum_decay")
+    done = finished(study)
+    assert len(done) == 8
+    numbers = [t.number for t in done]
+    assert len(set(numbers)) == len(numbers)
+    assert "database is locked" not in out.stdout + out.stderr
+    assert "Traceback" not in out.stderr
+    workers = {line.split()[0] for line in out.stdout.splitlines() if line.startswith("[w")}
+    assert workers == {"[w0", "[w1"}  # both workers trained trials
+    assert study.trials[0].params == {"optim.lr": 0.01, "optim.momentum": 0.78, "schedule": "none"}
+
+
+def test_conditional_parameters_appear_only_with_their_option(two_worker_sweep):
+    folder, _ = two_worker_sweep
+    own = {"step": {"schedule.step_size", "schedule.gamma"},
+           "plateau": {"schedule.patience", "schedule.factor"}, "onecycle": {"schedule.max_lr"}}
+    conditional = set().union(*own.values())
+    schedules = set()
+    for trial in finished(load(folder, "momentum_decay")):
+        schedule = trial.params["schedule"]
+        schedules.add(schedule)
+        assert set(trial.params) & conditional == own.get(schedule, set()), trial.params
+    assert len(schedules) >= 3  # the check covered several options
+
+
+def test_mlflow_has_one_parent_and_a_child_per_trial(two_worker_sweep):
+    folder, _ = two_worker_sweep
+    client = MlflowClient(f"sqlite:///{folder / 'mlflow.db'}")
+    runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    parents = [r for r in runs if r.data.tags.get("sweep_role") == "parent"]
+    assert len(parents) == 1
+    parent = parents[0]
+    assert parent.info.run_name == "momentum_decay" and parent.info.status == "FINISHED"
+    assert parent.data.tags["sampler"] == "tpe" and parent.data.tags["pruner"] == "median"
+    assert parent.data.tags["storage"] == "sqlite:///optuna.db"
+    assert "best_val_acc" in parent.data.metrics and parent.data.tags["best_trial"]
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+    study = load(folder, "momentum_decay")
+    assert sorted(int(r.data.tags["trial_number"]) for r in children) == \
+        sorted(t.number for t in finished(study))
+    for child in children:
+        trial = study.trials[int(child.data.tags["trial_number"])]
+        expected = "pruned" if trial.state == TrialState.PRUNED else "complete"
+        assert child.data.tags["state"] == expected and child.info.status == "FINISHED"
+        assert trial.user_attrs["mlflow_run_id"] == child.info.run_id
+        epochs = trial.user_attrs.get("epochs_trained", 3)
+        history = client.get_metric_history(child.info.run_id, "val_acc")
+        assert [m.step for m in sorted(history, key=lambda m: m.step)] == list(range(1, epochs + 1))
+        assert len(client.get_metric_history(child.info.run_id, "batch/train_loss")) == 10 * epochs
+        assert child.data.params["train.threads"] == "1"  # 2 workers split the 2 cores
+
+
+def test_parent_artifacts_are_valid_pngs_csv_and_the_sweep_file(two_worker_sweep):
+    import matplotlib.image
+
+    folder, _ = two_worker_sweep
+    client = MlflowClient(f"sqlite:///{folder / 'mlflow.db'}")
+    parent = [r for r in client.search_runs([e.experiment_id for e in client.search_experiments()])
+              if r.data.tags.get("sweep_role") == "parent"][0]
+    local = Path(client.download_artifacts(parent.info.run_id, ""))
+    pngs = sorted(p.name for p in (local / "plots").glob("*.png"))
+    for name in ("optimization_history.png", "param_importances.png", "parallel_coordinate.png",
+                 "top_trials_curves.png"):
+        assert name in pngs
+    assert any(name.startswith("contour_optim.momentum_vs_") for name in pngs), pngs
+    for png in (local / "plots").glob("*.png"):
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        assert matplotlib.image.imread(png).shape[0] > 100
+    assert (local / "sweep" / "momentum_decay.yaml").read_text().startswith("# The default sweep")
+    assert "conditional" in (local / "sweep" / "resolved_space.yaml").read_text()
+    csv = (local / "trials.csv").read_text().splitlines()
+    assert len(csv) == 1 + len(load(folder, "momentum_decay").trials)
+
+
+def test_a_designed_case_is_pruned_and_marked_so_in_optuna_and_mlflow(tmp_path, mnist_dir):
+    sweep_file = tmp_path / "prune.yaml"
+    sweep_file.write_text("""
+sweep: {study_name: prune, n_trials: 4, sampler: random, pruner: median,
+        pruner_args: {n_startup_trials: 2, n_warmup_steps: 0}}
+params:
+  optim.lr: choice(0.1, 0.09, 0.000001, 0.000002)
+enqueue:  # two that learn, then two that cannot (enqueue skips exact duplicates)
+  - {optim.lr: 0.1}
+  - {optim.lr: 0.09}
+  - {optim.lr: 0.000001}
+  - {optim.lr: 0.000002}
+""")
+    out = sweep_cli(tmp_path, mnist_dir, "--sweep", str(sweep_file), "train.epochs=4")
+    assert out.returncode == 0, out.stderr[-3000:]
+    states = [t.state for t in load(tmp_path, "prune").trials]
+    assert states == [TrialState.COMPLETE] * 2 + [TrialState.PRUNED] * 2
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    runs = client.search_runs([e.experiment_id for e in client.search_experiments()],
+                              filter_string="tags.state = 'pruned'")
+    assert len(runs) == 2
+    assert all(len(client.get_metric_history(r.info.run_id, "val_acc")) == 1 for r in runs)
+
+
+def test_an_interrupted_sweep_resumes_to_exactly_n_trials(tmp_path, mnist_dir):
+    args = ["--sweep", "momentum", "sweep.n_trials=4", "sweep.pruner=none", "train.epochs=100"]
+    process = subprocess.Popen(
+        [sys.executable, "-m", "mnist_sweep.sweep", *args, f"data.root={mnist_dir}", *TINY[:2]],
+        cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        start_new_session=True)
+    storage = tmp_path / "optuna.db"
+    deadline = time.time() + 120
+    while time.time() < deadline:  # wait for the first finished trial, then press Ctrl-C
+        time.sleep(0.5)
+        try:
+            if storage.exists() and len(finished(load(tmp_path, "momentum"))) >= 1:
+                break
+        except Exception:
+            pass
+    os.killpg(process.pid, signal.SIGINT)
+    _, err = process.communicate(timeout=120)
+    assert process.returncode != 0 and "resume" in err
+    before = load(tmp_path, "momentum")
+    assert 1 <= len(finished(before)) < 4
+    kept = {t.number: t.params for t in finished(before)}
+
+    out = run_cli("mnist_sweep.sweep", *args, f"data.root={mnist_dir}", *TINY[:2], cwd=tmp_path)
+    assert out.returncode == 0, out.stderr[-3000:]
+    after = load(tmp_path, "momentum")
+    assert len(finished(after)) == 4
+    assert {t.number: t.params for t in finished(after) if t.number in kept} == kept
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    assert len([r for r in runs if r.data.tags.get("sweep_role") == "parent"]) == 1  # reused
+    assert not [r for r in runs if r.info.status == "RUNNING"]
+    interrupted = [t for t in after.trials if t.state == TrialState.FAIL]
+    assert interrupted  # the trial that Ctrl-C stopped
+    for trial in interrupted:  # FAIL in Optuna, KILLED in MLflow (if its run had started)
+        if "mlflow_run_id" in trial.user_attrs:
+            assert client.get_run(trial.user_attrs["mlflow_run_id"]).info.status == "KILLED"
+
+
+def test_seed_note_enqueues_exactly_the_three_configurations(tmp_path, mnist_dir):
+    out = sweep_cli(tmp_path, mnist_dir, "--sweep", "seed_note", "tracking.enabled=false")
+    assert out.returncode == 0, out.stderr[-3000:]
+    study = load(tmp_path, "seed_note")
+    assert [t.params for t in study.trials] == [{"schedule": s} for s in ("none", "plateau", "step")]
+    assert all(t.state == TrialState.COMPLETE for t in study.trials)
+    assert not (tmp_path / "mlflow.db").exists()
+
+
+def test_show_prints_the_resolved_space_and_runs_nothing(tmp_path):
+    out = run_cli("mnist_sweep.sweep", "--sweep", "momentum_decay", "--show",
+                  "optim.weight_decay=tag(log,interval(1e-6,1e-3))", "sweep.n_trials=7", cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    assert "n_trials: 7" in out.stdout and "optim.weight_decay" in out.stdout
+    assert "FloatDistribution" in out.stdout and "schedule.step_size" in out.stdout
+    assert not (tmp_path / "optuna.db").exists()
