@@ -29,26 +29,49 @@ def config_groups(conf_dir: Path = CONF_DIR) -> dict[str, list[str]]:
             for d in sorted(conf_dir.iterdir()) if d.is_dir()}
 
 
-def compose(overrides: list[str], conf_dir: Path = CONF_DIR, config_name: str = "config") -> DictConfig:
-    """The composed config for `overrides`, or a ConfigError naming the bad override."""
-    from hydra import compose as hydra_compose, initialize_config_dir
+_initialized_dir: str | None = None
+
+
+def _hydra_for(conf_dir: Path) -> None:
+    """Initialize Hydra's compose API for `conf_dir` once per process (it costs ~60 ms)."""
+    global _initialized_dir
+    from hydra import initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
 
-    check_overrides(overrides, conf_dir, config_name)
+    if _initialized_dir != str(conf_dir) or not GlobalHydra.instance().is_initialized():
+        GlobalHydra.instance().clear()
+        initialize_config_dir(str(conf_dir), version_base="1.3")
+        _initialized_dir = str(conf_dir)
+
+
+def release_hydra() -> None:
+    global _initialized_dir
+    from hydra.core.global_hydra import GlobalHydra
+
     GlobalHydra.instance().clear()
-    with initialize_config_dir(str(conf_dir), version_base="1.3"):
-        try:
-            return hydra_compose(config_name, overrides=overrides)
-        except Exception as error:  # anything check_overrides did not foresee
-            raise ConfigError(f"The overrides {' '.join(overrides)} cannot be applied: "
-                              f"{' '.join(str(error).split())}") from None
+    _initialized_dir = None
+
+
+def compose(overrides: list[str], conf_dir: Path = CONF_DIR, config_name: str = "config",
+            check: bool = True) -> DictConfig:
+    """The composed config for `overrides`, or a ConfigError naming the bad override.
+    `check=False` skips the friendly override check (for overrides already checked)."""
+    from hydra import compose as hydra_compose
+
+    if check:
+        check_overrides(overrides, conf_dir, config_name)
+    _hydra_for(conf_dir)
+    try:
+        return hydra_compose(config_name, overrides=overrides)
+    except Exception as error:  # anything check_overrides did not foresee
+        raise ConfigError(f"The overrides {' '.join(overrides)} cannot be applied: "
+                          f"{' '.join(str(error).split())}") from None
 
 
 def check_overrides(overrides: list[str], conf_dir: Path = CONF_DIR,
                     config_name: str = "config") -> None:
     """Raise a ConfigError naming the first override that names an unknown group option or key."""
-    from hydra import compose as hydra_compose, initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
+    from hydra import compose as hydra_compose
     from hydra.core.override_parser.overrides_parser import OverridesParser
     from hydra.errors import OverrideParseException
 
@@ -67,9 +90,8 @@ def check_overrides(overrides: list[str], conf_dir: Path = CONF_DIR,
                                   f"{o.key_or_group!r}: allowed are "
                                   f"{', '.join(groups[o.key_or_group])}.")
     group_choices = [o.input_line for o in plain if o.key_or_group in groups]
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(str(conf_dir), version_base="1.3"):
-        base = hydra_compose(config_name, overrides=group_choices)
+    _hydra_for(conf_dir)
+    base = hydra_compose(config_name, overrides=group_choices)
     for o in plain:
         if o.key_or_group in groups or o.is_add() or o.is_force_add():
             continue
@@ -102,6 +124,7 @@ def run_hydra_app(task: Callable[[DictConfig], object], config_name: str = "conf
         except ConfigError as error:
             report(error)
             raise SystemExit(error.exit_code) from None
+        release_hydra()  # hydra.main initializes its own
 
     @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name=config_name)
     def app(cfg: DictConfig) -> None:

@@ -23,8 +23,13 @@ def contour_pair(spec, space, study) -> list[str] | None:
     unless the sweep names its own pair."""
     if spec.settings.get("contour"):
         return list(spec.settings["contour"])
-    sampled = {name for t in complete_trials(study) for name in t.params}
-    names = [p.name for p in space.all_params() if p.name in sampled]
+    # A contour needs two parameters that took at least two values each (else Optuna draws
+    # an empty frame).
+    distinct: dict[str, set] = {}
+    for t in complete_trials(study):
+        for name, value in t.params.items():
+            distinct.setdefault(name, set()).add(repr(value))
+    names = [p.name for p in space.all_params() if len(distinct.get(p.name, ())) >= 2]
     decay = next((n for n in DECAY_PARAMS if n in names), None)
     others = [n for n in names if n != "optim.momentum"]
     if "optim.momentum" in names and (decay or others):

@@ -124,9 +124,9 @@ def make_pruner(name: str, epochs: int, args: Mapping | None = None):
     if name not in PRUNERS:
         raise ConfigError(f"sweep.pruner={name!r} is unknown; allowed: {', '.join(PRUNERS)}.")
     defaults = {
-        "median": (optuna.pruners.MedianPruner, {"n_startup_trials": 5, "n_warmup_steps": 1}),
-        "percentile": (optuna.pruners.PercentilePruner,
-                       {"percentile": 25.0, "n_startup_trials": 5, "n_warmup_steps": 1}),
+        # Optuna's own defaults: 5 startup trials, pruning from the first epoch on.
+        "median": (optuna.pruners.MedianPruner, {}),
+        "percentile": (optuna.pruners.PercentilePruner, {"percentile": 25.0}),
         "hyperband": (optuna.pruners.HyperbandPruner,
                       {"min_resource": 1, "max_resource": max(epochs, 1), "reduction_factor": 3}),
         "successive_halving": (optuna.pruners.SuccessiveHalvingPruner,

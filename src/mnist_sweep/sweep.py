@@ -329,7 +329,8 @@ class Worker:
             trial.set_user_attr("excess", True)
             raise ExcessTrial(f"trial {trial.number} is beyond sweep.n_trials")
         values = self.space.suggest(trial)
-        cfg = compose([*self.spec.fixed, *to_overrides(values), *self.share])
+        # the space was checked against the config tree before the workers started
+        cfg = compose([*self.spec.fixed, *to_overrides(values), *self.share], check=False)
         metric = self.spec.settings["metric"]
         prefix = f"[w{self.index} #{trial.number}] "
         callbacks = [] if self.spec.settings["quiet"] else [EpochProgress(prefix)]
