@@ -197,3 +197,42 @@ def test_show_prints_the_resolved_space_and_runs_nothing(tmp_path):
     assert "n_trials: 7" in out.stdout and "optim.weight_decay" in out.stdout
     assert "FloatDistribution" in out.stdout and "schedule.step_size" in out.stdout
     assert not (tmp_path / "optuna.db").exists()
+
+
+def test_a_worker_killed_mid_trial_is_failed_by_heartbeat_and_its_trial_retried(tmp_path, mnist_dir):
+    """kill -9 of one of two workers: the study still ends with exactly n_trials finished trials,
+    the killed trial is FAIL and retried, and its MLflow run does not stay RUNNING."""
+    args = ["--sweep", "momentum", "sweep.n_trials=4", "sweep.pruner=none", "sweep.workers=2",
+            "sweep.heartbeat_interval=1", "sweep.grace_period=3", "train.epochs=60"]
+    process = subprocess.Popen(
+        [sys.executable, "-m", "mnist_sweep.sweep", *args, f"data.root={mnist_dir}", *TINY[:2]],
+        cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    victim, deadline = None, time.time() + 120
+    while victim is None and time.time() < deadline:  # a worker's pid, once it is mid-trial
+        time.sleep(0.5)
+        try:
+            running = [t for t in load(tmp_path, "momentum").trials if t.state == TrialState.RUNNING
+                       and "mlflow_run_id" in t.user_attrs]
+        except Exception:
+            continue
+        if running:
+            out = subprocess.run(["pgrep", "-f", "spawn_main", "-P", str(process.pid)],
+                                 capture_output=True, text=True)
+            pids = [int(p) for p in out.stdout.split()]
+            victim = pids[0] if pids else None
+    assert victim, "no worker was found mid-trial"
+    os.kill(victim, signal.SIGKILL)
+    out, err = process.communicate(timeout=240)
+    assert process.returncode == 0, err[-3000:]
+    study = load(tmp_path, "momentum")
+    done = finished(study)
+    assert len(done) == 4 and len({t.number for t in done}) == 4
+    failed = [t for t in study.trials if t.state == TrialState.FAIL]
+    assert len(failed) == 1
+    retried = [t for t in done if t.system_attrs.get("failed_trial") == failed[0].number]
+    assert len(retried) == 1 and retried[0].params == failed[0].params
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    killed_run = client.get_run(failed[0].user_attrs["mlflow_run_id"])
+    assert killed_run.info.status == "FAILED" and killed_run.data.tags["state"] == "failed"
+    runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    assert not [r for r in runs if r.info.status == "RUNNING"]

@@ -472,10 +472,14 @@ def run_sweep(spec: SweepSpec) -> optuna.Study:
                 write_report(study, spec, space, plots=True)
                 reported_at = done
         codes = [w.exitcode for w in workers]
-        status = "FINISHED" if all(code == 0 for code in codes) else "FAILED"
-        if status == "FAILED":
-            raise UserError(f"Worker(s) exited with status {codes}; the study is kept and the same "
-                            "command resumes it. See the messages above.")
+        complete = counts(study)["done"] >= spec.settings["n_trials"]
+        status = "FINISHED" if complete else "FAILED"
+        if any(code != 0 for code in codes):
+            message = (f"Worker(s) exited with status {codes} (negative: killed by that signal); "
+                       f"{'the others finished the study' if complete else 'the study is kept, and the same command resumes it'}.")
+            if not complete:
+                raise UserError(message)
+            log.warning(message)
     except KeyboardInterrupt:
         status = "KILLED"
         for w in workers:
