@@ -7,13 +7,14 @@ ARGS ?=
 SWEEP ?= momentum_decay
 WORKERS ?=
 SEEDS ?= 3
+SERVER_DIR ?= /tmp/mnist-sweep-server
 # Where `make train/bench` find MNIST: the shared copy beside the repo when present, else ./data
 # (downloaded there by torchvision on first use). Override: make train DATA=/path/to/mnist
 DATA ?= $(if $(wildcard ../shared/data/mnist),../shared/data/mnist,./data)
 export MNIST_SWEEP_DATA ?= $(DATA)
 
 .DEFAULT_GOAL := help
-.PHONY: help install test test-slow test-full train ui sweep sweep-show seed-table bench bench-sweep clean
+.PHONY: help install test test-slow test-full train ui sweep server worker sweep-show seed-table bench bench-sweep clean
 
 help: ## list the targets
 	@grep -hE '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  \033[36m%-12s\033[0m %s\n", $$1, $$2}'
@@ -39,6 +40,13 @@ ui: ## open the MLflow UI on http://127.0.0.1:5000 over the local store (parent 
 	$(VENV)/bin/mlflow ui --backend-store-uri $${MLFLOW_TRACKING_URI:-sqlite:///mlflow.db} --host 127.0.0.1 --port 5000
 
 sweep: ## run or resume a sweep (SWEEP=momentum_decay|momentum|seed_note|wide, WORKERS=N, ARGS="sweep.n_trials=60 train.epochs=5")
+	$(PY) -m mnist_sweep.sweep --sweep $(SWEEP) $(if $(WORKERS),sweep.workers=$(WORKERS)) $(ARGS)
+
+server: ## start PostgreSQL + an MLflow server on 127.0.0.1 for many workers (data in SERVER_DIR)
+	$(PY) -m mnist_sweep.servers --dir $(SERVER_DIR) $(ARGS)
+
+worker: ## join SWEEP on the shared servers: `source $(SERVER_DIR)/urls.env` first (sets SWEEP_STORAGE, MLFLOW_TRACKING_URI)
+	@test -n "$$SWEEP_STORAGE" || { echo "error: SWEEP_STORAGE is not set: run 'source $(SERVER_DIR)/urls.env' (written by make server) first." >&2; exit 2; }
 	$(PY) -m mnist_sweep.sweep --sweep $(SWEEP) $(if $(WORKERS),sweep.workers=$(WORKERS)) $(ARGS)
 
 sweep-show: ## print a sweep's resolved settings and search space, run nothing

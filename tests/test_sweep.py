@@ -203,7 +203,9 @@ def test_a_worker_killed_mid_trial_is_failed_by_heartbeat_and_its_trial_retried(
     """kill -9 of one of two workers: the study still ends with exactly n_trials finished trials,
     the killed trial is FAIL and retried, and its MLflow run does not stay RUNNING."""
     args = ["--sweep", "momentum", "sweep.n_trials=4", "sweep.pruner=none", "sweep.workers=2",
-            "sweep.heartbeat_interval=1", "sweep.grace_period=3", "train.epochs=60"]
+            # grace 10 s: short for the test, long enough that a loaded machine's late heartbeat
+            # is not taken for a dead worker
+            "sweep.heartbeat_interval=1", "sweep.grace_period=10", "train.epochs=60"]
     process = subprocess.Popen(
         [sys.executable, "-m", "mnist_sweep.sweep", *args, f"data.root={mnist_dir}", *TINY[:2]],
         cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -228,7 +230,7 @@ def test_a_worker_killed_mid_trial_is_failed_by_heartbeat_and_its_trial_retried(
     done = finished(study)
     assert len(done) == 4 and len({t.number for t in done}) == 4
     failed = [t for t in study.trials if t.state == TrialState.FAIL]
-    assert len(failed) == 1
+    assert len(failed) == 1, [(t.number, t.state.name, t.system_attrs) for t in study.trials]
     retried = [t for t in done if t.system_attrs.get("failed_trial") == failed[0].number]
     assert len(retried) == 1 and retried[0].params == failed[0].params
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")

@@ -49,7 +49,7 @@ DEFAULT_SETTINGS: dict[str, Any] = {
     "sampler": "tpe", "sampler_args": {},
     "pruner": "median", "pruner_args": {},
     "seed": 0,                 # sampler seed (worker i uses seed + i)
-    "storage": "sqlite:///optuna.db",
+    "storage": None,           # null = $SWEEP_STORAGE, else the embedded sqlite:///optuna.db
     "workers": 1,
     "quiet": False,
     "report_every": 5,         # refresh the parent run's plots after this many finished trials
@@ -115,6 +115,8 @@ def load_spec(name: str, overrides: list[str]) -> SweepSpec:
                      list(raw.get("enqueue") or []))
     apply_overrides(spec, overrides)
     spec.settings["study_name"] = spec.settings["study_name"] or path.stem
+    spec.settings["storage"] = (spec.settings["storage"] or os.environ.get("SWEEP_STORAGE")
+                                or "sqlite:///optuna.db")
     check_settings(spec.settings)
     return spec
 
@@ -275,6 +277,8 @@ def worker_threads_and_device(base_cfg, index: int, n_workers: int) -> list[str]
 def run_worker(spec_dict: dict, index: int, n_workers: int) -> None:
     """One worker process: ask, train, tell, until the study has n_trials finished trials."""
     spec = SweepSpec(**spec_dict)
+    # MLflow prints a "View run at" line per run against a server; the progress says enough.
+    os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
     logging.basicConfig(level=logging.WARNING if spec.settings["quiet"] else logging.INFO,
                         format="%(message)s", stream=sys.stdout, force=True)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
