@@ -205,32 +205,30 @@ def test_a_worker_killed_mid_trial_is_failed_by_heartbeat_and_its_trial_retried(
     args = ["--sweep", "momentum", "sweep.n_trials=4", "sweep.pruner=none", "sweep.workers=2",
             # grace 10 s: short for the test, long enough that a loaded machine's late heartbeat
             # is not taken for a dead worker
-            "sweep.heartbeat_interval=1", "sweep.grace_period=10", "train.epochs=60"]
+            "sweep.heartbeat_interval=1", "sweep.grace_period=10", "train.epochs=100"]
     process = subprocess.Popen(
         [sys.executable, "-m", "mnist_sweep.sweep", *args, f"data.root={mnist_dir}", *TINY[:2]],
         cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     victim, deadline = None, time.time() + 120
-    while victim is None and time.time() < deadline:  # a worker's pid, once it is mid-trial
-        time.sleep(0.5)
+    while victim is None and time.time() < deadline:  # a trial mid-way, and the worker running it
+        time.sleep(0.3)
         try:
             running = [t for t in load(tmp_path, "momentum").trials if t.state == TrialState.RUNNING
-                       and "mlflow_run_id" in t.user_attrs]
+                       and "mlflow_run_id" in t.user_attrs and "worker" in t.user_attrs]
         except Exception:
             continue
         if running:
-            out = subprocess.run(["pgrep", "-f", "spawn_main", "-P", str(process.pid)],
-                                 capture_output=True, text=True)
-            pids = [int(p) for p in out.stdout.split()]
-            victim = pids[0] if pids else None
-    assert victim, "no worker was found mid-trial"
-    os.kill(victim, signal.SIGKILL)
+            victim = running[0]
+    assert victim, "no trial was found mid-way"
+    os.kill(int(victim.user_attrs["worker"].rsplit(":", 1)[1]), signal.SIGKILL)
     out, err = process.communicate(timeout=240)
     assert process.returncode == 0, err[-3000:]
     study = load(tmp_path, "momentum")
     done = finished(study)
     assert len(done) == 4 and len({t.number for t in done}) == 4
     failed = [t for t in study.trials if t.state == TrialState.FAIL]
-    assert len(failed) == 1, [(t.number, t.state.name, t.system_attrs) for t in study.trials]
+    assert [t.number for t in failed] == [victim.number], \
+        [(t.number, t.state.name, t.system_attrs) for t in study.trials]
     retried = [t for t in done if t.system_attrs.get("failed_trial") == failed[0].number]
     assert len(retried) == 1 and retried[0].params == failed[0].params
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")

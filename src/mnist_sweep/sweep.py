@@ -18,6 +18,7 @@ import logging
 import multiprocessing
 import os
 import signal
+import socket
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -346,6 +347,7 @@ class Worker:
         with self.tracker.trial_run(cfg, device=device, run_name=f"{self.spec.study_name}-{trial.number}",
                                     parent_run_id=self.spec.parent_run_id, extra_tags=tags,
                                     normal_ends=(optuna.TrialPruned,)) as run:
+            trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")  # who runs it
             if run.run_id:
                 trial.set_user_attr("mlflow_run_id", run.run_id)
             epochs_done = []
