@@ -14,8 +14,9 @@ from omegaconf import OmegaConf
 
 log = logging.getLogger("mnist_sweep")
 
+# In order of preference; the schedule's type itself is the fallback "decay parameter".
 DECAY_PARAMS = ("schedule.gamma", "schedule.factor", "schedule.step_size", "schedule.patience",
-                "schedule.max_lr", "schedule.eta_min")
+                "schedule.max_lr", "schedule.eta_min", "schedule")
 
 
 def contour_pair(spec, space, study) -> list[str] | None:

@@ -54,7 +54,8 @@ def open_storage(url: str, heartbeat_interval: int = 10, grace_period: int = 30,
                               "database; move it away or use another file.")
         engine_kwargs = {"connect_args": {"timeout": 60}}  # wait for a busy writer, don't fail
     else:
-        engine_kwargs = {"connect_args": {"connect_timeout": 10}}
+        # pre-ping: a pooled connection that died with a database restart is replaced, not used
+        engine_kwargs = {"connect_args": {"connect_timeout": 10}, "pool_pre_ping": True}
     retry = RetryHeartbeatStaleTrialCallback(max_retry=max_retry)
 
     def stale_trial_callback(study: optuna.Study, trial: FrozenTrial) -> None:
