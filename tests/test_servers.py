@@ -52,7 +52,8 @@ def test_two_workers_on_postgres_and_an_mlflow_server(servers, tmp_path, mnist_d
     done = [t for t in study.trials if t.state in (TrialState.COMPLETE, TrialState.PRUNED)]
     assert len(done) == 6 and len({t.number for t in done}) == 6
     client = MlflowClient(servers["tracking"])
-    runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    runs = client.search_runs([e.experiment_id for e in client.search_experiments()],
+                              filter_string="tags.study_name = 'momentum_decay'")
     parent = [r for r in runs if r.data.tags.get("sweep_role") == "parent"]
     assert len(parent) == 1
     assert parent[0].data.tags["storage"].startswith("postgresql://mnist:***@127.0.0.1:")
@@ -67,3 +68,9 @@ def test_two_workers_on_postgres_and_an_mlflow_server(servers, tmp_path, mnist_d
     for run in runs:
         assert password not in str(run.data.params) + str(run.data.tags)
     assert not (tmp_path / "optuna.db").exists() and not (tmp_path / "mlflow.db").exists()
+
+
+def test_a_worker_killed_mid_trial_against_the_servers(servers, tmp_path, mnist_dir):
+    from test_sweep import kill_a_worker_mid_trial
+
+    kill_a_worker_mid_trial(tmp_path, mnist_dir, servers["storage"], servers["tracking"])

@@ -200,9 +200,17 @@ def test_show_prints_the_resolved_space_and_runs_nothing(tmp_path):
 
 
 def test_a_worker_killed_mid_trial_is_failed_by_heartbeat_and_its_trial_retried(tmp_path, mnist_dir):
+    kill_a_worker_mid_trial(tmp_path, mnist_dir, f"sqlite:///{tmp_path / 'optuna.db'}",
+                            f"sqlite:///{tmp_path / 'mlflow.db'}")
+
+
+def kill_a_worker_mid_trial(tmp_path, mnist_dir, storage: str, tracking: str) -> None:
     """kill -9 of one of two workers: the study still ends with exactly n_trials finished trials,
     the killed trial is FAIL and retried, and its MLflow run does not stay RUNNING."""
-    args = ["--sweep", "momentum", "sweep.n_trials=4", "sweep.pruner=none", "sweep.workers=2",
+    study_name = f"kill-{tmp_path.name}"
+    args = ["--sweep", "momentum", f"sweep.study_name={study_name}", f"sweep.storage={storage}",
+            f"tracking.tracking_uri={tracking}",
+            "sweep.n_trials=4", "sweep.pruner=none", "sweep.workers=2",
             # grace 10 s: short for the test, long enough that a loaded machine's late heartbeat
             # is not taken for a dead worker
             "sweep.heartbeat_interval=1", "sweep.grace_period=10", "train.epochs=100"]
@@ -213,7 +221,8 @@ def test_a_worker_killed_mid_trial_is_failed_by_heartbeat_and_its_trial_retried(
     while victim is None and time.time() < deadline:  # a trial mid-way, and the worker running it
         time.sleep(0.3)
         try:
-            running = [t for t in load(tmp_path, "momentum").trials if t.state == TrialState.RUNNING
+            trials = optuna.load_study(study_name=study_name, storage=storage).trials
+            running = [t for t in trials if t.state == TrialState.RUNNING
                        and "mlflow_run_id" in t.user_attrs and "worker" in t.user_attrs]
         except Exception:
             continue
@@ -223,7 +232,7 @@ def test_a_worker_killed_mid_trial_is_failed_by_heartbeat_and_its_trial_retried(
     os.kill(int(victim.user_attrs["worker"].rsplit(":", 1)[1]), signal.SIGKILL)
     out, err = process.communicate(timeout=240)
     assert process.returncode == 0, err[-3000:]
-    study = load(tmp_path, "momentum")
+    study = optuna.load_study(study_name=study_name, storage=storage)
     done = finished(study)
     assert len(done) == 4 and len({t.number for t in done}) == 4
     failed = [t for t in study.trials if t.state == TrialState.FAIL]
@@ -231,8 +240,10 @@ def test_a_worker_killed_mid_trial_is_failed_by_heartbeat_and_its_trial_retried(
         [(t.number, t.state.name, t.system_attrs) for t in study.trials]
     retried = [t for t in done if t.system_attrs.get("failed_trial") == failed[0].number]
     assert len(retried) == 1 and retried[0].params == failed[0].params
-    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    client = MlflowClient(tracking)
     killed_run = client.get_run(failed[0].user_attrs["mlflow_run_id"])
     assert killed_run.info.status == "FAILED" and killed_run.data.tags["state"] == "failed"
-    runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    runs = client.search_runs([e.experiment_id for e in client.search_experiments()],
+                              filter_string=f"tags.study_name = '{study_name}'")
+    assert len(runs) == 5 + 1  # 4 finished + the killed one, and the parent
     assert not [r for r in runs if r.info.status == "RUNNING"]
