@@ -138,9 +138,7 @@ def apply_overrides(spec: SweepSpec, overrides: list[str]) -> None:
             if setting not in DEFAULT_SETTINGS:
                 raise ConfigError(f"{line}: unknown sweep setting {setting!r}; allowed: "
                                   f"{', '.join(DEFAULT_SETTINGS)}.")
-            value = override.value()
-            spec.settings[setting] = OmegaConf.to_container(OmegaConf.create({"v": value}))["v"] \
-                if isinstance(value, (dict, list)) else value
+            spec.settings[setting] = override.value()  # Hydra parses lists and dicts too
         elif override.is_sweep_override():
             spec.params[key] = line.split("=", 1)[1]
         else:
