@@ -247,3 +247,17 @@ def kill_a_worker_mid_trial(tmp_path, mnist_dir, storage: str, tracking: str) ->
                               filter_string=f"tags.study_name = '{study_name}'")
     assert len(runs) == 5 + 1  # 4 finished + the killed one, and the parent
     assert not [r for r in runs if r.info.status == "RUNNING"]
+
+
+def test_processes_creating_a_new_storage_at_once_all_open_it(tmp_path):
+    """Workers (or a second `make sweep`) starting together on a fresh SQLite file race to
+    create its schema; the losers open what the winner made instead of failing."""
+    code = ("import optuna, sys; from mnist_sweep.study import open_storage; "
+            "optuna.create_study(study_name='s', load_if_exists=True, "
+            "storage=open_storage(sys.argv[1]))")
+    for attempt in range(3):
+        url = f"sqlite:///{tmp_path / f'race-{attempt}.db'}"
+        processes = [subprocess.Popen([sys.executable, "-c", code, url], stderr=subprocess.PIPE,
+                                      text=True) for _ in range(4)]
+        errors = [p.communicate(timeout=120)[1] for p in processes]
+        assert [p.returncode for p in processes] == [0] * 4, errors

@@ -7,6 +7,7 @@ local worker processes share it safely (a 60 s busy timeout, Optuna's RDB heartb
 
 from __future__ import annotations
 
+import time
 import urllib.parse
 import warnings
 from pathlib import Path
@@ -63,14 +64,26 @@ def open_storage(url: str, heartbeat_interval: int = 10, grace_period: int = 30,
             on_stale(study, trial)
         retry(study, trial)
 
-    try:
-        return optuna.storages.RDBStorage(
-            url, engine_kwargs=engine_kwargs, heartbeat_interval=heartbeat_interval,
-            grace_period=grace_period, heartbeat_stale_trial_callback=stale_trial_callback)
-    except Exception as error:  # sqlalchemy/driver errors: unreachable host, bad password...
-        reason = " ".join(str(error).split())
-        raise ConfigError(f"The Optuna storage sweep.storage={shown!r} cannot be opened: "
-                          f"{redact_reason(reason, url)[:300]}") from None
+    import sqlalchemy.exc
+
+    for attempt in range(3):
+        try:
+            return optuna.storages.RDBStorage(
+                url, engine_kwargs=engine_kwargs, heartbeat_interval=heartbeat_interval,
+                grace_period=grace_period, heartbeat_stale_trial_callback=stale_trial_callback)
+        except (sqlalchemy.exc.IntegrityError, sqlalchemy.exc.OperationalError) as error:
+            # Two processes created the schema of a new storage at once and the other one won
+            # (a table or the alembic_version row exists): open it again, now that it is there.
+            if isinstance(error, sqlalchemy.exc.OperationalError) and "already exists" not in str(error):
+                raise ConfigError(f"The Optuna storage sweep.storage={shown!r} cannot be opened: "
+                                  f"{redact_reason(' '.join(str(error).split()), url)[:300]}") from None
+            time.sleep(0.5 * (attempt + 1))
+        except Exception as error:  # sqlalchemy/driver errors: unreachable host, bad password...
+            reason = " ".join(str(error).split())
+            raise ConfigError(f"The Optuna storage sweep.storage={shown!r} cannot be opened: "
+                              f"{redact_reason(reason, url)[:300]}") from None
+    raise ConfigError(f"The Optuna storage sweep.storage={shown!r} could not be initialized: other "
+                      "processes kept creating its schema at the same time; run the command again.")
 
 
 def redact_reason(text: str, url: str) -> str:
