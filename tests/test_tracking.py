@@ -1,9 +1,11 @@
 """One trial recorded in a real (temporary) SQLite MLflow store."""
 
+import os
+
 import pytest
 from mlflow.tracking import MlflowClient
 
-from mnist_sweep.tracking import open_tracker, redact_uri
+from mnist_sweep.tracking import fluent_target, open_tracker, redact_uri
 from mnist_sweep.train import run_trial, train_and_track
 
 STEPS = 10  # 500 training images / batch 50
@@ -76,13 +78,16 @@ def test_log_model_stores_a_loadable_model(cfg_factory, store):
     import mlflow.pytorch
     import torch
 
+    uri_before = os.environ.get("MLFLOW_TRACKING_URI")
     train_and_track(cfg_factory("tracking.log_model=true", "train.epochs=1"))
+    assert os.environ.get("MLFLOW_TRACKING_URI") == uri_before
     _, run = only_run(store)
-    mlflow.set_tracking_uri(store)
-    models = mlflow.search_logged_models(experiment_ids=[run.info.experiment_id],
-                                         output_format="list")
-    assert len(models) == 1 and models[0].source_run_id == run.info.run_id
-    model = mlflow.pytorch.load_model(models[0].model_uri)
+    with fluent_target(store, run.info.experiment_id):
+        models = mlflow.search_logged_models(experiment_ids=[run.info.experiment_id],
+                                             output_format="list")
+        assert len(models) == 1 and models[0].source_run_id == run.info.run_id
+        model = mlflow.pytorch.load_model(models[0].model_uri)
+    assert os.environ.get("MLFLOW_TRACKING_URI") == uri_before  # nothing leaks to subprocesses
     assert model(torch.zeros(3, 1, 28, 28)).shape == (3, 10)
 
 

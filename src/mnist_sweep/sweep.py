@@ -34,6 +34,7 @@ from mnist_sweep.errors import ConfigError, UserError, report as report_error, u
 from mnist_sweep.space import SearchSpace, build_space, to_overrides
 from mnist_sweep.study import DONE, PRUNERS, SAMPLERS, claimed_before, counts, make_pruner, make_sampler, open_storage
 from mnist_sweep.tracking import redact_uri
+from mnist_sweep.validation import is_int
 
 log = logging.getLogger("mnist_sweep")
 
@@ -145,15 +146,11 @@ def apply_overrides(spec: SweepSpec, overrides: list[str]) -> None:
             spec.fixed.append(line)
 
 
-def _is_int(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
 def check_settings(s: dict) -> None:
-    if not _is_int(s["n_trials"]) or s["n_trials"] <= 0:
+    if not is_int(s["n_trials"]) or s["n_trials"] <= 0:
         raise ConfigError(f"sweep.n_trials={s['n_trials']!r} is not allowed: it must be an integer "
                           "> 0 (finished trials of the study, counted across restarts).")
-    if not _is_int(s["workers"]) or s["workers"] <= 0:
+    if not is_int(s["workers"]) or s["workers"] <= 0:
         raise ConfigError(f"sweep.workers={s['workers']!r} is not allowed: it must be an integer "
                           "> 0 (worker processes on this machine).")
     if s["metric"] not in METRICS:
@@ -168,9 +165,9 @@ def check_settings(s: dict) -> None:
     if s["timeout"] is not None and (not isinstance(s["timeout"], (int, float)) or s["timeout"] <= 0):
         raise ConfigError(f"sweep.timeout={s['timeout']!r} is not allowed: null or seconds > 0.")
     for key in ("heartbeat_interval", "grace_period", "report_every"):
-        if not _is_int(s[key]) or s[key] < 1:
+        if not is_int(s[key]) or s[key] < 1:
             raise ConfigError(f"sweep.{key}={s[key]!r} is not allowed: it must be an integer >= 1.")
-    if not _is_int(s["max_retry"]) or s["max_retry"] < 0:
+    if not is_int(s["max_retry"]) or s["max_retry"] < 0:
         raise ConfigError(f"sweep.max_retry={s['max_retry']!r} is not allowed: an integer >= 0.")
     if not isinstance(s["study_name"], str) or not s["study_name"].strip():
         raise ConfigError(f"sweep.study_name={s['study_name']!r} is not allowed: a non-empty name.")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
 import platform
 import subprocess
 import time
@@ -131,6 +132,27 @@ def lr_change_points(lrs: Sequence[float]) -> list[int]:
     return sorted(keep)
 
 
+@contextmanager
+def fluent_target(uri: str, experiment_id: str) -> Iterator[None]:
+    """Point MLflow's global tracking URI and experiment at ours while a fluent-only API
+    (mlflow.pytorch.log_model) runs. MLflow exports both to os.environ for subprocesses, so they
+    are restored afterwards: a sweep's or a test's later subprocesses must not inherit them."""
+    import mlflow
+
+    saved = {name: os.environ.get(name) for name in ("MLFLOW_TRACKING_URI", "MLFLOW_EXPERIMENT_ID")}
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_experiment(experiment_id=experiment_id)  # the LoggedModel belongs to our experiment
+    try:
+        yield
+    finally:
+        mlflow.set_tracking_uri(saved["MLFLOW_TRACKING_URI"])  # None unsets it
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
 # ----------------------------------------------------------------------------- runs
 
 
@@ -189,10 +211,10 @@ class TrialRun:
             # MLflow 3 saves the traced graph (pt2), which needs an example input; it also
             # gives the model a signature for serving.
             example = np.zeros((2, 1, 28, 28), dtype=np.float32)  # batch 2: 1 would be traced as a constant
-            # The LoggedModel entity belongs to the fluent API's current experiment: ours.
-            mlflow.set_experiment(experiment_id=self.client.get_run(self.run_id).info.experiment_id)
-            mlflow.pytorch.log_model(result.model.cpu().eval(), name="model", run_id=self.run_id,
-                                     input_example=example)
+            experiment_id = self.client.get_run(self.run_id).info.experiment_id
+            with fluent_target(self.client.tracking_uri, experiment_id):
+                mlflow.pytorch.log_model(result.model.cpu().eval(), name="model",
+                                         run_id=self.run_id, input_example=example)
 
     def set_tags(self, tags: dict[str, str]) -> None:
         if self.client is not None:
@@ -213,11 +235,9 @@ class MlflowTracker:
     def __init__(self, tracking_uri: str, experiment: str, log_model: bool = False,
                  async_logging: bool = False, batch_curve_every: int = 1):
         check_tracking_uri(tracking_uri)
-        import mlflow
         from mlflow.tracking import MlflowClient
 
         logging.getLogger("alembic").setLevel(logging.WARNING)
-        mlflow.set_tracking_uri(tracking_uri)  # for mlflow.pytorch.log_model's own client
         self.uri = tracking_uri
         self.client = MlflowClient(tracking_uri)
         self.log_model = log_model
@@ -290,8 +310,10 @@ class MlflowTracker:
 def open_tracker(tracking_cfg: DictConfig) -> MlflowTracker | NullTracker:
     if not tracking_cfg.enabled:
         return NullTracker()
+    from mnist_sweep.validation import is_int
+
     every = tracking_cfg.get("batch_curve_every", 1)
-    if not isinstance(every, int) or isinstance(every, bool) or every < 1:
+    if not is_int(every) or every < 1:
         raise TrackingError(f"tracking.batch_curve_every={every!r} is not allowed: it must be an "
                             "integer >= 1 (1 = log the loss of every batch).")
     return MlflowTracker(tracking_cfg.tracking_uri, tracking_cfg.experiment,

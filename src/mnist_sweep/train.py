@@ -173,9 +173,8 @@ def train_and_track(cfg: DictConfig) -> TrialResult:
     from mnist_sweep.tracking import open_tracker
 
     callbacks: list[EpochCallback] = [EpochProgress()] if cfg.train.get("progress", True) else []
-    check_trial_config(cfg)  # before the tracking store is touched
+    device, _ = prepare(cfg)  # config and data errors surface before the store is touched
     tracker = open_tracker(cfg.tracking)
-    device, _ = prepare(cfg)
     with tracker.trial_run(cfg, device=device) as run:
         result = run_trial(cfg, callbacks=[*callbacks, run.log_epoch])
         run.log_result(result)

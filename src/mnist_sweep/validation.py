@@ -13,6 +13,11 @@ from mnist_sweep.errors import ConfigError
 from mnist_sweep.schedules import check_schedule_config
 
 
+def is_int(value) -> bool:
+    """An integer from a config (YAML's true/false are bools, which Python counts as ints)."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
 def _number(cfg: DictConfig, key: str, value) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise ConfigError(f"{key}={value!r} is not a number.")
@@ -35,18 +40,18 @@ def check_trial_config(cfg: DictConfig) -> None:
         raise ConfigError(f"optim.nesterov=true needs optim.momentum > 0 and optim.dampening=0, "
                           f"got momentum={momentum}, dampening={cfg.optim.get('dampening')}.")
     epochs = cfg.train.epochs
-    if not isinstance(epochs, int) or isinstance(epochs, bool) or epochs < 1:
+    if not is_int(epochs) or epochs < 1:
         raise ConfigError(f"train.epochs={epochs!r} is not allowed: it must be an integer >= 1.")
     batch_size = cfg.train.batch_size
-    if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size <= 0:
+    if not is_int(batch_size) or batch_size <= 0:
         raise ConfigError(f"train.batch_size={batch_size!r} is not allowed: it must be an "
                           "integer > 0.")
     val_size = cfg.data.val_size
-    if not isinstance(val_size, int) or isinstance(val_size, bool) or val_size < 0:
+    if not is_int(val_size) or val_size < 0:
         raise ConfigError(f"data.val_size={val_size!r} is not allowed: it must be an integer "
                           ">= 0 (0 = no validation split).")
     threads = cfg.train.get("threads")
-    if threads is not None and (not isinstance(threads, int) or threads < 1):
+    if threads is not None and (not is_int(threads) or threads < 1):
         raise ConfigError(f"train.threads={threads!r} is not allowed: use null (torch's "
                           "default) or an integer >= 1.")
     check_schedule_config(cfg.schedule, has_validation=val_size > 0)
