@@ -45,9 +45,9 @@ sweep: ## run or resume a sweep (SWEEP=momentum_decay|momentum|seed_note|wide, W
 server: ## start PostgreSQL + an MLflow server on 127.0.0.1 for many workers (data in SERVER_DIR)
 	$(PY) -m mnist_sweep.servers --dir $(SERVER_DIR) $(ARGS)
 
-worker: ## join SWEEP on the shared servers: `source $(SERVER_DIR)/urls.env` first (sets SWEEP_STORAGE, MLFLOW_TRACKING_URI)
+worker: ## join a running SWEEP's study on the shared servers: `source $(SERVER_DIR)/urls.env` first (sets SWEEP_STORAGE, MLFLOW_TRACKING_URI)
 	@test -n "$$SWEEP_STORAGE" || { echo "error: SWEEP_STORAGE is not set: run 'source $(SERVER_DIR)/urls.env' (written by make server) first." >&2; exit 2; }
-	$(PY) -m mnist_sweep.sweep --sweep $(SWEEP) $(if $(WORKERS),sweep.workers=$(WORKERS)) $(ARGS)
+	$(PY) -m mnist_sweep.sweep --join --sweep $(SWEEP) $(if $(WORKERS),sweep.workers=$(WORKERS)) $(ARGS)
 
 sweep-show: ## print a sweep's resolved settings and search space, run nothing
 	$(PY) -m mnist_sweep.sweep --sweep $(SWEEP) --show $(ARGS)

@@ -5,9 +5,11 @@ from __future__ import annotations
 import gzip
 import hashlib
 import os
+import shutil
 import struct
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -87,3 +89,48 @@ def run_cli(module: str, *args: str, cwd: Path, env: dict | None = None,
 
 def file_digest(path: Path) -> str | None:
     return hashlib.sha256(path.read_bytes()).hexdigest() if path.exists() else None
+
+
+PG_PASSWORD = "s3cret-pw-for-tests"
+needs_postgres = pytest.mark.skipif(shutil.which("initdb") is None or shutil.which("pg_ctl") is None,
+                                    reason="PostgreSQL (initdb, pg_ctl) is not installed")
+
+
+def free_local_port() -> int:
+    from mnist_sweep.servers import free_port
+
+    return free_port()
+
+
+def start_servers():
+    """A real PostgreSQL (as an unprivileged user, 127.0.0.1) and `mlflow server` backed by it."""
+    from mnist_sweep.servers import LocalServers, free_port
+
+    folder = Path(tempfile.mkdtemp(prefix="mnist-sweep-servers-"))  # /tmp: reachable by postgres
+    folder.chmod(0o755)
+    servers = LocalServers(folder, PG_PASSWORD, free_port(), free_port())
+    servers.start()
+    return servers
+
+
+@pytest.fixture(scope="session")
+def servers():
+    """Shared by the tests of one pytest process; a test that restarts one leaves it running."""
+    running = start_servers()
+    try:
+        yield running
+    finally:
+        running.stop()
+        shutil.rmtree(running.folder, ignore_errors=True)
+
+
+def pg_dump(servers, database: str = "optuna") -> str:
+    """The database's content as SQL, to compare before and after a command."""
+    from mnist_sweep.servers import PG_USER
+
+    out = subprocess.run(["pg_dump", "-h", "127.0.0.1", "-p", str(servers.pg_port), "-U", PG_USER,
+                          "--data-only", "--inserts", "--no-owner", "--no-comments",
+                          "--restrict-key=fixed", database],
+                         env={**os.environ, "PGPASSWORD": servers.password},
+                         capture_output=True, text=True, check=True)
+    return out.stdout

@@ -3,55 +3,27 @@ Optuna study, and an `mlflow server` backed by it for tracking."""
 
 from __future__ import annotations
 
-import shutil
-import tempfile
-from pathlib import Path
-
 import optuna
 import pytest
 from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
 
-from conftest import run_cli
+from conftest import PG_PASSWORD, needs_postgres, run_cli
 from test_sweep import TINY
 
-pytestmark = pytest.mark.skipif(shutil.which("initdb") is None or shutil.which("pg_ctl") is None,
-                                reason="PostgreSQL (initdb, pg_ctl) is not installed")
-
-
-@pytest.fixture(scope="module")
-def servers():
-    from mnist_sweep.servers import Postgres, free_port, start_mlflow_server, stop_process
-
-    folder = Path(tempfile.mkdtemp(prefix="mnist-sweep-servers-"))  # /tmp: reachable by postgres
-    folder.chmod(0o755)
-    pg = Postgres(folder / "postgres", free_port(), "s3cret-pw-for-tests")
-    pg.start()
-    server = None
-    try:
-        pg.create_databases("optuna", "mlflow")
-        port = free_port()
-        server = start_mlflow_server(pg.url("mlflow"), folder / "artifacts", port,
-                                     log_file=folder / "mlflow-server.log")
-        yield {"storage": pg.url("optuna"), "tracking": f"http://127.0.0.1:{port}",
-               "log": folder / "mlflow-server.log", "pg_log": folder / "postgres" / "postgres.log"}
-    finally:
-        if server is not None:
-            stop_process(server)
-        pg.stop()
-        shutil.rmtree(folder, ignore_errors=True)
+pytestmark = needs_postgres
 
 
 def test_two_workers_on_postgres_and_an_mlflow_server(servers, tmp_path, mnist_dir):
     out = run_cli("mnist_sweep.sweep", "--sweep", "momentum_decay", "sweep.n_trials=6",
-                  "sweep.workers=2", f"sweep.storage={servers['storage']}",
-                  f"tracking.tracking_uri={servers['tracking']}", f"data.root={mnist_dir}", *TINY,
+                  "sweep.workers=2", f"sweep.storage={servers.storage_url}",
+                  f"tracking.tracking_uri={servers.tracking_url}", f"data.root={mnist_dir}", *TINY,
                   cwd=tmp_path, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
-    study = optuna.load_study(study_name="momentum_decay", storage=servers["storage"])
+    study = optuna.load_study(study_name="momentum_decay", storage=servers.storage_url)
     done = [t for t in study.trials if t.state in (TrialState.COMPLETE, TrialState.PRUNED)]
     assert len(done) == 6 and len({t.number for t in done}) == 6
-    client = MlflowClient(servers["tracking"])
+    client = MlflowClient(servers.tracking_url)
     runs = client.search_runs([e.experiment_id for e in client.search_experiments()],
                               filter_string="tags.study_name = 'momentum_decay'")
     parent = [r for r in runs if r.data.tags.get("sweep_role") == "parent"]
@@ -62,8 +34,8 @@ def test_two_workers_on_postgres_and_an_mlflow_server(servers, tmp_path, mnist_d
     for child in children:  # exactly one run per trial, with its curves
         assert child.data.metrics["val_acc"] >= 0 and child.info.status == "FINISHED"
         assert len(client.get_metric_history(child.info.run_id, "batch/train_loss")) > 0
-    password = "s3cret-pw-for-tests"
-    for text in (out.stdout, out.stderr, servers["log"].read_text()):
+    password = PG_PASSWORD
+    for text in (out.stdout, out.stderr, servers.mlflow_log.read_text()):
         assert password not in text
     for run in runs:
         assert password not in str(run.data.params) + str(run.data.tags)
@@ -73,4 +45,31 @@ def test_two_workers_on_postgres_and_an_mlflow_server(servers, tmp_path, mnist_d
 def test_a_worker_killed_mid_trial_against_the_servers(servers, tmp_path, mnist_dir):
     from test_sweep import kill_a_worker_mid_trial
 
-    kill_a_worker_mid_trial(tmp_path, mnist_dir, servers["storage"], servers["tracking"])
+    kill_a_worker_mid_trial(tmp_path, mnist_dir, servers.storage_url, servers.tracking_url)
+
+
+def test_drivers_started_together_on_a_new_study_share_one_parent_run(servers, tmp_path, mnist_dir):
+    """A cluster array (or docker compose --scale) starts the same command N times at once."""
+    import subprocess
+    import sys
+
+    name = f"array-{tmp_path.name}"
+    command = [sys.executable, "-m", "mnist_sweep.sweep", "--sweep", "momentum",
+               f"sweep.study_name={name}", "sweep.n_trials=6", "sweep.quiet=true",
+               f"sweep.storage={servers.storage_url}", f"tracking.tracking_uri={servers.tracking_url}",
+               f"data.root={mnist_dir}", *TINY, "train.epochs=1"]
+    processes = [subprocess.Popen(command, cwd=tmp_path, stderr=subprocess.PIPE, text=True)
+                 for _ in range(3)]
+    errors = [p.communicate(timeout=300)[1] for p in processes]
+    assert [p.returncode for p in processes] == [0, 0, 0], errors
+    study = optuna.load_study(study_name=name, storage=servers.storage_url)
+    done = [t for t in study.trials if t.state in (TrialState.COMPLETE, TrialState.PRUNED)]
+    assert len(done) == 6
+    client = MlflowClient(servers.tracking_url)
+    runs = client.search_runs([e.experiment_id for e in client.search_experiments()],
+                              filter_string=f"tags.study_name = '{name}'")
+    parents = [r for r in runs if r.data.tags.get("sweep_role") == "parent"]
+    assert len(parents) == 1 and study.user_attrs["mlflow_parent_run_id"] == parents[0].info.run_id
+    children = [r for r in runs if r.data.tags.get("sweep_role") != "parent"]
+    assert len(children) == 6
+    assert {r.data.tags["mlflow.parentRunId"] for r in children} == {parents[0].info.run_id}

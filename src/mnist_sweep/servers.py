@@ -12,6 +12,7 @@ source; what is printed has the password masked. Ctrl-C stops both.
 from __future__ import annotations
 
 import argparse
+import errno
 import os
 import secrets
 import shutil
@@ -34,6 +35,26 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def check_port(host: str, port: int, flag: str) -> None:
+    """The address is one of this machine's and the port is free, before anything starts."""
+    if not 1 <= port <= 65535:
+        raise ConfigError(f"{flag} {port} is not a TCP port: use 1-65535.")
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+        except socket.gaierror:
+            raise ConfigError(f"--host {host!r} is not an address or host name this machine "
+                              "resolves; use 127.0.0.1 (default) or one of its addresses.") from None
+        except OSError as error:
+            if error.errno == errno.EADDRINUSE:
+                raise ConfigError(f"{flag} {port} on {host} is already in use (another server, "
+                                  "or a `make server` still running?); choose another port with "
+                                  f"{flag}.") from None
+            raise ConfigError(f"--host {host!r} cannot be listened on ({error.strerror}); use "
+                              "127.0.0.1 (default) or an address of this machine.") from None
 
 
 def _as_unprivileged(cmd: list[str]) -> list[str]:
@@ -82,6 +103,12 @@ class Postgres:
         self.init()
         self._run("pg_ctl", "-D", str(self.data), "-l", str(self.folder / "postgres.log"), "-w",
                   "-t", "60", "-o", f"-h {self.host} -p {self.port} -k {self.folder}", "start")
+
+    def restart(self) -> None:
+        """Fast restart: open connections are cut, as a crash or an upgrade would."""
+        self._run("pg_ctl", "-D", str(self.data), "-m", "fast", "-w", "-t", "60", "-l",
+                  str(self.folder / "postgres.log"), "-o",
+                  f"-h {self.host} -p {self.port} -k {self.folder}", "restart")
 
     def stop(self, mode: str = "fast") -> None:
         subprocess.run(_as_unprivileged(["pg_ctl", "-D", str(self.data), "-m", mode, "-w", "stop"]),
@@ -139,6 +166,56 @@ def stop_process(process: subprocess.Popen, timeout: float = 20) -> None:
             process.wait()
 
 
+@dataclass
+class LocalServers:
+    """PostgreSQL (databases optuna and mlflow) and an MLflow server backed by it, on one machine:
+    what `make server` runs and what the tests start, stop and restart."""
+
+    folder: Path
+    password: str
+    pg_port: int = 5433
+    mlflow_port: int = 5001
+    host: str = "127.0.0.1"
+    mlflow: subprocess.Popen | None = None
+
+    def __post_init__(self) -> None:
+        self.pg = Postgres(self.folder / "postgres", self.pg_port, self.password, self.host)
+
+    @property
+    def storage_url(self) -> str:
+        return self.pg.url("optuna")
+
+    @property
+    def tracking_url(self) -> str:
+        return f"http://{self.host}:{self.mlflow_port}"
+
+    @property
+    def mlflow_log(self) -> Path:
+        return self.folder / "mlflow-server.log"
+
+    def start(self) -> None:
+        self.pg.start()
+        try:
+            self.pg.create_databases("optuna", "mlflow")
+            self.start_mlflow()
+        except BaseException:
+            self.stop()
+            raise
+
+    def start_mlflow(self) -> None:
+        self.mlflow = start_mlflow_server(self.pg.url("mlflow"), self.folder / "artifacts",
+                                          self.mlflow_port, self.host, self.mlflow_log)
+
+    def stop_mlflow(self) -> None:
+        if self.mlflow is not None:
+            stop_process(self.mlflow)
+            self.mlflow = None
+
+    def stop(self) -> None:
+        self.stop_mlflow()
+        self.pg.stop()
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m mnist_sweep.servers", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -155,40 +232,51 @@ def main(argv: list[str] | None = None) -> None:
     signal.signal(signal.SIGTERM, interrupt)
     with user_errors_exit():
         folder = Path(args.dir).resolve()
-        folder.mkdir(parents=True, exist_ok=True)
+        if folder.exists() and not folder.is_dir():
+            raise ConfigError(f"--dir {args.dir} is a file; give a folder (it is created if "
+                              "missing) for the database, artifacts and logs.")
+        if args.pg_port == args.mlflow_port:
+            raise ConfigError(f"--pg-port and --mlflow-port are both {args.pg_port}; give two "
+                              "different ports.")
+        check_port(args.host, args.pg_port, "--pg-port")
+        check_port(args.host, args.mlflow_port, "--mlflow-port")
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+        except OSError as error:
+            raise ConfigError(f"--dir {args.dir} cannot be created ({error.strerror}); give a "
+                              "folder you can write to.") from None
+        if os.geteuid() == 0 and not _reachable_by_unprivileged(folder):
+            raise ConfigError(f"--dir {folder} is not reachable for the unprivileged user "
+                              f"{UNPRIVILEGED} that runs PostgreSQL; use a folder under /tmp or /srv.")
         secret = folder / "password"
         if not secret.exists():
             secret.write_text(os.environ.get("MNIST_SWEEP_PG_PASSWORD") or secrets.token_urlsafe(18))
             secret.chmod(0o600)
-        pg = Postgres(folder / "postgres", args.pg_port, secret.read_text().strip(), args.host)
-        if os.geteuid() == 0 and not os.access(folder, os.X_OK):
-            raise ConfigError(f"--dir {folder} is not reachable for the unprivileged user "
-                              f"{UNPRIVILEGED}; use a folder under /tmp or /srv.")
-        pg.start()
-        server = None
+        servers = LocalServers(folder, secret.read_text().strip(), args.pg_port, args.mlflow_port,
+                               args.host)
+        servers.start()
         try:
-            pg.create_databases("optuna", "mlflow")
-            tracking = f"http://{args.host}:{args.mlflow_port}"
-            server = start_mlflow_server(pg.url("mlflow"), folder / "artifacts", args.mlflow_port,
-                                         args.host, folder / "mlflow-server.log")
             urls = folder / "urls.env"
-            urls.write_text(f"export SWEEP_STORAGE='{pg.url('optuna')}'\n"
-                            f"export MLFLOW_TRACKING_URI='{tracking}'\n")
+            urls.write_text(f"export SWEEP_STORAGE='{servers.storage_url}'\n"
+                            f"export MLFLOW_TRACKING_URI='{servers.tracking_url}'\n")
             urls.chmod(0o600)
-            print(f"PostgreSQL (Optuna storage): {redact_uri(pg.url('optuna'))}\n"
-                  f"MLflow tracking server:      {tracking}\n"
+            print(f"PostgreSQL (Optuna storage): {redact_uri(servers.storage_url)}\n"
+                  f"MLflow tracking server:      {servers.tracking_url}\n"
                   f"Workers: source {urls} && make worker   (the file holds the password)\n"
                   "Ctrl-C stops both.", flush=True)
-            while server.poll() is None:
+            while servers.mlflow.poll() is None:
                 time.sleep(1)
-            raise UserError(f"The MLflow server exited with status {server.returncode}; see "
-                            f"{folder / 'mlflow-server.log'}.")
+            raise UserError(f"The MLflow server exited with status {servers.mlflow.returncode}; "
+                            f"see {servers.mlflow_log}.")
         except KeyboardInterrupt:
             print("stopping", flush=True)
         finally:
-            if server is not None:
-                stop_process(server)
-            pg.stop()
+            servers.stop()
+
+
+def _reachable_by_unprivileged(folder: Path) -> bool:
+    """Every folder above `folder` lets others through (PostgreSQL runs as another user)."""
+    return all(os.stat(p).st_mode & 0o001 for p in [folder, *folder.parents])
 
 
 if __name__ == "__main__":

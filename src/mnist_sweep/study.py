@@ -7,6 +7,8 @@ local worker processes share it safely (a 60 s busy timeout, Optuna's RDB heartb
 
 from __future__ import annotations
 
+import functools
+import logging
 import time
 import urllib.parse
 import warnings
@@ -15,16 +17,17 @@ from typing import Any, Callable, Mapping
 
 import optuna
 from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
-from optuna.storages import RetryHeartbeatStaleTrialCallback
+from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
 from optuna.trial import FrozenTrial, TrialState
 
-from mnist_sweep.errors import ConfigError
+from mnist_sweep.errors import ConfigError, UserError
 from mnist_sweep.space import SearchSpace
 from mnist_sweep.tracking import redact_uri
 
 # Heartbeat and the visualizations are marked experimental; they are what we rely on on purpose.
 warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
 optuna.logging.set_verbosity(optuna.logging.WARNING)
+log = logging.getLogger("mnist_sweep")
 
 SAMPLERS = ("tpe", "random", "gp", "cmaes", "qmc", "grid")
 PRUNERS = ("median", "hyperband", "successive_halving", "percentile", "none")
@@ -33,9 +36,11 @@ DONE = (TrialState.COMPLETE, TrialState.PRUNED)  # what n_trials counts
 
 def open_storage(url: str, heartbeat_interval: int = 10, grace_period: int = 30,
                  max_retry: int = 1,
-                 on_stale: Callable[[optuna.Study, FrozenTrial], None] | None = None):
+                 on_stale: Callable[[optuna.Study, FrozenTrial], None] | None = None,
+                 outage_seconds: float = 120):
     """An Optuna RDB storage with heartbeat: a trial whose worker died is failed after
-    `grace_period` seconds and retried (at most `max_retry` times)."""
+    `grace_period` seconds and retried (at most `max_retry` times). Calls that lose the database
+    connection (a restart, a network blip) are retried for up to `outage_seconds`."""
     shown = redact_uri(url)
     scheme = urllib.parse.urlsplit(url).scheme.split("+")[0]
     if scheme not in ("sqlite", "postgresql", "mysql"):
@@ -68,9 +73,11 @@ def open_storage(url: str, heartbeat_interval: int = 10, grace_period: int = 30,
 
     for attempt in range(3):
         try:
-            return optuna.storages.RDBStorage(
+            storage = ResilientRDBStorage(
                 url, engine_kwargs=engine_kwargs, heartbeat_interval=heartbeat_interval,
                 grace_period=grace_period, heartbeat_stale_trial_callback=stale_trial_callback)
+            storage.outage_seconds = outage_seconds
+            return storage
         except (sqlalchemy.exc.IntegrityError, sqlalchemy.exc.OperationalError) as error:
             # Two processes created the schema of a new storage at once and the other one won
             # (a table or the alembic_version row exists): open it again, now that it is there.
@@ -84,6 +91,81 @@ def open_storage(url: str, heartbeat_interval: int = 10, grace_period: int = 30,
                               f"{redact_reason(reason, url)[:300]}") from None
     raise ConfigError(f"The Optuna storage sweep.storage={shown!r} could not be initialized: other "
                       "processes kept creating its schema at the same time; run the command again.")
+
+
+class StorageUnavailable(UserError):
+    """The study's database stayed unreachable for longer than the sweep waits."""
+
+
+def _lost_connection(error: BaseException) -> bool:
+    """A database error that a retry can cure: connection refused or dropped, server shutting
+    down or starting up, SQLite busy. Not: bad SQL, constraint violations, wrong data."""
+    import sqlalchemy.exc
+
+    for e in (error, error.__cause__):
+        if isinstance(e, (sqlalchemy.exc.OperationalError, sqlalchemy.exc.InterfaceError)):
+            return True
+        if isinstance(e, sqlalchemy.exc.DBAPIError) and e.connection_invalidated:
+            return True
+    return False
+
+
+def _retrying(name: str, method: Callable) -> Callable:
+    @functools.wraps(method)
+    def call(self: "ResilientRDBStorage", *args, **kwargs):
+        deadline, delay = None, 0.5
+        while True:
+            try:
+                return method(self, *args, **kwargs)
+            except optuna.exceptions.UpdateFinishedTrialError:
+                # A retried write whose first attempt did commit (the reply was lost): the trial
+                # is already in the state we asked for. Anything else is a real error.
+                if deadline is not None and name == "set_trial_state_values":
+                    trial = RDBStorage.get_trial(self, args[0])
+                    if trial.state == (kwargs.get("state") or args[1]):
+                        return True
+                raise
+            except Exception as error:
+                if not _lost_connection(error):
+                    raise
+                now = time.monotonic()
+                if deadline is None:
+                    deadline = now + self.outage_seconds
+                    log.warning(f"Optuna storage unreachable ({name}): retrying for up to "
+                                f"{self.outage_seconds:.0f} s")
+                if now >= deadline:
+                    reason = redact_reason(" ".join(str(error.__cause__ or error).split()), self.url)
+                    raise StorageUnavailable(
+                        f"The Optuna storage {redact_uri(self.url)} stayed unreachable for "
+                        f"{self.outage_seconds:.0f} s (sweep.outage_seconds): {reason[:300]}. "
+                        "The study is kept; run the same command again once the database is "
+                        "back.") from None
+                time.sleep(min(delay, max(deadline - now, 0.1)))
+                delay = min(delay * 2, 8)
+    return call
+
+
+class ResilientRDBStorage(optuna.storages.RDBStorage):
+    """Optuna's RDB storage whose calls survive a database restart: a call that loses its
+    connection is retried with backoff (Optuna's own storage raises at once, which would kill
+    the worker and its trial). The engine's pre-ping replaces the pooled connections that died."""
+
+    outage_seconds: float = 120
+
+
+_DATABASE_CALLS = (
+    "create_new_study", "delete_study", "set_study_user_attr", "set_study_system_attr",
+    "get_study_id_from_name", "get_study_name_from_id", "get_study_directions",
+    "get_study_user_attrs", "get_study_system_attrs", "get_trial_user_attrs",
+    "get_trial_system_attrs", "get_all_studies", "create_new_trial", "set_trial_param",
+    "get_trial_param", "set_trial_state_values", "set_trial_intermediate_value",
+    "set_trial_user_attr", "set_trial_system_attr", "get_trial_id_from_study_id_trial_number",
+    "get_trial", "get_all_trials", "get_best_trial", "get_n_trials", "record_heartbeat",
+    # what Optuna's _CachedStorage (which wraps every RDBStorage) calls directly:
+    "_get_stale_trial_ids", "_get_trials", "_create_new_trial", "_set_trial_param",
+    "_get_best_trial_id")
+for _name in _DATABASE_CALLS:
+    setattr(ResilientRDBStorage, _name, _retrying(_name, getattr(RDBStorage, _name)))
 
 
 def redact_reason(text: str, url: str) -> str:
@@ -155,10 +237,16 @@ def make_pruner(name: str, epochs: int, args: Mapping | None = None):
 
 
 def counts(study: optuna.Study) -> dict[str, int]:
+    """Trials by state, plus `done` (what n_trials counts) and `excess`: slots a worker opened
+    after another filled the budget (FAIL in Optuna, never trained), kept out of `fail`."""
     trials = study.get_trials(deepcopy=False)
     out = {state.name.lower(): 0 for state in TrialState}
+    out["excess"] = 0
     for t in trials:
-        out[t.state.name.lower()] += 1
+        if t.state == TrialState.FAIL and t.user_attrs.get("excess"):
+            out["excess"] += 1
+        else:
+            out[t.state.name.lower()] += 1
     out["done"] = out["complete"] + out["pruned"]
     return out
 

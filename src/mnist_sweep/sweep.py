@@ -56,6 +56,7 @@ DEFAULT_SETTINGS: dict[str, Any] = {
     "quiet": False,
     "report_every": 5,         # refresh the parent run's plots after this many finished trials
     "heartbeat_interval": 10, "grace_period": 30, "max_retry": 1,
+    "outage_seconds": 120,     # how long workers wait for a restarted/unreachable database
     "contour": None,           # [x, y] parameters of the contour plot; null = momentum vs decay
 }
 
@@ -164,7 +165,7 @@ def check_settings(s: dict) -> None:
         raise ConfigError(f"sweep.pruner={s['pruner']!r} is unknown; allowed: {', '.join(PRUNERS)}.")
     if s["timeout"] is not None and (not isinstance(s["timeout"], (int, float)) or s["timeout"] <= 0):
         raise ConfigError(f"sweep.timeout={s['timeout']!r} is not allowed: null or seconds > 0.")
-    for key in ("heartbeat_interval", "grace_period", "report_every"):
+    for key in ("heartbeat_interval", "grace_period", "report_every", "outage_seconds"):
         if not is_int(s[key]) or s[key] < 1:
             raise ConfigError(f"sweep.{key}={s[key]!r} is not allowed: it must be an integer >= 1.")
     if not is_int(s["max_retry"]) or s["max_retry"] < 0:
@@ -214,8 +215,10 @@ def check_space(spec: SweepSpec, space: SearchSpace) -> Any:
 def open_study(spec: SweepSpec, space: SearchSpace, on_stale=None, worker: int = 0,
                create: bool = False) -> optuna.Study:
     s = spec.settings
+    if not create:
+        require_existing_file(s["storage"], spec.study_name)
     storage = open_storage(s["storage"], s["heartbeat_interval"], s["grace_period"],
-                           s["max_retry"], on_stale)
+                           s["max_retry"], on_stale, s["outage_seconds"])
     seed = None if s["seed"] is None else int(s["seed"]) + worker
     sampler = make_sampler(s["sampler"], seed, space, s["sampler_args"])
     epochs = int(compose(spec.fixed).train.epochs)
@@ -234,12 +237,23 @@ def open_study(spec: SweepSpec, space: SearchSpace, on_stale=None, worker: int =
                 "sweep.study_name=<new name>.")
         return optuna.load_study(study_name=name, storage=storage, sampler=sampler, pruner=pruner)
     if not create:
-        raise ConfigError(f"No study {name!r} in {redact_uri(s['storage'])}.")
+        held = ", ".join(sorted(existing)) or "no study"
+        raise ConfigError(f"No study {name!r} in {redact_uri(s['storage'])} (it holds: {held}). "
+                          "A worker joins a study that `make sweep` started: start it there first, "
+                          "or give the study's name with sweep.study_name=<name>.")
     study = optuna.create_study(study_name=name, storage=storage, sampler=sampler, pruner=pruner,
                                 direction=s["direction"], load_if_exists=True)
     study.set_user_attr("metric", s["metric"])
     study.set_user_attr("sweep_file", spec.file)
     return study
+
+
+def require_existing_file(storage: str, study_name: str) -> None:
+    """Joining must not create an empty SQLite file where the user mistyped a path."""
+    if storage.startswith("sqlite:///") and not Path(storage[len("sqlite:///"):]).exists():
+        raise ConfigError(f"No study {study_name!r}: the storage sweep.storage={storage!r} does not "
+                          "exist. A worker joins a study that `make sweep` started; point "
+                          "sweep.storage (or SWEEP_STORAGE) at that study's database.")
 
 
 def enqueue_known(study: optuna.Study, spec: SweepSpec) -> None:
@@ -253,6 +267,19 @@ def enqueue_known(study: optuna.Study, spec: SweepSpec) -> None:
 
 class ExcessTrial(Exception):
     """Another worker filled the last slot between our check and our ask."""
+
+
+class HideExcessTrials(logging.Filter):
+    """Optuna logs every caught exception as a failed trial, with a traceback; an excess slot
+    is closed on purpose (it never trained), so those two lines are noise."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.numbers: set[int] = set()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        return not any(message.startswith(f"Trial {n} failed") for n in self.numbers)
 
 
 def worker_threads_and_device(base_cfg, index: int, n_workers: int) -> list[str]:
@@ -296,6 +323,8 @@ class Worker:
         self.study = open_study(spec, self.space, on_stale=self.end_stale_run, worker=index)
         self.share = worker_threads_and_device(base, index, n_workers)
         self.deadline = (time.time() + spec.settings["timeout"]) if spec.settings["timeout"] else None
+        self.excess = HideExcessTrials()
+        logging.getLogger("optuna.study._optimize").addFilter(self.excess)
 
     def end_stale_run(self, study: optuna.Study, trial) -> None:
         """A trial whose worker died (heartbeat stale): its MLflow run ends FAILED too."""
@@ -327,6 +356,7 @@ class Worker:
 
         if claimed_before(self.study, trial.number) >= self.spec.settings["n_trials"]:
             trial.set_user_attr("excess", True)
+            self.excess.numbers.add(trial.number)
             raise ExcessTrial(f"trial {trial.number} is beyond sweep.n_trials")
         values = self.space.suggest(trial)
         # the space was checked against the config tree before the workers started
@@ -379,7 +409,11 @@ class Worker:
 
 
 def start_parent_run(spec: SweepSpec, study: optuna.Study, base_cfg) -> str | None:
-    """One MLflow parent run per study, found again on resume (its id is a study attribute)."""
+    """One MLflow parent run per study, found again on resume (its id is a study attribute).
+
+    Drivers that start together on one new study (a cluster array, `docker compose --scale`)
+    each find no parent and make one; they then settle on the earliest of the running parents
+    made in the last minutes and delete their own, so the study keeps one parent."""
     from mnist_sweep.tracking import open_tracker
 
     tracker = open_tracker(base_cfg.tracking)
@@ -399,9 +433,23 @@ def start_parent_run(spec: SweepSpec, study: optuna.Study, base_cfg) -> str | No
     tags = {"sweep_file": spec.file, "study_name": spec.study_name, "sampler": s["sampler"],
             "pruner": s["pruner"], "storage": redact_uri(s["storage"]), "metric": s["metric"],
             "direction": s["direction"], "sweep_role": "parent"}
-    run_id = tracker.start_run(run_name=spec.study_name, tags=tags)
-    study.set_user_attr("mlflow_parent_run_id", run_id)
-    return run_id
+    mine = tracker.start_run(run_name=spec.study_name, tags=tags)
+    study.set_user_attr("mlflow_parent_run_id", mine)
+    time.sleep(1.0)  # drivers started at the same time make theirs meanwhile
+    if "'" in tags["study_name"] + tags["storage"]:
+        return mine  # not expressible in MLflow's filter syntax; such names are rare
+    started = client.get_run(mine).info.start_time
+    rivals = client.search_runs(
+        [tracker.experiment_id], max_results=100,
+        filter_string=(f"tags.sweep_role = 'parent' and tags.study_name = '{tags['study_name']}' "
+                       f"and tags.storage = '{tags['storage']}' and attributes.status = 'RUNNING' "
+                       f"and attributes.start_time > {started - 600_000}"))
+    chosen = min([r.info for r in rivals] or [client.get_run(mine).info],
+                 key=lambda info: (info.start_time, info.run_id)).run_id
+    if chosen != mine:
+        client.delete_run(mine)
+        study.set_user_attr("mlflow_parent_run_id", chosen)
+    return chosen
 
 
 class Progress:
@@ -441,13 +489,16 @@ def fmt_seconds(seconds: float) -> str:
     return f"{seconds // 60}m{seconds % 60:02d}s" if seconds >= 60 else f"{seconds}s"
 
 
-def run_sweep(spec: SweepSpec) -> optuna.Study:
+def run_sweep(spec: SweepSpec, join: bool = False) -> optuna.Study:
+    """Run the study to n_trials with sweep.workers processes here. join=True (make worker): the
+    study must exist already (started by `make sweep` elsewhere); nothing is created."""
     from mnist_sweep.report import write_report
 
     space = spec.space()
     base = check_space(spec, space)
-    study = open_study(spec, space, create=True)  # validated above: nothing written before this
-    enqueue_known(study, spec)
+    study = open_study(spec, space, create=not join)  # validated above: nothing written before
+    if not join:
+        enqueue_known(study, spec)
     spec.parent_run_id = start_parent_run(spec, study, base)
     quiet = spec.settings["quiet"]
     progress = Progress(spec, study)
@@ -522,6 +573,8 @@ def main(argv: list[str] | None = None) -> None:
                         help="a file in sweeps/ (name or path); default momentum_decay")
     parser.add_argument("--show", action="store_true",
                         help="print the resolved settings and search space, run nothing")
+    parser.add_argument("--join", action="store_true",
+                        help="join an existing study (make worker): fail if there is none")
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args(argv)
     signal.signal(signal.SIGTERM, lambda signum, frame: (_ for _ in ()).throw(KeyboardInterrupt()))
@@ -534,7 +587,7 @@ def main(argv: list[str] | None = None) -> None:
                                      **space.describe(), "fixed": spec.fixed, "enqueue": spec.enqueue}))
             return
         try:
-            run_sweep(spec)
+            run_sweep(spec, join=args.join)
         except KeyboardInterrupt:
             sys.stderr.write("interrupted: the study is kept; run the same command to resume it\n")
             raise SystemExit(130) from None
