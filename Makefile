@@ -14,7 +14,7 @@ DATA ?= $(if $(wildcard ../shared/data/mnist),../shared/data/mnist,./data)
 export MNIST_SWEEP_DATA ?= $(DATA)
 
 .DEFAULT_GOAL := help
-.PHONY: help install test test-slow test-full train ui sweep server worker sweep-show seed-table bench bench-sweep clean
+.PHONY: help install test test-slow test-full train ui sweep server worker sweep-show seed-table bench bench-sweep bench-scale clean
 
 help: ## list the targets
 	@grep -hE '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  \033[36m%-12s\033[0m %s\n", $$1, $$2}'
@@ -57,6 +57,9 @@ seed-table: ## the note's three configurations over SEEDS seeds, as a markdown t
 
 bench-sweep: ## pruning vs none, 1 vs 2 workers, per-trial overhead (real MNIST)
 	$(PY) tests/benchmarks/bench_sweep.py $(ARGS)
+
+bench-scale: ## load: 8 workers x 200 tiny trials on PostgreSQL + MLflow server, 4 x 100 on SQLite; errors, duplicates, wall time
+	$(PY) tests/benchmarks/bench_scale.py $(ARGS)
 
 bench: ## time our epoch against a pytorch/examples loop and a GEMM floor; tracking overhead
 	$(PY) tests/benchmarks/bench_trial.py $(ARGS)

@@ -22,7 +22,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from mnist_sweep.errors import ConfigError, UserError
 from mnist_sweep.space import SearchSpace
-from mnist_sweep.tracking import redact_uri
+from mnist_sweep.tracking import redact_reason, redact_uri
 
 # Heartbeat and the visualizations are marked experimental; they are what we rely on on purpose.
 warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
@@ -166,11 +166,6 @@ _DATABASE_CALLS = (
     "_get_best_trial_id")
 for _name in _DATABASE_CALLS:
     setattr(ResilientRDBStorage, _name, _retrying(_name, getattr(RDBStorage, _name)))
-
-
-def redact_reason(text: str, url: str) -> str:
-    password = urllib.parse.urlsplit(url).password
-    return text.replace(password, "***") if password else text
 
 
 def make_sampler(name: str, seed: int | None, space: SearchSpace, args: Mapping | None = None):

@@ -45,6 +45,12 @@ def redact_uri(uri: str) -> str:
     return urllib.parse.urlunsplit(parts._replace(netloc=netloc))
 
 
+def redact_reason(text: str, url: str) -> str:
+    """An error text (a driver's, say) with the URL's password replaced by ***."""
+    password = urllib.parse.urlsplit(url).password
+    return text.replace(password, "***") if password else text
+
+
 def _allowed_forms() -> str:
     return ("sqlite:///path/to/mlflow.db, postgresql://user:password@host:port/db (also mysql, "
             "mssql) or http(s)://host:port of an MLflow server")
@@ -74,6 +80,20 @@ def check_tracking_uri(uri: str) -> None:
         if path.exists() and path.read_bytes()[:16] != b"SQLite format 3\x00":
             raise TrackingError(f"tracking.tracking_uri={shown!r}: {path} exists but is not a "
                                 "SQLite database; move it away or use another file name.")
+    if scheme in DB_SCHEMES and scheme != "sqlite":
+        # MLflow itself retries a failing database for minutes before it says why.
+        import sqlalchemy
+
+        connect_args = {"connect_timeout": 10} if scheme in ("postgresql", "mysql") else {}
+        try:
+            engine = sqlalchemy.create_engine(uri, connect_args=connect_args)
+            with engine.connect():
+                pass
+            engine.dispose()
+        except Exception as error:
+            reason = redact_reason(" ".join(str(error).split()), uri)
+            raise TrackingError(f"The tracking database tracking.tracking_uri={shown!r} cannot be "
+                                f"opened: {reason[:300]}") from None
     if scheme in HTTP_SCHEMES:
         import requests
 
