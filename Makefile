@@ -28,7 +28,7 @@ test: ## run the fast test suite (synthetic data, no network)
 	$(PY) -m pytest -q -n 2
 
 test-slow: ## run only the slow tier (real MNIST from ../shared, long checks)
-	$(PY) -m pytest -q -m slow
+	$(PY) -m pytest -q -n 2 -m slow
 
 test-full: ## run every test: the fast suite and the slow tier
 	$(PY) -m pytest -q -n 2 -m "slow or not slow"

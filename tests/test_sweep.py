@@ -213,7 +213,7 @@ def kill_a_worker_mid_trial(tmp_path, mnist_dir, storage: str, tracking: str) ->
             "sweep.n_trials=4", "sweep.pruner=none", "sweep.workers=2",
             # grace 10 s: short for the test, long enough that a loaded machine's late heartbeat
             # is not taken for a dead worker
-            "sweep.heartbeat_interval=1", "sweep.grace_period=10", "train.epochs=100"]
+            "sweep.heartbeat_interval=1", "sweep.grace_period=10", "train.epochs=40"]
     process = subprocess.Popen(
         [sys.executable, "-m", "mnist_sweep.sweep", *args, f"data.root={mnist_dir}", *TINY[:2]],
         cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
