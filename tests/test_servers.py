@@ -73,3 +73,22 @@ def test_drivers_started_together_on_a_new_study_share_one_parent_run(servers, t
     children = [r for r in runs if r.data.tags.get("sweep_role") != "parent"]
     assert len(children) == 6
     assert {r.data.tags["mlflow.parentRunId"] for r in children} == {parents[0].info.run_id}
+
+
+def test_a_password_in_the_tracking_uri_is_not_recorded(servers, tmp_path, mnist_dir):
+    """Tracking straight into the PostgreSQL database (no MLflow server): the URI, password
+    included, is part of the trial's config, but params and config.yaml show it masked."""
+    from conftest import FAST
+
+    uri = servers.pg.url("mlflow")
+    out = run_cli("mnist_sweep.train", f"data.root={mnist_dir}", *FAST, "train.epochs=1",
+                  f"tracking.tracking_uri={uri}", "tracking.experiment=direct-pg", cwd=tmp_path)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert PG_PASSWORD not in out.stdout + out.stderr
+    client = MlflowClient(uri)
+    experiment = client.get_experiment_by_name("direct-pg")
+    run = client.search_runs([experiment.experiment_id])[0]
+    assert run.data.params["tracking.tracking_uri"].startswith("postgresql://mnist:***@127.0.0.1:")
+    assert PG_PASSWORD not in str(run.data.params) + str(run.data.tags)
+    config = client.download_artifacts(run.info.run_id, "config.yaml", str(tmp_path))
+    assert PG_PASSWORD not in open(config).read()

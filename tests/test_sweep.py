@@ -144,17 +144,19 @@ enqueue:  # two that learn, then two that cannot (enqueue skips exact duplicates
 
 
 def test_an_interrupted_sweep_resumes_to_exactly_n_trials(tmp_path, mnist_dir):
-    args = ["--sweep", "momentum", "sweep.n_trials=4", "sweep.pruner=none", "train.epochs=100"]
+    args = ["--sweep", "momentum", "sweep.n_trials=4", "sweep.pruner=none", "train.epochs=30"]
     process = subprocess.Popen(
         [sys.executable, "-m", "mnist_sweep.sweep", *args, f"data.root={mnist_dir}", *TINY[:2]],
         cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         start_new_session=True)
     storage = tmp_path / "optuna.db"
     deadline = time.time() + 120
-    while time.time() < deadline:  # wait for the first finished trial, then press Ctrl-C
-        time.sleep(0.5)
+    while time.time() < deadline:  # one finished trial and the next mid-way: press Ctrl-C
+        time.sleep(0.2)
         try:
-            if storage.exists() and len(finished(load(tmp_path, "momentum"))) >= 1:
+            study = load(tmp_path, "momentum") if storage.exists() else None
+            if study and len(finished(study)) >= 1 and any(
+                    t.state == TrialState.RUNNING and t.intermediate_values for t in study.trials):
                 break
         except Exception:
             pass

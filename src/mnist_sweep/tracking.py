@@ -45,6 +45,18 @@ def redact_uri(uri: str) -> str:
     return urllib.parse.urlunsplit(parts._replace(netloc=netloc))
 
 
+def redact_passwords(value):
+    """A config (dicts, lists, strings) with the password of every URL in it masked: what is
+    recorded as params and config.yaml (a tracking URI may carry one)."""
+    if isinstance(value, dict):
+        return {k: redact_passwords(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [redact_passwords(v) for v in value]
+    if isinstance(value, str) and "://" in value:
+        return redact_uri(value)
+    return value
+
+
 def redact_reason(text: str, url: str) -> str:
     """An error text (a driver's, say) with the URL's password replaced by ***."""
     password = urllib.parse.urlsplit(url).password
@@ -302,7 +314,7 @@ class MlflowTracker:
                   normal_ends: tuple[type[BaseException], ...] = ()) -> Iterator[TrialRun]:
         """A run for one trial. Ends FINISHED (also on a `normal_ends` exception, such as a
         pruned trial), KILLED on Ctrl-C or a kill signal, FAILED on any other exception."""
-        resolved = OmegaConf.to_container(cfg, resolve=True)
+        resolved = redact_passwords(OmegaConf.to_container(cfg, resolve=True))
         resolved.pop("hydra", None)
         run_id = self.start_run(run_name or cfg.tracking.get("run_name"),
                                 tags={**trial_tags(cfg, device), **(extra_tags or {})},
