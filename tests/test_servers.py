@@ -92,3 +92,60 @@ def test_a_password_in_the_tracking_uri_is_not_recorded(servers, tmp_path, mnist
     assert PG_PASSWORD not in str(run.data.params) + str(run.data.tags)
     config = client.download_artifacts(run.info.run_id, "config.yaml", str(tmp_path))
     assert PG_PASSWORD not in open(config).read()
+
+
+@pytest.mark.slow
+def test_make_server_then_a_sweep_and_a_joining_worker_then_ctrl_c_stops_both(tmp_path, mnist_dir):
+    """The user's path: `make server` (python -m mnist_sweep.servers), source urls.env, `make
+    sweep` on the study and `make worker` joining it, SIGTERM: both servers stop."""
+    import os
+    import signal
+    import socket
+    import stat
+    import subprocess
+    import sys
+    import tempfile
+    import time
+    from pathlib import Path
+
+    from mnist_sweep.servers import free_port
+
+    folder = Path(tempfile.mkdtemp(prefix="mnist-sweep-make-server-"))
+    folder.chmod(0o755)
+    pg_port, mlflow_port = free_port(), free_port()
+    server = subprocess.Popen([sys.executable, "-m", "mnist_sweep.servers", "--dir", str(folder / "srv"),
+                               "--pg-port", str(pg_port), "--mlflow-port", str(mlflow_port)],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                              env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    try:
+        lines = []
+        while not any("Ctrl-C stops both" in line for line in lines):
+            line = server.stdout.readline()
+            assert line, server.stderr.read()
+            lines.append(line)
+        printed = "".join(lines)
+        password = (folder / "srv" / "password").read_text().strip()
+        assert f"postgresql://mnist:***@127.0.0.1:{pg_port}/optuna" in printed
+        assert f"http://127.0.0.1:{mlflow_port}" in printed and password not in printed
+        urls = folder / "srv" / "urls.env"
+        assert stat.S_IMODE(urls.stat().st_mode) == 0o600
+        env = dict(line.removeprefix("export ").split("=", 1) for line in urls.read_text().split("\n") if line)
+        env = {k: v.strip("'") for k, v in env.items()}
+        assert env["SWEEP_STORAGE"].endswith(f"@127.0.0.1:{pg_port}/optuna")
+        common = ["--sweep", "momentum", "sweep.quiet=true", f"data.root={mnist_dir}", *TINY,
+                  "train.epochs=1"]
+        sweep = run_cli("mnist_sweep.sweep", *common, "sweep.n_trials=2", cwd=tmp_path, env=env)
+        assert sweep.returncode == 0, sweep.stderr[-2000:]
+        worker = run_cli("mnist_sweep.sweep", "--join", *common, "sweep.n_trials=4", cwd=tmp_path, env=env)
+        assert worker.returncode == 0, worker.stderr[-2000:]
+        study = optuna.load_study(study_name="momentum", storage=env["SWEEP_STORAGE"])
+        assert len([t for t in study.trials if t.state == TrialState.COMPLETE]) == 4
+        assert password not in sweep.stdout + sweep.stderr + worker.stdout + worker.stderr
+    finally:
+        server.send_signal(signal.SIGTERM)
+        server.wait(timeout=60)
+    assert server.returncode == 0
+    for port in (pg_port, mlflow_port):  # both stopped: nothing listens any more
+        with socket.socket() as s:
+            assert s.connect_ex(("127.0.0.1", port)) != 0
+    assert not (folder / "srv" / "postgres" / "data" / "postmaster.pid").exists()

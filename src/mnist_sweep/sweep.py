@@ -213,7 +213,10 @@ def check_space(spec: SweepSpec, space: SearchSpace) -> Any:
 
 
 def open_study(spec: SweepSpec, space: SearchSpace, on_stale=None, worker: int = 0,
-               create: bool = False) -> optuna.Study:
+               create: bool = False) -> tuple[optuna.Study, bool]:
+    """The study, loaded; with create=True made if missing. Returns (study, made_here): of
+    several drivers starting at once on a new study, exactly one makes it (the database's
+    unique study name decides) and only that one makes the MLflow parent run."""
     s = spec.settings
     if not create:
         require_existing_file(s["storage"], spec.study_name)
@@ -225,27 +228,30 @@ def open_study(spec: SweepSpec, space: SearchSpace, on_stale=None, worker: int =
     pruner = make_pruner(s["pruner"], epochs, s["pruner_args"])
     name = spec.study_name
     existing = {st.study_name: st for st in optuna.get_all_study_summaries(storage)}
-    if name in existing:
-        found = existing[name]
-        direction = found.direction.name.lower()
-        metric = found.user_attrs.get("metric")
-        if direction != s["direction"] or (metric and metric != s["metric"]):
-            raise ConfigError(
-                f"The study {name!r} in {redact_uri(s['storage'])} was made to {direction} "
-                f"{metric}, but this sweep asks to {s['direction']} {s['metric']}: resume it with "
-                f"sweep.direction={direction} sweep.metric={metric}, or start a new study with "
-                "sweep.study_name=<new name>.")
-        return optuna.load_study(study_name=name, storage=storage, sampler=sampler, pruner=pruner)
-    if not create:
+    if name not in existing and not create:
         held = ", ".join(sorted(existing)) or "no study"
         raise ConfigError(f"No study {name!r} in {redact_uri(s['storage'])} (it holds: {held}). "
                           "A worker joins a study that `make sweep` started: start it there first, "
                           "or give the study's name with sweep.study_name=<name>.")
-    study = optuna.create_study(study_name=name, storage=storage, sampler=sampler, pruner=pruner,
-                                direction=s["direction"], load_if_exists=True)
-    study.set_user_attr("metric", s["metric"])
-    study.set_user_attr("sweep_file", spec.file)
-    return study
+    if name not in existing:
+        try:
+            study = optuna.create_study(study_name=name, storage=storage, sampler=sampler,
+                                        pruner=pruner, direction=s["direction"])
+            study.set_user_attr("metric", s["metric"])
+            study.set_user_attr("sweep_file", spec.file)
+            return study, True
+        except optuna.exceptions.DuplicatedStudyError:  # another driver made it just now
+            existing = {st.study_name: st for st in optuna.get_all_study_summaries(storage)}
+    found = existing[name]
+    direction = found.direction.name.lower()
+    metric = found.user_attrs.get("metric")
+    if direction != s["direction"] or (metric and metric != s["metric"]):
+        raise ConfigError(
+            f"The study {name!r} in {redact_uri(s['storage'])} was made to {direction} "
+            f"{metric}, but this sweep asks to {s['direction']} {s['metric']}: resume it with "
+            f"sweep.direction={direction} sweep.metric={metric}, or start a new study with "
+            "sweep.study_name=<new name>.")
+    return optuna.load_study(study_name=name, storage=storage, sampler=sampler, pruner=pruner), False
 
 
 def require_existing_file(storage: str, study_name: str) -> None:
@@ -320,7 +326,7 @@ class Worker:
         self.space = spec.space()
         base = compose(spec.fixed)
         self.tracker = open_tracker(base.tracking)
-        self.study = open_study(spec, self.space, on_stale=self.end_stale_run, worker=index)
+        self.study, _ = open_study(spec, self.space, on_stale=self.end_stale_run, worker=index)
         self.share = worker_threads_and_device(base, index, n_workers)
         self.deadline = (time.time() + spec.settings["timeout"]) if spec.settings["timeout"] else None
         self.excess = HideExcessTrials()
@@ -408,48 +414,40 @@ class Worker:
 # ----------------------------------------------------------------------------- the driver
 
 
-def start_parent_run(spec: SweepSpec, study: optuna.Study, base_cfg) -> str | None:
+def start_parent_run(spec: SweepSpec, study: optuna.Study, base_cfg, made_here: bool) -> str | None:
     """One MLflow parent run per study, found again on resume (its id is a study attribute).
 
-    Drivers that start together on one new study (a cluster array, `docker compose --scale`)
-    each find no parent and make one; they then settle on the earliest of the running parents
-    made in the last minutes and delete their own, so the study keeps one parent."""
+    Drivers that start together on a new study (a cluster array, `docker compose --scale`):
+    the one that made the study makes the parent; the others wait for its id."""
     from mnist_sweep.tracking import open_tracker
 
     tracker = open_tracker(base_cfg.tracking)
     client = getattr(tracker, "client", None)
     if client is None:
         return None
-    run_id = study.user_attrs.get("mlflow_parent_run_id")
-    if run_id:
-        try:
-            run = client.get_run(run_id)
-            if run.info.lifecycle_stage == "active":
-                client.update_run(run_id, status="RUNNING")
-                return run_id
-        except Exception:
-            pass  # the tracking store changed: make a new parent
+    brand_new = not any(t.state.is_finished() for t in study.get_trials(deepcopy=False))
+    deadline = time.time() + (30 if brand_new and not made_here else 0)
+    while True:
+        run_id = study.user_attrs.get("mlflow_parent_run_id")
+        if run_id:
+            try:
+                run = client.get_run(run_id)
+                if run.info.lifecycle_stage == "active":
+                    client.update_run(run_id, status="RUNNING")
+                    return run_id
+            except Exception:
+                pass  # the tracking store changed: make a new parent
+            break
+        if time.time() >= deadline:
+            break
+        time.sleep(0.5)  # study.user_attrs reads the storage again
     s = spec.settings
     tags = {"sweep_file": spec.file, "study_name": spec.study_name, "sampler": s["sampler"],
             "pruner": s["pruner"], "storage": redact_uri(s["storage"]), "metric": s["metric"],
             "direction": s["direction"], "sweep_role": "parent"}
-    mine = tracker.start_run(run_name=spec.study_name, tags=tags)
-    study.set_user_attr("mlflow_parent_run_id", mine)
-    time.sleep(1.0)  # drivers started at the same time make theirs meanwhile
-    if "'" in tags["study_name"] + tags["storage"]:
-        return mine  # not expressible in MLflow's filter syntax; such names are rare
-    started = client.get_run(mine).info.start_time
-    rivals = client.search_runs(
-        [tracker.experiment_id], max_results=100,
-        filter_string=(f"tags.sweep_role = 'parent' and tags.study_name = '{tags['study_name']}' "
-                       f"and tags.storage = '{tags['storage']}' and attributes.status = 'RUNNING' "
-                       f"and attributes.start_time > {started - 600_000}"))
-    chosen = min([r.info for r in rivals] or [client.get_run(mine).info],
-                 key=lambda info: (info.start_time, info.run_id)).run_id
-    if chosen != mine:
-        client.delete_run(mine)
-        study.set_user_attr("mlflow_parent_run_id", chosen)
-    return chosen
+    run_id = tracker.start_run(run_name=spec.study_name, tags=tags)
+    study.set_user_attr("mlflow_parent_run_id", run_id)
+    return run_id
 
 
 class Progress:
@@ -496,10 +494,10 @@ def run_sweep(spec: SweepSpec, join: bool = False) -> optuna.Study:
 
     space = spec.space()
     base = check_space(spec, space)
-    study = open_study(spec, space, create=not join)  # validated above: nothing written before
+    study, made_here = open_study(spec, space, create=not join)  # nothing written before this
     if not join:
         enqueue_known(study, spec)
-    spec.parent_run_id = start_parent_run(spec, study, base)
+    spec.parent_run_id = start_parent_run(spec, study, base, made_here)
     quiet = spec.settings["quiet"]
     progress = Progress(spec, study)
     n_workers = spec.settings["workers"]
