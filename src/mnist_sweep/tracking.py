@@ -97,15 +97,18 @@ def check_tracking_uri(uri: str) -> None:
         import sqlalchemy
 
         connect_args = {"connect_timeout": 10} if scheme in ("postgresql", "mysql") else {}
+        engine = None
         try:
             engine = sqlalchemy.create_engine(uri, connect_args=connect_args)
             with engine.connect():
                 pass
-            engine.dispose()
         except Exception as error:
             reason = redact_reason(" ".join(str(error).split()), uri)
             raise TrackingError(f"The tracking database tracking.tracking_uri={shown!r} cannot be "
                                 f"opened: {reason[:300]}") from None
+        finally:
+            if engine is not None:
+                engine.dispose()
     if scheme in HTTP_SCHEMES:
         import requests
 
