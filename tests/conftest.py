@@ -96,32 +96,31 @@ needs_postgres = pytest.mark.skipif(shutil.which("initdb") is None or shutil.whi
                                     reason="PostgreSQL (initdb, pg_ctl) is not installed")
 
 
-def free_local_port() -> int:
-    from mnist_sweep.servers import free_port
-
-    return free_port()
-
-
-def start_servers():
-    """A real PostgreSQL (as an unprivileged user, 127.0.0.1) and `mlflow server` backed by it."""
+@pytest.fixture(scope="session")
+def servers():
+    """A real PostgreSQL (as an unprivileged user, 127.0.0.1) and `mlflow server` backed by it,
+    shared by the tests of one pytest process; a test that restarts one leaves it running."""
     from mnist_sweep.servers import LocalServers, free_port
 
     folder = Path(tempfile.mkdtemp(prefix="mnist-sweep-servers-"))  # /tmp: reachable by postgres
     folder.chmod(0o755)
-    servers = LocalServers(folder, PG_PASSWORD, free_port(), free_port())
-    servers.start()
-    return servers
-
-
-@pytest.fixture(scope="session")
-def servers():
-    """Shared by the tests of one pytest process; a test that restarts one leaves it running."""
-    running = start_servers()
+    running = LocalServers(folder, PG_PASSWORD, free_port(), free_port())
+    running.start()
     try:
         yield running
     finally:
         running.stop()
         shutil.rmtree(running.folder, ignore_errors=True)
+
+
+def study_runs(client, study_name: str) -> tuple[list, list]:
+    """The MLflow runs of one study, in every experiment: (parent runs, trial runs)."""
+    runs = []
+    for experiment in client.search_experiments():
+        runs += client.search_runs([experiment.experiment_id], max_results=5000,
+                                   filter_string=f"tags.study_name = '{study_name}'")
+    parents = [r for r in runs if r.data.tags.get("sweep_role") == "parent"]
+    return parents, [r for r in runs if r.data.tags.get("sweep_role") != "parent"]
 
 
 def pg_dump(servers, database: str = "optuna") -> str:

@@ -22,7 +22,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
 
-from conftest import needs_postgres, run_cli
+from conftest import needs_postgres, run_cli, study_runs
 from test_sweep import failed, finished
 
 pytestmark = [needs_postgres, pytest.mark.slow]
@@ -64,17 +64,10 @@ def trials_mid_run(storage: str, name: str) -> list:
             and t.intermediate_values]
 
 
-def child_runs(client: MlflowClient, study_name: str) -> list:
-    runs = client.search_runs([e.experiment_id for e in client.search_experiments()],
-                              filter_string=f"tags.study_name = '{study_name}'")
-    return [r for r in runs if r.data.tags.get("sweep_role") != "parent"], \
-        [r for r in runs if r.data.tags.get("sweep_role") == "parent"]
-
-
 def assert_every_trial_recorded_once_in_full(study, client, study_name, epochs):
     """No trial failed, and each has one FINISHED run holding every epoch and every batch."""
     assert not failed(study)
-    children, parents = child_runs(client, study_name)
+    parents, children = study_runs(client, study_name)
     assert len(parents) == 1 and parents[0].info.status == "FINISHED"
     done = finished(study)
     assert sorted(int(r.data.tags["trial_number"]) for r in children) == sorted(t.number for t in done)
@@ -116,7 +109,7 @@ def test_kill_9_of_the_whole_sweep_then_the_same_command_resumes(servers, tmp_pa
     assert {t.number for t in cut_trials} == cut  # heartbeat failed what was cut mid-way...
     retried = {t.system_attrs.get("failed_trial") for t in done}
     assert cut <= retried  # ...and each was run again, once
-    children, parents = child_runs(client, name)
+    parents, children = study_runs(client, name)
     assert len(parents) == 1 and parents[0].info.status == "FINISHED"  # the same parent, resumed
     assert not [r for r in children if r.info.status == "RUNNING"]
     for t in cut_trials:

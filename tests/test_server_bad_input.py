@@ -8,7 +8,8 @@ import subprocess
 
 import pytest
 
-from conftest import FAST, PG_PASSWORD, REPO, free_local_port, needs_postgres, pg_dump, run_cli
+from conftest import FAST, PG_PASSWORD, REPO, needs_postgres, pg_dump, run_cli
+from mnist_sweep.servers import free_port
 from test_bad_input import assert_one_paragraph_error
 from test_sweep import TINY
 
@@ -35,7 +36,7 @@ def pg(servers, password=PG_PASSWORD, port=None, database="optuna", host="127.0.
 CASES = {
     "storage: wrong password": ("sweep", lambda s: [f"sweep.storage={pg(s, WRONG)}"],
                                 ["mnist:***@127.0.0.1", "password authentication failed"]),
-    "storage: nothing listens on the port": ("sweep", lambda s: [f"sweep.storage={pg(s, port=free_local_port())}"],
+    "storage: nothing listens on the port": ("sweep", lambda s: [f"sweep.storage={pg(s, port=free_port())}"],
                                              ["cannot be opened", "refused"]),
     "storage: host does not resolve": ("sweep", lambda s: [f"sweep.storage={pg(s, host='no-such-host.invalid')}"],
                                        ["no-such-host.invalid", "cannot be opened"]),
@@ -48,7 +49,7 @@ CASES = {
     "worker: study of another metric": ("worker", lambda s: ["sweep.metric=val_loss", f"sweep.storage={s.storage_url}"],
                                         ["'momentum'", "maximize", "val_loss"]),
     "tracking: server not running": ("sweep", lambda s: [f"sweep.storage={s.storage_url}",
-                                                         f"tracking.tracking_uri=http://127.0.0.1:{free_local_port()}"],
+                                                         f"tracking.tracking_uri=http://127.0.0.1:{free_port()}"],
                                      ["cannot be reached", "make server"]),
     "tracking: database wrong password": ("train", lambda s: [f"tracking.tracking_uri={pg(s, WRONG, database='mlflow')}"],
                                           ["mnist:***@127.0.0.1", "password authentication failed"]),

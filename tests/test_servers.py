@@ -8,7 +8,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
 
-from conftest import PG_PASSWORD, needs_postgres, run_cli
+from conftest import PG_PASSWORD, needs_postgres, run_cli, study_runs
 from test_sweep import TINY
 
 pytestmark = needs_postgres
@@ -24,9 +24,8 @@ def test_two_workers_on_postgres_and_an_mlflow_server(servers, tmp_path, mnist_d
     done = [t for t in study.trials if t.state in (TrialState.COMPLETE, TrialState.PRUNED)]
     assert len(done) == 6 and len({t.number for t in done}) == 6
     client = MlflowClient(servers.tracking_url)
-    runs = client.search_runs([e.experiment_id for e in client.search_experiments()],
-                              filter_string="tags.study_name = 'momentum_decay'")
-    parent = [r for r in runs if r.data.tags.get("sweep_role") == "parent"]
+    parent, trial_runs = study_runs(client, "momentum_decay")
+    runs = parent + trial_runs
     assert len(parent) == 1
     assert parent[0].data.tags["storage"].startswith("postgresql://mnist:***@127.0.0.1:")
     children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent[0].info.run_id]
@@ -66,11 +65,8 @@ def test_drivers_started_together_on_a_new_study_share_one_parent_run(servers, t
     done = [t for t in study.trials if t.state in (TrialState.COMPLETE, TrialState.PRUNED)]
     assert len(done) == 6
     client = MlflowClient(servers.tracking_url)
-    runs = client.search_runs([e.experiment_id for e in client.search_experiments()],
-                              filter_string=f"tags.study_name = '{name}'")
-    parents = [r for r in runs if r.data.tags.get("sweep_role") == "parent"]
+    parents, children = study_runs(client, name)
     assert len(parents) == 1 and study.user_attrs["mlflow_parent_run_id"] == parents[0].info.run_id
-    children = [r for r in runs if r.data.tags.get("sweep_role") != "parent"]
     assert len(children) == 6
     assert {r.data.tags["mlflow.parentRunId"] for r in children} == {parents[0].info.run_id}
 

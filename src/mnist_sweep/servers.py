@@ -104,12 +104,6 @@ class Postgres:
         self._run("pg_ctl", "-D", str(self.data), "-l", str(self.folder / "postgres.log"), "-w",
                   "-t", "60", "-o", f"-h {self.host} -p {self.port} -k {self.folder}", "start")
 
-    def restart(self) -> None:
-        """Fast restart: open connections are cut, as a crash or an upgrade would."""
-        self._run("pg_ctl", "-D", str(self.data), "-m", "fast", "-w", "-t", "60", "-l",
-                  str(self.folder / "postgres.log"), "-o",
-                  f"-h {self.host} -p {self.port} -k {self.folder}", "restart")
-
     def stop(self, mode: str = "fast") -> None:
         subprocess.run(_as_unprivileged(["pg_ctl", "-D", str(self.data), "-m", mode, "-w", "stop"]),
                        capture_output=True)

@@ -27,6 +27,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))  # conftest: the synthetic IDX writer the tests use
+from conftest import study_runs  # noqa: E402
 
 # Per trial: 1 epoch of 10 batches of 50 (500 train images), 100 validation images.
 TINY_TRIAL = ["data.val_size=100", "train.batch_size=50", "train.epochs=1"]
@@ -58,12 +59,7 @@ def run_load(folder: Path, data_root: Path, workers: int, trials: int, storage: 
     other = [t for t in study.trials if t.state in (TrialState.RUNNING, TrialState.WAITING)]
     numbers = collections.Counter(t.number for t in finished)
 
-    client = MlflowClient(tracking)
-    runs = []
-    for experiment in client.search_experiments():
-        runs += client.search_runs([experiment.experiment_id], max_results=5000,
-                                   filter_string=f"tags.study_name = '{study_name}'")
-    children = [r for r in runs if r.data.tags.get("sweep_role") != "parent"]
+    _, children = study_runs(MlflowClient(tracking), study_name)
     runs_per_trial = collections.Counter(r.data.tags.get("trial_number") for r in children)
     missing = [t.number for t in finished if runs_per_trial[str(t.number)] == 0]
     duplicated_runs = [n for n, k in runs_per_trial.items() if k > 1]
