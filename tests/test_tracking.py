@@ -110,3 +110,18 @@ def test_lr_change_points_keep_the_curve_exact():
 def test_passwords_are_redacted():
     assert redact_uri("postgresql://bob:s3cret@db:5432/mlflow") == "postgresql://bob:***@db:5432/mlflow"
     assert redact_uri("sqlite:///mlflow.db") == "sqlite:///mlflow.db"
+
+
+def test_not_sqlite_refuses_other_files_but_not_a_database_being_created(tmp_path):
+    """A text file where a database should be is refused; an empty file is what another process
+    creating the same new database leaves for a moment (CI saw workers race on it)."""
+    import sqlite3
+
+    from mnist_sweep.tracking import not_sqlite
+
+    (tmp_path / "notes.db").write_text("my notes")
+    (tmp_path / "new.db").write_bytes(b"")
+    sqlite3.connect(tmp_path / "real.db").execute("create table t (x)").connection.commit()
+    assert not_sqlite(tmp_path / "notes.db")
+    assert not not_sqlite(tmp_path / "new.db") and not not_sqlite(tmp_path / "real.db")
+    assert not not_sqlite(tmp_path / "missing.db")

@@ -22,7 +22,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from mnist_sweep.errors import ConfigError, UserError
 from mnist_sweep.space import SearchSpace
-from mnist_sweep.tracking import redact_reason, redact_uri
+from mnist_sweep.tracking import not_sqlite, redact_reason, redact_uri
 
 # Heartbeat and the visualizations are marked experimental; they are what we rely on on purpose.
 warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
@@ -55,7 +55,7 @@ def open_storage(url: str, heartbeat_interval: int = 10, grace_period: int = 30,
                               "or sqlite:////absolute/path.db.")
         if not path.parent.resolve().is_dir():
             raise ConfigError(f"sweep.storage={shown!r}: the folder {path.parent} does not exist.")
-        if path.exists() and path.read_bytes()[:16] != b"SQLite format 3\x00":
+        if not_sqlite(path):
             raise ConfigError(f"sweep.storage={shown!r}: {path} exists but is not a SQLite "
                               "database; move it away or use another file.")
         engine_kwargs = {"connect_args": {"timeout": 60}}  # wait for a busy writer, don't fail

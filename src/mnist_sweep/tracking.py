@@ -45,6 +45,17 @@ def redact_uri(uri: str) -> str:
     return urllib.parse.urlunsplit(parts._replace(netloc=netloc))
 
 
+def not_sqlite(path: Path) -> bool:
+    """`path` exists and is not a SQLite database. An empty file counts as one: SQLite creates
+    the file first and writes its header with the first commit, so another process opening
+    the same new database at that moment sees 0 bytes."""
+    if not path.exists():
+        return False
+    with open(path, "rb") as f:
+        head = f.read(16)
+    return bool(head) and head != b"SQLite format 3\x00"
+
+
 def redact_passwords(value):
     """A config (dicts, lists, strings) with the password of every URL in it masked: what is
     recorded as params and config.yaml (a tracking URI may carry one)."""
@@ -89,7 +100,7 @@ def check_tracking_uri(uri: str) -> None:
         if not path.parent.resolve().is_dir():
             raise TrackingError(f"tracking.tracking_uri={shown!r}: the folder {path.parent} does "
                                 "not exist; create it or point the URI at an existing folder.")
-        if path.exists() and path.read_bytes()[:16] != b"SQLite format 3\x00":
+        if not_sqlite(path):
             raise TrackingError(f"tracking.tracking_uri={shown!r}: {path} exists but is not a "
                                 "SQLite database; move it away or use another file name.")
     if scheme in DB_SCHEMES and scheme != "sqlite":
