@@ -54,3 +54,12 @@ def user_errors_exit(debug: bool = False) -> Iterator[None]:
             raise
         report(error)
         raise SystemExit(error.exit_code) from None
+
+
+def failure_reason(error: BaseException) -> str:
+    """One line naming an exception that ended a trial: what a user reads on the Optuna trial
+    (user attribute fail_reason) and on its MLflow run. Passwords of URLs in it are masked."""
+    from mnist_sweep.urls import mask_secrets
+
+    text = " ".join(str(error).split()) or "(no message)"
+    return mask_secrets(f"{type(error).__name__}: {text}")[:500]

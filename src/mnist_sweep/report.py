@@ -12,6 +12,8 @@ from pathlib import Path
 import optuna
 from omegaconf import OmegaConf
 
+from mnist_sweep.urls import mask_secrets
+
 log = logging.getLogger("mnist_sweep")
 
 # In order of preference; the schedule's type itself is the fallback "decay parameter".
@@ -111,6 +113,18 @@ def save_top_curves(study, client, folder: Path, top: int = 5) -> bool:
     return True
 
 
+def set_best_tags(client, run_id: str, params: dict) -> None:
+    """best.<param> tags: exactly the current best trial's parameters. A parameter only an
+    earlier best trial had (schedule.max_lr of a onecycle trial, say) loses its tag."""
+    from mlflow.entities import RunTag
+
+    stale = [k for k in client.get_run(run_id).data.tags
+             if k.startswith("best.") and k.removeprefix("best.") not in params]
+    for key in stale:
+        client.delete_tag(run_id, key)
+    client.log_batch(run_id, tags=[RunTag(f"best.{k}", str(v)) for k, v in params.items()])
+
+
 def write_report(study: optuna.Study, spec, space, plots: bool = True,
                  status: str | None = None) -> None:
     """Refresh the parent run: best value/params, artifacts, plots; end it with `status`."""
@@ -135,13 +149,11 @@ def write_report(study: optuna.Study, spec, space, plots: bool = True,
             if "test_acc" in best.user_attrs:
                 client.log_metric(run_id, "best_trial_test_acc", best.user_attrs["test_acc"], step=c["done"])
             client.set_tag(run_id, "best_trial", str(best.number))
-            for key, value in best.params.items():
-                client.set_tag(run_id, f"best.{key}", str(value))
+            set_best_tags(client, run_id, best.params)
         (folder / "sweep").mkdir()
-        shutil.copy(spec.file, folder / "sweep" / Path(spec.file).name)
-        resolved = {"sweep": {**spec.settings, "storage": client.get_run(run_id).data.tags.get("storage")},
-                    **space.describe(), "fixed": spec.fixed, "enqueue": spec.enqueue}
-        (folder / "sweep" / "resolved_space.yaml").write_text(OmegaConf.to_yaml(resolved))
+        # The file as written, but with any password in it masked (a storage URL, say).
+        (folder / "sweep" / Path(spec.file).name).write_text(mask_secrets(Path(spec.file).read_text()))
+        (folder / "sweep" / "resolved_space.yaml").write_text(OmegaConf.to_yaml(spec.shown()))
         study.trials_dataframe().to_csv(folder / "trials.csv", index=False)
         if plots:
             (folder / "plots").mkdir()

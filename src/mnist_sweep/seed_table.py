@@ -15,7 +15,7 @@ import optuna
 from mnist_sweep.cli import compose
 from mnist_sweep.errors import ConfigError, user_errors_exit
 from mnist_sweep.space import to_overrides
-from mnist_sweep.sweep import load_spec
+from mnist_sweep.sweepfile import load_spec
 
 # The note's reported test accuracies, by the seed_note sweep's schedule choice.
 NOTE = {"none": ("momentum 0.78", 94.75), "plateau": ("+ ReduceLROnPlateau (patience 200, factor 0.7)", 93.53),

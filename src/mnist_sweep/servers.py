@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from mnist_sweep.errors import ConfigError, UserError, user_errors_exit
-from mnist_sweep.tracking import redact_uri
+from mnist_sweep.urls import redact_uri
 
 PG_USER = "mnist"
 UNPRIVILEGED = "postgres"  # the Debian package's system user; PostgreSQL will not run as root

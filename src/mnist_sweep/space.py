@@ -7,9 +7,11 @@ A space is written as config key -> grammar, exactly as on Hydra's command line:
     schedule.step_size: int(interval(100, 3000))    -> IntDistribution(100, 3000)
     train.batch_size: range(100, 501, 100)          -> IntDistribution(100, 500, step=100)
     schedule: choice(none, step, plateau)           -> CategoricalDistribution
-parsed by Hydra's own override parser. Conditional parameters belong to one option of a choice
+parsed by Hydra's own override parser. Conditional parameters belong to an option of a choice
 (`conditional: {schedule: {step: {schedule.gamma: ...}}}`) and are sampled only in trials that
-chose that option (Optuna's define-by-run does the rest).
+chose that option (Optuna's define-by-run does the rest). A key may be conditional under several
+options (schedule.gamma under step and exponential): each option then has its own Optuna
+parameter, named `<key>@<option>` (the same key means a different thing under each option).
 """
 
 from __future__ import annotations
@@ -105,6 +107,7 @@ def to_distribution(key: str, grammar: str) -> BaseDistribution:
         low, high = sweep.start, sweep.end
         _check_bounds(line, low, high, log)
         if isinstance(low, int) and isinstance(high, int):  # int(interval(...))
+            _check_integral_bounds(key, grammar)
             return IntDistribution(low, high, log=log)
         return FloatDistribution(float(low), float(high), log=log)
     if isinstance(sweep, RangeSweep):
@@ -125,6 +128,38 @@ def to_distribution(key: str, grammar: str) -> BaseDistribution:
             return IntDistribution(start, high, step=step, log=log)
         return FloatDistribution(float(start), float(round(high, 12)), step=None if log else float(step), log=log)
     raise ConfigError(f"{line}: unsupported sweep {type(sweep).__name__}; allowed: {GRAMMAR_HELP}.")
+
+
+def _check_integral_bounds(key: str, grammar: str) -> None:
+    """Hydra's int(...) truncates the bounds: int(interval(0.5, 10.7)) would silently search
+    0..10. Parse the inner interval as written and refuse bounds that are not whole numbers."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    inner = grammar.strip()
+    if not (inner.startswith("int(") and inner.endswith(")")):
+        return
+    sweep = OverridesParser.create().parse_override(f"{key}={inner[4:-1]}").value()
+    bad = [b for b in (sweep.start, sweep.end) if float(b) != int(float(b))]
+    if bad:
+        raise ConfigError(f"{key}={grammar}: int(...) needs whole-number bounds, but "
+                          f"{', '.join(map(str, bad))} is not one (Hydra would truncate it); write "
+                          f"e.g. int(interval({int(float(sweep.start))}, {int(float(sweep.end))})).")
+
+
+def contains(d: BaseDistribution, value: Any) -> bool:
+    """Whether `value` is one the distribution can take (what an enqueued value must be)."""
+    if isinstance(d, CategoricalDistribution):
+        return any(value == c and type(value) is type(c) for c in d.choices) or (
+            isinstance(value, (int, float)) and not isinstance(value, bool) and value in d.choices)
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False
+    if isinstance(d, IntDistribution):
+        return float(value).is_integer() and d.low <= value <= d.high and (value - d.low) % d.step == 0
+    if d.step is not None:
+        steps = (value - d.low) / d.step
+        if abs(steps - round(steps)) > 1e-8:
+            return False
+    return d.low <= value <= d.high
 
 
 def _check_bounds(line: str, low, high, log: bool) -> None:
@@ -150,21 +185,26 @@ def build_space(params: Mapping[str, str], conditional: Mapping[str, Mapping[Any
                               f"the params are: {', '.join(by_key) or 'none'}.")
         allowed = list(choice.distribution.choices)
         space.conditional[choice_key] = {}
-        for option, entries in (options or {}).items():
+        options = options or {}
+        for option in options:
             if option not in allowed:
                 known = group_options.get(choice_key)
                 hint = f" (the config group offers {', '.join(known)})" if known else ""
                 raise ConfigError(f"conditional.{choice_key}.{option}: {option!r} is not an option "
                                   f"of {choice_key}={choice.grammar}; allowed: "
                                   f"{', '.join(map(str, allowed))}{hint}.")
+        keys = [key for entries in options.values() for key in (entries or {})]
+        for option, entries in options.items():
             space.conditional[choice_key][option] = [
-                Param(key, key, to_distribution(key, str(grammar)), str(grammar), (choice_key, option))
+                # a key under several options gets one Optuna parameter per option
+                Param(f"{key}@{option}" if keys.count(key) > 1 else key, key,
+                      to_distribution(key, str(grammar)), str(grammar), (choice_key, option))
                 for key, grammar in (entries or {}).items()]
     names = [p.name for p in space.all_params()]
     duplicates = {n for n in names if names.count(n) > 1}
     if duplicates:  # one Optuna name must keep one distribution across the study
-        raise ConfigError(f"The parameter(s) {', '.join(sorted(duplicates))} appear more than once "
-                          "in the space (under params or under two options); give each one place.")
+        raise ConfigError(f"The parameter(s) {', '.join(sorted(duplicates))} appear both under "
+                          "params and under conditional; give each one place.")
     return space
 
 
@@ -172,7 +212,9 @@ _PLAIN = re.compile(r"^[A-Za-z0-9_.:/\-+]+$")
 
 
 def override_value(value: Any) -> str:
-    """A sampled value written back in Hydra's override syntax."""
+    """A sampled value written back in Hydra's override syntax, so that Hydra reads back the
+    same value of the same type: the string "1", "true" or "null" is quoted (unquoted, Hydra
+    would make it an int, a bool or None)."""
     if value is None:
         return "null"
     if isinstance(value, bool):
@@ -180,7 +222,18 @@ def override_value(value: Any) -> str:
     if isinstance(value, (int, float)):
         return repr(value)
     text = str(value)
-    return text if _PLAIN.match(text) else "'" + text.replace("\\", "\\\\").replace("'", "\\'") + "'"
+    if _PLAIN.match(text) and _reads_back_as(text) == text:
+        return text
+    return "'" + text.replace("\\", "\\\\").replace("'", "\\'") + "'"
+
+
+def _reads_back_as(text: str) -> Any:
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    try:
+        return OverridesParser.create().parse_override(f"k={text}").value()
+    except Exception:
+        return None
 
 
 def to_overrides(values: Mapping[str, Any]) -> list[str]:

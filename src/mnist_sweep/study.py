@@ -1,7 +1,7 @@
 """Optuna plumbing: storage (with heartbeat), samplers and pruners by name, the study itself.
 
-Kept apart from `sweep` so that the driver, its workers and the report open the same study the
-same way. The embedded default storage is SQLite (`sqlite:///optuna.db`): no server, and several
+Kept apart from the sweep's driver and workers so that they, the report and the seed table open
+the same study the same way. The embedded default storage is SQLite (`sqlite:///optuna.db`): no server, and several
 local worker processes share it safely (a 60 s busy timeout, Optuna's RDB heartbeat).
 """
 
@@ -10,7 +10,6 @@ from __future__ import annotations
 import functools
 import logging
 import time
-import urllib.parse
 import warnings
 from pathlib import Path
 from typing import Any, Callable, Mapping
@@ -22,7 +21,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from mnist_sweep.errors import ConfigError, UserError
 from mnist_sweep.space import SearchSpace
-from mnist_sweep.tracking import not_sqlite, redact_reason, redact_uri
+from mnist_sweep.urls import not_sqlite, redact_reason, redact_uri, scheme_of
 
 # Heartbeat and the visualizations are marked experimental; they are what we rely on on purpose.
 warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
@@ -42,7 +41,7 @@ def open_storage(url: str, heartbeat_interval: int = 10, grace_period: int = 30,
     `grace_period` seconds and retried (at most `max_retry` times). Calls that lose the database
     connection (a restart, a network blip) are retried for up to `outage_seconds`."""
     shown = redact_uri(url)
-    scheme = urllib.parse.urlsplit(url).scheme.split("+")[0]
+    scheme = scheme_of(url)
     if scheme not in ("sqlite", "postgresql", "mysql"):
         raise ConfigError(f"sweep.storage={shown!r} is not an Optuna storage URL this tool opens: "
                           "use sqlite:///path/optuna.db (the embedded default) or "
@@ -169,6 +168,62 @@ for _name in _DATABASE_CALLS:
 
 
 def make_sampler(name: str, seed: int | None, space: SearchSpace, args: Mapping | None = None):
+    """The sampler a study draws from. Every trial draws from its own seed, derived from
+    `seed` and its trial number (numbers are unique in a study): processes on other machines
+    that all start from sweep.seed, and a resumed sweep, never replay one another's draws,
+    while a single-process sweep is reproducible. Grid and QMC keep one seed everywhere: it
+    orders the grid (a trial's grid point is an index into that order) and scrambles the QMC
+    sequence, which every process must share."""
+    if name in ("grid", "qmc"):
+        return _one_sampler(name, seed, space, args)
+    _one_sampler(name, seed, space, args)  # bad sampler_args fail here, before anything runs
+    return TrialSeededSampler(lambda trial_seed: _one_sampler(name, trial_seed, space, args), seed)
+
+
+def trial_seed(seed: int | None, number: int) -> int | None:
+    """A seed for trial `number` of a study seeded with `seed` (None: drawn by the OS)."""
+    if seed is None:
+        return None
+    import numpy as np
+
+    return int(np.random.SeedSequence([int(seed) % 2**63, number]).generate_state(1)[0])
+
+
+class TrialSeededSampler(optuna.samplers.BaseSampler):
+    """Delegates to a sampler built for each trial from the trial's own seed (see make_sampler).
+    The samplers keep no state between trials that matters: TPE, GP and CMA-ES read the study's
+    history from the storage every trial."""
+
+    def __init__(self, build: Callable[[int | None], optuna.samplers.BaseSampler], seed: int | None):
+        self._build, self._seed = build, seed
+        self._by_trial: dict[int, optuna.samplers.BaseSampler] = {}
+
+    def _for(self, trial: FrozenTrial) -> optuna.samplers.BaseSampler:
+        if trial.number not in self._by_trial:
+            self._by_trial[trial.number] = self._build(trial_seed(self._seed, trial.number))
+        return self._by_trial[trial.number]
+
+    def before_trial(self, study, trial: FrozenTrial) -> None:
+        self._for(trial).before_trial(study, trial)
+
+    def infer_relative_search_space(self, study, trial: FrozenTrial):
+        return self._for(trial).infer_relative_search_space(study, trial)
+
+    def sample_relative(self, study, trial: FrozenTrial, search_space):
+        return self._for(trial).sample_relative(study, trial, search_space)
+
+    def sample_independent(self, study, trial: FrozenTrial, param_name, param_distribution):
+        return self._for(trial).sample_independent(study, trial, param_name, param_distribution)
+
+    def after_trial(self, study, trial: FrozenTrial, state, values) -> None:
+        self._for(trial).after_trial(study, trial, state, values)
+        self._by_trial.pop(trial.number, None)
+
+    def reseed_rng(self) -> None:
+        pass  # each trial is seeded by its number already
+
+
+def _one_sampler(name: str, seed: int | None, space: SearchSpace, args: Mapping | None = None):
     args = dict(args or {})
     if name not in SAMPLERS:
         raise ConfigError(f"sweep.sampler={name!r} is unknown; allowed: {', '.join(SAMPLERS)}.")
@@ -211,6 +266,7 @@ def grid_of(space: SearchSpace) -> dict[str, list]:
 
 
 def make_pruner(name: str, epochs: int, args: Mapping | None = None):
+    """`epochs`: the most epochs a trial of the study can train (Hyperband's max resource)."""
     args = dict(args or {})
     if name not in PRUNERS:
         raise ConfigError(f"sweep.pruner={name!r} is unknown; allowed: {', '.join(PRUNERS)}.")
@@ -251,3 +307,108 @@ def claimed_before(study: optuna.Study, number: int) -> int:
     (everything but FAIL: a failed trial is retried as a new one)."""
     return sum(1 for t in study.get_trials(deepcopy=False)
                if t.number < number and t.state != TrialState.FAIL)
+
+
+# ----------------------------------------------------------------------------- opening a study
+
+
+def open_study(spec, space: SearchSpace, base, on_stale=None,
+               create: bool = False) -> tuple[optuna.Study, bool]:
+    """The study of sweep `spec`, loaded; with create=True made if missing. Returns (study,
+    made_here): of several drivers starting at once on a new study, exactly one makes it (the
+    database's unique study name decides) and only that one makes the MLflow parent run.
+
+    A new study records its definition (sweepfile.definition); an existing one is joined only
+    if this sweep's definition is the same, so that a resume never mixes trials of different
+    spaces, trial configs, samplers or pruners."""
+    from mnist_sweep.sweepfile import definition, differences
+
+    s = spec.settings
+    if not create:
+        require_existing_file(s["storage"], spec.study_name)
+    storage = open_storage(s["storage"], s["heartbeat_interval"], s["grace_period"],
+                           s["max_retry"], on_stale, s["outage_seconds"])
+    sampler = make_sampler(s["sampler"], s["seed"], space, s["sampler_args"])
+    pruner = make_pruner(s["pruner"], max_epochs(space, base), s["pruner_args"])
+    name, defined = spec.study_name, definition(spec, space, base)
+    existing = {st.study_name: st for st in optuna.get_all_study_summaries(storage)}
+    if name not in existing and not create:
+        held = ", ".join(sorted(existing)) or "no study"
+        raise ConfigError(f"No study {name!r} in {redact_uri(s['storage'])} (it holds: {held}). "
+                          "A worker joins a study that `make sweep` started: start it there first, "
+                          "or give the study's name with sweep.study_name=<name>.")
+    if name not in existing:
+        try:
+            study = optuna.create_study(study_name=name, storage=storage, sampler=sampler,
+                                        pruner=pruner, direction=s["direction"])
+            study.set_user_attr("metric", s["metric"])
+            study.set_user_attr("sweep_file", spec.file)
+            study.set_user_attr("definition", defined)
+            study.set_user_attr("started_at", time.time())
+            return study, True
+        except optuna.exceptions.DuplicatedStudyError:  # another driver made it just now
+            existing = {st.study_name: st for st in optuna.get_all_study_summaries(storage)}
+    found = existing[name]
+    direction = found.direction.name.lower()
+    metric = found.user_attrs.get("metric")
+    if direction != s["direction"] or (metric and metric != s["metric"]):
+        raise ConfigError(
+            f"The study {name!r} in {redact_uri(s['storage'])} was made to {direction} "
+            f"{metric}, but this sweep asks to {s['direction']} {s['metric']}: resume it with "
+            f"sweep.direction={direction} sweep.metric={metric}, or start a new study with "
+            "sweep.study_name=<new name>.")
+    recorded = found.user_attrs.get("definition")
+    if recorded is None:  # made before definitions were recorded (or by hand): wait for one
+        deadline = time.time() + (10 if found.n_trials == 0 else 0)
+        while recorded is None and time.time() < deadline:
+            time.sleep(0.5)  # the driver that made it records its definition right after
+            recorded = optuna.load_study(study_name=name, storage=storage).user_attrs.get("definition")
+    study = optuna.load_study(study_name=name, storage=storage, sampler=sampler, pruner=pruner)
+    if recorded is None:  # adopt it: later resumes are checked against this definition
+        study.set_user_attr("definition", defined)
+    changed = differences(recorded, defined) if recorded is not None else []
+    if changed:
+        shown = "; ".join(changed[:8]) + (f"; and {len(changed) - 8} more" if len(changed) > 8 else "")
+        raise ConfigError(
+            f"The study {name!r} in {redact_uri(s['storage'])} was made by another sweep "
+            f"definition, and its trials would not be comparable with this sweep's: {shown}. "
+            "Resume it with the settings it was made with, or start a new study with "
+            f"sweep.study_name=<new name> (or delete this one: optuna delete-study "
+            f"--study-name {name} --storage <the storage URL>).")
+    return study, False
+
+
+def max_epochs(space: SearchSpace, base) -> int:
+    """The most epochs a trial of this study can train: train.epochs, or the top of its range
+    when it is searched (Hyperband's max resource)."""
+    for p in space.all_params():
+        if p.key == "train.epochs":
+            d = p.distribution
+            return int(max(d.choices) if isinstance(d, CategoricalDistribution) else d.high)
+    return int(base.train.epochs)
+
+
+def require_existing_file(storage: str, study_name: str) -> None:
+    """Joining must not create an empty SQLite file where the user mistyped a path."""
+    if storage.startswith("sqlite:///") and not Path(storage[len("sqlite:///"):]).exists():
+        raise ConfigError(f"No study {study_name!r}: the storage sweep.storage={storage!r} does not "
+                          "exist. A worker joins a study that `make sweep` started; point "
+                          "sweep.storage (or SWEEP_STORAGE) at that study's database.")
+
+
+def enqueue_known(study: optuna.Study, enqueue: list) -> None:
+    """The sweep file's known configurations (e.g. the note's baseline) go first, once."""
+    for entry in enqueue:
+        study.enqueue_trial(dict(entry), skip_if_exists=True)
+
+
+def deadline(study: optuna.Study, timeout: float | None) -> float | None:
+    """When the study stops starting trials: sweep.timeout seconds after its first start, the
+    same for every worker, every machine and every resume (raise sweep.timeout to go on)."""
+    if not timeout:
+        return None
+    started = study.user_attrs.get("started_at")
+    if started is None:  # a study made before start times were recorded: from now on
+        started = time.time()
+        study.set_user_attr("started_at", started)
+    return float(started) + float(timeout)

@@ -13,7 +13,6 @@ import os
 import platform
 import subprocess
 import time
-import urllib.parse
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,7 +21,8 @@ from typing import Iterator, Sequence
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from mnist_sweep.errors import TrackingError
+from mnist_sweep.errors import TrackingError, failure_reason
+from mnist_sweep.urls import not_sqlite, redact_passwords, redact_reason, redact_uri, scheme_of
 
 log = logging.getLogger("mnist_sweep")
 
@@ -36,44 +36,6 @@ HTTP_SCHEMES = ("http", "https")
 # ----------------------------------------------------------------------------- URIs
 
 
-def redact_uri(uri: str) -> str:
-    """The URI with any password replaced by ***, for logs, tags and messages."""
-    parts = urllib.parse.urlsplit(uri)
-    if parts.password is None:
-        return uri
-    netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
-    return urllib.parse.urlunsplit(parts._replace(netloc=netloc))
-
-
-def not_sqlite(path: Path) -> bool:
-    """`path` exists and is not a SQLite database. An empty file counts as one: SQLite creates
-    the file first and writes its header with the first commit, so another process opening
-    the same new database at that moment sees 0 bytes."""
-    if not path.exists():
-        return False
-    with open(path, "rb") as f:
-        head = f.read(16)
-    return bool(head) and head != b"SQLite format 3\x00"
-
-
-def redact_passwords(value):
-    """A config (dicts, lists, strings) with the password of every URL in it masked: what is
-    recorded as params and config.yaml (a tracking URI may carry one)."""
-    if isinstance(value, dict):
-        return {k: redact_passwords(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [redact_passwords(v) for v in value]
-    if isinstance(value, str) and "://" in value:
-        return redact_uri(value)
-    return value
-
-
-def redact_reason(text: str, url: str) -> str:
-    """An error text (a driver's, say) with the URL's password replaced by ***."""
-    password = urllib.parse.urlsplit(url).password
-    return text.replace(password, "***") if password else text
-
-
 def _allowed_forms() -> str:
     return ("sqlite:///path/to/mlflow.db, postgresql://user:password@host:port/db (also mysql, "
             "mssql) or http(s)://host:port of an MLflow server")
@@ -82,7 +44,7 @@ def _allowed_forms() -> str:
 def check_tracking_uri(uri: str) -> None:
     """Reject malformed or unreachable URIs before the store is opened (nothing is written)."""
     shown = redact_uri(uri)
-    scheme = urllib.parse.urlsplit(uri).scheme.split("+")[0]
+    scheme = scheme_of(uri)
     if scheme == "" or scheme == "file":
         raise TrackingError(f"tracking.tracking_uri={shown!r} is a file store, which MLflow 3 no "
                             f"longer supports for tracking; use {_allowed_forms()}.")
@@ -272,9 +234,17 @@ class TrialRun:
 class NullTracker:
     """tracking.enabled=false: the same interface, nothing recorded."""
 
+    client = None
+
     @contextmanager
     def trial_run(self, cfg, device, **_) -> Iterator[TrialRun]:
         yield TrialRun(None, None)
+
+    def runs_tagged(self, tags: dict[str, str], status: str | None = None) -> list[str]:
+        return []
+
+    def end_run(self, run_id: str, status: str, tags: dict[str, str] | None = None) -> None:
+        pass
 
 
 class MlflowTracker:
@@ -346,11 +316,35 @@ class MlflowTracker:
         except (KeyboardInterrupt, SystemExit):
             status = "KILLED"
             raise
+        except Exception as error:  # the run says why it failed
+            reason = failure_reason(error)
+            run.set_tags({"fail_reason": reason, "mlflow.note.content": f"**Failed**: {reason}"})
+            raise
         finally:
             try:
                 run.flush()  # what the trial measured before it ended is kept
             finally:
                 self.client.set_terminated(run_id, status)
+
+    def runs_tagged(self, tags: dict[str, str], status: str | None = None) -> list[str]:
+        """Ids of this experiment's runs that carry all of `tags` (and have `status`)."""
+        conditions = [f"tags.`{k}` = '{v}'" for k, v in tags.items()]
+        if status:
+            conditions.append(f"attributes.status = '{status}'")
+        runs = self.client.search_runs([self.experiment_id], " and ".join(conditions),
+                                       max_results=5000)
+        return [r.info.run_id for r in runs]
+
+    def end_run(self, run_id: str, status: str, tags: dict[str, str] | None = None) -> None:
+        """End a run another process left open (its worker died), unless it already ended."""
+        from mlflow.entities import RunTag
+
+        run = self.client.get_run(run_id)
+        if run.info.status != "RUNNING":
+            return
+        if tags:
+            self.client.log_batch(run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+        self.client.set_terminated(run_id, status)
 
 
 def open_tracker(tracking_cfg: DictConfig) -> MlflowTracker | NullTracker:

@@ -1,0 +1,226 @@
+"""The sweep's driver: checks the sweep, opens (or resumes) the study and its MLflow parent run,
+starts `sweep.workers` worker processes and watches them: progress, and the parent run's report
+refreshed as trials finish. It never reaches inside a trial.
+
+Signals: Ctrl-C reaches the driver and its workers together; a SIGTERM sent to the driver alone
+(what Kubernetes and SLURM send) is passed on to its workers. Either way each worker ends its
+running trial's run KILLED, and the driver ends the parent run KILLED. A failing report refresh
+(the MLflow server away, the parent run deleted) is a warning, never the end of the sweep.
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import signal
+import time
+from dataclasses import asdict
+
+import optuna
+from optuna.trial import TrialState
+
+from mnist_sweep.errors import UserError, failure_reason
+from mnist_sweep.study import counts, enqueue_known, open_study
+from mnist_sweep.sweepfile import SweepSpec, check_space
+from mnist_sweep.urls import redact_uri
+from mnist_sweep.worker import interrupt_once, run_worker
+
+log = logging.getLogger("mnist_sweep")
+
+WORKER_STOP_SECONDS = 30  # a worker's time to end its run KILLED after SIGTERM
+
+
+def start_parent_run(spec: SweepSpec, study: optuna.Study, tracker, made_here: bool) -> str | None:
+    """One MLflow parent run per study, found again on resume (its id is a study attribute).
+
+    Drivers that start together on a new study (a cluster array, `docker compose --scale`):
+    the one that made the study makes the parent; the others wait for its id."""
+    client = tracker.client
+    if client is None:
+        return None
+    brand_new = not any(t.state.is_finished() for t in study.get_trials(deepcopy=False))
+    deadline = time.time() + (30 if brand_new and not made_here else 0)
+    while True:
+        run_id = study.user_attrs.get("mlflow_parent_run_id")
+        if run_id:
+            try:
+                run = client.get_run(run_id)
+                if run.info.lifecycle_stage == "active":
+                    client.update_run(run_id, status="RUNNING")
+                    return run_id
+            except Exception:
+                pass  # the tracking store changed: make a new parent
+            break
+        if time.time() >= deadline:
+            break
+        time.sleep(0.5)  # study.user_attrs reads the storage again
+    s = spec.settings
+    tags = {"sweep_file": spec.file, "study_name": spec.study_name, "sampler": s["sampler"],
+            "pruner": s["pruner"], "storage": redact_uri(s["storage"]), "metric": s["metric"],
+            "direction": s["direction"], "sweep_role": "parent"}
+    run_id = tracker.start_run(run_name=spec.study_name, tags=tags)
+    study.set_user_attr("mlflow_parent_run_id", run_id)
+    return run_id
+
+
+class Progress:
+    """The study's progress line: done/total, pruned, failed, running, best so far, ETA."""
+
+    def __init__(self, spec: SweepSpec, study: optuna.Study):
+        self.spec, self.study = spec, study
+        self.started = time.time()
+        self.done_at_start = counts(study)["done"]
+        self.last = None
+
+    def line(self) -> str:
+        c = counts(self.study)
+        n = self.spec.settings["n_trials"]
+        try:
+            best = self.study.best_trial
+            best_text = f"best {self.spec.settings['metric']} {best.value:.4f} (#{best.number})"
+        except ValueError:
+            best_text = "no complete trial yet"
+        elapsed = time.time() - self.started
+        new = c["done"] - self.done_at_start
+        eta = f"ETA {fmt_seconds(elapsed / new * max(n - c['done'], 0))}" if new else "ETA ?"
+        return (f"[{self.spec.study_name}] {min(c['done'], n)}/{n} done (pruned {c['pruned']}, "
+                f"failed {c['fail']}, running {c['running']}) | {best_text} | "
+                f"{fmt_seconds(elapsed)} elapsed, {eta}")
+
+    def show(self, force: bool = False) -> None:
+        line = self.line()
+        key = line.split(" | ")[0:2]
+        if force or key != self.last:
+            self.last = key
+            print(line, flush=True)
+
+
+def fmt_seconds(seconds: float) -> str:
+    seconds = int(seconds)
+    return f"{seconds // 60}m{seconds % 60:02d}s" if seconds >= 60 else f"{seconds}s"
+
+
+def refresh_report(study, spec, space, status: str | None = None) -> None:
+    """The parent run's report; a failure to write it is a warning (the trials are what count,
+    and the next refresh or the final one writes it again)."""
+    from mnist_sweep.report import write_report
+
+    try:
+        write_report(study, spec, space, plots=True, status=status)
+    except Exception as error:
+        log.warning(f"[{spec.study_name}] the parent run's report could not be refreshed "
+                    f"({failure_reason(error)}); the sweep goes on")
+
+
+def close_orphan_runs(study: optuna.Study, spec: SweepSpec, tracker) -> int:
+    """End the trial runs still RUNNING in MLflow whose trial is over in Optuna (a worker killed
+    at a moment no heartbeat callback saw: between creating its run and recording its id, say).
+    Trials still running (on other machines) are left alone. Returns how many were ended."""
+    if tracker.client is None:
+        return 0
+    states = {str(t.number): t.state for t in study.get_trials(deepcopy=False)}
+    ended = 0
+    for run_id in tracker.runs_tagged({"study_name": spec.study_name}, status="RUNNING"):
+        number = tracker.client.get_run(run_id).data.tags.get("trial_number")
+        state = states.get(number)
+        if number is None or state in (TrialState.RUNNING, TrialState.WAITING):
+            continue
+        status = "FINISHED" if state in (TrialState.COMPLETE, TrialState.PRUNED) else "FAILED"
+        tracker.end_run(run_id, status, {"state": state.name.lower() if state else "failed"})
+        ended += 1
+    return ended
+
+
+def run_sweep(spec: SweepSpec, join: bool = False) -> optuna.Study:
+    """Run the study to n_trials with sweep.workers processes here. join=True (make worker): the
+    study must exist already (started by `make sweep` elsewhere); nothing is created."""
+    from mnist_sweep.tracking import open_tracker
+
+    space = spec.space()
+    base = check_space(spec, space)
+    study, made_here = open_study(spec, space, base, create=not join)  # nothing written before
+    if not join:
+        enqueue_known(study, spec.enqueue)
+    tracker = open_tracker(base.tracking)
+    spec.parent_run_id = start_parent_run(spec, study, tracker, made_here)
+    quiet = spec.settings["quiet"]
+    progress = Progress(spec, study)
+    n_workers = spec.settings["workers"]
+    if not quiet:
+        print(f"sweep {spec.study_name}: {spec.settings['n_trials']} trials, {n_workers} worker(s), "
+              f"sampler {spec.settings['sampler']}, pruner {spec.settings['pruner']}, storage "
+              f"{redact_uri(spec.settings['storage'])}", flush=True)
+    ctx = multiprocessing.get_context("spawn")  # fork + torch threads is unsafe
+    workers = [ctx.Process(target=run_worker, args=(asdict(spec), i, n_workers), name=f"worker-{i}")
+               for i in range(n_workers)]
+    signal.signal(signal.SIGTERM, interrupt_once)  # SIGTERM to the driver alone: like Ctrl-C
+    status = "FAILED"
+    try:
+        for w in workers:
+            w.start()
+        reported_at = counts(study)["done"]
+        while any(w.is_alive() for w in workers):
+            time.sleep(2)
+            if not quiet:
+                progress.show()
+            done = counts(study)["done"]
+            if done - reported_at >= spec.settings["report_every"]:
+                refresh_report(study, spec, space)
+                reported_at = done
+        codes = [w.exitcode for w in workers]
+        complete = counts(study)["done"] >= spec.settings["n_trials"]
+        status = "FINISHED" if complete else "FAILED"
+        if any(code != 0 for code in codes):
+            message = (f"Worker(s) exited with status {codes} (negative: killed by that signal); "
+                       f"{'the others finished the study' if complete else 'the study is kept, and the same command resumes it'}.")
+            if not complete:
+                raise UserError(message)
+            log.warning(message)
+    except KeyboardInterrupt:
+        status = "KILLED"
+        raise
+    finally:
+        stop_workers(workers)
+        try:
+            close_orphan_runs(study, spec, tracker)
+        except Exception as error:
+            log.warning(f"[{spec.study_name}] runs left open could not be closed: "
+                        f"{failure_reason(error)}")
+        refresh_report(study, spec, space, status=status)
+        if not quiet:
+            progress.show(force=True)
+    summarize(study, spec)
+    return study
+
+
+def stop_workers(workers: list) -> None:
+    """Workers still alive (the driver was interrupted or failed): SIGTERM, which each turns into
+    its run ending KILLED, then SIGKILL for any that did not stop in time."""
+    for w in workers:
+        if w.is_alive():
+            try:
+                w.terminate()  # SIGTERM; ignored by a worker already stopping after Ctrl-C
+            except OSError:
+                pass
+    stop_by = time.time() + WORKER_STOP_SECONDS
+    for w in workers:
+        if w.pid is not None:
+            w.join(timeout=max(stop_by - time.time(), 0.1))
+        if w.is_alive():
+            w.kill()
+            w.join()
+
+
+def summarize(study: optuna.Study, spec: SweepSpec) -> None:
+    c = counts(study)
+    try:
+        best = study.best_trial
+    except ValueError:
+        print(f"[{spec.study_name}] no complete trial ({c['pruned']} pruned, {c['fail']} failed).")
+        return
+    params = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+                       for k, v in best.params.items())
+    test = best.user_attrs.get("test_acc")
+    print(f"[{spec.study_name}] best trial #{best.number}: {spec.settings['metric']} "
+          f"{best.value:.4f}" + (f", test_acc {test:.4f}" if test is not None else "") +
+          f" | {params} | {c['done']} finished ({c['pruned']} pruned)", flush=True)
