@@ -91,7 +91,16 @@ def file_digest(path: Path) -> str | None:
     return hashlib.sha256(path.read_bytes()).hexdigest() if path.exists() else None
 
 
-PG_PASSWORD = "s3cret-pw-for-tests"
+# Characters that must be percent-encoded in a URL ('/', '@', ':', '#'): the servers' URLs must
+# encode them, and the masking must hide the password in either form.
+PG_PASSWORD = "s3cret/pw@for:tests#1"
+
+
+def hides_password(text: str, password: str = PG_PASSWORD) -> bool:
+    """Neither the password nor its percent-encoded form is in `text`."""
+    from urllib.parse import quote
+
+    return password not in text and quote(password, safe="") not in text
 needs_postgres = pytest.mark.skipif(shutil.which("initdb") is None or shutil.which("pg_ctl") is None,
                                     reason="PostgreSQL (initdb, pg_ctl) is not installed")
 

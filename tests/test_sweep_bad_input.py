@@ -78,6 +78,15 @@ SWEEP_FILES = {
     "enqueue of an unknown parameter": (
         "params:\n  optim.lr: interval(0.01, 0.1)\nenqueue:\n  - {optim.momentum: 0.5}\n",
         ["enqueue[0]", "optim.momentum"]),
+    "enqueue of a value outside its range": (  # Optuna would run it with a warning, and fail
+        "params:\n  optim.momentum: interval(0.5, 0.9)\nenqueue:\n  - {optim.momentum: 1.2}\n",
+        ["enqueue[0]", "optim.momentum=1.2", "interval(0.5, 0.9)"]),
+    "enqueue of a choice not offered": (
+        "params:\n  schedule: choice(none, step)\nenqueue:\n  - {schedule: cosine}\n",
+        ["enqueue[0]", "schedule='cosine'", "choice(none, step)"]),
+    "int interval with fractional bounds": (
+        "params:\n  schedule: choice(step)\nconditional:\n  schedule:\n    step:\n"
+        "      schedule.step_size: int(interval(0.5, 10.7))\n", ["int(interval(0.5, 10.7))", "whole-number"]),
 }
 
 

@@ -18,8 +18,12 @@ from mnist_sweep.errors import ConfigError, report, user_errors_exit
 CONF_DIR = Path(os.environ.get("MNIST_SWEEP_CONF", Path(__file__).resolve().parents[2] / "conf"))
 
 
-def _sigterm_as_interrupt(signum, frame):
-    # A SIGTERM (kill, a scheduler's pre-emption) ends runs as KILLED, like Ctrl-C.
+def interrupt_once(signum, frame) -> None:
+    """Signal handler for SIGTERM (kill, a scheduler's pre-emption) and SIGINT: interrupt what
+    runs now, like Ctrl-C (a run ends KILLED, servers stop), then ignore further signals, so that
+    a second one (Ctrl-C, then a driver's or a supervisor's SIGTERM) cannot cut the cleanup."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     raise KeyboardInterrupt(f"signal {signum}")
 
 
@@ -116,7 +120,8 @@ def _command_line_overrides(argv: list[str]) -> tuple[list[str], bool]:
 
 def run_hydra_app(task: Callable[[DictConfig], object], config_name: str = "config") -> None:
     """Run `task` as a Hydra app over conf/, turning UserErrors into one-paragraph exits."""
-    signal.signal(signal.SIGTERM, _sigterm_as_interrupt)
+    signal.signal(signal.SIGTERM, interrupt_once)
+    signal.signal(signal.SIGINT, interrupt_once)
     overrides, runs_job = _command_line_overrides(sys.argv[1:])
     if runs_job:
         try:

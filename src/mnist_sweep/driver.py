@@ -19,11 +19,12 @@ from dataclasses import asdict
 import optuna
 from optuna.trial import TrialState
 
+from mnist_sweep.cli import interrupt_once
 from mnist_sweep.errors import UserError, failure_reason
-from mnist_sweep.study import counts, enqueue_known, open_study
+from mnist_sweep.study import counts, deadline, enqueue_known, open_study
 from mnist_sweep.sweepfile import SweepSpec, check_space
 from mnist_sweep.urls import redact_uri
-from mnist_sweep.worker import interrupt_once, run_worker
+from mnist_sweep.worker import run_worker
 
 log = logging.getLogger("mnist_sweep")
 
@@ -139,7 +140,10 @@ def run_sweep(spec: SweepSpec, join: bool = False) -> optuna.Study:
     space = spec.space()
     base = check_space(spec, space)
     study, made_here = open_study(spec, space, base, create=not join)  # nothing written before
-    if not join:
+    just_made_elsewhere = time.time() - study.user_attrs.get("started_at", 0) < 60
+    if made_here or not (join or just_made_elsewhere):
+        # Of drivers started together on a new study only its maker enqueues (the others would
+        # race it and enqueue twice); a resume adds entries the file gained since.
         enqueue_known(study, spec.enqueue)
     tracker = open_tracker(base.tracking)
     spec.parent_run_id = start_parent_run(spec, study, tracker, made_here)
@@ -154,6 +158,7 @@ def run_sweep(spec: SweepSpec, join: bool = False) -> optuna.Study:
     workers = [ctx.Process(target=run_worker, args=(asdict(spec), i, n_workers), name=f"worker-{i}")
                for i in range(n_workers)]
     signal.signal(signal.SIGTERM, interrupt_once)  # SIGTERM to the driver alone: like Ctrl-C
+    signal.signal(signal.SIGINT, interrupt_once)
     status = "FAILED"
     try:
         for w in workers:
@@ -169,7 +174,13 @@ def run_sweep(spec: SweepSpec, join: bool = False) -> optuna.Study:
                 reported_at = done
         codes = [w.exitcode for w in workers]
         complete = counts(study)["done"] >= spec.settings["n_trials"]
-        status = "FINISHED" if complete else "FAILED"
+        timed_out = deadline(study, spec.settings["timeout"]) is not None and \
+            time.time() >= deadline(study, spec.settings["timeout"])
+        status = "FINISHED" if complete or timed_out else "FAILED"
+        if timed_out and not complete:
+            print(f"[{spec.study_name}] sweep.timeout={spec.settings['timeout']} s from the "
+                  "study's first start has passed: no new trial was started; raise sweep.timeout "
+                  "to go on.", flush=True)
         if any(code != 0 for code in codes):
             message = (f"Worker(s) exited with status {codes} (negative: killed by that signal); "
                        f"{'the others finished the study' if complete else 'the study is kept, and the same command resumes it'}.")

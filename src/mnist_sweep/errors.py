@@ -61,5 +61,7 @@ def failure_reason(error: BaseException) -> str:
     (user attribute fail_reason) and on its MLflow run. Passwords of URLs in it are masked."""
     from mnist_sweep.urls import mask_secrets
 
+    if type(error).__name__ == "InstantiationException" and error.__cause__ is not None:
+        error = error.__cause__  # Hydra's wrapper of what the model's constructor raised
     text = " ".join(str(error).split()) or "(no message)"
     return mask_secrets(f"{type(error).__name__}: {text}")[:500]

@@ -10,6 +10,7 @@ progress or stop the trial (an exception raised by a callback ends the trial).
 from __future__ import annotations
 
 import logging
+import math
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
@@ -20,6 +21,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig
 
 from mnist_sweep import data
+from mnist_sweep.errors import UserError
 from mnist_sweep.schedules import build_schedule
 from mnist_sweep.validation import check_against_data, check_trial_config, resolve_device
 
@@ -65,6 +67,10 @@ class TrialResult:
 
 
 EpochCallback = Callable[[EpochResult], None]
+
+
+class TrainingDiverged(UserError):
+    """The loss became NaN or infinite: the trial cannot go on (a sweep fails just this trial)."""
 
 
 @torch.inference_mode()
@@ -128,6 +134,10 @@ def run_trial(cfg: DictConfig, callbacks: Sequence[EpochCallback] = ()) -> Trial
         losses = torch.stack(batch_loss).tolist()
         sizes = [batch_size] * (steps_per_epoch - 1) + [len(train) - batch_size * (steps_per_epoch - 1)]
         train_loss = sum(l * n for l, n in zip(losses, sizes)) / len(train)
+        if not math.isfinite(train_loss):
+            raise TrainingDiverged(f"The training loss became {train_loss} in epoch {epoch} "
+                                   f"(optim.lr={cfg.optim.lr}): the trial diverged; a smaller "
+                                   "learning rate or momentum trains.")
         val_loss, val_acc, _ = evaluate(model, splits.val) if splits.val else (None, None, 0)
         schedule.after_epoch({"train_loss": train_loss, "val_loss": val_loss})
         if device.type == "cuda":

@@ -21,7 +21,7 @@ import time
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
-from mnist_sweep.cli import compose
+from mnist_sweep.cli import compose, interrupt_once
 from mnist_sweep.errors import UserError, failure_reason, user_errors_exit
 from mnist_sweep.space import to_overrides
 from mnist_sweep.study import StorageUnavailable, claimed_before, counts, deadline, open_study
@@ -42,9 +42,10 @@ class TooManyFailures(UserError):
     """Trials failed sweep.max_failures_in_a_row times in a row in one worker."""
 
 
-class HideExcessTrials(logging.Filter):
-    """Optuna logs every caught exception as a failed trial, with a traceback; an excess slot
-    is closed on purpose (it never trained), so those two lines are noise."""
+class HideHandledTrials(logging.Filter):
+    """Optuna logs every caught exception as a failed trial, with a traceback. For an excess slot
+    (closed on purpose, never trained) and a failed trial (we log its reason in one line, and
+    record it on the trial and its run) that is noise."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -53,14 +54,6 @@ class HideExcessTrials(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         message = record.getMessage()
         return not any(message.startswith(f"Trial {n} failed") for n in self.numbers)
-
-
-def interrupt_once(signum, frame) -> None:
-    """SIGTERM or SIGINT: interrupt what runs now (its run ends KILLED), then ignore further
-    signals, so that a second one (Ctrl-C then the driver's SIGTERM) cannot cut the cleanup."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    raise KeyboardInterrupt(f"signal {signum}")
 
 
 def worker_threads_and_device(base_cfg, index: int, n_workers: int) -> list[str]:
@@ -106,9 +99,9 @@ class Worker:
         self.study, _ = open_study(spec, self.space, base, on_stale=self.end_stale_run)
         self.share = worker_threads_and_device(base, index, n_workers)
         self.deadline = deadline(self.study, spec.settings["timeout"])
-        self.excess = HideExcessTrials()
+        self.handled = HideHandledTrials()
         self.failures_in_a_row: list[str] = []
-        logging.getLogger("optuna.study._optimize").addFilter(self.excess)
+        logging.getLogger("optuna.study._optimize").addFilter(self.handled)
 
     def end_stale_run(self, study: optuna.Study, trial: FrozenTrial) -> None:
         """A trial whose worker died (heartbeat stale): its MLflow run ends FAILED too, found by
@@ -153,7 +146,7 @@ class Worker:
     def objective(self, trial: optuna.Trial) -> float:
         if claimed_before(self.study, trial.number) >= self.spec.settings["n_trials"]:
             trial.set_user_attr("excess", True)
-            self.excess.numbers.add(trial.number)
+            self.handled.numbers.add(trial.number)
             raise ExcessTrial(f"trial {trial.number} is beyond sweep.n_trials")
         trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")  # who runs it
         values = self.space.suggest(trial)
@@ -165,6 +158,7 @@ class Worker:
         except Exception as error:  # this trial fails; the worker goes on
             reason = failure_reason(error)
             trial.set_user_attr("fail_reason", reason)
+            self.handled.numbers.add(trial.number)
             log.warning(f"{prefix}failed: {reason}")
             if "out of memory" in reason.lower():
                 import torch

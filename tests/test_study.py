@@ -1,0 +1,171 @@
+"""What a study is across processes and restarts: sampler seeds, its recorded definition, its
+time budget, Hyperband's resource. Real SQLite storages, real sweep processes."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import optuna
+import pytest
+from optuna.trial import TrialState
+
+from conftest import run_cli
+from test_bad_input import assert_one_paragraph_error
+from test_sweep import TINY, finished, load
+
+QUICK = ["sweep.quiet=true", "tracking.enabled=false", *TINY, "train.epochs=1"]
+
+
+def sweep(folder: Path, mnist_dir: Path, *args: str, timeout: float = 300):
+    return run_cli("mnist_sweep.sweep", *args, f"data.root={mnist_dir}", *QUICK, cwd=folder,
+                   timeout=timeout)
+
+
+def drawn(study: optuna.Study) -> list[dict]:
+    """Parameters the sampler drew (not the enqueued ones)."""
+    return [t.params for t in study.trials if "fixed_params" not in t.system_attrs and t.params]
+
+
+# ----------------------------------------------------------------------------- sampler seeds
+
+
+def test_processes_that_each_are_worker_0_draw_distinct_trials(tmp_path, mnist_dir):
+    """Three drivers of one study, each with sweep.workers=1 and the same sweep.seed (a cluster
+    array, docker compose --scale, make worker on three machines): no parameter set twice."""
+    command = [sys.executable, "-m", "mnist_sweep.sweep", "--sweep", "momentum",
+               "sweep.sampler=random", "sweep.n_trials=12", f"data.root={mnist_dir}", *QUICK]
+    processes = [subprocess.Popen(command, cwd=tmp_path, stderr=subprocess.PIPE, text=True)
+                 for _ in range(3)]
+    errors = [p.communicate(timeout=300)[1] for p in processes]
+    assert [p.returncode for p in processes] == [0, 0, 0], errors
+    study = load(tmp_path, "momentum")
+    assert len(finished(study)) == 12
+    workers = {t.user_attrs["worker"] for t in study.trials if "worker" in t.user_attrs}
+    assert len(workers) >= 2  # the processes did share the study
+    momenta = [t.params["optim.momentum"] for t in study.trials if t.params]
+    assert len(momenta) == len(set(momenta)), sorted(momenta)
+    assert [t.params for t in study.trials].count({"optim.momentum": 0.78}) == 1  # enqueued once
+
+
+def test_a_single_process_sweep_is_reproducible_from_its_seed(tmp_path, mnist_dir):
+    for name in ("first", "second"):
+        out = sweep(tmp_path, mnist_dir, "--sweep", "momentum_decay", f"sweep.study_name={name}",
+                    "sweep.n_trials=4", "sweep.seed=7")
+        assert out.returncode == 0, out.stderr[-2000:]
+    assert drawn(load(tmp_path, "first")) == drawn(load(tmp_path, "second"))
+    out = sweep(tmp_path, mnist_dir, "--sweep", "momentum_decay", "sweep.study_name=third",
+                "sweep.n_trials=4", "sweep.seed=8")
+    assert drawn(load(tmp_path, "third")) != drawn(load(tmp_path, "first"))
+
+
+def test_a_resumed_random_sweep_does_not_replay_its_draws(tmp_path, mnist_dir):
+    args = ["--sweep", "momentum", "sweep.sampler=random"]
+    for n_trials in (3, 6):
+        out = sweep(tmp_path, mnist_dir, *args, f"sweep.n_trials={n_trials}")
+        assert out.returncode == 0, out.stderr[-2000:]
+    momenta = [p["optim.momentum"] for p in drawn(load(tmp_path, "momentum"))]
+    assert len(momenta) == 5 and len(set(momenta)) == 5, momenta
+
+
+def test_a_grid_shared_by_two_workers_is_covered_once(tmp_path, mnist_dir):
+    """GridSampler keys each trial's point by an index into its seeded shuffle of the grid: every
+    process must shuffle alike (with seed + worker index, two workers drew mismatched points)."""
+    (tmp_path / "grid.yaml").write_text(
+        "sweep: {study_name: grid, sampler: grid, pruner: none, n_trials: 6}\n"
+        "params:\n  optim.momentum: choice(0.1, 0.2, 0.3, 0.4, 0.5, 0.6)\n")
+    out = sweep(tmp_path, mnist_dir, "--sweep", str(tmp_path / "grid.yaml"), "sweep.workers=2")
+    assert out.returncode == 0, out.stderr[-2000:]
+    momenta = sorted(t.params["optim.momentum"] for t in finished(load(tmp_path, "grid")))
+    assert momenta == [0.1, 0.2, 0.3, 0.4, 0.5, 0.6]
+
+
+# ----------------------------------------------------------------------------- resume
+
+
+@pytest.fixture(scope="module")
+def made(tmp_path_factory, mnist_dir) -> Path:
+    """A finished 2-trial momentum study made with epochs 1, the TPE sampler and median pruner."""
+    folder = tmp_path_factory.mktemp("made")
+    out = sweep(folder, mnist_dir, "--sweep", "momentum", "sweep.n_trials=2")
+    assert out.returncode == 0, out.stderr[-2000:]
+    return folder
+
+
+RESUMES = {  # what changed on resume -> what the message must name
+    "fixed value": (["train.epochs=2"], ["train.epochs: 1 -> 2"]),
+    "trial default through a group": (["schedule=step"], ["schedule.name: none -> step"]),
+    "search space": (["optim.momentum=interval(0.5,0.9)"], ["search space optim.momentum",
+                                                             "interval(0.5,0.9)"]),
+    "new dimension": (["optim.lr=interval(0.01,0.1)"], ["search space optim.lr: (absent)"]),
+    "sampler": (["sweep.sampler=random"], ["sampler tpe [] -> random []"]),
+    "pruner": (["sweep.pruner=hyperband"], ["pruner median [] -> hyperband []"]),
+}
+
+
+@pytest.mark.parametrize("case", list(RESUMES))
+def test_a_resume_that_changes_the_study_definition_is_refused(case, made, tmp_path, mnist_dir):
+    import shutil
+
+    from conftest import file_digest
+
+    shutil.copy(made / "optuna.db", tmp_path / "optuna.db")
+    before = file_digest(tmp_path / "optuna.db")
+    overrides, expected = RESUMES[case]
+    out = run_cli("mnist_sweep.sweep", "--sweep", "momentum", "sweep.n_trials=3",
+                  f"data.root={mnist_dir}", *QUICK, *overrides, cwd=tmp_path)
+    assert_one_paragraph_error(out, ["'momentum'", "sweep.study_name=<new name>", *expected])
+    assert file_digest(tmp_path / "optuna.db") == before
+
+
+def test_another_sweep_file_with_the_same_study_name_is_refused(made, tmp_path, mnist_dir):
+    import shutil
+
+    shutil.copy(made / "optuna.db", tmp_path / "optuna.db")
+    (tmp_path / "mine.yaml").write_text("sweep: {study_name: momentum}\n"
+                                        "params:\n  optim.momentum: interval(0.0, 0.99)\n")
+    out = run_cli("mnist_sweep.sweep", "--sweep", str(tmp_path / "mine.yaml"), "sweep.n_trials=3",
+                  f"data.root={mnist_dir}", *QUICK, cwd=tmp_path)
+    assert_one_paragraph_error(out, ["sweep_file momentum -> mine"])
+
+
+def test_a_resume_with_the_same_definition_goes_on(made, tmp_path, mnist_dir):
+    """Where and how trials run may change: workers, threads, device, data folder, tracking."""
+    import shutil
+
+    shutil.copy(made / "optuna.db", tmp_path / "optuna.db")
+    out = run_cli("mnist_sweep.sweep", "--sweep", "momentum", "sweep.n_trials=3",
+                  "sweep.workers=2", f"data.root={mnist_dir}", *QUICK, "train.threads=1",
+                  "train.device=cpu", cwd=tmp_path)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert len(finished(load(tmp_path, "momentum"))) == 3
+
+
+def test_the_timeout_counts_from_the_studys_first_start(tmp_path, mnist_dir):
+    """sweep.timeout is the study's budget, not each run's: a resume after it has passed starts
+    no trial (before, every resume and every worker started the clock again)."""
+    args = ["--sweep", "momentum", "sweep.n_trials=500", "sweep.timeout=8", "sweep.pruner=none"]
+    first = sweep(tmp_path, mnist_dir, *args)
+    assert first.returncode == 0, first.stderr[-2000:]
+    trials = len(load(tmp_path, "momentum").trials)
+    assert 1 <= trials < 500
+    again = sweep(tmp_path, mnist_dir, *args)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert "sweep.timeout=8 s from the study's first start has passed" in again.stdout
+    assert len(load(tmp_path, "momentum").trials) == trials
+    more = sweep(tmp_path, mnist_dir, *args[:-2], "sweep.timeout=3600", "sweep.n_trials=" + str(trials + 2),
+                 "sweep.pruner=none")
+    assert more.returncode == 0, more.stderr[-2000:]
+    assert len(finished(load(tmp_path, "momentum"))) == trials + 2  # a larger budget goes on
+
+
+def test_hyperbands_max_resource_is_the_most_epochs_a_trial_can_train(tmp_path):
+    from mnist_sweep.study import open_study
+    from mnist_sweep.sweepfile import check_space, load_spec
+
+    spec = load_spec("momentum", ["sweep.pruner=hyperband", "train.epochs=int(interval(2, 12))",
+                                  f"sweep.storage=sqlite:///{tmp_path / 'optuna.db'}"])
+    space = spec.space()
+    study, _ = open_study(spec, space, check_space(spec, space), create=True)
+    assert study.pruner._max_resource == 12  # not the config's default of 10
