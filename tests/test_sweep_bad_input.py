@@ -40,6 +40,9 @@ CASES = {
     "storage scheme unknown": (["sweep.storage=redis://localhost:6379"], ["redis://", "sqlite:///"]),
     "storage password hidden": (["sweep.storage=postgresql://bob:hunter2@127.0.0.1:9/optuna"],
                                 ["bob:***@127.0.0.1:9", "cannot be opened"]),
+    "storage password in the query hidden": (
+        ["sweep.storage='postgresql://bob@127.0.0.1:9/optuna?password=hunter2'"],  # quoted for Hydra
+        ["?password=***", "cannot be opened"]),
     "resume with another metric": (["sweep.metric=val_loss"],
                                    ["'momentum'", "maximize", "val_loss", "sweep.study_name"]),
     "resume with another direction": (["sweep.direction=minimize"], ["maximize", "minimize"]),

@@ -29,6 +29,8 @@ from mnist_sweep.worker import run_worker
 log = logging.getLogger("mnist_sweep")
 
 WORKER_STOP_SECONDS = 30  # a worker's time to end its run KILLED after SIGTERM
+TRIAL_STATE_TAGS = {TrialState.COMPLETE: "complete", TrialState.PRUNED: "pruned",
+                    TrialState.FAIL: "failed"}  # a trial run's `state` tag
 
 
 def start_parent_run(spec: SweepSpec, study: optuna.Study, tracker, made_here: bool) -> str | None:
@@ -127,7 +129,7 @@ def close_orphan_runs(study: optuna.Study, spec: SweepSpec, tracker) -> int:
         if number is None or state in (TrialState.RUNNING, TrialState.WAITING):
             continue
         status = "FINISHED" if state in (TrialState.COMPLETE, TrialState.PRUNED) else "FAILED"
-        tracker.end_run(run_id, status, {"state": state.name.lower() if state else "failed"})
+        tracker.end_run(run_id, status, {"state": TRIAL_STATE_TAGS.get(state, "failed")})
         ended += 1
     return ended
 

@@ -106,10 +106,14 @@ class Worker:
     def end_stale_run(self, study: optuna.Study, trial: FrozenTrial) -> None:
         """A trial whose worker died (heartbeat stale): its MLflow run ends FAILED too, found by
         the trial's tags even when the worker died before recording the run's id."""
-        for run_id in self.tracker.runs_tagged({"study_name": self.spec.study_name,
-                                                "optuna_trial_id": str(trial._trial_id)}):
-            self.tracker.end_run(run_id, "FAILED", {"state": "failed",
-                                                    "fail_reason": "its worker stopped sending heartbeats"})
+        try:
+            for run_id in self.tracker.runs_tagged({"study_name": self.spec.study_name,
+                                                    "optuna_trial_id": str(trial._trial_id)}):
+                self.tracker.end_run(run_id, "FAILED", {
+                    "state": "failed", "fail_reason": "its worker stopped sending heartbeats"})
+        except Exception as error:  # the driver's last look (close_orphan_runs) ends it then
+            log.warning(f"[w{self.index}] the run of stale trial {trial.number} could not be "
+                        f"ended now: {failure_reason(error)}")
 
     def loop(self) -> None:
         n_trials = self.spec.settings["n_trials"]
@@ -154,6 +158,10 @@ class Worker:
         try:
             return self.train(trial, values, prefix)
         except (optuna.TrialPruned, StorageUnavailable):
+            raise
+        except KeyboardInterrupt:  # Ctrl-C or SIGTERM: the trial is FAIL, its run KILLED
+            self.handled.numbers.add(trial.number)
+            log.warning(f"{prefix}interrupted: the trial is FAIL, its run KILLED")
             raise
         except Exception as error:  # this trial fails; the worker goes on
             reason = failure_reason(error)

@@ -1,0 +1,105 @@
+"""A sweep interrupted from outside: SIGTERM to the driver alone, a parent run deleted under it,
+a worker killed in the window between creating its trial's run and recording the run's id.
+Whatever happens, no MLflow run stays RUNNING and the study goes on where it stopped."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import optuna
+import pytest
+from mlflow.tracking import MlflowClient
+from optuna.trial import TrialState
+
+from conftest import REPO, run_cli, study_runs
+from test_faults import wait_for
+from test_sweep import TINY, failed, finished
+
+FAULTS = REPO / "tests" / "fault_injection"
+
+
+def start(args: list[str], cwd, env: dict | None = None) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "mnist_sweep.sweep", *args], cwd=cwd,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})})
+
+
+def test_sigterm_to_the_driver_alone_ends_every_run_killed(tmp_path, mnist_dir):
+    """What Kubernetes and SLURM do: SIGTERM to the main process only. The driver passes it on;
+    each worker ends its running trial's run KILLED, the parent run ends KILLED."""
+    storage = f"sqlite:///{tmp_path / 'optuna.db'}"
+    process = start(["--sweep", "momentum", "sweep.n_trials=6", "sweep.workers=2",
+                     "sweep.pruner=none", f"data.root={mnist_dir}", *TINY[:2], "train.epochs=200"],
+                    tmp_path)
+    running = wait_for(lambda: [t for t in optuna.load_study(study_name="momentum", storage=storage).trials
+                                if t.state == TrialState.RUNNING and t.intermediate_values
+                                and "mlflow_run_id" in t.user_attrs], "a trial mid-way")
+    process.send_signal(signal.SIGTERM)  # the driver's pid only, not its process group
+    out, err = process.communicate(timeout=120)
+    assert process.returncode == 130, err[-3000:]
+    assert "interrupted: the study is kept" in err and "Traceback" not in err
+    for trial in running:  # its worker is gone, not orphaned to train on
+        pid = int(trial.user_attrs["worker"].rsplit(":", 1)[1])
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)
+    study = optuna.load_study(study_name="momentum", storage=storage)
+    assert not [t for t in study.trials if t.state == TrialState.RUNNING]
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    parents, children = study_runs(client, "momentum")
+    assert parents[0].info.status == "KILLED"
+    assert {r.info.status for r in children} == {"KILLED"}
+    assert {r.data.tags["state"] for r in children} == {"killed"}
+
+
+def test_a_failing_report_refresh_does_not_end_the_sweep(tmp_path, mnist_dir):
+    """Someone deletes the parent run in the UI mid-sweep: refreshing its report fails (MLflow
+    refuses to log to a deleted run); the trials go on to n_trials, with a warning."""
+    storage = f"sqlite:///{tmp_path / 'optuna.db'}"
+    process = start(["--sweep", "momentum", "sweep.n_trials=6", "sweep.report_every=1",
+                     "sweep.pruner=none", f"data.root={mnist_dir}", *TINY[:2], "train.epochs=6"],
+                    tmp_path)
+    parent_id = wait_for(lambda: optuna.load_study(study_name="momentum", storage=storage)
+                         .user_attrs.get("mlflow_parent_run_id"), "the parent run")
+    MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}").delete_run(parent_id)
+    out, err = process.communicate(timeout=300)
+    assert process.returncode == 0, err[-3000:]
+    assert "the parent run's report could not be refreshed" in out + err
+    assert len(finished(optuna.load_study(study_name="momentum", storage=storage))) == 6
+
+
+@pytest.mark.parametrize("found_by", ["heartbeat", "the driver's last look"])
+def test_a_worker_killed_between_creating_its_run_and_recording_it(found_by, tmp_path, mnist_dir):
+    """The window: the trial's MLflow run exists, the trial does not know its id yet, and the
+    worker dies (fault injection kills it right there). The run must not stay RUNNING: the
+    resumed sweep finds it by the trial's tags, through Optuna's heartbeat callback, or, if
+    that never saw the trial (it was failed by something else), at the driver's end."""
+    storage = f"sqlite:///{tmp_path / 'optuna.db'}"
+    args = ["--sweep", "momentum", "sweep.n_trials=3", "sweep.pruner=none", "sweep.quiet=true",
+            "sweep.heartbeat_interval=1", "sweep.grace_period=2", f"data.root={mnist_dir}",
+            *TINY, "train.epochs=1"]
+    killed = run_cli("mnist_sweep.sweep", *args, cwd=tmp_path,
+                     env={"PYTHONPATH": str(FAULTS), "MNIST_SWEEP_KILL_AT": "trial_run_created"})
+    assert killed.returncode != 0 and "-9" in killed.stderr
+    study = optuna.load_study(study_name="momentum", storage=storage)
+    (cut,) = study.trials
+    assert cut.state == TrialState.RUNNING and "mlflow_run_id" not in cut.user_attrs
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    (orphan,) = study_runs(client, "momentum")[1]
+    assert orphan.info.status == "RUNNING" and orphan.data.tags["trial_number"] == "0"
+    if found_by == "the driver's last look":  # failed without the callback seeing it
+        study._storage.set_trial_state_values(cut._trial_id, TrialState.FAIL)
+    time.sleep(3)  # past the grace period
+
+    out = run_cli("mnist_sweep.sweep", *args, cwd=tmp_path)  # the same command, no fault
+    assert out.returncode == 0, out.stderr[-3000:]
+    study = optuna.load_study(study_name="momentum", storage=storage)
+    assert len(finished(study)) == 3 and [t.number for t in failed(study)] == [0]
+    assert client.get_run(orphan.info.run_id).info.status == "FAILED"
+    assert client.get_run(orphan.info.run_id).data.tags["state"] == "failed"
+    parents, children = study_runs(client, "momentum")
+    assert not [r for r in parents + children if r.info.status == "RUNNING"]
