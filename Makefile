@@ -14,7 +14,7 @@ DATA ?= $(if $(wildcard ../shared/data/mnist),../shared/data/mnist,./data)
 export MNIST_SWEEP_DATA ?= $(DATA)
 
 .DEFAULT_GOAL := help
-.PHONY: help install test test-slow test-full train ui sweep server worker sweep-show seed-table bench bench-sweep bench-scale clean
+.PHONY: help install test test-slow test-full test-docker train ui sweep server worker sweep-show seed-table bench bench-sweep bench-scale clean
 
 help: ## list the targets
 	@grep -hE '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  \033[36m%-12s\033[0m %s\n", $$1, $$2}'
@@ -30,8 +30,11 @@ test: ## run the fast test suite (synthetic data, no network)
 test-slow: ## run only the slow tier (real MNIST from ../shared, long checks)
 	$(PY) -m pytest -q -n 2 -m slow
 
-test-full: ## run every test: the fast suite and the slow tier
-	$(PY) -m pytest -q -n 2 -m "slow or not slow"
+test-full: ## run the fast suite and the slow tier
+	$(PY) -m pytest -q -n 2 -m "not docker"
+
+test-docker: ## build the images and run the compose stack for real (root, Docker; ~3 min, ~10 on the first build)
+	$(PY) -m pytest -q -s -m docker tests/test_compose_stack.py
 
 train: ## train one trial of the seed note's configuration (ARGS="optim.momentum=0.9 schedule=step")
 	$(PY) -m mnist_sweep.train $(ARGS)

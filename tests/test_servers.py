@@ -8,7 +8,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
 
-from conftest import hides_password, needs_postgres, run_cli, study_runs
+from conftest import PG_PASSWORD, hides_password, needs_postgres, run_cli, study_runs
 from test_sweep import TINY
 
 pytestmark = needs_postgres
@@ -89,10 +89,61 @@ def test_a_password_in_the_tracking_uri_is_not_recorded(servers, tmp_path, mnist
     assert hides_password(open(config).read())
 
 
+def this_machines_address() -> str | None:
+    """A non-loopback IPv4 address of this machine: what another machine would connect to."""
+    from mnist_sweep.servers import machine_interfaces
+
+    found = [str(i.ip) for i in machine_interfaces() if i.version == 4 and not i.ip.is_loopback]
+    return found[0] if found else None
+
+
+def connect_from_outside(url: str):
+    """The client address PostgreSQL saw for a connection to `url`."""
+    import psycopg
+
+    with psycopg.connect(url, connect_timeout=10) as connection:
+        return str(connection.execute("select inet_client_addr()").fetchone()[0])
+
+
+@pytest.mark.skipif(this_machines_address() is None, reason="this machine has no non-loopback address")
+def test_postgresql_admits_only_the_allowed_networks():
+    """pg_hba.conf: this machine and --allow-net; a worker elsewhere is refused, by name."""
+    import psycopg
+
+    from mnist_sweep.servers import Postgres, free_port, machine_interfaces
+    from mnist_sweep.urls import with_password
+
+    import shutil
+    import tempfile
+    from pathlib import Path
+
+    address = this_machines_address()
+    folder = Path(tempfile.mkdtemp(prefix="mnist-sweep-hba-"))  # /tmp: reachable by postgres
+    folder.chmod(0o755)
+    network = next(str(i.network) for i in machine_interfaces() if str(i.ip) == address)
+    for networks, admitted in ((["10.255.0.0/16"], False), ([network], True)):
+        pg = Postgres(folder, free_port(), PG_PASSWORD, "0.0.0.0", address, networks)
+        pg.start()
+        try:
+            url = with_password("postgresql", "mnist", PG_PASSWORD, address, pg.port, "postgres")
+            if admitted:
+                assert connect_from_outside(url) == address
+            else:
+                with pytest.raises(psycopg.OperationalError, match=f'no pg_hba.conf entry for host "{address}"'):
+                    connect_from_outside(url)
+        finally:
+            pg.stop()
+    shutil.rmtree(folder, ignore_errors=True)
+
+
 @pytest.mark.slow
-def test_make_server_then_a_sweep_and_a_joining_worker_then_ctrl_c_stops_both(tmp_path, mnist_dir):
-    """The user's path: `make server` (python -m mnist_sweep.servers), source urls.env, `make
-    sweep` on the study and `make worker` joining it, SIGTERM: both servers stop."""
+@pytest.mark.skipif(this_machines_address() is None, reason="this machine has no non-loopback address")
+def test_make_server_for_other_machines_then_a_sweep_and_a_worker_reach_it_by_name_and_address(tmp_path, mnist_dir):
+    """The user's path across machines: `make server ARGS="--host 0.0.0.0"`, source urls.env,
+    `make sweep` through the servers by this machine's host name (as urls.env says) and a
+    `make worker` joining by its non-loopback address (PostgreSQL sees that address, as it would
+    another machine's); the MLflow server answers those names and refuses others (403). Then
+    SIGTERM: both servers stop."""
     import os
     import signal
     import socket
@@ -100,18 +151,22 @@ def test_make_server_then_a_sweep_and_a_joining_worker_then_ctrl_c_stops_both(tm
     import subprocess
     import sys
     import tempfile
-    import time
     from pathlib import Path
+
+    import requests
 
     from mnist_sweep.servers import free_port
 
+    address, name = this_machines_address(), socket.gethostname()
     folder = Path(tempfile.mkdtemp(prefix="mnist-sweep-make-server-"))
     folder.chmod(0o755)
     pg_port, mlflow_port = free_port(), free_port()
     server = subprocess.Popen([sys.executable, "-m", "mnist_sweep.servers", "--dir", str(folder / "srv"),
-                               "--pg-port", str(pg_port), "--mlflow-port", str(mlflow_port)],
+                               "--host", "0.0.0.0", "--pg-port", str(pg_port),
+                               "--mlflow-port", str(mlflow_port)],
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                              env={**os.environ, "PYTHONUNBUFFERED": "1"})
+                              env={**os.environ, "PYTHONUNBUFFERED": "1",
+                                   "MNIST_SWEEP_PG_PASSWORD": PG_PASSWORD})
     try:
         lines = []
         while not any("Ctrl-C stops both" in line for line in lines):
@@ -119,27 +174,41 @@ def test_make_server_then_a_sweep_and_a_joining_worker_then_ctrl_c_stops_both(tm
             assert line, server.stderr.read()
             lines.append(line)
         printed = "".join(lines)
-        password = (folder / "srv" / "password").read_text().strip()
-        assert f"postgresql://mnist:***@127.0.0.1:{pg_port}/optuna" in printed
-        assert f"http://127.0.0.1:{mlflow_port}" in printed and hides_password(printed, password)
+        assert hides_password(printed)
+        assert f"postgresql://mnist:***@{name}:{pg_port}/optuna" in printed
+        assert f"http://{name}:{mlflow_port}" in printed and address in printed
         urls = folder / "srv" / "urls.env"
-        assert stat.S_IMODE(urls.stat().st_mode) == 0o600
+        for secret in (urls, folder / "srv" / "password"):
+            assert stat.S_IMODE(secret.stat().st_mode) == 0o600
         env = dict(line.removeprefix("export ").split("=", 1) for line in urls.read_text().split("\n") if line)
         env = {k: v.strip("'") for k, v in env.items()}
-        assert env["SWEEP_STORAGE"].endswith(f"@127.0.0.1:{pg_port}/optuna")
+        assert env["SWEEP_STORAGE"].endswith(f"@{name}:{pg_port}/optuna")
+        assert env["MLFLOW_TRACKING_URI"] == f"http://{name}:{mlflow_port}"
+        by_address = {k: v.replace(f"{name}:", f"{address}:") for k, v in env.items()}
+        assert connect_from_outside(by_address["SWEEP_STORAGE"]) == address
+
+        search = f"http://{address}:{mlflow_port}/api/2.0/mlflow/experiments/search?max_results=1"
+        for host, code in ((f"{name}:{mlflow_port}", 200), (f"{address}:{mlflow_port}", 200),
+                           (f"127.0.0.1:{mlflow_port}", 200), (f"attacker.example:{mlflow_port}", 403)):
+            assert requests.get(search, headers={"Host": host}, timeout=10).status_code == code, host
+
         common = ["--sweep", "momentum", "sweep.quiet=true", f"data.root={mnist_dir}", *TINY,
                   "train.epochs=1"]
         sweep = run_cli("mnist_sweep.sweep", *common, "sweep.n_trials=2", cwd=tmp_path, env=env)
         assert sweep.returncode == 0, sweep.stderr[-2000:]
-        worker = run_cli("mnist_sweep.sweep", "--join", *common, "sweep.n_trials=4", cwd=tmp_path, env=env)
+        worker = run_cli("mnist_sweep.sweep", "--join", *common, "sweep.n_trials=4", cwd=tmp_path,
+                         env=by_address)
         assert worker.returncode == 0, worker.stderr[-2000:]
-        study = optuna.load_study(study_name="momentum", storage=env["SWEEP_STORAGE"])
+        study = optuna.load_study(study_name="momentum", storage=by_address["SWEEP_STORAGE"])
         assert len([t for t in study.trials if t.state == TrialState.COMPLETE]) == 4
-        assert hides_password(sweep.stdout + sweep.stderr + worker.stdout + worker.stderr, password)
+        parents, children = study_runs(MlflowClient(by_address["MLFLOW_TRACKING_URI"]), "momentum")
+        assert len(parents) == 1 and len(children) == 4
+        assert {r.info.status for r in children} == {"FINISHED"}
+        assert hides_password(sweep.stdout + sweep.stderr + worker.stdout + worker.stderr)
     finally:
         server.send_signal(signal.SIGTERM)
         server.wait(timeout=60)
-    assert server.returncode == 0
+    assert server.returncode == 0, server.stderr.read()[-2000:]
     for port in (pg_port, mlflow_port):  # both stopped: nothing listens any more
         with socket.socket() as s:
             assert s.connect_ex(("127.0.0.1", port)) != 0

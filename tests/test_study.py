@@ -169,3 +169,40 @@ def test_hyperbands_max_resource_is_the_most_epochs_a_trial_can_train(tmp_path):
     space = spec.space()
     study, _ = open_study(spec, space, check_space(spec, space), create=True)
     assert study.pruner._max_resource == 12  # not the config's default of 10
+
+
+def test_a_trial_failed_by_heartbeat_keeps_its_slot_until_its_retry_appears(tmp_path):
+    """The interleaving the compose run met: worker A's fail_stale_trials has failed a dead
+    worker's trial but not yet added its retry, and worker B counts the budget right then. B
+    must see the slot taken (else it starts a fresh trial there, and the retry becomes an excess
+    slot: the dead trial is never retried). Replayed step by step with Optuna's own calls."""
+    from optuna.storages import RetryHeartbeatStaleTrialCallback
+
+    from mnist_sweep.study import claimed_before, counts, open_storage
+
+    storage = open_storage(f"sqlite:///{tmp_path / 'optuna.db'}", heartbeat_interval=1, grace_period=1)
+    study = optuna.create_study(study_name="s", storage=storage)
+    for _ in range(2):  # 2 finished trials of a budget of 3; the third one's worker died
+        trial = study.ask()
+        trial.suggest_float("x", 0, 1)
+        study.tell(trial, 0.5)
+    dead = study.ask()
+    dead.suggest_float("x", 0, 1)
+    n_trials, max_retry = 3, 1
+    # A, step 1 of fail_stale_trials: the dead trial is failed...
+    storage.set_trial_state_values(dead._trial_id, state=TrialState.FAIL)
+    # ...B counts now: the slot is still taken, so B waits instead of asking a fresh trial
+    c = counts(study, max_retry)
+    assert c["done"] + c["running"] + c["waiting"] + c["awaiting_retry"] >= n_trials
+    assert claimed_before(study, dead.number + 1, max_retry) == 3
+    # A, step 2: the retry appears and takes the slot; it is not an excess slot
+    RetryHeartbeatStaleTrialCallback(max_retry=max_retry)(study, study.trials[dead.number])
+    retry = study.trials[-1]
+    assert retry.state == TrialState.WAITING and retry.system_attrs["failed_trial"] == dead.number
+    assert claimed_before(study, retry.number, max_retry) == 2 < n_trials
+    assert counts(study, max_retry)["awaiting_retry"] == 0
+    # a trial that failed in its objective (or was interrupted) holds no slot: nothing retries it
+    failed = study.ask()
+    failed.set_user_attr("fail_reason", "RuntimeError: out of memory")
+    study.tell(failed, state=TrialState.FAIL)
+    assert counts(study, max_retry)["awaiting_retry"] == 0

@@ -64,9 +64,9 @@ def open_storage(url: str, heartbeat_interval: int = 10, grace_period: int = 30,
     retry = RetryHeartbeatStaleTrialCallback(max_retry=max_retry)
 
     def stale_trial_callback(study: optuna.Study, trial: FrozenTrial) -> None:
+        retry(study, trial)  # first: the retry should take the trial's slot at once
         if on_stale is not None:
             on_stale(study, trial)
-        retry(study, trial)
 
     import sqlalchemy.exc
 
@@ -287,26 +287,52 @@ def make_pruner(name: str, epochs: int, args: Mapping | None = None):
         raise ConfigError(f"sweep.pruner_args={args} do not fit the {name} pruner: {error}.") from None
 
 
-def counts(study: optuna.Study) -> dict[str, int]:
-    """Trials by state, plus `done` (what n_trials counts) and `excess`: slots a worker opened
-    after another filled the budget (FAIL in Optuna, never trained), kept out of `fail`."""
+RETRY_WINDOW_SECONDS = 30  # how long a trial failed by heartbeat waits for its retry to appear
+
+
+def counts(study: optuna.Study, max_retry: int = 0) -> dict[str, int]:
+    """Trials by state, plus `done` (what n_trials counts), `excess` (slots a worker opened after
+    another filled the budget: FAIL in Optuna, never trained, kept out of `fail`) and
+    `awaiting_retry` (failed by heartbeat a moment ago, retry not made yet: see below)."""
     trials = study.get_trials(deepcopy=False)
     out = {state.name.lower(): 0 for state in TrialState}
-    out["excess"] = 0
+    out["excess"] = out["awaiting_retry"] = 0
     for t in trials:
         if t.state == TrialState.FAIL and t.user_attrs.get("excess"):
             out["excess"] += 1
         else:
             out[t.state.name.lower()] += 1
+    out["awaiting_retry"] = len(awaiting_retry(trials, max_retry))
     out["done"] = out["complete"] + out["pruned"]
     return out
 
 
-def claimed_before(study: optuna.Study, number: int) -> int:
-    """Trials numbered below `number` that count or may still count towards n_trials
-    (everything but FAIL: a failed trial is retried as a new one)."""
-    return sum(1 for t in study.get_trials(deepcopy=False)
-               if t.number < number and t.state != TrialState.FAIL)
+def awaiting_retry(trials: list[FrozenTrial], max_retry: int) -> set[int]:
+    """Numbers of trials Optuna's heartbeat has just failed whose retry does not exist yet.
+    fail_stale_trials fails a trial, then its callback adds the retry: in between, another
+    worker counting the budget would see a free slot, start a fresh trial in it, and the retry
+    would then find the budget full. Such a trial still holds its slot, for a few seconds.
+    (A trial that failed in its objective, was interrupted or was an excess slot says so in a
+    user attribute; one killed with its worker does not.)"""
+    if max_retry < 1:
+        return set()
+    retried = {n for t in trials for n in t.system_attrs.get("retry_history", [])}
+    recent = time.time() - RETRY_WINDOW_SECONDS
+    return {t.number for t in trials
+            if t.state == TrialState.FAIL and t.number not in retried
+            and not {"excess", "fail_reason", "interrupted"} & set(t.user_attrs)
+            and len(t.system_attrs.get("retry_history", [])) < max_retry
+            and t.datetime_complete is not None and t.datetime_complete.timestamp() > recent}
+
+
+def claimed_before(study: optuna.Study, number: int, max_retry: int = 0) -> int:
+    """Trials numbered below `number` that count or may still count towards n_trials:
+    everything but FAIL (a failed trial is retried as a new one), and a trial awaiting its
+    retry (its slot is the retry's)."""
+    trials = study.get_trials(deepcopy=False)
+    pending = awaiting_retry(trials, max_retry)
+    return sum(1 for t in trials
+               if t.number < number and (t.state != TrialState.FAIL or t.number in pending))
 
 
 # ----------------------------------------------------------------------------- opening a study

@@ -121,10 +121,10 @@ class Worker:
             if self.deadline and time.time() > self.deadline:
                 log.info(f"[w{self.index}] sweep.timeout reached: no new trial is started")
                 return
-            c = counts(self.study)
+            c = counts(self.study, self.spec.settings["max_retry"])
             if c["done"] >= n_trials:
                 return
-            if c["done"] + c["running"] + c["waiting"] >= n_trials and c["waiting"] == 0:
+            if c["done"] + c["running"] + c["waiting"] + c["awaiting_retry"] >= n_trials and c["waiting"] == 0:
                 # The last trials are running elsewhere; if one of them dies its retry appears
                 # as WAITING, so keep watching (and fail stale trials) instead of leaving.
                 optuna.storages.fail_stale_trials(self.study)
@@ -148,7 +148,7 @@ class Worker:
             self.failures_in_a_row.clear()
 
     def objective(self, trial: optuna.Trial) -> float:
-        if claimed_before(self.study, trial.number) >= self.spec.settings["n_trials"]:
+        if claimed_before(self.study, trial.number, self.spec.settings["max_retry"]) >= self.spec.settings["n_trials"]:
             trial.set_user_attr("excess", True)
             self.handled.numbers.add(trial.number)
             raise ExcessTrial(f"trial {trial.number} is beyond sweep.n_trials")
@@ -161,6 +161,7 @@ class Worker:
             raise
         except KeyboardInterrupt:  # Ctrl-C or SIGTERM: the trial is FAIL, its run KILLED
             self.handled.numbers.add(trial.number)
+            trial.set_user_attr("interrupted", True)  # not to be retried (see awaiting_retry)
             log.warning(f"{prefix}interrupted: the trial is FAIL, its run KILLED")
             raise
         except Exception as error:  # this trial fails; the worker goes on
