@@ -78,14 +78,17 @@ def images(engine) -> dict[str, str]:
     cpu_index = sh("python3", "-c", "import urllib.request; urllib.request.urlopen("
                    "'https://download.pytorch.org/whl/cpu/torch/', timeout=10)", check=False)
     torch_index = "https://download.pytorch.org/whl/cpu" if cpu_index.returncode == 0 else ""
-    bundle = Path("/etc/ssl/certs/ca-certificates.crt")  # what this machine's pip trusts
-    if bundle.exists():
-        shutil.copy(bundle, DOCKER / "extra-ca" / "host-bundle.crt")
+    bundle, extra = Path("/etc/ssl/certs/ca-certificates.crt"), DOCKER / "extra-ca" / "host-bundle.crt"
+    if bundle.exists():  # what this machine's pip trusts (a TLS-inspecting proxy's CA, here)
+        shutil.copy(bundle, extra)
     names["MNIST_SWEEP_IMAGE"] = "mnist-sweep:test"
     started = time.time()
-    sh("docker", "build", "--network", "host", "-q", "-f", str(DOCKER / "Dockerfile"),
-       "--build-arg", f"BASE={names['PYTHON_IMAGE']}", "--build-arg", f"TORCH_INDEX={torch_index}",
-       "-t", names["MNIST_SWEEP_IMAGE"], str(REPO), timeout=1800)
+    try:
+        sh("docker", "build", "--network", "host", "-q", "-f", str(DOCKER / "Dockerfile"),
+           "--build-arg", f"BASE={names['PYTHON_IMAGE']}", "--build-arg", f"TORCH_INDEX={torch_index}",
+           "-t", names["MNIST_SWEEP_IMAGE"], str(REPO), timeout=1800)
+    finally:
+        extra.unlink(missing_ok=True)
     print(f"\nimages: {names} (torch from {torch_index or 'PyPI'}), built in {time.time() - started:.0f} s")
     return names
 

@@ -95,7 +95,7 @@ def test_bad_input_leaves_both_databases_unchanged(case, recorded, tmp_path, mni
         tracking = [] if any(a.startswith("tracking.") for a in args) else [
             f"tracking.tracking_uri={servers.tracking_url}"]
         out = run_cli("mnist_sweep.sweep", *join, *sweep, *tracking, *args,
-                      f"data.root={mnist_dir}", *TINY, cwd=tmp_path)
+                      f"data.root={mnist_dir}", *TINY, "train.epochs=1", cwd=tmp_path)  # as recorded
     elif command == "train":
         out = run_cli("mnist_sweep.train", f"data.root={mnist_dir}", *FAST, *args, cwd=tmp_path)
     else:

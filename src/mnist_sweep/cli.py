@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import signal
 import sys
 from pathlib import Path
 from typing import Callable
@@ -12,19 +11,11 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from mnist_sweep.errors import ConfigError, report, user_errors_exit
+from mnist_sweep.interrupts import INTERRUPTS
 
 # conf/ sits at the repository root (`make install` installs the package editable);
 # MNIST_SWEEP_CONF may point elsewhere.
 CONF_DIR = Path(os.environ.get("MNIST_SWEEP_CONF", Path(__file__).resolve().parents[2] / "conf"))
-
-
-def interrupt_once(signum, frame) -> None:
-    """Signal handler for SIGTERM (kill, a scheduler's pre-emption) and SIGINT: interrupt what
-    runs now, like Ctrl-C (a run ends KILLED, servers stop), then ignore further signals, so that
-    a second one (Ctrl-C, then a driver's or a supervisor's SIGTERM) cannot cut the cleanup."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    raise KeyboardInterrupt(f"signal {signum}")
 
 
 def config_groups(conf_dir: Path = CONF_DIR) -> dict[str, list[str]]:
@@ -120,8 +111,7 @@ def _command_line_overrides(argv: list[str]) -> tuple[list[str], bool]:
 
 def run_hydra_app(task: Callable[[DictConfig], object], config_name: str = "config") -> None:
     """Run `task` as a Hydra app over conf/, turning UserErrors into one-paragraph exits."""
-    signal.signal(signal.SIGTERM, interrupt_once)
-    signal.signal(signal.SIGINT, interrupt_once)
+    INTERRUPTS.install()  # Ctrl-C and SIGTERM end the run KILLED (see interrupts.py)
     overrides, runs_job = _command_line_overrides(sys.argv[1:])
     if runs_job:
         try:

@@ -12,15 +12,14 @@ from __future__ import annotations
 
 import logging
 import multiprocessing
-import signal
 import time
 from dataclasses import asdict
 
 import optuna
 from optuna.trial import TrialState
 
-from mnist_sweep.cli import interrupt_once
 from mnist_sweep.errors import UserError, failure_reason
+from mnist_sweep.interrupts import INTERRUPTS
 from mnist_sweep.study import counts, deadline, enqueue_known, open_study
 from mnist_sweep.sweepfile import SweepSpec, check_space
 from mnist_sweep.urls import redact_uri
@@ -139,15 +138,16 @@ def run_sweep(spec: SweepSpec, join: bool = False) -> optuna.Study:
     study must exist already (started by `make sweep` elsewhere); nothing is created."""
     from mnist_sweep.tracking import open_tracker
 
+    INTERRUPTS.install()  # SIGTERM to the driver alone: like Ctrl-C (interrupts.py)
     space = spec.space()
     base = check_space(spec, space)
+    tracker = open_tracker(base.tracking)  # a bad tracking store is refused before the study is made
     study, made_here = open_study(spec, space, base, create=not join)  # nothing written before
     just_made_elsewhere = time.time() - study.user_attrs.get("started_at", 0) < 60
     if made_here or not (join or just_made_elsewhere):
         # Of drivers started together on a new study only its maker enqueues (the others would
         # race it and enqueue twice); a resume adds entries the file gained since.
         enqueue_known(study, spec.enqueue)
-    tracker = open_tracker(base.tracking)
     spec.parent_run_id = start_parent_run(spec, study, tracker, made_here)
     quiet = spec.settings["quiet"]
     progress = Progress(spec, study)
@@ -159,15 +159,14 @@ def run_sweep(spec: SweepSpec, join: bool = False) -> optuna.Study:
     ctx = multiprocessing.get_context("spawn")  # fork + torch threads is unsafe
     workers = [ctx.Process(target=run_worker, args=(asdict(spec), i, n_workers), name=f"worker-{i}")
                for i in range(n_workers)]
-    signal.signal(signal.SIGTERM, interrupt_once)  # SIGTERM to the driver alone: like Ctrl-C
-    signal.signal(signal.SIGINT, interrupt_once)
     status = "FAILED"
     try:
         for w in workers:
             w.start()
         reported_at = counts(study)["done"]
         while any(w.is_alive() for w in workers):
-            time.sleep(2)
+            with INTERRUPTS.allowed():
+                time.sleep(2)
             if not quiet:
                 progress.show()
             done = counts(study)["done"]

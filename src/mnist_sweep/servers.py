@@ -37,7 +37,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from mnist_sweep.cli import interrupt_once
+from mnist_sweep.interrupts import INTERRUPTS
 from mnist_sweep.errors import ConfigError, UserError, user_errors_exit
 from mnist_sweep.urls import redact_uri, with_password
 
@@ -367,8 +367,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--mlflow-port", type=int, default=5001)
     args = parser.parse_args(argv)
 
-    signal.signal(signal.SIGTERM, interrupt_once)  # `kill` stops both servers like Ctrl-C does
-    signal.signal(signal.SIGINT, interrupt_once)
+    INTERRUPTS.install()  # Ctrl-C and `kill` stop both servers
     with user_errors_exit():
         folder = Path(args.dir).resolve()
         if folder.exists() and not folder.is_dir():
@@ -412,7 +411,8 @@ def main(argv: list[str] | None = None) -> None:
                   f"Workers: source {urls} && make worker   (the file holds the password)\n"
                   "Ctrl-C stops both.", flush=True)
             while servers.mlflow.poll() is None:
-                time.sleep(1)
+                with INTERRUPTS.allowed():
+                    time.sleep(1)
             raise UserError(f"The MLflow server exited with status {servers.mlflow.returncode}; "
                             f"see {servers.mlflow_log}.")
         except KeyboardInterrupt:

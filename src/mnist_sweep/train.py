@@ -182,11 +182,14 @@ def train_and_track(cfg: DictConfig) -> TrialResult:
     """The `make train` job: one trial, recorded in MLflow unless tracking.enabled=false."""
     from mnist_sweep.tracking import open_tracker
 
+    from mnist_sweep.interrupts import INTERRUPTS
+
     callbacks: list[EpochCallback] = [EpochProgress()] if cfg.train.get("progress", True) else []
     device, _ = prepare(cfg)  # config and data errors surface before the store is touched
     tracker = open_tracker(cfg.tracking)
     with tracker.trial_run(cfg, device=device) as run:
-        result = run_trial(cfg, callbacks=[*callbacks, run.log_epoch])
+        with INTERRUPTS.allowed():  # Ctrl-C stops training at once, but not an epoch's logging
+            result = run_trial(cfg, callbacks=[*callbacks, INTERRUPTS.shielded(run.log_epoch)])
         run.log_result(result)
     log.info(f"test accuracy {result.test_acc:.2%} ({result.test_correct}/{result.test_size}), "
              f"test loss {result.test_loss:.4f}" + (f" | MLflow run {run.run_id}" if run.run_id else ""))

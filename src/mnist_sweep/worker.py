@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import logging
 import os
-import signal
 import socket
 import sys
 import time
@@ -21,7 +20,8 @@ import time
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
-from mnist_sweep.cli import compose, interrupt_once
+from mnist_sweep.cli import compose
+from mnist_sweep.interrupts import INTERRUPTS
 from mnist_sweep.errors import UserError, failure_reason, user_errors_exit
 from mnist_sweep.space import to_overrides
 from mnist_sweep.study import StorageUnavailable, claimed_before, counts, deadline, open_study
@@ -73,8 +73,7 @@ def worker_threads_and_device(base_cfg, index: int, n_workers: int) -> list[str]
 
 def run_worker(spec_dict: dict, index: int, n_workers: int) -> None:
     """One worker process (the driver starts `sweep.workers` of them)."""
-    signal.signal(signal.SIGINT, interrupt_once)
-    signal.signal(signal.SIGTERM, interrupt_once)
+    INTERRUPTS.install()  # SIGTERM and Ctrl-C: the running trial's run ends KILLED
     spec = SweepSpec(**spec_dict)
     # MLflow prints a "View run at" line per run against a server; the progress says enough.
     os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
@@ -118,6 +117,7 @@ class Worker:
     def loop(self) -> None:
         n_trials = self.spec.settings["n_trials"]
         while True:
+            INTERRUPTS.check()
             if self.deadline and time.time() > self.deadline:
                 log.info(f"[w{self.index}] sweep.timeout reached: no new trial is started")
                 return
@@ -128,7 +128,8 @@ class Worker:
                 # The last trials are running elsewhere; if one of them dies its retry appears
                 # as WAITING, so keep watching (and fail stale trials) instead of leaving.
                 optuna.storages.fail_stale_trials(self.study)
-                time.sleep(2)
+                with INTERRUPTS.allowed():
+                    time.sleep(2)
                 continue
             self.study.optimize(self.objective, n_trials=1, catch=(ExcessTrial, TrialFailed),
                                 callbacks=[self.count_failures], gc_after_trial=False)
@@ -148,6 +149,7 @@ class Worker:
             self.failures_in_a_row.clear()
 
     def objective(self, trial: optuna.Trial) -> float:
+        INTERRUPTS.check()  # an interrupt that came while Optuna made the trial: no run yet
         if claimed_before(self.study, trial.number, self.spec.settings["max_retry"]) >= self.spec.settings["n_trials"]:
             trial.set_user_attr("excess", True)
             self.handled.numbers.add(trial.number)
@@ -203,7 +205,11 @@ class Worker:
                     raise optuna.TrialPruned()
 
             try:
-                result = run_trial(cfg, callbacks=[*callbacks, run.log_epoch, report])
+                # A signal stops training at once, but never an epoch's MLflow write or Optuna
+                # report midway: the run must still be ended KILLED, the trial told FAIL.
+                with INTERRUPTS.allowed():
+                    result = run_trial(cfg, callbacks=[INTERRUPTS.shielded(c)
+                                                       for c in (*callbacks, run.log_epoch, report)])
                 run.log_result(result)
             except optuna.TrialPruned:
                 raise
