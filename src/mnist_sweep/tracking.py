@@ -336,12 +336,11 @@ class MlflowTracker:
         return [r.info.run_id for r in runs]
 
     def end_run(self, run_id: str, status: str, tags: dict[str, str] | None = None) -> None:
-        """End a run another process left open (its worker died), unless it already ended."""
+        """End a run another process left (its worker died) with `status`: also one that ended
+        FINISHED just before its worker died but whose trial Optuna then failed, so that MLflow
+        says what Optuna says (the trial is retried, and its retry has a run of its own)."""
         from mlflow.entities import RunTag
 
-        run = self.client.get_run(run_id)
-        if run.info.status != "RUNNING":
-            return
         if tags:
             self.client.log_batch(run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
         self.client.set_terminated(run_id, status)
