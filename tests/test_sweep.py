@@ -230,8 +230,11 @@ def kill_a_worker_mid_trial(tmp_path, mnist_dir, storage: str, tracking: str) ->
         time.sleep(0.3)
         try:
             trials = optuna.load_study(study_name=study_name, storage=storage).trials
+            # early in its 40 epochs: the kill must land before the trial can finish, even
+            # on a loaded machine (a victim seen at epoch 39 once finished before the kill)
             running = [t for t in trials if t.state == TrialState.RUNNING
-                       and "mlflow_run_id" in t.user_attrs and "worker" in t.user_attrs]
+                       and "mlflow_run_id" in t.user_attrs and "worker" in t.user_attrs
+                       and len(t.intermediate_values) < 10]
         except Exception:
             continue
         if running:
