@@ -25,6 +25,8 @@ from mnist_sweep.urls import not_sqlite, redact_reason, redact_uri, scheme_of
 
 # Heartbeat and the visualizations are marked experimental; they are what we rely on on purpose.
 warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+# A population worker asks for trials itself and records their heartbeats itself.
+warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to be used with Study.optimize")
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 log = logging.getLogger("mnist_sweep")
 

@@ -40,6 +40,7 @@ DEFAULT_SETTINGS: dict[str, Any] = {
     "heartbeat_interval": 10, "grace_period": 30, "max_retry": 1,
     "outage_seconds": 120,     # how long workers wait for a restarted/unreachable database
     "max_failures_in_a_row": 3,  # a worker whose trials fail this often in a row stops
+    "population": 1,           # trials a worker trains at once as one stacked model; auto: by device
     "contour": None,           # [x, y] parameters of the contour plot; null = momentum vs decay
 }
 # Trial config keys that say where and how a trial runs, not what it is: they may differ between
@@ -163,6 +164,9 @@ def check_settings(s: dict) -> None:
             raise ConfigError(f"sweep.{key}={s[key]!r} is not allowed: it must be an integer >= 1.")
     if not is_int(s["max_retry"]) or s["max_retry"] < 0:
         raise ConfigError(f"sweep.max_retry={s['max_retry']!r} is not allowed: an integer >= 0.")
+    if s["population"] != "auto" and (not is_int(s["population"]) or s["population"] < 1):
+        raise ConfigError(f"sweep.population={s['population']!r} is not allowed: an integer >= 1 "
+                          "(trials a worker trains at once; 1 = one at a time) or auto.")
     if s["seed"] is not None and not is_int(s["seed"]):
         raise ConfigError(f"sweep.seed={s['seed']!r} is not allowed: an integer, or null for a "
                           "seed drawn by the operating system.")
@@ -194,11 +198,30 @@ def check_space(spec: SweepSpec, space: SearchSpace) -> Any:
             except ConfigError as error:
                 raise ConfigError(f"The search-space parameter {p.key}={p.grammar} can take "
                                   f"{value!r}, which is not a valid trial: {error}") from None
+    check_population(spec, space)
     if spec.settings["metric"].startswith("val_") and base.data.val_size == 0:
         raise ConfigError(f"sweep.metric={spec.settings['metric']} needs a validation split, but "
                           "data.val_size=0; set data.val_size > 0 or use a train_ metric.")
     check_enqueued(spec, space)
     return base
+
+
+def check_population(spec: SweepSpec, space: SearchSpace) -> None:
+    """Members of a population share the model, batch size, epochs and data: a sweep that
+    searches one of them trains one trial at a time (population=auto) or is refused."""
+    from mnist_sweep.population import SHARED_KEYS
+
+    searched = [p.key for p in space.all_params() if _under(p.key, SHARED_KEYS)]
+    if not searched:
+        return
+    if spec.settings["population"] == "auto":
+        spec.settings["population"] = 1
+    elif spec.settings["population"] > 1:
+        raise ConfigError(
+            f"sweep.population={spec.settings['population']} trains trials together as one "
+            f"stacked model, whose members must share {', '.join(SHARED_KEYS)}; this sweep searches "
+            f"{', '.join(searched)}. Use sweep.population=1 (or auto), or fix those keys (e.g. "
+            "model=mlp train.batch_size=200) and search the others.")
 
 
 def check_enqueued(spec: SweepSpec, space: SearchSpace) -> None:

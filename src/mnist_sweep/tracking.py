@@ -174,6 +174,7 @@ class TrialRun:
     async_logging: bool = False
     batch_curve_every: int = 1  # log the batch loss of every k-th batch (1 = all)
     pending: list = field(default_factory=list)
+    max_lr_points: int | None = None  # more LR change points an epoch: every k-th batch's LR
 
     def _log_metrics(self, metrics: Sequence) -> None:
         for start in range(0, len(metrics), MAX_METRICS_PER_BATCH):
@@ -198,8 +199,10 @@ class TrialRun:
         every = self.batch_curve_every
         metrics = [Metric("batch/train_loss", r.batch_loss[i], now, r.first_step + i)
                    for i in range(0, len(r.batch_loss), every)]
-        metrics += [Metric("batch/lr", r.batch_lr[i], now, r.first_step + i)
-                    for i in lr_change_points(r.batch_lr)]
+        points = lr_change_points(r.batch_lr)
+        if self.max_lr_points is not None and len(points) > self.max_lr_points:
+            points = range(0, len(r.batch_lr), every)  # a smooth schedule: sampled like the loss
+        metrics += [Metric("batch/lr", r.batch_lr[i], now, r.first_step + i) for i in points]
         metrics += [Metric(k, v, now, r.epoch) for k, v in r.metrics().items()]
         self._log_metrics(metrics)
 
@@ -239,6 +242,9 @@ class NullTracker:
     @contextmanager
     def trial_run(self, cfg, device, **_) -> Iterator[TrialRun]:
         yield TrialRun(None, None)
+
+    def begin(self, cfg, device, *args, **kwargs) -> TrialRun:
+        return TrialRun(None, None)
 
     def runs_tagged(self, tags: dict[str, str], status: str | None = None) -> list[str]:
         return []
@@ -292,20 +298,28 @@ class MlflowTracker:
             self.client.log_batch(run.info.run_id, params=items[start:start + MAX_PARAMS_PER_BATCH])
         return run.info.run_id
 
-    @contextmanager
-    def trial_run(self, cfg: DictConfig, device: torch.device, run_name: str | None = None,
-                  parent_run_id: str | None = None, extra_tags: dict | None = None,
-                  normal_ends: tuple[type[BaseException], ...] = ()) -> Iterator[TrialRun]:
-        """A run for one trial. Ends FINISHED (also on a `normal_ends` exception, such as a
-        pruned trial), KILLED on Ctrl-C or a kill signal, FAILED on any other exception."""
+    def begin(self, cfg: DictConfig, device: torch.device, run_name: str | None = None,
+              parent_run_id: str | None = None, extra_tags: dict | None = None,
+              batch_curve_every: int | None = None, max_lr_points: int | None = None) -> TrialRun:
+        """Start a trial's run: params (every resolved config value, passwords masked), tags,
+        config.yaml. Whoever begins it ends it (trial_run does; a population's writer does)."""
         resolved = redact_passwords(OmegaConf.to_container(cfg, resolve=True))
         resolved.pop("hydra", None)
         run_id = self.start_run(run_name or cfg.tracking.get("run_name"),
                                 tags={**trial_tags(cfg, device), **(extra_tags or {})},
                                 params=flatten(resolved), parent_run_id=parent_run_id)
         self.client.log_text(run_id, OmegaConf.to_yaml(resolved), "config.yaml")
-        run = TrialRun(self.client, run_id, self.log_model, self.async_logging,
-                       self.batch_curve_every)
+        return TrialRun(self.client, run_id, self.log_model, self.async_logging,
+                        batch_curve_every or self.batch_curve_every, max_lr_points=max_lr_points)
+
+    @contextmanager
+    def trial_run(self, cfg: DictConfig, device: torch.device, run_name: str | None = None,
+                  parent_run_id: str | None = None, extra_tags: dict | None = None,
+                  normal_ends: tuple[type[BaseException], ...] = ()) -> Iterator[TrialRun]:
+        """A run for one trial. Ends FINISHED (also on a `normal_ends` exception, such as a
+        pruned trial), KILLED on Ctrl-C or a kill signal, FAILED on any other exception."""
+        run = self.begin(cfg, device, run_name, parent_run_id, extra_tags)
+        run_id = run.run_id
         status = "FAILED"
         try:
             yield run

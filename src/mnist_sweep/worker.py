@@ -82,7 +82,12 @@ def run_worker(spec_dict: dict, index: int, n_workers: int) -> None:
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     try:
         with user_errors_exit():
-            Worker(spec, index, n_workers).loop()
+            from mnist_sweep.population_worker import PopulationWorker, resolve_population
+
+            size = resolve_population(spec.settings["population"], compose(spec.fixed))
+            worker = PopulationWorker(spec, index, n_workers, size) if size > 1 else \
+                Worker(spec, index, n_workers)
+            worker.loop()
     except KeyboardInterrupt:  # its trial is FAIL, its run KILLED
         raise SystemExit(130) from None
 
