@@ -91,12 +91,16 @@ def test_plateaus_of_several_members_step_as_torchs_reduce_lr_on_plateau():
         assert ours[i][-1] < ours[i][0], f"member {i}: its plateau never reduced the LR"
 
 
-def test_stacked_sgd_is_torchs_sgd_for_each_member():
+@pytest.mark.parametrize("plain", [False, True])
+def test_stacked_sgd_is_torchs_sgd_for_each_member(plain):
+    """Mixed settings, and (plain) the common case SGD takes a shorter path for: momentum only."""
     from mnist_sweep.stacked import StackedSGD
 
     settings = [  # lr, momentum, dampening, nesterov, weight decay
         (0.1, 0.0, 0.0, False, 0.0), (0.05, 0.9, 0.0, False, 0.0), (0.02, 0.9, 0.0, True, 1e-3),
         (0.3, 0.5, 0.3, False, 5e-4), (0.01, 0.0, 0.5, False, 1e-2), (0.07, 0.99, 0.1, False, 0.0)]
+    if plain:
+        settings = [(lr, m, 0.0, False, 0.0) for lr, m, *_ in settings]
     k, p = len(settings), 33
     generator = torch.Generator().manual_seed(1)
     flat = torch.randn(k, p, generator=generator)
@@ -105,10 +109,10 @@ def test_stacked_sgd_is_torchs_sgd_for_each_member():
                                   weight_decay=wd) for i, (lr, m, d, n, wd) in enumerate(settings)]
     sgd = StackedSGD(torch.device("cpu"))
     sgd.set_members([{"dampening": d, "weight_decay": wd, "nesterov": n} for _, _, d, n, wd in settings],
-                    torch.zeros(k, p), torch.zeros(k, dtype=torch.bool))
+                    torch.zeros(k, p), torch.zeros(k, dtype=torch.bool), [s[1] for s in settings])
     lr = torch.tensor([s[0] for s in settings])
     momentum = torch.tensor([s[1] for s in settings])
-    for step in range(5):
+    for step in range(5):  # the first step (buffers start as d) and the fast path after it
         grad = torch.randn(k, p, generator=generator)
         for i in range(k):
             alone[i].grad = grad[i].clone()

@@ -133,7 +133,8 @@ class Population:
         self.members = [self.members[i] for i in keep] + self.joining
         self.joining, self.leaving = [], set()
         self.model.set_rows(rows)
-        self.sgd.set_members([m.hyper for m in self.members], buf, started)
+        self.sgd.set_members([m.hyper for m in self.members], buf, started,
+                             [m.momentum for m in self.members])
 
     # ------------------------------------------------------------------------- training
 
