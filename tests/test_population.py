@@ -198,3 +198,129 @@ def test_members_must_share_the_model_batch_size_epochs_and_data(cfg_factory):
                             ("train.epochs=3", "train.epochs"), ("data.val_size=50", "data")):
         with pytest.raises(ConfigError, match=f"differs in {named}"):
             population.join(1, cfg_factory(override))
+
+
+# ----------------------------------------------------------------------------- in a sweep
+
+
+def test_a_population_sweep_prunes_refills_and_records_every_member(tmp_path, mnist_dir):
+    """population=4 over 10 trials: members pruned and finished are replaced at once (more
+    trials than slots ran), a diverging member fails alone, exactly n_trials finish, and every
+    member has its own MLflow run with what a solo trial's run holds, plus its population."""
+    import optuna
+    from mlflow.tracking import MlflowClient
+    from optuna.trial import TrialState
+
+    from conftest import run_cli, study_runs
+    from test_sweep import TINY
+
+    sweep = tmp_path / "pop.yaml"
+    sweep.write_text("""
+sweep: {study_name: pop, n_trials: 10, population: 4, sampler: random,
+        pruner: median, pruner_args: {n_startup_trials: 2, n_warmup_steps: 0}}
+params:
+  optim.lr: choice(0.1, 0.05, 0.000001, 1000000.0)
+  optim.momentum: interval(0.0, 0.9)
+  schedule: choice(none, step, plateau)
+enqueue:
+  - {optim.lr: 0.1, optim.momentum: 0.5, schedule: none}
+  - {optim.lr: 1000000.0, optim.momentum: 0.5, schedule: step}
+  - {optim.lr: 0.05, optim.momentum: 0.8, schedule: plateau}
+  - {optim.lr: 0.000001, optim.momentum: 0.1, schedule: none}
+""")
+    out = run_cli("mnist_sweep.sweep", "--sweep", str(sweep), f"data.root={mnist_dir}", *TINY,
+                  "train.epochs=4", cwd=tmp_path, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "Traceback" not in out.stderr
+    study = optuna.load_study(study_name="pop", storage=f"sqlite:///{tmp_path / 'optuna.db'}")
+    done = [t for t in study.trials if t.state in (TrialState.COMPLETE, TrialState.PRUNED)]
+    assert len(done) == 10
+    diverged = study.trials[1]
+    assert diverged.state == TrialState.FAIL and "diverged" in diverged.user_attrs["fail_reason"]
+    assert study.trials[3].state == TrialState.PRUNED  # lr 1e-6 learns nothing
+    assert any(t.state == TrialState.PRUNED for t in done)
+    assert len({t.user_attrs["population"] for t in study.trials}) == 1  # one population...
+    assert len(study.trials) > 4  # ...whose slots were refilled
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    (parent,), children = study_runs(client, "pop")
+    assert len(children) == len(study.trials)
+    for t in study.trials:
+        run = client.get_run(t.user_attrs["mlflow_run_id"])
+        assert run.data.tags["trial_number"] == str(t.number)
+        assert run.data.tags["mlflow.parentRunId"] == parent.info.run_id
+        assert run.data.tags["population_size"] == "4" and run.data.tags["population"]
+        assert run.data.params["optim.lr"] == str(t.params["optim.lr"])
+        epochs = t.user_attrs.get("epochs_trained", 1)
+        history = client.get_metric_history(run.info.run_id, "val_acc")
+        assert [m.step for m in sorted(history, key=lambda m: m.step)] == list(range(1, epochs + 1))
+        assert client.get_metric_history(run.info.run_id, "batch/train_loss")
+        expected = {TrialState.COMPLETE: ("FINISHED", "complete"), TrialState.PRUNED: ("FINISHED", "pruned"),
+                    TrialState.FAIL: ("FAILED", "failed")}[t.state]
+        assert (run.info.status, run.data.tags["state"]) == expected
+        if t.state == TrialState.COMPLETE:
+            assert run.data.metrics["test_acc"] == pytest.approx(t.user_attrs["test_acc"])
+    assert parent.info.status == "FINISHED" and "best_val_acc" in parent.data.metrics
+
+
+def test_a_population_worker_killed_has_all_its_members_retried(tmp_path, mnist_dir):
+    """kill -9 of the worker process of a population: its members are all failed by heartbeat
+    and retried with their parameters by the other worker; exactly n_trials finish."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import optuna
+    from mlflow.tracking import MlflowClient
+    from optuna.trial import TrialState
+
+    from conftest import study_runs
+
+    storage = f"sqlite:///{tmp_path / 'optuna.db'}"
+    args = ["--sweep", "momentum", "sweep.n_trials=8", "sweep.population=3", "sweep.workers=2",
+            "sweep.pruner=none", "sweep.heartbeat_interval=1", "sweep.grace_period=10",
+            # batches of 10: epochs long enough (~0.1 s) that a population is seen mid-way
+            "sweep.quiet=true", f"data.root={mnist_dir}", "data.val_size=100",
+            "train.batch_size=10", "train.epochs=100"]
+    process = subprocess.Popen([sys.executable, "-m", "mnist_sweep.sweep", *args], cwd=tmp_path,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    victims, deadline = [], time.time() + 120
+    while not victims and time.time() < deadline:
+        time.sleep(0.3)
+        try:
+            trials = optuna.load_study(study_name="momentum", storage=storage).trials
+        except Exception:
+            continue
+        running = [t for t in trials if t.state == TrialState.RUNNING and t.intermediate_values
+                   and len(t.intermediate_values) < 20]
+        if running:
+            pid = running[0].user_attrs["worker"]
+            victims = [t for t in running if t.user_attrs["worker"] == pid]
+    assert victims, "no population mid-way"
+    os.kill(int(victims[0].user_attrs["worker"].rsplit(":", 1)[1]), signal.SIGKILL)
+    _, err = process.communicate(timeout=300)
+    assert process.returncode == 0, err[-3000:]
+    study = optuna.load_study(study_name="momentum", storage=storage)
+    done = [t for t in study.trials if t.state in (TrialState.COMPLETE, TrialState.PRUNED)]
+    assert len(done) == 8
+    killed = {t.number for t in study.trials if t.state == TrialState.FAIL and not t.user_attrs.get("excess")}
+    assert {t.number for t in victims} <= killed
+    retried = {t.system_attrs.get("failed_trial") for t in done}
+    assert {t.number for t in victims} <= retried  # every member of the killed population
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    _, children = study_runs(client, "momentum")
+    assert not [r for r in children if r.info.status == "RUNNING"]
+    for t in victims:  # found by their tags even if the trial never learnt its run's id
+        (run,) = [r for r in children if r.data.tags["trial_number"] == str(t.number)]
+        assert run.info.status == "FAILED"
+
+
+def test_searching_what_members_share_is_refused_with_a_population(tmp_path):
+    from conftest import run_cli
+    from test_bad_input import assert_one_paragraph_error
+
+    out = run_cli("mnist_sweep.sweep", "--sweep", "wide", "sweep.population=8", "--show", cwd=tmp_path)
+    assert_one_paragraph_error(out, ["sweep.population=8", "model, train.batch_size", "population=1"])
+    auto = run_cli("mnist_sweep.sweep", "--sweep", "wide", "sweep.population=auto", "--show", cwd=tmp_path)
+    assert auto.returncode == 0 and "population: 1" in auto.stdout

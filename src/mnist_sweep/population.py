@@ -81,7 +81,8 @@ class Population:
         self.leaving: set[Hashable] = set()
 
     def __len__(self) -> int:
-        return len(self.members) + len(self.joining) - len(self.leaving)
+        """Members after the pending joins and leaves."""
+        return len(self.members) - len(self.leaving) + len(self.joining)
 
     # ------------------------------------------------------------------------- membership
 
@@ -109,9 +110,12 @@ class Population:
             monitor=schedule.get("monitor", "train_loss") if plateau else None))
 
     def leave(self, key: Hashable) -> None:
-        """Remove a trial (pruned, finished or failed); it leaves the stack before the next epoch."""
-        self.leaving.add(key)
-        self.joining = [m for m in self.joining if m.key != key]
+        """Remove a trial (pruned, finished or failed); it leaves the stack before the next epoch.
+        Leaving twice, or a trial that is not a member, changes nothing."""
+        if any(m.key == key for m in self.joining):
+            self.joining = [m for m in self.joining if m.key != key]
+        elif any(m.key == key for m in self.members):
+            self.leaving.add(key)
 
     def _restack(self) -> None:
         """Apply the joins and leaves: keep the staying members' weights, momentum buffers and
@@ -213,6 +217,10 @@ class Population:
                 val_acc=val[1][i] if val else None, lr=self._next_lr(i), seconds=seconds)
             m.results.append(results[m.key])
         return results
+
+    def lr_of(self, key: Hashable):
+        """A member's configured learning rate (optim.lr), for messages."""
+        return next(m.cfg.optim.lr for m in self.members if m.key == key)
 
     def _next_lr(self, i: int) -> float:
         """The LR member i trains its next batch with (what a solo trial's `lr` metric says)."""

@@ -39,6 +39,7 @@ from mnist_sweep.errors import failure_reason
 from mnist_sweep.interrupts import INTERRUPTS
 from mnist_sweep.space import to_overrides
 from mnist_sweep.study import claimed_before, counts
+from mnist_sweep.train import TrainingDiverged
 from mnist_sweep.worker import TooManyFailures, Worker
 
 log = logging.getLogger("mnist_sweep")
@@ -101,9 +102,9 @@ class PopulationWorker(Worker):
                     self.events.put(("failed", {key: reason for key in keys}))
                     self._empty_cuda_cache()
                     continue
-                diverged = {k: f"TrainingDiverged: the training loss became {r.train_loss} in "
-                               f"epoch {r.epoch}" for k, r in results.items()
-                            if not math.isfinite(r.train_loss)}
+                diverged = {k: failure_reason(TrainingDiverged.at(
+                                r.train_loss, r.epoch, population.lr_of(k)))
+                            for k, r in results.items() if not math.isfinite(r.train_loss)}
                 done = [k for k, r in results.items() if r.epoch == r.epochs and k not in diverged]
                 tests = population.finish(done)
                 for key in [*done, *diverged]:
@@ -230,6 +231,9 @@ class PopulationWorker(Worker):
                 self.optuna_call(optuna.storages.fail_stale_trials, self.study)
                 return True
             trial = self.optuna_call(self.study.ask)
+            # its first heartbeat at once: a trial that never beat is never taken for stale, so
+            # a worker killed before the heartbeat thread's next round would leave it RUNNING
+            self.optuna_call(self.study._storage.record_heartbeat, trial._trial_id)
             if self.optuna_call(claimed_before, self.study, trial.number, max_retry) >= n_trials:
                 trial.set_user_attr("excess", True)
                 self.optuna_call(self.study.tell, trial, state=TrialState.FAIL)

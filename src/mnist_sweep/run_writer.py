@@ -93,7 +93,7 @@ def _serve(tracking_cfg_yaml: str, requests, replies) -> None:
     from mnist_sweep.errors import failure_reason
     from mnist_sweep.tracking import open_tracker
 
-    parent = os.getppid()
+    parent = multiprocessing.parent_process()  # its sentinel tells when the worker is gone
     os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
     tracker = open_tracker(OmegaConf.create(tracking_cfg_yaml))
     runs: dict[Any, Any] = {}
@@ -102,8 +102,8 @@ def _serve(tracking_cfg_yaml: str, requests, replies) -> None:
         try:
             kind, key, payload = requests.get(timeout=1)
         except queue.Empty:
-            if os.getppid() != parent:  # the worker is gone (killed): its runs are ended by
-                return                  # the heartbeat callback or the driver's last look
+            if parent is not None and not parent.is_alive():  # the worker was killed: its runs
+                return          # are ended by the heartbeat callback or the driver's last look
             continue
         if kind == "close":
             replies.put(("stats", None, stats))

@@ -72,6 +72,11 @@ EpochCallback = Callable[[EpochResult], None]
 class TrainingDiverged(UserError):
     """The loss became NaN or infinite: the trial cannot go on (a sweep fails just this trial)."""
 
+    @classmethod
+    def at(cls, train_loss: float, epoch: int, lr) -> "TrainingDiverged":
+        return cls(f"The training loss became {train_loss} in epoch {epoch} (optim.lr={lr}): the "
+                   "trial diverged; a smaller learning rate or momentum trains.")
+
 
 @torch.inference_mode()
 def evaluate(model: torch.nn.Module, split: data.Split) -> tuple[float, float, int]:
@@ -135,9 +140,7 @@ def run_trial(cfg: DictConfig, callbacks: Sequence[EpochCallback] = ()) -> Trial
         sizes = [batch_size] * (steps_per_epoch - 1) + [len(train) - batch_size * (steps_per_epoch - 1)]
         train_loss = sum(l * n for l, n in zip(losses, sizes)) / len(train)
         if not math.isfinite(train_loss):
-            raise TrainingDiverged(f"The training loss became {train_loss} in epoch {epoch} "
-                                   f"(optim.lr={cfg.optim.lr}): the trial diverged; a smaller "
-                                   "learning rate or momentum trains.")
+            raise TrainingDiverged.at(train_loss, epoch, cfg.optim.lr)
         val_loss, val_acc, _ = evaluate(model, splits.val) if splits.val else (None, None, 0)
         schedule.after_epoch({"train_loss": train_loss, "val_loss": val_loss})
         if device.type == "cuda":
