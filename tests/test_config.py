@@ -60,3 +60,25 @@ def test_cfg_job_prints_the_composed_config(tmp_path):
     assert out.returncode == 0, out.stderr
     assert "momentum: 0.9" in out.stdout and "step_size: 800" in out.stdout
     assert not (tmp_path / "mlflow.db").exists()  # printing the config records nothing
+
+
+@pytest.mark.parametrize("values", [
+    {"optim.lr": 0.05, "optim.momentum": 0.9},
+    {"schedule": "step", "schedule.gamma": 0.5, "schedule.step_size": 100, "optim.lr": 0.2},
+    {"schedule": "plateau", "schedule.patience": 7, "tracking.experiment": "1"},
+    {"model": "cnn", "model.hidden": 64, "optim.nesterov": True, "train.batch_size": 100},
+])
+def test_a_trials_config_is_what_hydra_composes_for_its_overrides(values):
+    """compose_trial (one compose per choice of group options, the rest set on a copy) gives
+    the config Hydra composes for the same overrides, types included."""
+    from mnist_sweep.cli import compose_trial
+    from mnist_sweep.space import to_overrides
+    from omegaconf import OmegaConf
+
+    fixed = ["train.epochs=3", "schedule.interval=epoch"] if "schedule" in values else ["train.epochs=3"]
+    ours = compose_trial(fixed, values)
+    hydras = compose([*fixed, *to_overrides(values)])
+    assert OmegaConf.to_container(ours) == OmegaConf.to_container(hydras)
+    for key, value in values.items():
+        if key not in ("schedule", "model"):  # a group's key selects its options' config
+            assert type(OmegaConf.select(ours, key)) is type(value)

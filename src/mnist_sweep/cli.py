@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+import functools
 import os
 import sys
 from pathlib import Path
@@ -18,10 +20,27 @@ from mnist_sweep.interrupts import INTERRUPTS
 CONF_DIR = Path(os.environ.get("MNIST_SWEEP_CONF", Path(__file__).resolve().parents[2] / "conf"))
 
 
+def exit_now(code: int = 0) -> None:
+    """End the command once everything is written, without the interpreter's teardown of torch,
+    MLflow and the rest (~1.3 s here, after the user has the result): output flushed, atexit
+    handlers run (MLflow's and multiprocessing's among them), then the process ends."""
+    import atexit
+
+    sys.stdout.flush()
+    sys.stderr.flush()
+    atexit._run_exitfuncs()
+    os._exit(code)
+
+
 def config_groups(conf_dir: Path = CONF_DIR) -> dict[str, list[str]]:
     """{group: [options]} of the config tree, e.g. {"schedule": ["cosine", ..., "step"]}."""
-    return {d.name: sorted(p.stem for p in d.glob("*.yaml"))
-            for d in sorted(conf_dir.iterdir()) if d.is_dir()}
+    return {group: list(options) for group, options in _config_groups(conf_dir)}
+
+
+@functools.lru_cache(maxsize=8)
+def _config_groups(conf_dir: Path) -> tuple:
+    return tuple((d.name, tuple(sorted(p.stem for p in d.glob("*.yaml"))))
+                 for d in sorted(conf_dir.iterdir()) if d.is_dir())
 
 
 _initialized_dir: str | None = None
@@ -51,22 +70,43 @@ def compose(overrides: list[str], conf_dir: Path = CONF_DIR, config_name: str = 
             check: bool = True) -> DictConfig:
     """The composed config for `overrides`, or a ConfigError naming the bad override.
     `check=False` skips the friendly override check (for overrides already checked)."""
-    from hydra import compose as hydra_compose
-
     if check:
         check_overrides(overrides, conf_dir, config_name)
+    return copy.deepcopy(_composed(tuple(overrides), conf_dir, config_name))
+
+
+@functools.lru_cache(maxsize=256)
+def _composed(overrides: tuple[str, ...], conf_dir: Path, config_name: str) -> DictConfig:
+    """Hydra's compose, once per distinct override list (~60 ms each; a sweep asks for the same
+    ones many times: its checks, each worker, each trial's choice of group options)."""
+    from hydra import compose as hydra_compose
+
     _hydra_for(conf_dir)
     try:
-        return hydra_compose(config_name, overrides=overrides)
+        return hydra_compose(config_name, overrides=list(overrides))
     except Exception as error:  # anything check_overrides did not foresee
         raise ConfigError(f"The overrides {' '.join(overrides)} cannot be applied: "
                           f"{' '.join(str(error).split())}") from None
 
 
+def compose_trial(overrides: list[str], values: dict, conf_dir: Path = CONF_DIR) -> DictConfig:
+    """compose(overrides + to_overrides(values)) for a trial's sampled values, but composed once
+    per choice of config-group options (cached) with the other values set on a copy: ~1 ms
+    instead of ~60 ms a trial. Values win over overrides, as they come after them."""
+    from mnist_sweep.space import to_overrides
+
+    groups = config_groups(conf_dir)
+    chosen = {k: v for k, v in values.items() if k in groups}
+    cfg = compose([*overrides, *to_overrides(chosen)], conf_dir, check=False)
+    for key, value in values.items():
+        if key not in groups:
+            OmegaConf.update(cfg, key, value, merge=False)
+    return cfg
+
+
 def check_overrides(overrides: list[str], conf_dir: Path = CONF_DIR,
                     config_name: str = "config") -> None:
     """Raise a ConfigError naming the first override that names an unknown group option or key."""
-    from hydra import compose as hydra_compose
     from hydra.core.override_parser.overrides_parser import OverridesParser
     from hydra.errors import OverrideParseException
 
@@ -85,8 +125,7 @@ def check_overrides(overrides: list[str], conf_dir: Path = CONF_DIR,
                                   f"{o.key_or_group!r}: allowed are "
                                   f"{', '.join(groups[o.key_or_group])}.")
     group_choices = [o.input_line for o in plain if o.key_or_group in groups]
-    _hydra_for(conf_dir)
-    base = hydra_compose(config_name, overrides=group_choices)
+    base = _composed(tuple(group_choices), conf_dir, config_name)
     for o in plain:
         if o.key_or_group in groups or o.is_add() or o.is_force_add():
             continue
@@ -131,3 +170,4 @@ def run_hydra_app(task: Callable[[DictConfig], object], config_name: str = "conf
     except KeyboardInterrupt:
         sys.stderr.write("interrupted\n")
         raise SystemExit(130) from None
+    exit_now(0)

@@ -102,16 +102,23 @@ def fmt_seconds(seconds: float) -> str:
     return f"{seconds // 60}m{seconds % 60:02d}s" if seconds >= 60 else f"{seconds}s"
 
 
-def refresh_report(study, spec, space, status: str | None = None) -> None:
-    """The parent run's report; a failure to write it is a warning (the trials are what count,
-    and the next refresh or the final one writes it again)."""
-    from mnist_sweep.report import write_report
+class Monitor:
+    """After each finished trial: the progress line, and every sweep.report_every finished
+    trials a refresh of the parent run's report (by the report process: nobody waits for it).
+    Called by the worker when it runs in the driver's process, else by the driver's watch."""
 
-    try:
-        write_report(study, spec, space, plots=True, status=status)
-    except Exception as error:
-        log.warning(f"[{spec.study_name}] the parent run's report could not be refreshed "
-                    f"({failure_reason(error)}); the sweep goes on")
+    def __init__(self, spec: SweepSpec, study: optuna.Study, reporter):
+        self.spec, self.study, self.reporter = spec, study, reporter
+        self.progress = Progress(spec, study)
+        self.reported_at = counts(study)["done"]
+
+    def trial_done(self) -> None:
+        if not self.spec.settings["quiet"]:
+            self.progress.show()
+        done = counts(self.study)["done"]
+        if done - self.reported_at >= self.spec.settings["report_every"]:
+            self.reporter.refresh()
+            self.reported_at = done
 
 
 def close_orphan_runs(study: optuna.Study, spec: SweepSpec, tracker) -> int:
@@ -134,11 +141,15 @@ def close_orphan_runs(study: optuna.Study, spec: SweepSpec, tracker) -> int:
 
 
 def run_sweep(spec: SweepSpec, join: bool = False) -> optuna.Study:
-    """Run the study to n_trials with sweep.workers processes here. join=True (make worker): the
-    study must exist already (started by `make sweep` elsewhere); nothing is created."""
+    """Run the study to n_trials with sweep.workers workers here: in this process when there is
+    one (no second start-up), else as processes. join=True (make worker): the study must exist
+    already (started by `make sweep` elsewhere); nothing is created."""
+    from mnist_sweep.report import Reporter
     from mnist_sweep.tracking import open_tracker
+    from mnist_sweep.worker import configure_output, make_worker
 
     INTERRUPTS.install()  # SIGTERM to the driver alone: like Ctrl-C (interrupts.py)
+    configure_output(spec)
     space = spec.space()
     base = check_space(spec, space)
     tracker = open_tracker(base.tracking)  # a bad tracking store is refused before the study is made
@@ -149,45 +160,25 @@ def run_sweep(spec: SweepSpec, join: bool = False) -> optuna.Study:
         # race it and enqueue twice); a resume adds entries the file gained since.
         enqueue_known(study, spec.enqueue)
     spec.parent_run_id = start_parent_run(spec, study, tracker, made_here)
-    quiet = spec.settings["quiet"]
-    progress = Progress(spec, study)
-    n_workers = spec.settings["workers"]
+    quiet, n_workers = spec.settings["quiet"], spec.settings["workers"]
     if not quiet:
         print(f"sweep {spec.study_name}: {spec.settings['n_trials']} trials, {n_workers} worker(s), "
               f"sampler {spec.settings['sampler']}, pruner {spec.settings['pruner']}, storage "
               f"{redact_uri(spec.settings['storage'])}", flush=True)
-    ctx = multiprocessing.get_context("spawn")  # fork + torch threads is unsafe
-    workers = [ctx.Process(target=run_worker, args=(asdict(spec), i, n_workers), name=f"worker-{i}")
-               for i in range(n_workers)]
+    reporter = Reporter(spec)
+    monitor = Monitor(spec, study, reporter)
+    workers: list = []
     status = "FAILED"
     try:
-        for w in workers:
-            w.start()
-        reported_at = counts(study)["done"]
-        while any(w.is_alive() for w in workers):
-            with INTERRUPTS.allowed():
-                time.sleep(2)
-            if not quiet:
-                progress.show()
-            done = counts(study)["done"]
-            if done - reported_at >= spec.settings["report_every"]:
-                refresh_report(study, spec, space)
-                reported_at = done
-        codes = [w.exitcode for w in workers]
-        complete = counts(study)["done"] >= spec.settings["n_trials"]
-        timed_out = deadline(study, spec.settings["timeout"]) is not None and \
-            time.time() >= deadline(study, spec.settings["timeout"])
-        status = "FINISHED" if complete or timed_out else "FAILED"
-        if timed_out and not complete:
-            print(f"[{spec.study_name}] sweep.timeout={spec.settings['timeout']} s from the "
-                  "study's first start has passed: no new trial was started; raise sweep.timeout "
-                  "to go on.", flush=True)
-        if any(code != 0 for code in codes):
-            message = (f"Worker(s) exited with status {codes} (negative: killed by that signal); "
-                       f"{'the others finished the study' if complete else 'the study is kept, and the same command resumes it'}.")
-            if not complete:
-                raise UserError(message)
-            log.warning(message)
+        if n_workers == 1:
+            make_worker(spec, 0, 1, monitor).loop()
+            codes = [0]
+        else:
+            ctx = multiprocessing.get_context("spawn")  # fork + torch threads is unsafe
+            workers = [ctx.Process(target=run_worker, args=(asdict(spec), i, n_workers),
+                                   name=f"worker-{i}") for i in range(n_workers)]
+            codes = watch(workers, monitor)
+        status = outcome(study, spec, codes)
     except KeyboardInterrupt:
         status = "KILLED"
         raise
@@ -198,11 +189,58 @@ def run_sweep(spec: SweepSpec, join: bool = False) -> optuna.Study:
         except Exception as error:
             log.warning(f"[{spec.study_name}] runs left open could not be closed: "
                         f"{failure_reason(error)}")
-        refresh_report(study, spec, space, status=status)
+        background = final_report_in_background(spec)
+        reporter.final(status, background)
         if not quiet:
-            progress.show(force=True)
+            monitor.progress.show(force=True)
+            if background and reporter.process is not None:
+                print(f"[{spec.study_name}] the parent run's report (plots, trials.csv) is being "
+                      "written in the background", flush=True)
     summarize(study, spec)
     return study
+
+
+def watch(workers: list, monitor: Monitor) -> list[int]:
+    """Start the worker processes and watch them: progress, report refreshes. Their exit codes."""
+    for w in workers:
+        w.start()
+    done = counts(monitor.study)["done"]
+    while any(w.is_alive() for w in workers):
+        with INTERRUPTS.allowed():
+            time.sleep(1)
+        now = counts(monitor.study)["done"]
+        if now != done:
+            done = now
+            monitor.trial_done()
+    return [w.exitcode for w in workers]
+
+
+def outcome(study: optuna.Study, spec: SweepSpec, codes: list[int]) -> str:
+    """The parent run's status; a paragraph when workers failed before the study was done."""
+    complete = counts(study)["done"] >= spec.settings["n_trials"]
+    limit = deadline(study, spec.settings["timeout"])
+    timed_out = limit is not None and time.time() >= limit
+    if timed_out and not complete:
+        print(f"[{spec.study_name}] sweep.timeout={spec.settings['timeout']} s from the "
+              "study's first start has passed: no new trial was started; raise sweep.timeout "
+              "to go on.", flush=True)
+    if any(code != 0 for code in codes):
+        message = (f"Worker(s) exited with status {codes} (negative: killed by that signal); "
+                   f"{'the others finished the study' if complete else 'the study is kept, and the same command resumes it'}.")
+        if not complete:
+            raise UserError(message)
+        log.warning(message)
+    return "FINISHED" if complete or timed_out else "FAILED"
+
+
+def final_report_in_background(spec: SweepSpec) -> bool:
+    """sweep.final_report: background (the command returns as soon as the last trial is done),
+    wait, or auto: background for a person at a terminal, wait for scripts and schedulers
+    (a job's end could cut a report still being written)."""
+    import sys
+
+    setting = spec.settings["final_report"]
+    return setting == "background" or (setting == "auto" and sys.stdout.isatty())
 
 
 def stop_workers(workers: list) -> None:

@@ -34,10 +34,9 @@ import optuna
 from omegaconf import DictConfig, OmegaConf
 from optuna.trial import TrialState
 
-from mnist_sweep.cli import compose
+from mnist_sweep.cli import compose, compose_trial
 from mnist_sweep.errors import failure_reason
 from mnist_sweep.interrupts import INTERRUPTS
-from mnist_sweep.space import to_overrides
 from mnist_sweep.study import claimed_before, counts
 from mnist_sweep.train import TrainingDiverged
 from mnist_sweep.worker import TooManyFailures, Worker
@@ -249,7 +248,7 @@ class PopulationWorker(Worker):
                          f"{socket.gethostname()}:{os.getpid()}/w{self.index}")
         try:
             values = self.optuna_call(self.space.suggest, trial)
-            cfg = compose([*self.spec.fixed, *to_overrides(values), *self.share], check=False)
+            cfg = compose_trial([*self.spec.fixed, *self.share], values)
         except Exception as error:
             self.members[trial.number] = MemberTrial(trial, {}, None)
             self.fail(trial.number, failure_reason(error))
@@ -327,6 +326,8 @@ class PopulationWorker(Worker):
             self.writer.end(number, "FINISHED", {"state": "complete"}, result)
             log.info(f"{prefix}complete: {metric} {value:.4f}, test_acc {result.test_acc:.4f} | {shown}")
         self.failures_in_a_row.clear()
+        if self.monitor is not None:
+            self.monitor.trial_done()
 
     def fail(self, number: int, reason: str) -> None:
         if number in self.members:

@@ -1,12 +1,22 @@
 """The parent run's report: best value and params, the sweep file and resolved space, a CSV of all
-trials, and summary plots (Optuna's matplotlib visualizations plus the top trials' curves)."""
+trials, and summary plots (Optuna's matplotlib visualizations plus the top trials' curves).
+
+Written by a process of its own (`Reporter`, `python -m mnist_sweep.report`): training never
+waits for plots (~2-4 s a refresh), and at the end of a sweep run from a terminal the command
+returns at once while the report is finished in the background.
+"""
 
 from __future__ import annotations
 
+import json
 import logging
+import os
 import shutil
+import subprocess
+import sys
 import tempfile
 import warnings
+from dataclasses import asdict
 from pathlib import Path
 
 import optuna
@@ -167,3 +177,86 @@ def write_report(study: optuna.Study, spec, space, plots: bool = True,
         shutil.rmtree(folder, ignore_errors=True)
         if status:
             client.set_terminated(run_id, status)
+
+
+class Reporter:
+    """The driver's handle on the report process. refresh() returns at once (refreshes the
+    process has not started yet are merged into one); final() ends the parent run with the
+    sweep's status, and waits for the report unless `background`."""
+
+    def __init__(self, spec):
+        self.spec = spec
+        self.process: subprocess.Popen | None = None
+
+    def _send(self, line: str) -> None:
+        if self.spec.parent_run_id is None:
+            return
+        if self.process is None:
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "mnist_sweep.report"], stdin=subprocess.PIPE, text=True,
+                start_new_session=True,  # Ctrl-C or the end of the command do not cut it
+                env={**os.environ, "PYTHONUNBUFFERED": "1"})
+            self._send_raw(json.dumps(asdict(self.spec)))
+        self._send_raw(line)
+
+    def _send_raw(self, line: str) -> None:
+        try:
+            self.process.stdin.write(line + "\n")
+            self.process.stdin.flush()
+        except (BrokenPipeError, OSError):  # the report process died: its error went to stderr
+            pass
+
+    def refresh(self) -> None:
+        self._send("refresh")
+
+    def final(self, status: str, background: bool) -> None:
+        self._send(f"final {status}")
+        if self.process is None:
+            return
+        try:
+            self.process.stdin.close()
+        except OSError:
+            pass
+        if not background:
+            self.process.wait()
+
+
+def serve() -> None:
+    """The report process: the spec on the first line of stdin, then `refresh` and `final
+    STATUS` requests; refreshes that queued up while one was written are done once."""
+    import select
+
+    from mnist_sweep.study import open_storage
+    from mnist_sweep.sweepfile import SweepSpec
+    from mnist_sweep.errors import failure_reason
+
+    logging.basicConfig(level=logging.WARNING, format="%(message)s", force=True)
+    optuna.logging.set_verbosity(optuna.logging.ERROR)
+    spec = SweepSpec(**json.loads(sys.stdin.readline()))
+    space = spec.space()
+    s = spec.settings
+    study = optuna.load_study(study_name=spec.study_name, storage=open_storage(
+        s["storage"], s["heartbeat_interval"], s["grace_period"], s["max_retry"],
+        outage_seconds=s["outage_seconds"]))
+    while True:
+        line = sys.stdin.readline()
+        if not line:
+            return  # the driver is gone without a final request
+        request = line.split()
+        while request[0] == "refresh" and select.select([sys.stdin], [], [], 0)[0]:
+            more = sys.stdin.readline()  # a later request supersedes this refresh
+            if not more:
+                break
+            request = more.split()
+        final = request[0] == "final"
+        try:
+            write_report(study, spec, space, plots=True, status=request[1] if final else None)
+        except Exception as error:
+            log.warning(f"[{spec.study_name}] the parent run's report could not be written "
+                        f"({failure_reason(error)})")
+        if final:
+            return
+
+
+if __name__ == "__main__":
+    serve()

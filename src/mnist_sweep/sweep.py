@@ -17,6 +17,7 @@ import sys
 
 from omegaconf import OmegaConf
 
+from mnist_sweep.cli import exit_now
 from mnist_sweep.errors import user_errors_exit
 from mnist_sweep.sweepfile import check_space, load_spec
 
@@ -48,6 +49,7 @@ def main(argv: list[str] | None = None) -> None:
         except KeyboardInterrupt:
             sys.stderr.write("interrupted: the study is kept; run the same command to resume it\n")
             raise SystemExit(130) from None
+    exit_now(0)
 
 
 if __name__ == "__main__":

@@ -13,7 +13,7 @@ from typing import Any
 
 from omegaconf import OmegaConf
 
-from mnist_sweep.cli import CONF_DIR, check_overrides, compose, config_groups
+from mnist_sweep.cli import CONF_DIR, check_overrides, compose, compose_trial, config_groups
 from mnist_sweep.errors import ConfigError
 from mnist_sweep.space import SearchSpace, build_space, contains, to_overrides
 from mnist_sweep.study import PRUNERS, SAMPLERS
@@ -41,6 +41,7 @@ DEFAULT_SETTINGS: dict[str, Any] = {
     "outage_seconds": 120,     # how long workers wait for a restarted/unreachable database
     "max_failures_in_a_row": 3,  # a worker whose trials fail this often in a row stops
     "population": 1,           # trials a worker trains at once as one stacked model; auto: by device
+    "final_report": "auto",    # background | wait | auto (background at a terminal)
     "contour": None,           # [x, y] parameters of the contour plot; null = momentum vs decay
 }
 # Trial config keys that say where and how a trial runs, not what it is: they may differ between
@@ -167,6 +168,9 @@ def check_settings(s: dict) -> None:
     if s["population"] != "auto" and (not is_int(s["population"]) or s["population"] < 1):
         raise ConfigError(f"sweep.population={s['population']!r} is not allowed: an integer >= 1 "
                           "(trials a worker trains at once; 1 = one at a time) or auto.")
+    if s["final_report"] not in ("auto", "background", "wait"):
+        raise ConfigError(f"sweep.final_report={s['final_report']!r} is not allowed: auto, "
+                          "background or wait.")
     if s["seed"] is not None and not is_int(s["seed"]):
         raise ConfigError(f"sweep.seed={s['seed']!r} is not allowed: an integer, or null for a "
                           "seed drawn by the operating system.")
@@ -194,7 +198,7 @@ def check_space(spec: SweepSpec, space: SearchSpace) -> Any:
             lines = [*context, *to_overrides({p.key: value})]
             try:
                 check_overrides(lines)
-                check_trial_config(compose(lines))
+                check_trial_config(compose_trial(context, {p.key: value}))
             except ConfigError as error:
                 raise ConfigError(f"The search-space parameter {p.key}={p.grammar} can take "
                                   f"{value!r}, which is not a valid trial: {error}") from None
@@ -240,9 +244,10 @@ def check_enqueued(spec: SweepSpec, space: SearchSpace) -> None:
             if not contains(p.distribution, value):
                 raise ConfigError(f"enqueue[{i}] sets {name}={value!r}, outside its search space "
                                   f"{p.grammar}: enqueue values the space can take.")
-        overrides = to_overrides({by_name[name].key: value for name, value in entry.items()})
+        values = {by_name[name].key: value for name, value in entry.items()}
+        overrides = to_overrides(values)
         try:
-            check_trial_config(compose([*spec.fixed, *overrides]))
+            check_trial_config(compose_trial(spec.fixed, values))
         except ConfigError as error:
             raise ConfigError(f"enqueue[{i}] ({', '.join(overrides)}) is not a valid trial: "
                               f"{error}") from None

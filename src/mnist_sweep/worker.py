@@ -20,10 +20,9 @@ import time
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
-from mnist_sweep.cli import compose
+from mnist_sweep.cli import compose, compose_trial
 from mnist_sweep.interrupts import INTERRUPTS
 from mnist_sweep.errors import UserError, failure_reason, user_errors_exit
-from mnist_sweep.space import to_overrides
 from mnist_sweep.study import StorageUnavailable, claimed_before, counts, deadline, open_study
 from mnist_sweep.sweepfile import SweepSpec
 
@@ -71,23 +70,34 @@ def worker_threads_and_device(base_cfg, index: int, n_workers: int) -> list[str]
     return overrides
 
 
-def run_worker(spec_dict: dict, index: int, n_workers: int) -> None:
-    """One worker process (the driver starts `sweep.workers` of them)."""
-    INTERRUPTS.install()  # SIGTERM and Ctrl-C: the running trial's run ends KILLED
-    spec = SweepSpec(**spec_dict)
-    # MLflow prints a "View run at" line per run against a server; the progress says enough.
+def configure_output(spec: SweepSpec) -> None:
+    """A worker's output: its progress lines on stdout (none with sweep.quiet), Optuna's only
+    for warnings, and no "View run at" line per run (the progress says enough)."""
     os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
     logging.basicConfig(level=logging.WARNING if spec.settings["quiet"] else logging.INFO,
                         format="%(message)s", stream=sys.stdout, force=True)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
+
+
+def make_worker(spec: SweepSpec, index: int, n_workers: int, monitor=None) -> "Worker":
+    """A solo worker, or a population worker when sweep.population resolves to more than 1."""
+    from mnist_sweep.population_worker import PopulationWorker, resolve_population
+
+    size = resolve_population(spec.settings["population"], compose(spec.fixed))
+    worker = PopulationWorker(spec, index, n_workers, size) if size > 1 else \
+        Worker(spec, index, n_workers)
+    worker.monitor = monitor
+    return worker
+
+
+def run_worker(spec_dict: dict, index: int, n_workers: int) -> None:
+    """A worker process (the driver starts `sweep.workers` of them when there are several)."""
+    INTERRUPTS.install()  # SIGTERM and Ctrl-C: the running trial's run ends KILLED
+    spec = SweepSpec(**spec_dict)
+    configure_output(spec)
     try:
         with user_errors_exit():
-            from mnist_sweep.population_worker import PopulationWorker, resolve_population
-
-            size = resolve_population(spec.settings["population"], compose(spec.fixed))
-            worker = PopulationWorker(spec, index, n_workers, size) if size > 1 else \
-                Worker(spec, index, n_workers)
-            worker.loop()
+            make_worker(spec, index, n_workers).loop()
     except KeyboardInterrupt:  # its trial is FAIL, its run KILLED
         raise SystemExit(130) from None
 
@@ -105,6 +115,7 @@ class Worker:
         self.deadline = deadline(self.study, spec.settings["timeout"])
         self.handled = HideHandledTrials()
         self.failures_in_a_row: list[str] = []
+        self.monitor = None  # the driver's progress and report, when the worker runs in it
         logging.getLogger("optuna.study._optimize").addFilter(self.handled)
 
     def end_stale_run(self, study: optuna.Study, trial: FrozenTrial) -> None:
@@ -152,6 +163,8 @@ class Worker:
             self.failures_in_a_row.append(trial.user_attrs.get("fail_reason", "an unknown error"))
         elif trial.state in (TrialState.COMPLETE, TrialState.PRUNED):
             self.failures_in_a_row.clear()
+        if self.monitor is not None:
+            self.monitor.trial_done()
 
     def objective(self, trial: optuna.Trial) -> float:
         INTERRUPTS.check()  # an interrupt that came while Optuna made the trial: no run yet
@@ -188,7 +201,7 @@ class Worker:
         from mnist_sweep.train import EpochProgress, run_trial
 
         # the space was checked against the config tree before the workers started
-        cfg = compose([*self.spec.fixed, *to_overrides(values), *self.share], check=False)
+        cfg = compose_trial([*self.spec.fixed, *self.share], values)
         metric = self.spec.settings["metric"]
         callbacks = [] if self.spec.settings["quiet"] else [EpochProgress(prefix)]
         tags = {"study_name": self.spec.study_name, "trial_number": str(trial.number),
