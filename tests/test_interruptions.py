@@ -68,7 +68,7 @@ def test_a_failing_report_refresh_does_not_end_the_sweep(tmp_path, mnist_dir):
     MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}").delete_run(parent_id)
     out, err = process.communicate(timeout=300)
     assert process.returncode == 0, err[-3000:]
-    assert "the parent run's report could not be refreshed" in out + err
+    assert "the parent run's report could not be written" in out + err
     assert len(finished(optuna.load_study(study_name="momentum", storage=storage))) == 6
 
 
@@ -84,7 +84,7 @@ def test_a_worker_killed_between_creating_its_run_and_recording_it(found_by, tmp
             *TINY, "train.epochs=1"]
     killed = run_cli("mnist_sweep.sweep", *args, cwd=tmp_path,
                      env={"PYTHONPATH": str(FAULTS), "MNIST_SWEEP_KILL_AT": "trial_run_created"})
-    assert killed.returncode != 0 and "-9" in killed.stderr
+    assert killed.returncode == -9  # one worker runs in the sweep's own process: all of it died
     study = optuna.load_study(study_name="momentum", storage=storage)
     (cut,) = study.trials
     assert cut.state == TrialState.RUNNING and "mlflow_run_id" not in cut.user_attrs

@@ -183,6 +183,8 @@ class Plateaus:
 
     def step(self, metrics: torch.Tensor, due: torch.Tensor) -> None:
         """ReduceLROnPlateau.step(metric) for the active members where `due` is set."""
+        if not len(self.active):
+            return
         cur = metrics.to(torch.float64)
         go = (self.active > 0) & due
         # is_better: min/rel a < best * (1 - thr); min/abs a < best - thr; max mirrors it

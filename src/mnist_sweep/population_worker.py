@@ -42,6 +42,7 @@ from mnist_sweep.train import TrainingDiverged
 from mnist_sweep.worker import TooManyFailures, Worker
 
 log = logging.getLogger("mnist_sweep")
+LAST_STATS: dict = {}  # the last population worker's figures in this process (the benchmark's)
 WAIT = 0.5  # seconds between checks while waiting (for the bookkeeper, for trials elsewhere)
 
 
@@ -80,6 +81,7 @@ class PopulationWorker(Worker):
         for thread in threads:
             thread.start()
         population, sent = None, 0
+        started, trained = time.perf_counter(), 0.0
         try:
             while True:
                 self.wait_for_bookkeeper(sent - 1)  # at most one epoch ahead of it
@@ -89,6 +91,7 @@ class PopulationWorker(Worker):
                 if population is None or len(population) == 0:
                     continue
                 try:
+                    epoch_started = time.perf_counter()
                     with INTERRUPTS.allowed():
                         results = population.train_epoch()
                 except (KeyboardInterrupt, optuna.exceptions.StorageInternalError):
@@ -106,6 +109,7 @@ class PopulationWorker(Worker):
                             for k, r in results.items() if not math.isfinite(r.train_loss)}
                 done = [k for k, r in results.items() if r.epoch == r.epochs and k not in diverged]
                 tests = population.finish(done)
+                trained += time.perf_counter() - epoch_started
                 for key in [*done, *diverged]:
                     population.leave(key)
                 self.events.put(("epoch", results, tests, diverged))
@@ -123,9 +127,13 @@ class PopulationWorker(Worker):
             for thread in threads:
                 thread.join(timeout=60)
             stats = self.writer.close()
+            waited = time.perf_counter() - started - trained
+            LAST_STATS.update(optuna_seconds=self.optuna_seconds, runs=stats.runs,
+                              mlflow_seconds=stats.seconds_in_mlflow, waited_seconds=waited)
             log.info(f"[w{self.index}] population of {self.size}: {stats.runs} runs written, "
                      f"{stats.seconds_in_mlflow:.1f} s inside MLflow (writer process), "
-                     f"{self.optuna_seconds:.1f} s inside Optuna (bookkeeper)")
+                     f"{self.optuna_seconds:.1f} s inside Optuna (bookkeeper), training waited "
+                     f"{waited:.1f} s for them")
         self.raise_bookkeeper_error()
 
     def wait_for_bookkeeper(self, epoch: int) -> None:
@@ -380,9 +388,11 @@ class PopulationWorker(Worker):
                         log.warning(f"[w{self.index}] heartbeat: {failure_reason(error)}")
 
 
-def resolve_population(setting: Any, base_cfg) -> int:
-    """sweep.population as a number: `auto` is 1 on a CPU (this 2-core machine measured no
-    gain: it is GEMM-bound either way) and on a GPU as many members as keep it busy."""
+def resolve_population(setting: Any, base_cfg, n_trials: int | None = None) -> int:
+    """sweep.population as a number. `auto`: 1 on a CPU (GEMM-bound either way: a population
+    gains little there); on a GPU 64 members of the MLP (16 of the CNN), but no more than a
+    quarter of the study's trials, so that the sampler and the pruner learn from several
+    generations rather than drawing every trial blind at once."""
     if setting != "auto":
         return int(setting)
     import torch
@@ -390,4 +400,5 @@ def resolve_population(setting: Any, base_cfg) -> int:
     device = str(base_cfg.train.device)
     if device == "cpu" or not torch.cuda.is_available():
         return 1
-    return 64 if "MLP" in str(base_cfg.model._target_) else 16
+    size = 64 if "MLP" in str(base_cfg.model._target_) else 16
+    return max(1, min(size, n_trials // 4)) if n_trials else size

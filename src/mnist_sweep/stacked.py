@@ -127,19 +127,20 @@ class StackedSGD:
 
     @torch.no_grad()
     def step(self, flat: torch.Tensor, grad: torch.Tensor, lr: torch.Tensor,
-             momentum: torch.Tensor) -> None:
-        """One update of every member; lr and momentum [K] are this batch's (schedules move them)."""
+             momentum: torch.Tensor, general: bool = False) -> None:
+        """One update of every member; lr and momentum [K] are this batch's (schedules move them).
+        general: the path that holds for every member and every step (a CUDA graph replays it)."""
         lr, momentum = lr.view(-1, 1), momentum.view(-1, 1)
-        if self.plain and self.all_started:
+        if self.plain and self.all_started and not general:
             self.buf.mul_(momentum).add_(grad)
             flat.addcmul_(lr, self.buf, value=-1)
             return
         d = grad.addcmul(self.weight_decay, flat)
-        if self.all_started:
+        if self.all_started and not general:
             self.buf.mul_(momentum).addcmul_(d, self.keep)
         else:
             self.buf.copy_(torch.where(self.started, self.buf * momentum + self.keep * d, d))
             self.started.fill_(True)
-            self.all_started = True
+            self.all_started = not general
         direction = torch.where(self.nesterov, d.addcmul(momentum, self.buf), self.buf)
         flat.addcmul_(lr, direction, value=-1)

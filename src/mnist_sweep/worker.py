@@ -83,7 +83,8 @@ def make_worker(spec: SweepSpec, index: int, n_workers: int, monitor=None) -> "W
     """A solo worker, or a population worker when sweep.population resolves to more than 1."""
     from mnist_sweep.population_worker import PopulationWorker, resolve_population
 
-    size = resolve_population(spec.settings["population"], compose(spec.fixed))
+    size = resolve_population(spec.settings["population"], compose(spec.fixed),
+                              spec.settings["n_trials"])
     worker = PopulationWorker(spec, index, n_workers, size) if size > 1 else \
         Worker(spec, index, n_workers)
     worker.monitor = monitor
