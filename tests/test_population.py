@@ -5,6 +5,7 @@ trains as the same trial alone (same seed, same batch order)."""
 from __future__ import annotations
 
 import math
+import os
 
 import pytest
 import torch
@@ -135,6 +136,11 @@ MIXED = [  # one population: different optimizers and every kind of schedule at 
 ]
 
 
+# MNIST_SWEEP_TEST_DEVICE=cuda runs the equivalence on a GPU (the device check does), with TF32
+# off: cuDNN's default TF32 convolutions would differ by 1e-3 between any two algorithms.
+DEVICE = os.environ.get("MNIST_SWEEP_TEST_DEVICE", "cpu")
+
+
 @pytest.mark.parametrize("model", ["mlp", "cnn"])
 def test_a_member_of_a_mixed_population_trains_as_it_would_alone(model, cfg_factory):
     """After each of two epochs, every member's batch losses, LRs, epoch metrics and weights
@@ -149,7 +155,8 @@ def test_a_member_of_a_mixed_population_trains_as_it_would_alone(model, cfg_fact
     from mnist_sweep.population import Population
     from mnist_sweep.train import run_trial
 
-    cfgs = [cfg_factory(f"model={model}", *overrides) for overrides in MIXED]
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    cfgs = [cfg_factory(f"model={model}", f"train.device={DEVICE}", *overrides) for overrides in MIXED]
     population = Population(cfgs[0])
     for i, cfg in enumerate(cfgs):
         population.join(i, cfg)
@@ -167,6 +174,7 @@ def test_a_member_of_a_mixed_population_trains_as_it_would_alone(model, cfg_fact
             assert abs(mine.train_acc - solo.train_acc) <= 1 / 500 and mine.lr == pytest.approx(solo.lr, rel=1e-12)
         weights = torch.nn.utils.parameters_to_vector(alone.model.parameters())
         torch.testing.assert_close(population.model.flat[i].detach(), weights, rtol=0, atol=weight_tol)
+    assert (population.graphs is not None) == DEVICE.startswith("cuda")  # graphs: on a GPU
 
 
 def test_each_member_starts_from_the_weights_its_own_seed_gives_a_solo_trial(cfg_factory):

@@ -66,6 +66,7 @@ class PopulationWorker(Worker):
         self.error: BaseException | None = None
         self.stopping = threading.Event()
         self.optuna_seconds = 0.0                          # time inside Optuna calls
+        self.mlflow_seconds = 0.0                          # time making runs (here, not the writer)
         self.writer = None
 
     # ------------------------------------------------------------------------- the trainer
@@ -129,9 +130,11 @@ class PopulationWorker(Worker):
             stats = self.writer.close()
             waited = time.perf_counter() - started - trained
             LAST_STATS.update(optuna_seconds=self.optuna_seconds, runs=stats.runs,
-                              mlflow_seconds=stats.seconds_in_mlflow, waited_seconds=waited)
-            log.info(f"[w{self.index}] population of {self.size}: {stats.runs} runs written, "
-                     f"{stats.seconds_in_mlflow:.1f} s inside MLflow (writer process), "
+                              mlflow_seconds=self.mlflow_seconds + stats.seconds_in_mlflow,
+                              waited_seconds=waited)
+            log.info(f"[w{self.index}] population of {self.size}: {stats.runs} runs, "
+                     f"{self.mlflow_seconds:.1f} s inside MLflow making them (bookkeeper) and "
+                     f"{stats.seconds_in_mlflow:.1f} s writing them (writer process), "
                      f"{self.optuna_seconds:.1f} s inside Optuna (bookkeeper), training waited "
                      f"{waited:.1f} s for them")
         self.raise_bookkeeper_error()
@@ -164,13 +167,13 @@ class PopulationWorker(Worker):
             if kind == "leave" and population is not None:
                 population.leave(change[1])
             elif kind == "join":
-                _, number, cfg = change
-                try:
-                    if population is None:
-                        population = Population(cfg)
-                    population.join(number, cfg)
-                except Exception as error:  # a trial the population cannot hold fails alone
-                    self.events.put(("failed", {number: failure_reason(error)}))
+                for number, cfg in change[1]:
+                    try:
+                        if population is None:
+                            population = Population(cfg)
+                        population.join(number, cfg)
+                    except Exception as error:  # a trial the population cannot hold fails alone
+                        self.events.put(("failed", {number: failure_reason(error)}))
 
     def raise_bookkeeper_error(self) -> None:
         if self.error is not None:
@@ -188,7 +191,7 @@ class PopulationWorker(Worker):
     def bookkeep(self) -> None:
         try:
             while not self.stopping.is_set():
-                self.take_run_ids()
+                self.check_writer()
                 more = self.fill()
                 if not self.members and not more:
                     self.changes.put(("done",))
@@ -227,6 +230,14 @@ class PopulationWorker(Worker):
         come (False: the budget is spent, the time is up, or nothing is left to retry)."""
         n_trials, max_retry = self.spec.settings["n_trials"], self.spec.settings["max_retry"]
         live = lambda: sum(not m.closed for m in self.members.values())  # noqa: E731
+        joins: list = []
+        try:
+            return self._fill(joins, live, n_trials, max_retry)
+        finally:  # the new members join together, so that an epoch starts with all of them
+            if joins:
+                self.changes.put(("join", joins))
+
+    def _fill(self, joins: list, live, n_trials: int, max_retry: int) -> bool:
         while live() < self.size:
             if self.deadline and time.time() > self.deadline:
                 return False
@@ -245,10 +256,10 @@ class PopulationWorker(Worker):
                 trial.set_user_attr("excess", True)
                 self.optuna_call(self.study.tell, trial, state=TrialState.FAIL)
                 continue
-            self.add_member(trial)
+            self.add_member(trial, joins)
         return True
 
-    def add_member(self, trial: optuna.Trial) -> None:
+    def add_member(self, trial: optuna.Trial, joins: list) -> None:
         import torch
 
         self.optuna_call(trial.set_user_attr, "worker", f"{socket.gethostname()}:{os.getpid()}")
@@ -265,32 +276,21 @@ class PopulationWorker(Worker):
         tags = {"study_name": self.spec.study_name, "trial_number": str(trial.number),
                 "optuna_trial_id": str(trial._trial_id), "state": "running",
                 "population": trial.user_attrs["population"], "population_size": str(self.size)}
-        self.writer.start(trial.number, OmegaConf.to_yaml(cfg),
-                          str(torch.device(cfg.train.device)),
-                          f"{self.spec.study_name}-{trial.number}", self.spec.parent_run_id, tags)
-        self.changes.put(("join", trial.number, cfg))
+        started = time.perf_counter()
+        run = self.tracker.begin(cfg, torch.device(cfg.train.device),
+                                 f"{self.spec.study_name}-{trial.number}",
+                                 self.spec.parent_run_id, tags)
+        self.mlflow_seconds += time.perf_counter() - started
+        if run.run_id:
+            self.optuna_call(trial.set_user_attr, "mlflow_run_id", run.run_id)
+            self.writer.start(trial.number, run.run_id)
+        joins.append((trial.number, cfg))
 
-    def take_run_ids(self) -> None:
-        for number, run_id in self.writer.poll().items():
-            member = self.members.get(number)
-            if member is not None and run_id:
-                self.optuna_call(member.trial.set_user_attr, "mlflow_run_id", run_id)
+    def check_writer(self) -> None:
+        self.writer.poll()
         if self.writer.error:
             log.warning(f"[w{self.index}] MLflow: {self.writer.error}")
             self.writer.error = None
-
-    def record_run_id(self, number: int, timeout: float = 60) -> None:
-        """A trial must know its run before it is told (a finished trial's attributes are
-        frozen): wait for the writer, which makes runs in order, if it has not made it yet."""
-        if isinstance(self.writer.run_ids, dict) and number in self.writer.run_ids:
-            return
-        deadline = time.time() + timeout
-        while time.time() < deadline and getattr(self.writer, "process", None) is not None \
-                and self.writer.process.is_alive():
-            self.take_run_ids()
-            if number in self.writer.run_ids:
-                return
-            time.sleep(0.05)
 
     def handle_epoch(self, results: dict, tests: dict, diverged: dict) -> None:
         metric = self.spec.settings["metric"]
@@ -315,7 +315,6 @@ class PopulationWorker(Worker):
                            result=tests[number])
 
     def close(self, number: int, state: TrialState, epochs: int, value: float, result=None) -> None:
-        self.record_run_id(number)
         member = self.members.pop(number)
         member.closed = True
         trial, prefix = member.trial, f"[w{self.index} #{number}] "
@@ -338,8 +337,6 @@ class PopulationWorker(Worker):
             self.monitor.trial_done()
 
     def fail(self, number: int, reason: str) -> None:
-        if number in self.members:
-            self.record_run_id(number)
         member = self.members.pop(number, None)
         if member is None or member.closed:
             return

@@ -1,11 +1,11 @@
 """The MLflow runs of a population's members, written by a process of their own.
 
 A population of K members ends an epoch with K epochs to record: on SQLite each metric row costs
-~80 us inside MLflow, and K runs to create whenever members are replaced. Written in the
-training process, that would stall the device between epochs; written by a thread, it would
-compete with training for the GIL. So a writer process does every MLflow call of the population,
-in order per member (start, epochs, result, end), while training goes on. What it is sent is
-plain data (configs as YAML, epoch and trial results); run ids come back as the runs are made.
+~80 us inside MLflow. Written in the training process, that would stall the device between
+epochs; written by a thread, it would compete with training for the GIL. So a writer process
+writes the members' curves, results and ends, in order per member, while training goes on. The
+runs themselves are made by the worker (a trial must know its run's id before it is told), and
+handed over by id; what the writer is sent is plain data (epoch and trial results).
 
 Each member's run holds what a solo trial's run holds (params, tags, config.yaml, per-epoch
 curves, test metrics, status); its per-batch curves are sampled at a stride (about
@@ -43,13 +43,12 @@ class RunWriter:
         self.process = ctx.Process(target=_serve, name="mlflow-writer", daemon=True,
                                    args=(tracking_cfg_yaml, self.requests, self.replies))
         self.process.start()
-        self.run_ids: dict[Hashable, str] = {}
         self.stats = WriterStats()
         self.error: str | None = None
 
-    def start(self, key: Hashable, cfg_yaml: str, device: str, run_name: str,
-              parent_run_id: str | None, tags: dict) -> None:
-        self.requests.put(("start", key, (cfg_yaml, device, run_name, parent_run_id, tags)))
+    def start(self, key: Hashable, run_id: str) -> None:
+        """The member's run, made by the worker: from now on the writer writes to it."""
+        self.requests.put(("start", key, run_id))
 
     def epoch(self, key: Hashable, result) -> None:
         self.requests.put(("epoch", key, result))
@@ -58,17 +57,14 @@ class RunWriter:
         """The member's test result (if it finished), its final tags, and the run's status."""
         self.requests.put(("end", key, (status, tags, result)))
 
-    def poll(self) -> dict[Hashable, str]:
-        """Run ids that arrived since the last poll (and errors, kept in .error)."""
-        new = {}
+    def poll(self) -> None:
+        """Errors (kept in .error) and, at the end, the writer's statistics."""
         while True:
             try:
                 kind, key, value = self.replies.get_nowait()
             except queue.Empty:
-                return new
-            if kind == "run_id":
-                new[key] = self.run_ids[key] = value
-            elif kind == "error":
+                return
+            if kind == "error":
                 self.error = value
             elif kind == "stats":
                 self.stats = value
@@ -91,7 +87,7 @@ def _serve(tracking_cfg_yaml: str, requests, replies) -> None:
     from omegaconf import OmegaConf
 
     from mnist_sweep.errors import failure_reason
-    from mnist_sweep.tracking import open_tracker
+    from mnist_sweep.tracking import TrialRun, open_tracker
 
     parent = multiprocessing.parent_process()  # its sentinel tells when the worker is gone
     os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
@@ -111,14 +107,8 @@ def _serve(tracking_cfg_yaml: str, requests, replies) -> None:
         started = time.perf_counter()
         try:
             if kind == "start":
-                cfg_yaml, device, run_name, parent_run_id, tags = payload
-                import torch
-
-                run = tracker.begin(OmegaConf.create(cfg_yaml), torch.device(device), run_name,
-                                    parent_run_id, tags, max_lr_points=BATCH_POINTS_PER_EPOCH)
-                runs[key] = run
+                runs[key] = TrialRun(tracker.client, payload, max_lr_points=BATCH_POINTS_PER_EPOCH)
                 stats.runs += 1
-                replies.put(("run_id", key, run.run_id))
             elif key in runs and kind == "epoch":
                 run = runs[key]
                 run.batch_curve_every = max(run.batch_curve_every,
@@ -142,7 +132,6 @@ class NullWriter:
     """tracking.enabled=false: the same interface, nothing written, no process."""
 
     def __init__(self) -> None:
-        self.run_ids: dict = {}
         self.stats = WriterStats()
         self.error = None
 
@@ -155,8 +144,8 @@ class NullWriter:
     def end(self, *args, **kwargs) -> None:
         pass
 
-    def poll(self) -> dict:
-        return {}
+    def poll(self) -> None:
+        pass
 
     def close(self, timeout: float = 0) -> WriterStats:
         return self.stats
