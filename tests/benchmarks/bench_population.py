@@ -81,6 +81,9 @@ def configurations(n: int, seed: int = 0) -> list[dict]:
     return out
 
 
+REPORT = ["sweep.final_report=wait"]
+
+
 def run(folder: Path, name: str, trials: list[dict], epochs: int, population: int, device: str,
         data: str, extra: tuple = ()) -> dict:
     """One sweep in this process over exactly `trials`; its figures."""
@@ -90,7 +93,7 @@ def run(folder: Path, name: str, trials: list[dict], epochs: int, population: in
 
     spec = load_spec("momentum_decay", [
         f"sweep.study_name={name}", f"sweep.n_trials={len(trials)}", "sweep.pruner=none",
-        "sweep.quiet=true", "sweep.report_every=100000", "sweep.final_report=wait",
+        "sweep.quiet=true", "sweep.report_every=100000", *REPORT,
         f"sweep.population={population}", f"sweep.storage=sqlite:///{folder / 'optuna.db'}",
         f"tracking.tracking_uri=sqlite:///{folder / 'mlflow.db'}", f"train.epochs={epochs}",
         f"train.device={device}", f"data.root={data}", *extra])
@@ -120,10 +123,13 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--sizes", default="4,16,64")
     parser.add_argument("--solo-trials", type=int, default=8)
-    parser.add_argument("--quiet", action="store_true", help="no per-trial lines")
+    parser.add_argument("--background-report", action="store_true",
+                        help="write each run's final report in the background (not timed anyway)")
     parser.add_argument("--largest", default="", help="population sizes to try for (2), e.g. 256,1024")
     parser.add_argument("--default-sweep", action="store_true", help="also run (3)")
     args = parser.parse_args()
+    if args.background_report:
+        REPORT[:] = ["sweep.final_report=background"]
 
     import torch
 
@@ -162,7 +168,7 @@ def main() -> None:
 
         print("\n(3) the default sweep with population mode (momentum_decay, sweep.population=auto)")
         spec = load_spec("momentum_decay", [
-            "sweep.quiet=true", "sweep.population=auto", "sweep.final_report=wait",
+            "sweep.quiet=true", "sweep.population=auto", *REPORT,
             f"sweep.storage=sqlite:///{folder / 'default.db'}",
             f"tracking.tracking_uri=sqlite:///{folder / 'mlflow.db'}", f"train.device={device}",
             f"data.root={args.data}"])
