@@ -285,6 +285,7 @@ class Population:
             g["losses"], g["correct"], g["used_lr"] = self._step(
                 g["x"], g["y"], g["lr"], g["momentum"], plateau, batch_plateau)
         g["graph"] = graph
+        g["masks"] = (plateau, batch_plateau)  # read by the graph: kept alive with it
         self.graphs = g
 
     def lr_of(self, key: Hashable):

@@ -82,7 +82,7 @@ class PopulationWorker(Worker):
         for thread in threads:
             thread.start()
         population, sent = None, 0
-        started, trained = time.perf_counter(), 0.0
+        started, trained, epoch_seconds = time.perf_counter(), 0.0, []
         try:
             while True:
                 self.wait_for_bookkeeper(sent - 1)  # at most one epoch ahead of it
@@ -111,6 +111,7 @@ class PopulationWorker(Worker):
                 done = [k for k, r in results.items() if r.epoch == r.epochs and k not in diverged]
                 tests = population.finish(done)
                 trained += time.perf_counter() - epoch_started
+                epoch_seconds.append(next(iter(results.values())).seconds)
                 for key in [*done, *diverged]:
                     population.leave(key)
                 self.events.put(("epoch", results, tests, diverged))
@@ -130,6 +131,7 @@ class PopulationWorker(Worker):
             stats = self.writer.close()
             waited = time.perf_counter() - started - trained
             LAST_STATS.update(optuna_seconds=self.optuna_seconds, runs=stats.runs,
+                              epoch_seconds=epoch_seconds,
                               mlflow_seconds=self.mlflow_seconds + stats.seconds_in_mlflow,
                               waited_seconds=waited)
             log.info(f"[w{self.index}] population of {self.size}: {stats.runs} runs, "
@@ -348,7 +350,7 @@ class PopulationWorker(Worker):
                                            "mlflow.note.content": f"**Failed**: {reason}"})
         self.changes.put(("leave", number))
         log.warning(f"[w{self.index} #{number}] failed: {reason}")
-        self.failures_in_a_row.append(reason)
+        self.note_failure(reason)
         limit = self.spec.settings["max_failures_in_a_row"]
         if len(self.failures_in_a_row) >= limit:
             hint = " (the whole population at once: a smaller sweep.population may fit)" \

@@ -19,6 +19,7 @@ from optuna.distributions import CategoricalDistribution, FloatDistribution, Int
 from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
 from optuna.trial import FrozenTrial, TrialState
 
+from mnist_sweep import sqlite_stores
 from mnist_sweep.errors import ConfigError, UserError
 from mnist_sweep.space import SearchSpace
 from mnist_sweep.urls import not_sqlite, redact_reason, redact_uri, scheme_of
@@ -60,6 +61,7 @@ def open_storage(url: str, heartbeat_interval: int = 10, grace_period: int = 30,
             raise ConfigError(f"sweep.storage={shown!r}: {path} exists but is not a SQLite "
                               "database; move it away or use another file.")
         engine_kwargs = {"connect_args": {"timeout": 60}}  # wait for a busy writer, don't fail
+        sqlite_stores.install()
     else:
         # pre-ping: a pooled connection that died with a database restart is replaced, not used
         engine_kwargs = {"connect_args": {"connect_timeout": 10}, "pool_pre_ping": True}

@@ -65,6 +65,9 @@ def check_tracking_uri(uri: str) -> None:
         if not_sqlite(path):
             raise TrackingError(f"tracking.tracking_uri={shown!r}: {path} exists but is not a "
                                 "SQLite database; move it away or use another file name.")
+        from mnist_sweep import sqlite_stores
+
+        sqlite_stores.install()
         if not path.exists():
             new_sqlite_store(path)
     if scheme in DB_SCHEMES and scheme != "sqlite":

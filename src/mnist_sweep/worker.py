@@ -161,11 +161,18 @@ class Worker:
 
     def count_failures(self, study: optuna.Study, trial: FrozenTrial) -> None:
         if trial.state == TrialState.FAIL and not trial.user_attrs.get("excess"):
-            self.failures_in_a_row.append(trial.user_attrs.get("fail_reason", "an unknown error"))
+            self.note_failure(trial.user_attrs.get("fail_reason", "an unknown error"))
         elif trial.state in (TrialState.COMPLETE, TrialState.PRUNED):
             self.failures_in_a_row.clear()
         if self.monitor is not None:
             self.monitor.trial_done()
+
+    def note_failure(self, reason: str) -> None:
+        """A failure counts towards sweep.max_failures_in_a_row unless it is the trial's own
+        result: a diverged loss says the configuration does not train (a wide space has many),
+        not that something is broken."""
+        if not reason.startswith("TrainingDiverged"):
+            self.failures_in_a_row.append(reason)
 
     def objective(self, trial: optuna.Trial) -> float:
         INTERRUPTS.check()  # an interrupt that came while Optuna made the trial: no run yet

@@ -82,6 +82,7 @@ def configurations(n: int, seed: int = 0) -> list[dict]:
 
 
 REPORT = ["sweep.final_report=wait"]
+OVERRIDES: list[str] = []
 
 
 def run(folder: Path, name: str, trials: list[dict], epochs: int, population: int, device: str,
@@ -96,7 +97,7 @@ def run(folder: Path, name: str, trials: list[dict], epochs: int, population: in
         "sweep.quiet=true", "sweep.report_every=100000", *REPORT,
         f"sweep.population={population}", f"sweep.storage=sqlite:///{folder / 'optuna.db'}",
         f"tracking.tracking_uri=sqlite:///{folder / 'mlflow.db'}", f"train.epochs={epochs}",
-        f"train.device={device}", f"data.root={data}", *extra])
+        f"train.device={device}", f"data.root={data}", *OVERRIDES, *extra])
     spec.enqueue = trials
     SPENT.update(optuna=0.0, mlflow=0.0)
     population_worker.LAST_STATS.clear()
@@ -110,6 +111,7 @@ def run(folder: Path, name: str, trials: list[dict], epochs: int, population: in
     wall = (max(t.datetime_complete for t in done) - min(t.datetime_start for t in done)).total_seconds()
     stats = dict(population_worker.LAST_STATS)
     return {"wall": wall, "total": total, "member_epochs": len(done) * epochs, "trials": len(done),
+            "epoch_seconds": stats.get("epoch_seconds", []),
             "optuna": stats.get("optuna_seconds", SPENT["optuna"]),
             "mlflow": stats.get("mlflow_seconds", SPENT["mlflow"]),
             "waited": stats.get("waited_seconds", 0.0),
@@ -123,11 +125,16 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--sizes", default="4,16,64")
     parser.add_argument("--solo-trials", type=int, default=8)
+    parser.add_argument("--override", action="append", default=[],
+                        help="a trial override for every run, e.g. train.cuda_graphs=false")
+    parser.add_argument("--compare-graphs", action="store_true",
+                        help="also run the largest of --sizes without CUDA graphs")
     parser.add_argument("--background-report", action="store_true",
                         help="write each run's final report in the background (not timed anyway)")
     parser.add_argument("--largest", default="", help="population sizes to try for (2), e.g. 256,1024")
     parser.add_argument("--default-sweep", action="store_true", help="also run (3)")
     args = parser.parse_args()
+    OVERRIDES.extend(args.override)
     if args.background_report:
         REPORT[:] = ["sweep.final_report=background"]
 
@@ -150,6 +157,11 @@ def main() -> None:
         figures = solo if k == 1 else run(folder, f"pop{k}", pool[:2 * k], args.epochs, k, device, args.data)
         rows.append((label, figures))
         print_row(label, figures, solo)
+    if args.compare_graphs and device.startswith("cuda"):
+        k = sizes[-1]
+        figures = run(folder, f"eager{k}", pool[:2 * k], args.epochs, k, device, args.data,
+                      ("train.cuda_graphs=false",))
+        print_row(f"pop {k}, no graphs", figures, solo)
     if args.largest:
         print("\n(2) the largest population that fits (one generation)")
         for k in [int(x) for x in args.largest.split(",") if x]:
@@ -193,8 +205,9 @@ def print_row(label: str, f: dict, solo: dict) -> None:
     print(f"{label:>18}: {f['trials']:4d} trials, {f['wall']:7.1f} s ({f['total']:.1f} s with the "
           f"sweep's start and report), {rate:8.2f} member-epochs/s, "
           f"{ratio:6.2f}x | inside Optuna {100 * f['optuna'] / f['wall']:5.1f} %, inside MLflow "
-          f"{100 * f['mlflow'] / f['wall']:5.1f} %, training waited {100 * f['waited'] / f['wall']:4.1f} %",
-          flush=True)
+          f"{100 * f['mlflow'] / f['wall']:5.1f} %, training waited {100 * f['waited'] / f['wall']:4.1f} %"
+          + (f" | epochs {min(f['epoch_seconds']):.3f}-{max(f['epoch_seconds']):.3f} s"
+             if f["epoch_seconds"] else ""), flush=True)
 
 
 if __name__ == "__main__":

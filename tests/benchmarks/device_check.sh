@@ -16,10 +16,14 @@ python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upg
 export PYTHONPATH=$REPO/src:/tmp/site PYTHONUNBUFFERED=1 MNIST_SWEEP_DATA=$REPO/.gpu/mnist
 python3 -c "import torch, optuna, mlflow, hydra; print('torch', torch.__version__, torch.cuda.get_device_name(), '| optuna', optuna.__version__, '| mlflow', mlflow.__version__)"
 echo "== 1. equivalence on the GPU"
-MNIST_SWEEP_TEST_DEVICE=cuda timeout 300 python3 -m pytest -q -p no:cacheprovider \
-    tests/test_population.py -k "alone or torchs or sgd or plateaus or own_seed"
-echo "== 2. bench-population"
+MNIST_SWEEP_TEST_DEVICE=cuda timeout 120 python3 -m pytest -q -p no:cacheprovider \
+    tests/test_population.py -k "alone or torchs or sgd or plateaus or own_seed" | tail -3
+PYTHONPATH=$PYTHONPATH:$REPO/tests timeout 120 python3 tests/benchmarks/gpu_equivalence.py
+GRAPHS=()  # members that part from their solo runs with CUDA graphs: bench without them
+if grep -q "graphs=True.*<-- parts" "$OUT/log"; then GRAPHS=(--override train.cuda_graphs=false); fi
+echo "== 2. bench-population ${GRAPHS[*]}"
 cd /tmp/device-run
-timeout 420 python3 "$REPO/tests/benchmarks/bench_population.py" --device cuda --epochs 3 \
-    --sizes 4,16,64 --solo-trials 8 --largest "${1:-256,512}" --default-sweep --background-report
+timeout 300 python3 "$REPO/tests/benchmarks/bench_population.py" --device cuda --epochs 3 \
+    --sizes 4,16,64 --solo-trials 8 --largest "${1:-256}" --default-sweep --background-report \
+    --compare-graphs "${GRAPHS[@]}"
 echo "== done"
