@@ -132,6 +132,7 @@ class PopulationWorker(Worker):
             waited = time.perf_counter() - started - trained
             LAST_STATS.update(optuna_seconds=self.optuna_seconds, runs=stats.runs,
                               epoch_seconds=epoch_seconds,
+                              loop_seconds=time.perf_counter() - started,
                               mlflow_seconds=self.mlflow_seconds + stats.seconds_in_mlflow,
                               waited_seconds=waited)
             log.info(f"[w{self.index}] population of {self.size}: {stats.runs} runs, "
@@ -264,9 +265,8 @@ class PopulationWorker(Worker):
     def add_member(self, trial: optuna.Trial, joins: list) -> None:
         import torch
 
+        # one attribute: each is a transaction of its own (the bookkeeping's main cost)
         self.optuna_call(trial.set_user_attr, "worker", f"{socket.gethostname()}:{os.getpid()}")
-        self.optuna_call(trial.set_user_attr, "population",
-                         f"{socket.gethostname()}:{os.getpid()}/w{self.index}")
         try:
             values = self.optuna_call(self.space.suggest, trial)
             cfg = compose_trial([*self.spec.fixed, *self.share], values)
@@ -277,7 +277,8 @@ class PopulationWorker(Worker):
         self.members[trial.number] = MemberTrial(trial, values, cfg)
         tags = {"study_name": self.spec.study_name, "trial_number": str(trial.number),
                 "optuna_trial_id": str(trial._trial_id), "state": "running",
-                "population": trial.user_attrs["population"], "population_size": str(self.size)}
+                "population": f"{trial.user_attrs['worker']}/w{self.index}",
+                "population_size": str(self.size)}
         started = time.perf_counter()
         run = self.tracker.begin(cfg, torch.device(cfg.train.device),
                                  f"{self.spec.study_name}-{trial.number}",

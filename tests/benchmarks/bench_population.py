@@ -114,7 +114,7 @@ def run(folder: Path, name: str, trials: list[dict], epochs: int, population: in
             "epoch_seconds": stats.get("epoch_seconds", []),
             "optuna": stats.get("optuna_seconds", SPENT["optuna"]),
             "mlflow": stats.get("mlflow_seconds", SPENT["mlflow"]),
-            "waited": stats.get("waited_seconds", 0.0),
+            "waited": stats.get("waited_seconds", 0.0) / stats.get("loop_seconds", 1) * wall,
             "best_test": max((t.user_attrs.get("test_acc", 0) for t in done), default=0)}
 
 
