@@ -14,7 +14,7 @@ DATA ?= $(if $(wildcard ../shared/data/mnist),../shared/data/mnist,./data)
 export MNIST_SWEEP_DATA ?= $(DATA)
 
 .DEFAULT_GOAL := help
-.PHONY: help install test test-slow test-full test-docker train ui sweep server worker sweep-show seed-table bench bench-sweep bench-scale clean
+.PHONY: help install test test-slow test-full test-docker train ui sweep server worker sweep-show seed-table bench bench-sweep bench-population bench-scale clean
 
 help: ## list the targets
 	@grep -hE '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  \033[36m%-12s\033[0m %s\n", $$1, $$2}'
@@ -58,8 +58,11 @@ sweep-show: ## print a sweep's resolved settings and search space, run nothing
 seed-table: ## the note's three configurations over SEEDS seeds, as a markdown table
 	$(PY) -m mnist_sweep.seed_table --seeds $(SEEDS) $(ARGS)
 
-bench-sweep: ## pruning vs none, 1 vs 2 workers, per-trial overhead (real MNIST)
+bench-sweep: ## pruning vs none, 1 vs 2 workers, per-trial overhead, a sweep's fixed cost (real MNIST)
 	$(PY) tests/benchmarks/bench_sweep.py $(ARGS)
+
+bench-population: ## populations of 4, 16, 64 against one trial at a time on this device; the default sweep with population=auto
+	$(PY) tests/benchmarks/bench_population.py $(ARGS)
 
 bench-scale: ## load: 8 workers x 200 tiny trials on PostgreSQL + MLflow server, 4 x 100 on SQLite; errors, duplicates, wall time
 	$(PY) tests/benchmarks/bench_scale.py $(ARGS)

@@ -8,6 +8,12 @@
 (2) 1 vs 2 workers on 2 cores, no pruning, the same trials: trials per minute. Target >= 1.6x.
 (3) per-trial overhead outside training (sampling, composing, MLflow runs, storage): a trial's
     wall time (Optuna's start..complete) minus its epochs' time. Target <= 0.5 s and <= 5 %.
+(4) the fixed cost of a sweep: `make sweep SWEEP=momentum ARGS="sweep.n_trials=4 train.epochs=2
+    sweep.pruner=none"` as a person at a terminal runs it (sweep.final_report=background), in a
+    fresh folder: wall time minus training time (the epochs' seconds), the first epoch's start
+    after launch, the end after the last trial. Target: fixed cost <= 3 s.
+
+    python tests/benchmarks/bench_sweep.py --fixed-cost-only     (just (4), a few times)
 """
 
 from __future__ import annotations
@@ -40,8 +46,8 @@ def run_sweep(folder: Path, data: str, *overrides: str) -> float:
     return time.perf_counter() - started
 
 
-def study_of(folder: Path) -> optuna.Study:
-    return optuna.load_study(study_name="momentum_decay", storage=f"sqlite:///{folder / 'optuna.db'}")
+def study_of(folder: Path, name: str = "momentum_decay") -> optuna.Study:
+    return optuna.load_study(study_name=name, storage=f"sqlite:///{folder / 'optuna.db'}")
 
 
 def finished(study):
@@ -75,15 +81,45 @@ def trials_per_minute(study) -> float:
     return 60 * len(done) / span
 
 
+def fixed_cost(folder: Path, data: str) -> dict:
+    """One 4 x 2 sweep in a fresh folder, timed from the outside; where the time went."""
+    folder.mkdir(parents=True)
+    log = open(folder / "sweep.log", "w")  # not a pipe: the background report holds no pipe open
+    started = time.time()
+    process = subprocess.Popen([sys.executable, "-m", "mnist_sweep.sweep", "--sweep", "momentum",
+                                "sweep.n_trials=4", "train.epochs=2", "sweep.pruner=none",
+                                "sweep.quiet=true", "sweep.final_report=background",
+                                f"data.root={data}"], cwd=folder, stdout=log, stderr=log)
+    code = process.wait()  # what the person at the terminal waits for
+    ended = time.time()
+    if code != 0:
+        raise SystemExit(f"sweep failed in {folder}:\n{(folder / 'sweep.log').read_text()[-3000:]}")
+    time.sleep(8)  # let the background report finish before the next run
+    client = MlflowClient(f"sqlite:///{folder / 'mlflow.db'}")
+    runs = [r for r in client.search_runs([e.experiment_id for e in client.search_experiments()])
+            if "trial_number" in r.data.tags]
+    epochs = [m for r in runs for m in client.get_metric_history(r.info.run_id, "epoch_seconds")]
+    first = min(epochs, key=lambda m: m.timestamp)  # logged as the first epoch ended
+    last_trial = max(t.datetime_complete for t in study_of(folder, "momentum").trials).timestamp()
+    training = sum(m.value for m in epochs)
+    return {"wall": ended - started, "training": training, "fixed": ended - started - training,
+            "first_epoch": first.timestamp / 1000 - first.value - started,
+            "after_last": ended - last_trial}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", default=os.environ.get("MNIST_SWEEP_DATA", str(REPO.parent / "shared/data/mnist")))
     parser.add_argument("--trials", type=int, default=24, help="trials per study in (1)")
     parser.add_argument("--epochs", type=int, default=6, help="epochs per trial in (1)")
     parser.add_argument("--worker-trials", type=int, default=10, help="trials per run in (2)")
+    parser.add_argument("--fixed-cost-only", action="store_true", help="only (4), three times")
     args = parser.parse_args()
     root = Path(tempfile.mkdtemp(prefix="bench-sweep-"))
     print(f"scratch {root}, data {args.data}, {os.cpu_count()} cores", flush=True)
+    if args.fixed_cost_only:
+        print_fixed_costs([fixed_cost(root / f"fixed-{i}", args.data) for i in range(3)])
+        return
 
     # (1) pruning
     budget = [f"sweep.n_trials={args.trials}", f"train.epochs={args.epochs}"]
@@ -127,6 +163,16 @@ def main() -> None:
         print(f"| {label} | {len(rows_)} | {statistics.median(o for o, _ in rows_):.3f} | "
               f"{100 * statistics.median(o / w for o, w in rows_):.1f} % | {max(o for o, _ in rows_):.3f} |")
     print("(the max is a worker's first trial, which also decodes the data and moves it to the device)")
+    print_fixed_costs([fixed_cost(root / f"fixed-{i}", args.data) for i in range(3)])
+
+
+def print_fixed_costs(costs: list[dict]) -> None:
+    print("\n(4) fixed cost of a 4 x 2 sweep (momentum, fresh folder, report in the background)")
+    print("| run | wall s | training s | fixed cost s (target <= 3) | first epoch starts at s | ends after the last trial s |")
+    print("|---|---|---|---|---|---|")
+    for i, c in enumerate(costs, 1):
+        print(f"| {i} | {c['wall']:.1f} | {c['training']:.1f} | {c['fixed']:.1f} | "
+              f"{c['first_epoch']:.1f} | {c['after_last']:.2f} |")
 
 
 if __name__ == "__main__":
