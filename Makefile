@@ -39,7 +39,8 @@ test-docker: ## build the images and run the compose stack for real (root, Docke
 train: ## train one trial of the seed note's configuration (ARGS="optim.momentum=0.9 schedule=step")
 	$(PY) -m mnist_sweep.train $(ARGS)
 
-ui: ## open the MLflow UI on http://127.0.0.1:5000 over the local store (parent run per study, nested trials)
+ui: ## open the MLflow UI on http://127.0.0.1:5000 over the local store; prints each study's deep link (its trials, best first)
+	@$(PY) -m mnist_sweep.review --tracking-uri $${MLFLOW_TRACKING_URI:-sqlite:///mlflow.db}
 	$(VENV)/bin/mlflow ui --backend-store-uri $${MLFLOW_TRACKING_URI:-sqlite:///mlflow.db} --host 127.0.0.1 --port 5000
 
 sweep: ## run or resume a sweep (SWEEP=momentum_decay|momentum|seed_note|wide, WORKERS=N, ARGS="sweep.n_trials=60 train.epochs=5")

@@ -6,13 +6,16 @@ from hydra.utils import instantiate
 from mnist_sweep.cli import CONF_DIR, compose, config_groups
 from conftest import REPO, run_cli
 
+# experiment and hparams_search are added (+experiment=...), not chosen: tested below.
 ALL_OPTIONS = [(group, option) for group, options in config_groups(CONF_DIR).items()
-               for option in options]
+               for option in options if group not in ("experiment", "hparams_search")]
 
 
 def test_the_tree_has_the_groups_and_options_the_design_names():
     groups = config_groups(CONF_DIR)
-    assert set(groups) == {"data", "model", "optim", "schedule", "train", "tracking"}
+    assert set(groups) == {"data", "model", "optim", "schedule", "train", "tracking", "experiment",
+                           "hparams_search"}
+    assert set(groups["experiment"]) == {"note_momentum", "note_plateau", "note_step"}
     assert set(groups["schedule"]) == {"none", "step", "multistep", "exponential", "cosine",
                                        "plateau", "onecycle"}
     assert set(groups["data"]) == {"mnist", "fashion_mnist", "kmnist"}
@@ -45,6 +48,22 @@ def test_seed_presets_of_plateau_and_step():
     assert (plateau.interval, plateau.monitor) == ("batch", "train_loss")
     step = compose(["schedule=step"]).schedule
     assert (step.step_size, step.gamma, step.interval) == (800, 0.9, "batch")
+
+
+@pytest.mark.parametrize("preset,schedule", [("note_momentum", "none"), ("note_plateau", "plateau"),
+                                             ("note_step", "step")])
+def test_the_notes_three_runs_are_experiment_presets(preset, schedule):
+    cfg = compose([f"+experiment={preset}"])
+    assert (cfg.optim.lr, cfg.optim.momentum, cfg.train.batch_size, cfg.train.epochs) == \
+        (0.01, 0.78, 200, 10)
+    assert cfg.schedule.name == schedule and cfg.tracking.run_name.startswith("note momentum 0.78")
+    if schedule == "plateau":
+        assert (cfg.schedule.patience, cfg.schedule.factor, cfg.schedule.interval,
+                cfg.schedule.monitor) == (200, 0.7, "batch", "train_loss")
+    if schedule == "step":
+        assert (cfg.schedule.step_size, cfg.schedule.gamma, cfg.schedule.interval) == (800, 0.9, "batch")
+    # a preset is a starting point: later overrides still win
+    assert compose([f"+experiment={preset}", "optim.momentum=0.5"]).optim.momentum == 0.5
 
 
 def test_faithful_output_activation_option_adds_a_leaky_relu_on_the_logits():

@@ -105,3 +105,29 @@ def test_real_mnist_decodes_to_the_known_figures():
                                                5851, 5949]
     assert round(raw["train"][0].float().mean().item(), 2) == 33.32
     assert round(raw["test"][0].float().mean().item(), 2) == 33.79
+
+
+def test_files_of_another_known_dataset_are_refused_and_unknown_files_accepted(tmp_path, monkeypatch):
+    folder = make_synthetic_mnist(tmp_path / "files")
+    own = data.load_raw(str(folder), "mnist", False)  # a user's own IDX data: accepted, digested
+    assert len(own["digest"]) == 64 and own["folder"] == str(folder)
+    data.load_raw.cache_clear()
+    # These very files, known as Fashion-MNIST's (the real digests need the real files: the slow
+    # tier's test_real_data tries MNIST's files under data=fashion_mnist).
+    monkeypatch.setitem(data.KNOWN_DIGESTS, own["digest"], "fashion_mnist")
+    with pytest.raises(DataError, match=r"are fashion_mnist's .* not mnist's.*use data=fashion_mnist"):
+        data.load_raw(str(folder), "mnist", False)
+    assert data.load_raw(str(folder), "fashion_mnist", False)["digest"] == own["digest"]
+    data.load_raw.cache_clear()
+
+
+def test_the_same_files_give_the_same_digest_whatever_their_compression(tmp_path):
+    mixed = make_synthetic_mnist(tmp_path / "mixed")  # train images gzip'd, the rest raw
+    plain = tmp_path / "plain"
+    plain.mkdir()
+    for path in mixed.iterdir():
+        opener = gzip.open if path.suffix == ".gz" else open
+        with opener(path, "rb") as src, open(plain / path.name.removesuffix(".gz"), "wb") as dst:
+            shutil.copyfileobj(src, dst)
+    assert (data.load_raw(str(mixed), "mnist", False)["digest"]
+            == data.load_raw(str(plain), "mnist", False)["digest"])

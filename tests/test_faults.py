@@ -75,7 +75,7 @@ def assert_every_trial_recorded_once_in_full(study, client, study_name, epochs):
         assert run.info.status == "FINISHED"
         run_id = run.info.run_id
         assert [m.step for m in client.get_metric_history(run_id, "val_acc")] == list(range(1, epochs + 1))
-        assert len(client.get_metric_history(run_id, "batch/train_loss")) == epochs * BATCHES_PER_EPOCH
+        assert len(client.get_metric_history(run_id, "batch_train_loss")) == epochs * BATCHES_PER_EPOCH
         assert "test_acc" in run.data.metrics
 
 

@@ -263,7 +263,7 @@ enqueue:
         epochs = t.user_attrs.get("epochs_trained", 1)
         history = client.get_metric_history(run.info.run_id, "val_acc")
         assert [m.step for m in sorted(history, key=lambda m: m.step)] == list(range(1, epochs + 1))
-        assert client.get_metric_history(run.info.run_id, "batch/train_loss")
+        assert client.get_metric_history(run.info.run_id, "batch_train_loss")
         expected = {TrialState.COMPLETE: ("FINISHED", "complete"), TrialState.PRUNED: ("FINISHED", "pruned"),
                     TrialState.FAIL: ("FAILED", "failed")}[t.state]
         assert (run.info.status, run.data.tags["state"]) == expected

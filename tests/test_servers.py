@@ -32,7 +32,7 @@ def test_two_workers_on_postgres_and_an_mlflow_server(servers, tmp_path, mnist_d
     assert sorted(r.data.tags["trial_number"] for r in children) == sorted(str(t.number) for t in done)
     for child in children:  # exactly one run per trial, with its curves
         assert child.data.metrics["val_acc"] >= 0 and child.info.status == "FINISHED"
-        assert len(client.get_metric_history(child.info.run_id, "batch/train_loss")) > 0
+        assert len(client.get_metric_history(child.info.run_id, "batch_train_loss")) > 0
     for text in (out.stdout, out.stderr, servers.mlflow_log.read_text()):
         assert hides_password(text)
     for run in runs:

@@ -61,6 +61,11 @@ def test_two_workers_finish_exactly_n_trials_without_duplicates_or_lock_errors(t
     workers = {line.split()[0] for line in out.stdout.splitlines() if line.startswith("[w")}
     assert workers == {"[w0", "[w1"}  # both workers trained trials
     assert study.trials[0].params == {"optim.lr": 0.01, "optim.momentum": 0.78, "schedule": "none"}
+    # the deep link to the study's trials in MLflow's Model training view, best first
+    link = next(line for line in out.stdout.splitlines() if "review the trials" in line).split()[-1]
+    assert link.startswith("http://127.0.0.1:5000/#/experiments/") and "workflowType=machine_learning" in link
+    assert "orderByKey=metrics.%60val_acc%60&orderByAsc=false" in link
+    assert "tags.study_name%20%3D%20%27momentum_decay%27" in link
 
 
 def test_conditional_parameters_appear_only_with_their_option(two_worker_sweep):
@@ -86,21 +91,44 @@ def test_mlflow_has_one_parent_and_a_child_per_trial(two_worker_sweep):
     assert parent.info.run_name == "momentum_decay" and parent.info.status == "FINISHED"
     assert parent.data.tags["sampler"] == "tpe" and parent.data.tags["pruner"] == "median"
     assert parent.data.tags["storage"] == "sqlite:///optuna.db"
-    assert "best_val_acc" in parent.data.metrics and parent.data.tags["best_trial"]
+    # the sweep's own metrics stay apart from the trials' (sweep_*)
+    assert {"sweep_best_val_acc", "sweep_trials_finished"} <= set(parent.data.metrics)
+    assert "val_acc" not in parent.data.metrics
     children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
     study = load(folder, "momentum_decay")
+    best = study.best_trial
+    best_run = client.get_run(best.user_attrs["mlflow_run_id"])
+    tags = parent.data.tags
+    assert tags["best_trial"] == str(best.number) and tags["best_run_id"] == best_run.info.run_id
+    assert {k.removeprefix("best.") for k in tags if k.startswith("best.")} == set(best.params)
+    # the best configuration as the parent's params, under the trials' keys
+    assert parent.data.params == best_run.data.params and tags["params_trial"] == str(best.number)
+    note = tags["mlflow.note.content"]
+    assert f"Best: trial {best.number}, [{best_run.info.run_name}](#/experiments/" in note
+    assert f"val_acc {best.value:.4f}" in note and "test_acc" in note and "plots/" in note
+    assert "workflowType=machine_learning" in note
+    experiment = client.get_experiment(parent.info.experiment_id)
+    assert "parent run" in experiment.tags["mlflow.note.content"]
     assert sorted(int(r.data.tags["trial_number"]) for r in children) == \
         sorted(t.number for t in finished(study))
     for child in children:
         trial = study.trials[int(child.data.tags["trial_number"])]
         expected = "pruned" if trial.state == TrialState.PRUNED else "complete"
         assert child.data.tags["state"] == expected and child.info.status == "FINISHED"
+        assert child.data.tags["sweep_role"] == "trial"
+        # the trial number first, zero-padded, then its sampled values
+        assert child.info.run_name.startswith(f"t{trial.number:03d} {trial.params['schedule']} ")
+        assert child.data.tags["epochs_trained"] == str(trial.user_attrs.get("epochs_trained", 3))
+        if expected == "pruned":
+            assert child.data.tags["mlflow.note.content"].startswith(
+                f"**Pruned** by the median pruner after epoch {trial.user_attrs['epochs_trained']}")
         assert trial.user_attrs["mlflow_run_id"] == child.info.run_id
         epochs = trial.user_attrs.get("epochs_trained", 3)
         history = client.get_metric_history(child.info.run_id, "val_acc")
         assert [m.step for m in sorted(history, key=lambda m: m.step)] == list(range(1, epochs + 1))
-        assert len(client.get_metric_history(child.info.run_id, "batch/train_loss")) == 10 * epochs
-        assert child.data.params["train.threads"] == "1"  # 2 workers split the 2 cores
+        assert len(client.get_metric_history(child.info.run_id, "batch_train_loss")) == 10 * epochs
+        assert child.data.tags["threads"] == "1"  # 2 workers split the 2 cores
+        assert not any(k.startswith(("tracking.", "train.threads", "data.root")) for k in child.data.params)
 
 
 def test_parent_artifacts_are_valid_pngs_csv_and_the_sweep_file(two_worker_sweep):

@@ -1,5 +1,6 @@
 """One trial recorded in a real (temporary) SQLite MLflow store."""
 
+import json
 import os
 
 import pytest
@@ -28,13 +29,26 @@ def test_a_run_has_params_tags_curves_final_metrics_and_config(cfg_factory, stor
     tags = run.data.tags
     assert tags["dataset"] == "mnist" and tags["model"] == "mlp" and tags["device"] == "cpu"
     assert tags["schedule"] == "step" and tags["torch_version"].startswith("2.")
+    # What the review needs: a readable name, a role, MLflow's own context tags, no local noise.
+    assert run.info.run_name == "mlp step lr=0.01 m=0.78"
+    assert tags["sweep_role"] == "single" and tags["mlflow.user"] and tags["mlflow.source.name"]
+    assert not any(k.startswith(("tracking.", "debug", "train.progress", "data.root", "train.device"))
+                   for k in params), sorted(params)
+    # The splits as MLflow datasets: the Dataset column and the run page show them.
+    inputs = {d.tags[0].value: d.dataset for d in run.inputs.dataset_inputs}
+    assert sorted(inputs) == ["testing", "training", "validation"]
+    assert inputs["training"].name == "mnist/train" and inputs["testing"].name == "mnist/test"
+    profile = json.loads(inputs["training"].profile)
+    assert profile["num_images"] == 500 and profile["val_size"] == 100 and profile["split_seed"] == 0
+    assert profile["known_as"] == "unknown (own data)" and len(profile["files_digest"]) == 64
+    assert json.loads(inputs["validation"].profile)["num_images"] == 100
 
     def history(key):
         return client.get_metric_history(run.info.run_id, key)
 
-    assert [m.step for m in history("batch/train_loss")] == list(range(2 * STEPS))
+    assert [m.step for m in history("batch_train_loss")] == list(range(2 * STEPS))
     # StepLR every 5 batches: the LR curve is drawn exactly by its change points.
-    lr_points = {m.step: m.value for m in history("batch/lr")}
+    lr_points = {m.step: m.value for m in history("batch_lr")}
     assert sorted(lr_points) == [0, 4, 5, 9, 10, 14, 15, 19]
     assert lr_points[4] == 0.01 and lr_points[5] == pytest.approx(0.009)
     assert lr_points[19] == pytest.approx(0.01 * 0.9 ** 3)

@@ -15,9 +15,21 @@ from omegaconf import DictConfig, OmegaConf
 from mnist_sweep.errors import ConfigError, report, user_errors_exit
 from mnist_sweep.interrupts import INTERRUPTS
 
-# conf/ sits at the repository root (`make install` installs the package editable);
-# MNIST_SWEEP_CONF may point elsewhere.
-CONF_DIR = Path(os.environ.get("MNIST_SWEEP_CONF", Path(__file__).resolve().parents[2] / "conf"))
+def shipped_folder(package: str) -> Path:
+    """A folder shipped in the package (conf/ and sweeps/ of the repository, installed as
+    mnist_sweep.conf and mnist_sweep.sweeps): found wherever the package is installed."""
+    import importlib.resources
+
+    return Path(str(importlib.resources.files(package)))
+
+
+# Config keys that say where and how a trial runs, not what it is: not a run's params (tags, or
+# nothing), not part of a study's definition (they may differ between machines and restarts).
+LOCAL_KEYS = ("tracking", "train.device", "train.threads", "train.progress", "train.cuda_graphs",
+              "data.root", "data.download", "debug", "hydra")
+
+# The config tree; MNIST_SWEEP_CONF may point at another.
+CONF_DIR = Path(os.environ.get("MNIST_SWEEP_CONF") or shipped_folder("mnist_sweep.conf"))
 
 
 def exit_now(code: int = 0) -> None:
@@ -40,7 +52,7 @@ def config_groups(conf_dir: Path = CONF_DIR) -> dict[str, list[str]]:
 @functools.lru_cache(maxsize=8)
 def _config_groups(conf_dir: Path) -> tuple:
     return tuple((d.name, tuple(sorted(p.stem for p in d.glob("*.yaml"))))
-                 for d in sorted(conf_dir.iterdir()) if d.is_dir())
+                 for d in sorted(conf_dir.iterdir()) if d.is_dir() and d.name[0] not in "_.")
 
 
 _initialized_dir: str | None = None

@@ -62,6 +62,9 @@ def start_parent_run(spec: SweepSpec, study: optuna.Study, tracker, made_here: b
             "direction": s["direction"], "sweep_role": "parent"}
     run_id = tracker.start_run(run_name=spec.study_name, tags=tags)
     study.set_user_attr("mlflow_parent_run_id", run_id)
+    from mnist_sweep.review import describe_experiment
+
+    describe_experiment(client, tracker.experiment_id)
     return run_id
 
 
@@ -197,6 +200,13 @@ def run_sweep(spec: SweepSpec, join: bool = False) -> optuna.Study:
                 print(f"[{spec.study_name}] the parent run's report (plots, trials.csv) is being "
                       "written in the background", flush=True)
     summarize(study, spec)
+    if tracker.client is not None and not quiet:
+        from mnist_sweep.review import trials_link
+
+        link = trials_link(tracker.uri, tracker.experiment_id, spec.study_name,
+                           spec.settings["metric"], spec.settings["direction"] == "maximize")
+        hint = " (after `make ui`)" if not tracker.uri.startswith("http") else ""
+        print(f"[{spec.study_name}] review the trials, best first, in MLflow{hint}: {link}", flush=True)
     return study
 
 

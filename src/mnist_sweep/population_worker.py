@@ -38,6 +38,7 @@ from mnist_sweep.cli import compose, compose_trial
 from mnist_sweep.errors import failure_reason
 from mnist_sweep.interrupts import INTERRUPTS
 from mnist_sweep.study import claimed_before, counts
+from mnist_sweep.tracking import trial_end_tags, trial_run_name
 from mnist_sweep.train import TrainingDiverged
 from mnist_sweep.worker import TooManyFailures, Worker
 
@@ -275,13 +276,14 @@ class PopulationWorker(Worker):
             self.fail(trial.number, failure_reason(error))
             return
         self.members[trial.number] = MemberTrial(trial, values, cfg)
-        tags = {"study_name": self.spec.study_name, "trial_number": str(trial.number),
+        tags = {"sweep_role": "trial", "study_name": self.spec.study_name,
+                "trial_number": str(trial.number),
                 "optuna_trial_id": str(trial._trial_id), "state": "running",
                 "population": f"{trial.user_attrs['worker']}/w{self.index}",
                 "population_size": str(self.size)}
         started = time.perf_counter()
         run = self.tracker.begin(cfg, torch.device(cfg.train.device),
-                                 f"{self.spec.study_name}-{trial.number}",
+                                 trial_run_name(trial.number, values, self.spec.settings["n_trials"]),
                                  self.spec.parent_run_id, tags)
         self.mlflow_seconds += time.perf_counter() - started
         if run.run_id:
@@ -327,13 +329,15 @@ class PopulationWorker(Worker):
         metric = self.spec.settings["metric"]
         if state == TrialState.PRUNED:
             self.optuna_call(self.study.tell, trial, state=TrialState.PRUNED)
-            self.writer.end(number, "FINISHED", {"state": "pruned"})
+            self.writer.end(number, "FINISHED", trial_end_tags("pruned", epochs, metric, value,
+                                                               self.spec.settings["pruner"]))
             log.info(f"{prefix}pruned after epoch {epochs}: {metric} {value:.4f}")
         else:
             self.optuna_call(trial.set_user_attr, "test_acc", result.test_acc)
             self.optuna_call(trial.set_user_attr, "test_loss", result.test_loss)
             self.optuna_call(self.study.tell, trial, value)
-            self.writer.end(number, "FINISHED", {"state": "complete"}, result)
+            self.writer.end(number, "FINISHED", trial_end_tags("complete", epochs, metric, value),
+                            result)
             log.info(f"{prefix}complete: {metric} {value:.4f}, test_acc {result.test_acc:.4f} | {shown}")
         self.failures_in_a_row.clear()
         if self.monitor is not None:

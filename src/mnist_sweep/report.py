@@ -15,6 +15,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import time
 import warnings
 from dataclasses import asdict
 from pathlib import Path
@@ -57,7 +58,8 @@ def complete_trials(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
 
 
 def save_optuna_plots(study, spec, space, folder: Path) -> dict[str, str]:
-    """PNG files from optuna.visualization.matplotlib; {name: why skipped} for those it can't draw."""
+    """PNG files from optuna.visualization.matplotlib, the objective named by its metric;
+    {name: why skipped} for those it can't draw."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -66,13 +68,15 @@ def save_optuna_plots(study, spec, space, folder: Path) -> dict[str, str]:
 
     skipped = {}
     pair = contour_pair(spec, space, study)
+    metric = spec.settings["metric"]
     plots = {
-        "optimization_history": lambda: ov.plot_optimization_history(study),
-        "param_importances": lambda: ov.plot_param_importances(study),
-        "parallel_coordinate": lambda: ov.plot_parallel_coordinate(study),
+        "optimization_history": lambda: ov.plot_optimization_history(study, target_name=metric),
+        "param_importances": lambda: ov.plot_param_importances(study, target_name=metric),
+        "parallel_coordinate": lambda: ov.plot_parallel_coordinate(study, target_name=metric),
     }
     if pair:
-        plots[f"contour_{pair[0]}_vs_{pair[1]}"] = lambda: ov.plot_contour(study, params=pair)
+        plots[f"contour_{pair[0]}_vs_{pair[1]}"] = lambda: ov.plot_contour(study, params=pair,
+                                                                           target_name=metric)
     verbosity = optuna.logging.get_verbosity()
     optuna.logging.set_verbosity(optuna.logging.ERROR)  # e.g. "unique value length < 2" notes
     for name, draw in plots.items():
@@ -106,9 +110,9 @@ def save_top_curves(study, client, folder: Path, top: int = 5) -> bool:
     for t in best:
         run_id = t.user_attrs["mlflow_run_id"]
         label = f"#{t.number} ({t.value:.4f})"
-        lr = sorted(client.get_metric_history(run_id, "batch/lr"), key=lambda m: m.step)
+        lr = sorted(client.get_metric_history(run_id, "batch_lr"), key=lambda m: m.step)
         acc = sorted(client.get_metric_history(run_id, "val_acc"), key=lambda m: m.step)
-        # batch/lr is stored by change points: a step plot draws it exactly
+        # batch_lr is stored by change points: a step plot draws it exactly
         lr_ax.step([m.step for m in lr], [m.value for m in lr], where="post", label=label)
         acc_ax.plot([m.step for m in acc], [m.value for m in acc], marker="o", label=label)
     lr_ax.set(title="learning rate per batch", xlabel="batch", ylabel="lr", yscale="log")
@@ -135,6 +139,41 @@ def set_best_tags(client, run_id: str, params: dict) -> None:
     client.log_batch(run_id, tags=[RunTag(f"best.{k}", str(v)) for k, v in params.items()])
 
 
+def describe_parent(client, study: optuna.Study, spec) -> None:
+    """The parent's sweep metrics (sweep_*: apart from the trials' metrics in the runs table),
+    its best.* tags, best_run_id, params (the best configuration) and markdown description."""
+    from mlflow.entities import Metric, RunTag
+
+    from mnist_sweep.review import log_best_params, parent_description
+    from mnist_sweep.study import counts
+
+    run_id, metric = spec.parent_run_id, spec.settings["metric"]
+    experiment_id = client.get_run(run_id).info.experiment_id
+    c = counts(study)
+    now, step = int(time.time() * 1000), c["done"]
+    metrics = [Metric("sweep_trials_finished", c["done"], now, step),
+               Metric("sweep_trials_pruned", c["pruned"], now, step)]
+    trials = complete_trials(study)
+    best = trials[0] if trials else None
+    best_run, test_acc, params_trial = None, None, None
+    if best is not None:
+        metrics.append(Metric(f"sweep_best_{metric}", best.value, now, step))
+        test_acc = best.user_attrs.get("test_acc")
+        if test_acc is not None:
+            metrics.append(Metric("sweep_best_test_acc", test_acc, now, step))
+        set_best_tags(client, run_id, best.params)
+        tags = [RunTag("best_trial", str(best.number))]
+        if best.user_attrs.get("mlflow_run_id"):
+            best_run = client.get_run(best.user_attrs["mlflow_run_id"])
+            tags.append(RunTag("best_run_id", best_run.info.run_id))
+            params_trial = log_best_params(client, run_id, best_run)
+        client.log_batch(run_id, tags=tags)
+    client.log_batch(run_id, metrics=metrics)
+    note = parent_description(spec.study_name, experiment_id, spec.settings, c, best, best_run,
+                              test_acc, params_trial)
+    client.set_tag(run_id, "mlflow.note.content", note)
+
+
 def write_report(study: optuna.Study, spec, space, plots: bool = True,
                  status: str | None = None) -> None:
     """Refresh the parent run: best value/params, artifacts, plots; end it with `status`."""
@@ -143,23 +182,12 @@ def write_report(study: optuna.Study, spec, space, plots: bool = True,
     from mlflow.tracking import MlflowClient
 
     from mnist_sweep.cli import compose
-    from mnist_sweep.study import counts
 
     client = MlflowClient(compose(spec.fixed).tracking.tracking_uri)
     run_id = spec.parent_run_id
     folder = Path(tempfile.mkdtemp(prefix="sweep-report-"))
     try:
-        c = counts(study)
-        client.log_metric(run_id, "trials_finished", c["done"], step=c["done"])
-        client.log_metric(run_id, "trials_pruned", c["pruned"], step=c["done"])
-        trials = complete_trials(study)
-        if trials:
-            best = trials[0]
-            client.log_metric(run_id, f"best_{spec.settings['metric']}", best.value, step=c["done"])
-            if "test_acc" in best.user_attrs:
-                client.log_metric(run_id, "best_trial_test_acc", best.user_attrs["test_acc"], step=c["done"])
-            client.set_tag(run_id, "best_trial", str(best.number))
-            set_best_tags(client, run_id, best.params)
+        describe_parent(client, study, spec)
         (folder / "sweep").mkdir()
         # The file as written, but with any password in it masked (a storage URL, say).
         (folder / "sweep" / Path(spec.file).name).write_text(mask_secrets(Path(spec.file).read_text()))

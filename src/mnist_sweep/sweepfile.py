@@ -13,14 +13,15 @@ from typing import Any
 
 from omegaconf import OmegaConf
 
-from mnist_sweep.cli import CONF_DIR, check_overrides, compose, compose_trial, config_groups
+from mnist_sweep.cli import (CONF_DIR, LOCAL_KEYS, check_overrides, compose, compose_trial,
+                             config_groups, shipped_folder)
 from mnist_sweep.errors import ConfigError
 from mnist_sweep.space import SearchSpace, build_space, contains, to_overrides
 from mnist_sweep.study import PRUNERS, SAMPLERS
 from mnist_sweep.urls import mask_secrets
 from mnist_sweep.validation import is_int
 
-SWEEPS_DIR = Path(__file__).resolve().parents[2] / "sweeps"
+SWEEPS_DIR = shipped_folder("mnist_sweep.sweeps")  # the repository's sweeps/, wherever installed
 FILE_SECTIONS = ("sweep", "params", "conditional", "fixed", "enqueue")
 METRICS = {"val_acc": "maximize", "val_loss": "minimize", "train_acc": "maximize",
            "train_loss": "minimize"}
@@ -44,10 +45,6 @@ DEFAULT_SETTINGS: dict[str, Any] = {
     "final_report": "auto",    # background | wait | auto (background at a terminal)
     "contour": None,           # [x, y] parameters of the contour plot; null = momentum vs decay
 }
-# Trial config keys that say where and how a trial runs, not what it is: they may differ between
-# machines and restarts of one study.
-LOCAL_KEYS = ("tracking", "train.device", "train.threads", "train.progress", "data.root",
-              "data.download", "debug", "hydra")
 
 
 @dataclass

@@ -11,7 +11,6 @@ import functools
 import logging
 import os
 import platform
-import subprocess
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -27,6 +26,9 @@ from mnist_sweep.urls import not_sqlite, redact_passwords, redact_reason, redact
 log = logging.getLogger("mnist_sweep")
 
 MAX_METRICS_PER_BATCH = 1000  # MLflow's log_batch limits
+# Per-batch curves. Not "batch/lr": MLflow's run page titles a chart by the name's last part,
+# and "lr" and "train_loss" are the per-epoch curves' names.
+BATCH_LOSS, BATCH_LR = "batch_train_loss", "batch_lr"
 MAX_PARAMS_PER_BATCH = 100
 MAX_PARAM_LENGTH = 6000
 DB_SCHEMES = ("sqlite", "postgresql", "mysql", "mssql")
@@ -152,23 +154,71 @@ def flatten(config: dict, prefix: str = "") -> dict[str, str]:
 
 
 @functools.lru_cache(maxsize=1)
-def git_commit() -> str | None:
-    repo = Path(__file__).resolve().parents[2]
-    try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True,
-                             text=True, timeout=5)
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return out.stdout.strip() or None if out.returncode == 0 else None
+def context_tags() -> dict[str, str]:
+    """MLflow's own context tags: the user, the source (the command) and, run from a git
+    checkout, its commit and branch."""
+    from mlflow.tracking.context.registry import resolve_tags
+
+    return {k: v for k, v in resolve_tags({}).items() if k.startswith("mlflow.")}
 
 
 def trial_tags(cfg: DictConfig, device: torch.device) -> dict[str, str]:
-    tags = {"dataset": cfg.data.name, "model": cfg.model._target_.rsplit(".", 1)[-1].lower(),
+    """What a run's params leave out (where and how it ran) and what MLflow's columns show."""
+    return {**context_tags(), "dataset": cfg.data.name,
+            "model": cfg.model._target_.rsplit(".", 1)[-1].lower(),
             "schedule": cfg.schedule.get("name", "none"), "device": str(device),
+            "threads": str(cfg.train.get("threads") or torch.get_num_threads()),
             "torch_version": torch.__version__, "python_version": platform.python_version()}
-    if (commit := git_commit()):
-        tags["git_commit"] = tags["mlflow.source.git.commit"] = commit
+
+
+def trial_params(resolved: dict) -> dict[str, str]:
+    """A run's params: what defines the trial (the flattened config), not where or how it ran
+    (tracking, device, threads, data folder, progress: tags, or nothing)."""
+    from mnist_sweep.cli import LOCAL_KEYS
+
+    return {k: v for k, v in flatten(resolved).items()
+            if not any(k == p or k.startswith(p + ".") for p in LOCAL_KEYS)}
+
+
+SHORT_NAMES = {"optim.lr": "lr", "optim.momentum": "m", "optim.weight_decay": "wd",
+               "train.batch_size": "bs"}
+
+
+def short_values(values: dict, limit: int = 4) -> str:
+    """`cosine lr=0.18 m=0.65`: a few values in a narrow column (a group's option as itself)."""
+    # group options first (the schedule, the model), then the optimizer, then the rest
+    def rank(key: str) -> int:
+        return 0 if "." not in key else 1 if key.startswith("optim.") else 2
+
+    parts = []
+    for key, value in sorted(values.items(), key=lambda item: rank(item[0]))[:limit]:
+        shown = f"{value:.2g}" if isinstance(value, float) else str(value)
+        parts.append(shown if "." not in key and isinstance(value, str) else
+                     f"{SHORT_NAMES.get(key, key.rsplit('.', 1)[-1])}={shown}")
+    return " ".join(parts)
+
+
+def trial_run_name(number: int, values: dict, n_trials: int) -> str:
+    """`t023 cosine lr=0.18 m=0.65`: the trial number first, zero-padded, then its values."""
+    return f"t{number:0{max(3, len(str(n_trials)))}d} {short_values(values)}".strip()
+
+
+def trial_end_tags(state: str, epochs: int, metric: str, value: float, pruner: str = "") -> dict:
+    """A trial run's final tags: its state, the epochs it trained and, for a pruned one, a
+    description that says so (MLflow shows every ended run as a green "Finished")."""
+    tags = {"state": state, "epochs_trained": str(epochs)}
+    if state == "pruned":
+        tags["mlflow.note.content"] = (f"**Pruned** by the {pruner} pruner after epoch {epochs}: "
+                                       f"{metric} {value:.4f} was behind the other trials' at that "
+                                       "epoch. Its curves stop there; it has no test metrics.")
     return tags
+
+
+def single_run_name(cfg: DictConfig) -> str:
+    """`mlp none lr=0.01 m=0.78`: a standalone run's model, schedule and optimizer."""
+    model = cfg.model._target_.rsplit(".", 1)[-1].lower()
+    return (f"{model} {cfg.schedule.get('name', 'none')} lr={float(cfg.optim.lr):.2g} "
+            f"m={float(cfg.optim.momentum):.2g}")
 
 
 def lr_change_points(lrs: Sequence[float]) -> list[int]:
@@ -240,12 +290,12 @@ class TrialRun:
 
         now = int(time.time() * 1000)
         every = self.batch_curve_every
-        metrics = [Metric("batch/train_loss", r.batch_loss[i], now, r.first_step + i)
+        metrics = [Metric(BATCH_LOSS, r.batch_loss[i], now, r.first_step + i)
                    for i in range(0, len(r.batch_loss), every)]
         points = lr_change_points(r.batch_lr)
         if self.max_lr_points is not None and len(points) > self.max_lr_points:
             points = range(0, len(r.batch_lr), every)  # a smooth schedule: sampled like the loss
-        metrics += [Metric("batch/lr", r.batch_lr[i], now, r.first_step + i) for i in points]
+        metrics += [Metric(BATCH_LR, r.batch_lr[i], now, r.first_step + i) for i in points]
         metrics += [Metric(k, v, now, r.epoch) for k, v in r.metrics().items()]
         self._log_metrics(metrics)
 
@@ -344,16 +394,31 @@ class MlflowTracker:
     def begin(self, cfg: DictConfig, device: torch.device, run_name: str | None = None,
               parent_run_id: str | None = None, extra_tags: dict | None = None,
               batch_curve_every: int | None = None, max_lr_points: int | None = None) -> TrialRun:
-        """Start a trial's run: params (every resolved config value, passwords masked), tags,
-        config.yaml. Whoever begins it ends it (trial_run does; a population's writer does)."""
+        """Start a trial's run: params (what defines the trial, passwords masked), tags (MLflow's
+        context, where it ran), the datasets it trains, validates and tests on, config.yaml (the
+        whole resolved config). Whoever begins it ends it (trial_run does; a population's
+        writer does). A run not of a sweep is tagged sweep_role=single."""
         resolved = redact_passwords(OmegaConf.to_container(cfg, resolve=True))
         resolved.pop("hydra", None)
-        run_id = self.start_run(run_name or cfg.tracking.get("run_name"),
-                                tags={**trial_tags(cfg, device), **(extra_tags or {})},
-                                params=flatten(resolved), parent_run_id=parent_run_id)
+        tags = {"sweep_role": "single", **trial_tags(cfg, device), **(extra_tags or {})}
+        run_id = self.start_run(run_name or cfg.tracking.get("run_name") or single_run_name(cfg),
+                                tags=tags, params=trial_params(resolved),
+                                parent_run_id=parent_run_id)
         self.client.log_text(run_id, OmegaConf.to_yaml(resolved), "config.yaml")
+        self.log_datasets(run_id, cfg.data)
         return TrialRun(self.client, run_id, self.log_model, self.async_logging,
                         batch_curve_every or self.batch_curve_every, max_lr_points=max_lr_points)
+
+    def log_datasets(self, run_id: str, data_cfg: DictConfig) -> None:
+        """The run's train, val and test splits as MLflow datasets (its Dataset column): name,
+        the files' content digest, sizes, split seed, the folder they were read from."""
+        from mlflow.entities import DatasetInput, InputTag
+
+        from mnist_sweep.datasets import split_datasets
+
+        inputs = [DatasetInput(dataset._to_mlflow_entity(), [InputTag("mlflow.data.context", context)])
+                  for context, dataset in split_datasets(data_cfg)]
+        self.client.log_inputs(run_id, datasets=inputs)
 
     @contextmanager
     def trial_run(self, cfg: DictConfig, device: torch.device, run_name: str | None = None,

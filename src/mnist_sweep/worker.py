@@ -206,16 +206,18 @@ class Worker:
     def train(self, trial: optuna.Trial, values: dict, prefix: str) -> float:
         import torch
 
+        from mnist_sweep.tracking import trial_end_tags, trial_run_name
         from mnist_sweep.train import EpochProgress, run_trial
 
         # the space was checked against the config tree before the workers started
         cfg = compose_trial([*self.spec.fixed, *self.share], values)
         metric = self.spec.settings["metric"]
         callbacks = [] if self.spec.settings["quiet"] else [EpochProgress(prefix)]
-        tags = {"study_name": self.spec.study_name, "trial_number": str(trial.number),
-                "optuna_trial_id": str(trial._trial_id), "state": "running"}
-        with self.tracker.trial_run(cfg, device=torch.device(cfg.train.device),
-                                    run_name=f"{self.spec.study_name}-{trial.number}",
+        tags = {"sweep_role": "trial", "study_name": self.spec.study_name,
+                "trial_number": str(trial.number), "optuna_trial_id": str(trial._trial_id),
+                "state": "running"}
+        run_name = trial_run_name(trial.number, values, self.spec.settings["n_trials"])
+        with self.tracker.trial_run(cfg, device=torch.device(cfg.train.device), run_name=run_name,
                                     parent_run_id=self.spec.parent_run_id, extra_tags=tags,
                                     normal_ends=(optuna.TrialPruned,)) as run:
             if run.run_id:
@@ -225,7 +227,8 @@ class Worker:
                 trial.report(epoch.metrics()[metric], step=epoch.epoch)
                 if trial.should_prune():
                     trial.set_user_attr("epochs_trained", epoch.epoch)
-                    run.set_tags({"state": "pruned"})
+                    run.set_tags(trial_end_tags("pruned", epoch.epoch, metric,
+                                                epoch.metrics()[metric], self.spec.settings["pruner"]))
                     log.info(f"{prefix}pruned after epoch {epoch.epoch}: {metric} "
                              f"{epoch.metrics()[metric]:.4f}")
                     raise optuna.TrialPruned()
@@ -245,7 +248,7 @@ class Worker:
             except BaseException:
                 run.set_tags({"state": "failed"})
                 raise
-            run.set_tags({"state": "complete"})
+            run.set_tags(trial_end_tags("complete", len(result.epochs), metric, 0.0))
         value = result.epochs[-1].metrics()[metric]
         trial.set_user_attr("test_acc", result.test_acc)
         trial.set_user_attr("test_loss", result.test_loss)

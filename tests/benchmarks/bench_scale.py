@@ -66,7 +66,7 @@ def run_load(folder: Path, data_root: Path, workers: int, trials: int, storage: 
     by_trial = {r.data.tags["trial_number"]: r for r in children}
     incomplete = [t.number for t in finished if str(t.number) in by_trial and (
         by_trial[str(t.number)].info.status != "FINISHED"
-        or not {"val_acc", "test_acc", "batch/train_loss"} <= set(by_trial[str(t.number)].data.metrics))]
+        or not {"val_acc", "test_acc", "batch_train_loss"} <= set(by_trial[str(t.number)].data.metrics))]
     locked = log.count("database is locked")
     tracebacks = log.count("Traceback")
     figures = {
