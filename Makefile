@@ -22,7 +22,9 @@ help: ## list the targets
 install: ## create .venv and install the package with pinned dependencies
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade "pip>=24"
-	$(PY) -m pip install --quiet -e '.[dev]'
+	@# compat: src/ on the path, so that Hydra finds our sweeper plugin by walking the
+	@# hydra_plugins folder (setuptools' default editable finder hides it from that walk).
+	$(PY) -m pip install --quiet -e '.[dev]' --config-settings editable_mode=compat
 
 test: ## run the fast test suite (synthetic data, no network)
 	$(PY) -m pytest -q -n 2

@@ -83,6 +83,10 @@ def run_cli(module: str, *args: str, cwd: Path, env: dict | None = None,
     """`python -m <module> args...` as a user would run it; returns the completed process."""
     full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
     full_env.pop("MNIST_SWEEP_DEBUG", None)
+    if module == "mnist_sweep.sweep" and not any(a.startswith("sweep.register_model=") for a in args):
+        # Registering the best model retrains it at the end (~3 s a sweep that the tests wait
+        # for): only the tests of registration (test_registry, test_sweep's two-worker sweep) do.
+        args = (*args, "sweep.register_model=false")
     return subprocess.run([sys.executable, "-m", module, *args], cwd=cwd, env=full_env,
                           capture_output=True, text=True, timeout=timeout)
 

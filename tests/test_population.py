@@ -269,7 +269,7 @@ enqueue:
         assert (run.info.status, run.data.tags["state"]) == expected
         if t.state == TrialState.COMPLETE:
             assert run.data.metrics["test_acc"] == pytest.approx(t.user_attrs["test_acc"])
-    assert parent.info.status == "FINISHED" and "best_val_acc" in parent.data.metrics
+    assert parent.info.status == "FINISHED" and "sweep_best_val_acc" in parent.data.metrics
 
 
 def test_a_population_worker_killed_has_all_its_members_retried(tmp_path, mnist_dir):

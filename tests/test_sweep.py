@@ -44,7 +44,7 @@ def two_worker_sweep(tmp_path_factory, mnist_dir):
     """momentum_decay, 8 trials, 2 workers, plots refreshed every 3 trials."""
     folder = tmp_path_factory.mktemp("sweep")
     out = sweep_cli(folder, mnist_dir, "--sweep", "momentum_decay", "sweep.n_trials=8",
-                    "sweep.workers=2", "sweep.report_every=3")
+                    "sweep.workers=2", "sweep.report_every=3", "sweep.register_model=auto")
     assert out.returncode == 0, out.stderr[-3000:]
     return folder, out
 
@@ -107,6 +107,7 @@ def test_mlflow_has_one_parent_and_a_child_per_trial(two_worker_sweep):
     assert f"Best: trial {best.number}, [{best_run.info.run_name}](#/experiments/" in note
     assert f"val_acc {best.value:.4f}" in note and "test_acc" in note and "plots/" in note
     assert "workflowType=machine_learning" in note
+    assert client.get_model_version_by_alias("momentum_decay", "champion").run_id == best_run.info.run_id
     experiment = client.get_experiment(parent.info.experiment_id)
     assert "parent run" in experiment.tags["mlflow.note.content"]
     assert sorted(int(r.data.tags["trial_number"]) for r in children) == \

@@ -17,10 +17,14 @@ from mnist_sweep.interrupts import INTERRUPTS
 
 def shipped_folder(package: str) -> Path:
     """A folder shipped in the package (conf/ and sweeps/ of the repository, installed as
-    mnist_sweep.conf and mnist_sweep.sweeps): found wherever the package is installed."""
+    mnist_sweep.conf and mnist_sweep.sweeps): found wherever the package is installed. An
+    editable install (`make install`) puts src/ on the path instead: the repository's folder."""
     import importlib.resources
 
-    return Path(str(importlib.resources.files(package)))
+    try:
+        return Path(str(importlib.resources.files(package)))
+    except ModuleNotFoundError:
+        return Path(__file__).resolve().parents[2] / package.rsplit(".", 1)[-1]
 
 
 # Config keys that say where and how a trial runs, not what it is: not a run's params (tags, or

@@ -139,6 +139,25 @@ def set_best_tags(client, run_id: str, params: dict) -> None:
     client.log_batch(run_id, tags=[RunTag(f"best.{k}", str(v)) for k, v in params.items()])
 
 
+def register_champion(client, study: optuna.Study, spec) -> None:
+    """The best trial's model registered with the alias champion (registry.py); the parent's
+    tag registered_model says where. A failure is a warning: the sweep's result stands."""
+    from mnist_sweep.errors import failure_reason
+    from mnist_sweep.registry import register_best
+
+    trials = [t for t in complete_trials(study) if t.user_attrs.get("mlflow_run_id")]
+    if not trials:
+        return
+    try:
+        best_run = client.get_run(trials[0].user_attrs["mlflow_run_id"])
+        uri = register_best(client, spec, best_run, trials[0].number)
+        if uri:
+            client.set_tag(spec.parent_run_id, "registered_model", uri)
+    except Exception as error:
+        log.warning(f"[{spec.study_name}] the best trial's model was not registered "
+                    f"({failure_reason(error)})")
+
+
 def describe_parent(client, study: optuna.Study, spec) -> None:
     """The parent's sweep metrics (sweep_*: apart from the trials' metrics in the runs table),
     its best.* tags, best_run_id, params (the best configuration) and markdown description."""
@@ -170,7 +189,8 @@ def describe_parent(client, study: optuna.Study, spec) -> None:
         client.log_batch(run_id, tags=tags)
     client.log_batch(run_id, metrics=metrics)
     note = parent_description(spec.study_name, experiment_id, spec.settings, c, best, best_run,
-                              test_acc, params_trial)
+                              test_acc, params_trial,
+                              client.get_run(run_id).data.tags.get("registered_model"))
     client.set_tag(run_id, "mlflow.note.content", note)
 
 
@@ -187,6 +207,8 @@ def write_report(study: optuna.Study, spec, space, plots: bool = True,
     run_id = spec.parent_run_id
     folder = Path(tempfile.mkdtemp(prefix="sweep-report-"))
     try:
+        if status == "FINISHED":
+            register_champion(client, study, spec)
         describe_parent(client, study, spec)
         (folder / "sweep").mkdir()
         # The file as written, but with any password in it masked (a storage URL, say).
@@ -259,6 +281,7 @@ def serve() -> None:
     from mnist_sweep.errors import failure_reason
 
     logging.basicConfig(level=logging.WARNING, format="%(message)s", force=True)
+    os.environ["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] = "false"  # config.yaml's download
     optuna.logging.set_verbosity(optuna.logging.ERROR)
     spec = SweepSpec(**json.loads(sys.stdin.readline()))
     space = spec.space()

@@ -60,7 +60,7 @@ def describe_experiment(client, experiment_id: str) -> None:
 
 def parent_description(study_name: str, experiment_id: str, settings: dict, counts: dict,
                        best=None, best_run=None, test_acc: float | None = None,
-                       params_trial: str | None = None) -> str:
+                       params_trial: str | None = None, model_uri: str | None = None) -> str:
     """The parent run's markdown: the study's state, the best trial (a link to its run), its
     parameters, val/test accuracy, and where the plots and all the trials are."""
     metric, maximize = settings["metric"], settings["direction"] == "maximize"
@@ -80,6 +80,9 @@ def parent_description(study_name: str, experiment_id: str, settings: dict, coun
         lines += [f"| `{k}` | {v:.6g} |" if isinstance(v, float) else f"| `{k}` | {v} |"
                   for k, v in best.params.items()]
         lines.append("")
+        if model_uri:
+            lines.append(f"**Model**: `{model_uri}` in the model registry (Models tab); serve it "
+                         f"with `mlflow models predict -m {model_uri} --env-manager local`.")
         if params_trial is not None and params_trial != str(best.number):
             lines.append(f"This run's params are trial {params_trial}'s, the best when they were "
                          "first recorded (MLflow params cannot change); the tags `best.*` and "

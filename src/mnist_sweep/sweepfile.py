@@ -44,6 +44,9 @@ DEFAULT_SETTINGS: dict[str, Any] = {
     "population": 1,           # trials a worker trains at once as one stacked model; auto: by device
     "final_report": "auto",    # background | wait | auto (background at a terminal)
     "contour": None,           # [x, y] parameters of the contour plot; null = momentum vs decay
+    # At the end, the best trial's model in MLflow's registry under this name with the alias
+    # champion: auto = the study's name; false = not registered.
+    "register_model": "auto",
 }
 
 
@@ -171,6 +174,11 @@ def check_settings(s: dict) -> None:
     if s["seed"] is not None and not is_int(s["seed"]):
         raise ConfigError(f"sweep.seed={s['seed']!r} is not allowed: an integer, or null for a "
                           "seed drawn by the operating system.")
+    name = s["register_model"]
+    if name is not False and name is not None and (not isinstance(name, str) or not name.strip()
+                                                   or "/" in name or ":" in name):
+        raise ConfigError(f"sweep.register_model={name!r} is not allowed: auto (the study's name), "
+                          "false (no registration) or a model name without '/' or ':'.")
     if not isinstance(s["study_name"], str) or not s["study_name"].strip():
         raise ConfigError(f"sweep.study_name={s['study_name']!r} is not allowed: a non-empty name.")
 

@@ -38,6 +38,7 @@ PRUNERS = {"MedianPruner": "median", "HyperbandPruner": "hyperband", "NopPruner"
 @dataclass
 class OptunaSweeperConf:
     _target_: str = "hydra_plugins.mnist_sweep_optuna.optuna_sweeper.OptunaSweeper"
+    _recursive_: bool = False  # the sampler's and pruner's configs reach us as configs, not objects
     defaults: List[Any] = field(default_factory=lambda: [{"sampler": "tpe"}])
     # the keys of Hydra's Optuna sweeper
     sampler: Any = MISSING
