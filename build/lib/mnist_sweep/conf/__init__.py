@@ -1,0 +1,1 @@
+"""Hydra configs of a trial (shipped inside the package as mnist_sweep.conf)."""

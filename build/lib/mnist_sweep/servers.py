@@ -1,0 +1,430 @@
+"""A shared PostgreSQL and an MLflow tracking server on this machine, for many workers.
+
+    python -m mnist_sweep.servers --dir server-data                      (make server)
+    python -m mnist_sweep.servers --dir server-data --host 0.0.0.0      (workers on other machines)
+
+starts PostgreSQL (as an unprivileged user: it refuses root) with a data folder under --dir and
+two databases: `optuna` (the study's RDB storage) and `mlflow` (the tracking server's backend
+store); then `mlflow server` with artifacts served from --dir/artifacts. Both listen on --host
+(127.0.0.1 by default: this machine only). For other machines:
+
+  - PostgreSQL admits user `mnist` with its scram-sha-256 password from the networks --allow-net
+    names (default: the networks of this machine's interfaces that --host listens on), and from
+    this machine; pg_hba.conf is written anew at every start.
+  - The MLflow server answers requests whose Host header is one --allow-host names (default:
+    this machine's host names and addresses); MLflow refuses any other with 403, against DNS
+    rebinding. A browser on another machine may use the UI under those names.
+
+The URLs, password included (percent-encoded), go to --dir/urls.env (mode 600, never readable by
+others, not even while it is written) for workers to source; what is printed has the password
+masked. Ctrl-C or SIGTERM stops both.
+"""
+
+from __future__ import annotations
+
+import argparse
+import errno
+import ipaddress
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from mnist_sweep.interrupts import INTERRUPTS
+from mnist_sweep.errors import ConfigError, UserError, user_errors_exit
+from mnist_sweep.urls import redact_uri, with_password
+
+PG_USER = "mnist"
+UNPRIVILEGED = "postgres"  # the Debian package's system user; PostgreSQL will not run as root
+
+
+LOOPBACK_HOSTS = ("localhost", "127.0.0.1", "::1")
+
+
+def write_private(path: Path, text: str) -> None:
+    """Write a secret file that is mode 600 from its first byte: a new file made with that mode
+    (never world-readable, whatever the umask), then renamed over the old one."""
+    fd, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")  # mode 600
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+
+
+def machine_interfaces() -> list[ipaddress.IPv4Interface | ipaddress.IPv6Interface]:
+    """This machine's addresses with their networks (from `ip -o addr`), loopback included."""
+    try:
+        out = subprocess.run(["ip", "-o", "addr", "show"], capture_output=True, text=True, timeout=5)
+        found = [ipaddress.ip_interface(line.split()[3]) for line in out.stdout.splitlines()
+                 if len(line.split()) > 3 and line.split()[2] in ("inet", "inet6")]
+    except (OSError, subprocess.SubprocessError, ValueError):
+        found = []
+    if not found:  # no iproute2: the addresses the host name resolves to, as single hosts
+        infos = socket.getaddrinfo(socket.gethostname(), None)
+        found = [ipaddress.ip_interface(info[4][0]) for info in infos]
+    return [i for i in found if not i.ip.is_link_local]
+
+
+def machine_names() -> list[str]:
+    """This machine's host names and addresses: what other machines may call it."""
+    names = [socket.gethostname(), socket.getfqdn()]
+    names += [str(i.ip) for i in machine_interfaces()]
+    return list(dict.fromkeys(n for n in names if n))
+
+
+def host_name() -> str:
+    """This machine's name for other machines: its fully qualified name when it has one."""
+    fqdn = socket.getfqdn()
+    return fqdn if "." in fqdn and not fqdn.startswith("localhost") else socket.gethostname()
+
+
+def is_loopback(host: str) -> bool:
+    if host in LOOPBACK_HOSTS:
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def default_networks(host: str) -> list[str]:
+    """The networks PostgreSQL admits by default: none beyond this machine when it listens on
+    loopback; else those of the interfaces it listens on (all of them for 0.0.0.0)."""
+    if is_loopback(host):
+        return []
+    interfaces = [i for i in machine_interfaces() if not i.ip.is_loopback]
+    if host not in ("0.0.0.0", "::", "*"):
+        try:
+            address = ipaddress.ip_address(socket.gethostbyname(host))
+        except (OSError, ValueError):
+            return []
+        interfaces = [i for i in interfaces if i.ip == address] or [ipaddress.ip_interface(address)]
+    return list(dict.fromkeys(str(i.network) for i in interfaces))
+
+
+def check_networks(networks: list[str]) -> list[str]:
+    out = []
+    for net in networks:
+        try:
+            out.append(str(ipaddress.ip_network(net, strict=False)))
+        except ValueError:
+            raise ConfigError(f"--allow-net {net!r} is not a network: give an address with its "
+                              "prefix length, such as 10.0.0.0/8, 192.168.1.0/24 or 10.1.2.3/32 "
+                              "(one host).") from None
+    return out
+
+
+def mlflow_host_patterns(hosts: list[str]) -> list[str]:
+    """MLflow's --allowed-hosts patterns (fnmatch) for host names/addresses, any port: a Host
+    header is `name` or `name:port` (IPv6 `[addr]:port`)."""
+    patterns = []
+    for host in hosts:
+        if ":" in host and not host.startswith("["):  # IPv6
+            host = f"[{host}]"
+        escaped = host.replace("[", "[[]", 1) if host.startswith("[") else host
+        patterns += [host, f"{escaped}:*"]
+    return list(dict.fromkeys(patterns))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def check_port(host: str, port: int, flag: str) -> None:
+    """The address is one of this machine's and the port is free, before anything starts."""
+    if not 1 <= port <= 65535:
+        raise ConfigError(f"{flag} {port} is not a TCP port: use 1-65535.")
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+        except socket.gaierror:
+            raise ConfigError(f"--host {host!r} is not an address or host name this machine "
+                              "resolves; use 127.0.0.1 (default) or one of its addresses.") from None
+        except OSError as error:
+            if error.errno == errno.EADDRINUSE:
+                raise ConfigError(f"{flag} {port} on {host} is already in use (another server, "
+                                  "or a `make server` still running?); choose another port with "
+                                  f"{flag}.") from None
+            raise ConfigError(f"--host {host!r} cannot be listened on ({error.strerror}); use "
+                              "127.0.0.1 (default) or an address of this machine.") from None
+
+
+def _as_unprivileged(cmd: list[str]) -> list[str]:
+    return ["runuser", "-u", UNPRIVILEGED, "--", *cmd] if os.geteuid() == 0 else cmd
+
+
+@dataclass
+class Postgres:
+    folder: Path
+    port: int
+    password: str
+    host: str = "127.0.0.1"              # the address it listens on
+    advertise: str | None = None         # the name in the URLs it hands out (default: host)
+    networks: list[str] = field(default_factory=list)  # admitted beyond this machine
+
+    @property
+    def data(self) -> Path:
+        return self.folder / "data"
+
+    def url(self, database: str) -> str:
+        return with_password("postgresql", PG_USER, self.password, self.advertise or self.host,
+                             self.port, database)
+
+    def write_hba(self) -> None:
+        """pg_hba.conf: this machine (socket and loopback) and the allowed networks, each with
+        a scram-sha-256 password; nothing else is admitted."""
+        lines = ["# Written by mnist-sweep at every start (python -m mnist_sweep.servers --allow-net).",
+                 "local all all scram-sha-256",
+                 "host all all 127.0.0.1/32 scram-sha-256",
+                 "host all all ::1/128 scram-sha-256"]
+        lines += [f"host all {PG_USER} {net} scram-sha-256" for net in self.networks]
+        (self.data / "pg_hba.conf").write_text("\n".join(lines) + "\n")
+
+    def _run(self, *cmd: str, env: dict | None = None) -> subprocess.CompletedProcess:
+        out = subprocess.run(_as_unprivileged(list(cmd)), capture_output=True, text=True,
+                             env={**os.environ, **(env or {})})
+        if out.returncode != 0:
+            raise UserError(f"{cmd[0]} failed: {' '.join(out.stderr.split())[:400]}")
+        return out
+
+    def init(self) -> None:
+        if (self.data / "PG_VERSION").exists():
+            return
+        self.folder.mkdir(parents=True, exist_ok=True)
+        if os.geteuid() == 0:
+            shutil.chown(self.folder, UNPRIVILEGED, UNPRIVILEGED)
+        pwfile = self.folder / "pwfile"
+        write_private(pwfile, self.password + "\n")
+        if os.geteuid() == 0:
+            shutil.chown(pwfile, UNPRIVILEGED, UNPRIVILEGED)
+        try:
+            self._run("initdb", "-D", str(self.data), "-U", PG_USER, "--auth=scram-sha-256",
+                      f"--pwfile={pwfile}", "--encoding=UTF8")
+        finally:
+            pwfile.unlink(missing_ok=True)
+
+    def start(self) -> None:
+        self.init()
+        self.write_hba()
+        listen = "*" if self.host in ("0.0.0.0", "::") else self.host
+        self._run("pg_ctl", "-D", str(self.data), "-l", str(self.folder / "postgres.log"), "-w",
+                  "-t", "60", "-o", f"-h '{listen}' -p {self.port} -k '{self.folder}'", "start")  # through a shell
+
+    def stop(self, mode: str = "fast") -> None:
+        subprocess.run(_as_unprivileged(["pg_ctl", "-D", str(self.data), "-m", mode, "-w", "stop"]),
+                       capture_output=True)
+
+    def create_databases(self, *names: str) -> None:
+        # Through the server's Unix socket: whatever --host and --allow-net say.
+        env, at = {"PGPASSWORD": self.password}, ["-h", str(self.folder), "-p", str(self.port)]
+        existing = self._run("psql", *at, "-U", PG_USER, "-d", "postgres", "-Atc",
+                             "select datname from pg_database", env=env).stdout.split()
+        for name in names:
+            if name not in existing:
+                self._run("createdb", *at, "-U", PG_USER, name, env=env)
+
+
+def start_mlflow_server(backend_url: str, artifacts: Path, port: int, host: str = "127.0.0.1",
+                        log_file: Path | None = None,
+                        allowed_hosts: list[str] | None = None) -> subprocess.Popen:
+    """`mlflow server` as a child process; the backend URL (with its password) goes through the
+    environment, not the command line. It answers Host headers naming `allowed_hosts` (and this
+    machine's loopback names), any port; a browser's UI is allowed from the same names."""
+    artifacts.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, "MLFLOW_BACKEND_STORE_URI": backend_url}
+    names = list(dict.fromkeys([*LOOPBACK_HOSTS, *(allowed_hosts or [])]))
+    origins = [f"http://{f'[{n}]' if ':' in n else n}:{port}" for n in names]
+    log = open(log_file, "ab") if log_file else subprocess.DEVNULL
+    process = subprocess.Popen(
+        [sys.executable, "-m", "mlflow", "server", "--host", host, "--port", str(port),
+         "--artifacts-destination", str(artifacts), "--workers", "2",
+         "--allowed-hosts", ",".join(mlflow_host_patterns(names)),
+         "--cors-allowed-origins", ",".join(origins)],
+        env=env, stdout=log, stderr=log, start_new_session=True)
+    probe = "127.0.0.1" if host in ("0.0.0.0", "::") else host
+    wait_for_http(f"http://{f'[{probe}]' if ':' in probe else probe}:{port}/health", process)
+    return process
+
+
+def wait_for_http(url: str, process: subprocess.Popen, timeout: float = 120) -> None:
+    import requests
+
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if process.poll() is not None:
+            raise UserError(f"The MLflow server exited with status {process.returncode} before "
+                            f"answering at {url}; see its log.")
+        try:
+            if requests.get(url, timeout=2).ok:
+                return
+        except requests.RequestException:
+            pass
+        time.sleep(0.5)
+    raise UserError(f"The MLflow server did not answer at {url} within {timeout:.0f} s.")
+
+
+def stop_process(process: subprocess.Popen, timeout: float = 20) -> None:
+    if process.poll() is None:
+        os.killpg(process.pid, signal.SIGTERM)
+        try:
+            process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+
+
+@dataclass
+class LocalServers:
+    """PostgreSQL (databases optuna and mlflow) and an MLflow server backed by it, on one machine:
+    what `make server` runs and what the tests start, stop and restart.
+
+    `host`: the address both listen on; `advertise`: the name workers use in their URLs;
+    `networks`: where PostgreSQL admits workers from (beyond this machine); `allowed_hosts`: the
+    names the MLflow server answers to (beyond localhost)."""
+
+    folder: Path
+    password: str
+    pg_port: int = 5433
+    mlflow_port: int = 5001
+    host: str = "127.0.0.1"
+    advertise: str | None = None
+    networks: list[str] = field(default_factory=list)
+    allowed_hosts: list[str] = field(default_factory=list)
+    mlflow: subprocess.Popen | None = None
+
+    def __post_init__(self) -> None:
+        self.pg = Postgres(self.folder / "postgres", self.pg_port, self.password, self.host,
+                           self.advertise, self.networks)
+
+    @property
+    def storage_url(self) -> str:
+        return self.pg.url("optuna")
+
+    @property
+    def tracking_url(self) -> str:
+        name = self.advertise or self.host
+        return f"http://{f'[{name}]' if ':' in name else name}:{self.mlflow_port}"
+
+    @property
+    def mlflow_log(self) -> Path:
+        return self.folder / "mlflow-server.log"
+
+    def start(self) -> None:
+        self.pg.start()
+        try:
+            self.pg.create_databases("optuna", "mlflow")
+            self.start_mlflow()
+        except BaseException:
+            self.stop()
+            raise
+
+    def start_mlflow(self) -> None:
+        self.mlflow = start_mlflow_server(self.pg.url("mlflow"), self.folder / "artifacts",
+                                          self.mlflow_port, self.host, self.mlflow_log,
+                                          [self.host, self.advertise or self.host, *self.allowed_hosts])
+
+    def stop_mlflow(self) -> None:
+        if self.mlflow is not None:
+            stop_process(self.mlflow)
+            self.mlflow = None
+
+    def stop(self) -> None:
+        self.stop_mlflow()
+        self.pg.stop()
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m mnist_sweep.servers", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--dir", required=True, help="folder for the database, artifacts and logs")
+    parser.add_argument("--host", default="127.0.0.1",
+                        help="address both servers listen on (default 127.0.0.1: this machine "
+                             "only; 0.0.0.0: every interface)")
+    parser.add_argument("--advertise", default=None,
+                        help="host name or address workers use in their URLs (urls.env); default: "
+                             "--host, or this machine's host name when --host is 0.0.0.0")
+    parser.add_argument("--allow-net", action="append", default=None, metavar="CIDR",
+                        help="network PostgreSQL admits workers from, e.g. 10.0.0.0/8 (repeat for "
+                             "more); default: the networks of the interfaces --host listens on")
+    parser.add_argument("--allow-host", action="append", default=[], metavar="NAME",
+                        help="another name the MLflow server answers to (repeat for more), e.g. "
+                             "a DNS alias or a load balancer's name; this machine's names and "
+                             "addresses are always allowed")
+    parser.add_argument("--pg-port", type=int, default=5433)
+    parser.add_argument("--mlflow-port", type=int, default=5001)
+    args = parser.parse_args(argv)
+
+    INTERRUPTS.install()  # Ctrl-C and `kill` stop both servers
+    with user_errors_exit():
+        folder = Path(args.dir).resolve()
+        if folder.exists() and not folder.is_dir():
+            raise ConfigError(f"--dir {args.dir} is a file; give a folder (it is created if "
+                              "missing) for the database, artifacts and logs.")
+        if args.pg_port == args.mlflow_port:
+            raise ConfigError(f"--pg-port and --mlflow-port are both {args.pg_port}; give two "
+                              "different ports.")
+        check_port(args.host, args.pg_port, "--pg-port")
+        check_port(args.host, args.mlflow_port, "--mlflow-port")
+        networks = check_networks(args.allow_net if args.allow_net is not None
+                                  else default_networks(args.host))
+        everywhere = args.host in ("0.0.0.0", "::")
+        advertise = args.advertise or (host_name() if everywhere else args.host)
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+        except OSError as error:
+            raise ConfigError(f"--dir {args.dir} cannot be created ({error.strerror}); give a "
+                              "folder you can write to.") from None
+        if os.geteuid() == 0 and not _reachable_by_unprivileged(folder):
+            raise ConfigError(f"--dir {folder} is not reachable for the unprivileged user "
+                              f"{UNPRIVILEGED} that runs PostgreSQL; use a folder under /tmp or /srv.")
+        secret = folder / "password"
+        if not secret.exists():
+            write_private(secret, os.environ.get("MNIST_SWEEP_PG_PASSWORD") or secrets.token_urlsafe(18))
+        names = [*machine_names(), *args.allow_host] if not is_loopback(args.host) else args.allow_host
+        servers = LocalServers(folder, secret.read_text().strip(), args.pg_port, args.mlflow_port,
+                               args.host, advertise, networks, [advertise, *names])
+        servers.start()
+        try:
+            urls = folder / "urls.env"
+            write_private(urls, f"export SWEEP_STORAGE='{servers.storage_url}'\n"
+                                f"export MLFLOW_TRACKING_URI='{servers.tracking_url}'\n")
+            admitted = ", ".join(["this machine", *networks])
+            print(f"PostgreSQL (Optuna storage): {redact_uri(servers.storage_url)}\n"
+                  f"  listens on {args.host}:{args.pg_port}; admits user {PG_USER} with its "
+                  f"password (scram-sha-256) from: {admitted}\n"
+                  f"MLflow tracking server:      {servers.tracking_url}\n"
+                  f"  listens on {args.host}:{args.mlflow_port}; answers to the names: "
+                  f"{', '.join(dict.fromkeys([*LOOPBACK_HOSTS, advertise, *names]))}\n"
+                  f"Workers: source {urls} && make worker   (the file holds the password)\n"
+                  "Ctrl-C stops both.", flush=True)
+            while servers.mlflow.poll() is None:
+                with INTERRUPTS.allowed():
+                    time.sleep(1)
+            raise UserError(f"The MLflow server exited with status {servers.mlflow.returncode}; "
+                            f"see {servers.mlflow_log}.")
+        except KeyboardInterrupt:
+            print("stopping", flush=True)
+        finally:
+            servers.stop()
+
+
+def _reachable_by_unprivileged(folder: Path) -> bool:
+    """Every folder above `folder` lets others through (PostgreSQL runs as another user)."""
+    return all(os.stat(p).st_mode & 0o001 for p in [folder, *folder.parents])
+
+
+if __name__ == "__main__":
+    main()

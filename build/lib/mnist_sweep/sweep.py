@@ -1,0 +1,56 @@
+"""The sweep's command line: an Optuna study whose trials are mnist-sweep trials, tracked as
+nested MLflow runs.
+
+    python -m mnist_sweep.sweep --sweep momentum_decay sweep.n_trials=60 train.epochs=5 \
+        optim.momentum='interval(0.5,0.99)'
+
+Where the parts live: sweepfile.py (the sweep file, overrides, checks, the study's definition),
+study.py (storage, samplers, pruners, opening a study), driver.py (the process you start: study,
+parent run, workers, progress, report), worker.py (ask, train, tell), report.py (the parent run's
+plots and tables).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from omegaconf import OmegaConf
+
+from mnist_sweep.cli import exit_now
+from mnist_sweep.errors import user_errors_exit
+from mnist_sweep.sweepfile import check_space, load_spec
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        prog="python -m mnist_sweep.sweep",
+        description="Run (or resume) an Optuna sweep of mnist-sweep trials tracked in MLflow. "
+                    "Overrides: sweep.<setting>=value, key=<sweep grammar> to search a key, "
+                    "key=value to fix it.")
+    parser.add_argument("--sweep", default="momentum_decay",
+                        help="a file in sweeps/ (name or path); default momentum_decay")
+    parser.add_argument("--show", action="store_true",
+                        help="print the resolved settings and search space, run nothing")
+    parser.add_argument("--join", action="store_true",
+                        help="join an existing study (make worker): fail if there is none")
+    parser.add_argument("overrides", nargs="*")
+    args = parser.parse_args(argv)
+    with user_errors_exit():
+        spec = load_spec(args.sweep, args.overrides)
+        if args.show:
+            check_space(spec, spec.space())
+            print(OmegaConf.to_yaml(spec.shown()))
+            return
+        from mnist_sweep.driver import run_sweep
+
+        try:
+            run_sweep(spec, join=args.join)
+        except KeyboardInterrupt:
+            sys.stderr.write("interrupted: the study is kept; run the same command to resume it\n")
+            raise SystemExit(130) from None
+    exit_now(0)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""Sweep files (shipped inside the package as mnist_sweep.sweeps)."""
