@@ -14,7 +14,7 @@ DATA ?= $(if $(wildcard ../shared/data/mnist),../shared/data/mnist,./data)
 export MNIST_SWEEP_DATA ?= $(DATA)
 
 .DEFAULT_GOAL := help
-.PHONY: help install test test-slow test-full test-docker train ui sweep server worker sweep-show seed-table bench bench-sweep bench-population bench-scale clean
+.PHONY: help install test test-slow test-full test-docker train ui sweep server worker sweep-show seed-table bench bench-sweep bench-population bench-scale clean dashboard readme-images
 
 help: ## list the targets
 	@grep -hE '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  \033[36m%-12s\033[0m %s\n", $$1, $$2}'

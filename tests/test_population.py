@@ -259,6 +259,7 @@ enqueue:
         assert run.data.tags["trial_number"] == str(t.number)
         assert run.data.tags["mlflow.parentRunId"] == parent.info.run_id
         assert run.data.tags["population_size"] == "4" and run.data.tags["population"]
+        assert run.data.tags["sweep_role"] == "trial" and run.info.run_name.startswith(f"t{t.number:03d} ")
         assert run.data.params["optim.lr"] == str(t.params["optim.lr"])
         epochs = t.user_attrs.get("epochs_trained", 1)
         history = client.get_metric_history(run.info.run_id, "val_acc")
@@ -269,6 +270,9 @@ enqueue:
         assert (run.info.status, run.data.tags["state"]) == expected
         if t.state == TrialState.COMPLETE:
             assert run.data.metrics["test_acc"] == pytest.approx(t.user_attrs["test_acc"])
+        if t.state == TrialState.PRUNED:
+            assert run.data.tags["mlflow.note.content"].startswith("**Pruned** by the median pruner")
+            assert run.data.tags["epochs_trained"] == str(t.user_attrs["epochs_trained"])
     assert parent.info.status == "FINISHED" and "sweep_best_val_acc" in parent.data.metrics
 
 
