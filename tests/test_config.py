@@ -16,6 +16,7 @@ def test_the_tree_has_the_groups_and_options_the_design_names():
     assert set(groups) == {"data", "model", "optim", "schedule", "train", "tracking", "experiment",
                            "hparams_search"}
     assert set(groups["experiment"]) == {"note_momentum", "note_plateau", "note_step"}
+    assert set(groups["hparams_search"]) == {"momentum_optuna"}
     assert set(groups["schedule"]) == {"none", "step", "multistep", "exponential", "cosine",
                                        "plateau", "onecycle"}
     assert set(groups["data"]) == {"mnist", "fashion_mnist", "kmnist"}

@@ -3,6 +3,7 @@ worker processes."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -259,17 +260,27 @@ def kill_a_worker_mid_trial(tmp_path, mnist_dir, storage: str, tracking: str) ->
         time.sleep(0.3)
         try:
             trials = optuna.load_study(study_name=study_name, storage=storage).trials
-            # early in its 40 epochs: the kill must land before the trial can finish, even
-            # on a loaded machine (a victim seen at epoch 39 once finished before the kill)
             running = [t for t in trials if t.state == TrialState.RUNNING
-                       and "mlflow_run_id" in t.user_attrs and "worker" in t.user_attrs
-                       and len(t.intermediate_values) < 10]
+                       and "mlflow_run_id" in t.user_attrs and "worker" in t.user_attrs]
         except Exception:
             continue
-        if running:
-            victim = running[0]
+        if not running:
+            continue
+        # Stop the worker first, then look again: a trial seen running a moment ago may have
+        # finished since (tiny epochs), and a kill must land mid-trial, not between trials.
+        pid = int(running[0].user_attrs["worker"].rsplit(":", 1)[1])
+        os.kill(pid, signal.SIGSTOP)
+        try:
+            again = optuna.load_study(study_name=study_name, storage=storage).trials[running[0].number]
+            if again.state == TrialState.RUNNING:
+                victim = again
+                os.kill(pid, signal.SIGKILL)
+        except optuna.exceptions.StorageInternalError:
+            pass  # stopped mid-write (the database locked): let it go on, look again
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGCONT)  # a killed process ignores it; a spared one goes on
     assert victim, "no trial was found mid-way"
-    os.kill(int(victim.user_attrs["worker"].rsplit(":", 1)[1]), signal.SIGKILL)
     out, err = process.communicate(timeout=240)
     assert process.returncode == 0, err[-3000:]
     study = optuna.load_study(study_name=study_name, storage=storage)

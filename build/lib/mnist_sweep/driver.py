@@ -56,10 +56,12 @@ def start_parent_run(spec: SweepSpec, study: optuna.Study, tracker, made_here: b
         if time.time() >= deadline:
             break
         time.sleep(0.5)  # study.user_attrs reads the storage again
+    from mnist_sweep.tracking import context_tags
+
     s = spec.settings
     tags = {"sweep_file": spec.file, "study_name": spec.study_name, "sampler": s["sampler"],
             "pruner": s["pruner"], "storage": redact_uri(s["storage"]), "metric": s["metric"],
-            "direction": s["direction"], "sweep_role": "parent"}
+            "direction": s["direction"], "sweep_role": "parent", **context_tags()}
     run_id = tracker.start_run(run_name=spec.study_name, tags=tags)
     study.set_user_attr("mlflow_parent_run_id", run_id)
     from mnist_sweep.review import describe_experiment

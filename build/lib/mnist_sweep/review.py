@@ -48,7 +48,8 @@ def trials_link(tracking_uri: str, experiment_id: str, study_name: str, metric: 
 
 
 def run_view(experiment_id: str, run_id: str) -> str:
-    return f"#/experiments/{experiment_id}/runs/{run_id}"
+    """A run's page, in the Model training view (its description at the top)."""
+    return f"#/experiments/{experiment_id}/runs/{run_id}?workflowType=machine_learning"
 
 
 def describe_experiment(client, experiment_id: str) -> None:
