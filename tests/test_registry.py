@@ -38,7 +38,7 @@ def test_the_best_trials_model_is_registered_as_champion(tmp_path, mnist_dir):
 @pytest.mark.skipif(not SHARED_MNIST.exists(), reason=f"no real MNIST at {SHARED_MNIST}")
 def test_mlflow_models_predict_serves_the_champion_on_real_mnist_images(tmp_path):
     out = run_cli("mnist_sweep.sweep", "--sweep", "momentum", "sweep.n_trials=2", "sweep.pruner=none",
-                  f"data.root={SHARED_MNIST}", "train.epochs=1", "train.progress=false", cwd=tmp_path)
+                  "sweep.register_model=auto", f"data.root={SHARED_MNIST}", "train.epochs=1", "train.progress=false", cwd=tmp_path)
     assert out.returncode == 0, out.stderr[-3000:]
     with gzip.open(SHARED_MNIST / "t10k-images-idx3-ubyte.gz") as f:
         images = np.frombuffer(f.read(), np.uint8, offset=16).reshape(-1, 1, 28, 28)[:8]
