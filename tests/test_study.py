@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import optuna
@@ -206,3 +207,39 @@ def test_a_trial_failed_by_heartbeat_keeps_its_slot_until_its_retry_appears(tmp_
     failed.set_user_attr("fail_reason", "RuntimeError: out of memory")
     study.tell(failed, state=TrialState.FAIL)
     assert counts(study, max_retry)["awaiting_retry"] == 0
+
+
+def _pop_waiting_trials(url: str, start_at: float, count: int, out) -> None:
+    from mnist_sweep.study import open_storage
+
+    optuna.logging.set_verbosity(optuna.logging.ERROR)
+    study = optuna.load_study(study_name="pop", storage=open_storage(url, outage_seconds=60))
+    while time.time() < start_at:  # all processes ask at the same moment
+        pass
+    out.put([study.ask().number for _ in range(count)])
+
+
+def test_processes_claiming_waiting_trials_at_once_never_take_the_same_one(tmp_path):
+    """Enqueued trials and heartbeat retries are WAITING until a process claims one (read WAITING,
+    write RUNNING). On SQLite that read and write were not one transaction: 4 processes asking
+    together for 60 enqueued trials took 9-14 of them twice (measured without the fix; two
+    drivers then trained the same trial and the second one's tell failed). The storage's
+    transactions now take the write lock when they begin."""
+    import multiprocessing
+
+    url = f"sqlite:///{tmp_path / 'optuna.db'}"
+    study = optuna.create_study(study_name="pop", storage=url)
+    processes, per_process = 4, 15
+    for i in range(processes * per_process):
+        study.enqueue_trial({"optim.momentum": i / 100})
+    ctx = multiprocessing.get_context("spawn")
+    out = ctx.Queue()
+    start_at = time.time() + 5  # after the spawned processes have imported and opened the study
+    workers = [ctx.Process(target=_pop_waiting_trials, args=(url, start_at, per_process, out))
+               for _ in range(processes)]
+    for w in workers:
+        w.start()
+    claimed = sum((out.get(timeout=120) for _ in workers), [])
+    for w in workers:
+        w.join(timeout=60)
+    assert sorted(claimed) == list(range(processes * per_process))  # each one exactly once

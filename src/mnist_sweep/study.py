@@ -80,6 +80,8 @@ def open_storage(url: str, heartbeat_interval: int = 10, grace_period: int = 30,
                 url, engine_kwargs=engine_kwargs, heartbeat_interval=heartbeat_interval,
                 grace_period=grace_period, heartbeat_stale_trial_callback=stale_trial_callback)
             storage.outage_seconds = outage_seconds
+            if scheme == "sqlite":
+                sqlite_stores.serialize_transactions(storage.engine)
             return storage
         except (sqlalchemy.exc.IntegrityError, sqlalchemy.exc.OperationalError) as error:
             # Two processes created the schema of a new storage at once and the other one won

@@ -35,7 +35,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--join", action="store_true",
                         help="join an existing study (make worker): fail if there is none")
     parser.add_argument("overrides", nargs="*")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)  # options and overrides in any order
     with user_errors_exit():
         spec = load_spec(args.sweep, args.overrides)
         if args.show:
