@@ -427,7 +427,7 @@ class MlflowTracker:
 
         from mnist_sweep.datasets import split_datasets
 
-        inputs = [DatasetInput(dataset._to_mlflow_entity(), [InputTag("mlflow.data.context", context)])
+        inputs = [DatasetInput(dataset, [InputTag("mlflow.data.context", context)])
                   for context, dataset in split_datasets(data_cfg)]
         self.client.log_inputs(run_id, datasets=inputs)
 

@@ -94,8 +94,15 @@ def fixed_cost(folder: Path, data: str) -> dict:
     ended = time.time()
     if code != 0:
         raise SystemExit(f"sweep failed in {folder}:\n{(folder / 'sweep.log').read_text()[-3000:]}")
-    time.sleep(8)  # let the background report finish before the next run
     client = MlflowClient(f"sqlite:///{folder / 'mlflow.db'}")
+    # The background report (plots; the champion model, trained again) must finish before the
+    # next run, or the two compete for the cores: the parent run ends when it is written.
+    for _ in range(240):
+        parents = client.search_runs([e.experiment_id for e in client.search_experiments()],
+                                     "tags.sweep_role = 'parent'")
+        if parents and parents[0].info.status != "RUNNING":
+            break
+        time.sleep(0.5)
     runs = [r for r in client.search_runs([e.experiment_id for e in client.search_experiments()])
             if "trial_number" in r.data.tags]
     epochs = [m for r in runs for m in client.get_metric_history(r.info.run_id, "epoch_seconds")]
