@@ -27,13 +27,13 @@ install: ## create .venv and install the package with pinned dependencies
 	$(PY) -m pip install --quiet -e '.[dev]' --config-settings editable_mode=compat
 
 test: ## run the fast test suite (synthetic data, no network)
-	$(PY) -m pytest -q -n 2
+	$(PY) -m pytest -q -n 2 --dist worksteal
 
 test-slow: ## run only the slow tier (real MNIST from ../shared, long checks)
-	$(PY) -m pytest -q -n 2 -m slow
+	$(PY) -m pytest -q -n 2 --dist worksteal -m slow
 
 test-full: ## run the fast suite and the slow tier
-	$(PY) -m pytest -q -n 2 -m "not docker"
+	$(PY) -m pytest -q -n 2 --dist worksteal -m "not docker"
 
 test-docker: ## build the images and run the compose stack for real (root, Docker; ~3 min, ~10 on the first build)
 	$(PY) -m pytest -q -s -m docker tests/test_compose_stack.py
