@@ -92,6 +92,10 @@ def test_kill_9_of_the_whole_sweep_then_the_same_command_resumes(servers, tmp_pa
     kept = {t.number: (t.params, t.value, t.user_attrs["mlflow_run_id"]) for t in finished(before)}
     cut = {t.number for t in before.trials
            if t.state == TrialState.RUNNING and not t.user_attrs.get("excess")}
+    # A trial may have failed before the kill already (on a machine loaded by other tests a
+    # heartbeat came later than the 10 s grace once, and its trial was failed and retried):
+    # not what this test is about, but it stays failed after the resume.
+    failed_before = {t.number for t in failed(before)}
     assert cut and len(kept) < 6
     client = MlflowClient(servers.tracking_url)
     kept_metrics = {n: client.get_run(r).data.metrics for n, (_, _, r) in kept.items()}
@@ -106,7 +110,7 @@ def test_kill_9_of_the_whole_sweep_then_the_same_command_resumes(servers, tmp_pa
             assert (t.params, t.value, t.user_attrs["mlflow_run_id"]) == kept[t.number]
             assert client.get_run(kept[t.number][2]).data.metrics == kept_metrics[t.number]
     cut_trials = failed(after)
-    assert {t.number for t in cut_trials} == cut  # heartbeat failed what was cut mid-way...
+    assert {t.number for t in cut_trials} == cut | failed_before  # heartbeat failed what was cut...
     retried = {t.system_attrs.get("failed_trial") for t in done}
     assert cut <= retried  # ...and each was run again, once
     parents, children = study_runs(client, name)
