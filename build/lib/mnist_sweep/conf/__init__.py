@@ -1,1 +1,0 @@
-"""Hydra configs of a trial (shipped inside the package as mnist_sweep.conf)."""

@@ -1,1 +1,0 @@
-"""Sweep files (shipped inside the package as mnist_sweep.sweeps)."""
