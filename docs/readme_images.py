@@ -18,7 +18,6 @@ import argparse
 import contextlib
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -28,18 +27,14 @@ from typing import Iterator
 
 import requests
 
+from mnist_sweep.servers import free_port
+
 REPO = Path(__file__).resolve().parents[1]
 IMAGES = REPO / "docs" / "images"
 MAX_BYTES = 200_000
 
 
 # ----------------------------------------------------------------------------- browser helpers
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @contextlib.contextmanager

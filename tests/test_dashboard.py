@@ -1,6 +1,5 @@
 """make dashboard: optuna-dashboard (pinned) serves the study storage a sweep writes."""
 
-import socket
 import subprocess
 import sys
 import time
@@ -10,12 +9,7 @@ import optuna
 import requests
 
 from conftest import REPO
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from mnist_sweep.servers import free_port
 
 
 def test_make_dashboard_serves_the_studys_trials(tmp_path):
