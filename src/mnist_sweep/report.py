@@ -167,7 +167,7 @@ def describe_parent(client, study: optuna.Study, spec) -> None:
     from mnist_sweep.study import counts
 
     run_id, metric = spec.parent_run_id, spec.settings["metric"]
-    experiment_id = client.get_run(run_id).info.experiment_id
+    parent = client.get_run(run_id)  # read once: its experiment and the registered model's tag
     c = counts(study)
     now, step = int(time.time() * 1000), c["done"]
     metrics = [Metric("sweep_trials_finished", c["done"], now, step),
@@ -188,9 +188,9 @@ def describe_parent(client, study: optuna.Study, spec) -> None:
             params_trial = log_best_params(client, run_id, best_run)
         client.log_batch(run_id, tags=tags)
     client.log_batch(run_id, metrics=metrics)
-    note = parent_description(spec.study_name, experiment_id, spec.settings, c, best, best_run,
-                              test_acc, params_trial,
-                              client.get_run(run_id).data.tags.get("registered_model"))
+    note = parent_description(spec.study_name, parent.info.experiment_id, spec.settings, c, best,
+                              best_run, test_acc, params_trial,
+                              parent.data.tags.get("registered_model"))
     client.set_tag(run_id, "mlflow.note.content", note)
 
 
