@@ -27,7 +27,7 @@ from typing import Iterator
 
 import requests
 
-from mnist_sweep.servers import free_port
+from mnist_sweep.servers import free_port, wait_for_http
 
 REPO = Path(__file__).resolve().parents[1]
 IMAGES = REPO / "docs" / "images"
@@ -39,23 +39,17 @@ MAX_BYTES = 200_000
 
 @contextlib.contextmanager
 def mlflow_ui(store_uri: str, cwd: Path) -> Iterator[str]:
-    """`mlflow ui` over a store on a free port; its base URL while the block runs."""
+    """`mlflow ui` over a store on a free port (its log: cwd/mlflow-ui.log); its base URL while
+    the block runs."""
     port = free_port()
     mlflow = Path(sys.executable).parent / "mlflow"
-    server = subprocess.Popen([str(mlflow), "ui", "--backend-store-uri", store_uri, "--host",
-                               "127.0.0.1", "--port", str(port)], cwd=cwd, start_new_session=True,
-                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    with open(cwd / "mlflow-ui.log", "ab") as log:  # a file, not a pipe nobody reads: never full
+        server = subprocess.Popen([str(mlflow), "ui", "--backend-store-uri", store_uri, "--host",
+                                   "127.0.0.1", "--port", str(port)], cwd=cwd,
+                                  start_new_session=True, stdout=log, stderr=log)
     base = f"http://127.0.0.1:{port}"
     try:
-        for _ in range(240):
-            if server.poll() is not None:
-                raise RuntimeError(f"mlflow ui exited: {server.stderr.read()[-2000:]}")
-            try:
-                if requests.get(f"{base}/health", timeout=2).ok:
-                    break
-            except requests.ConnectionError:
-                pass
-            time.sleep(0.5)
+        wait_for_http(f"{base}/health", server, what="mlflow ui")
         yield base
     finally:
         os.killpg(server.pid, 15)
@@ -99,6 +93,20 @@ def table_run_names(driver) -> list[str]:
         if names:
             by_index.setdefault(index, names[0])
     return [by_index[i] for i in sorted(by_index)]
+
+
+def wait_for_rows(driver, count: int, timeout: float = 90) -> list[str]:
+    """The runs table's run names once at least `count` rows show: the "N matching runs" line
+    comes before the rows, which render after a spinner."""
+    from selenium.common.exceptions import TimeoutException
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    try:
+        return WebDriverWait(driver, timeout, poll_frequency=0.5).until(
+            lambda d: (names := table_run_names(d)) and len(names) >= count and names)
+    except TimeoutException:
+        raise AssertionError(f"fewer than {count} rows in the runs table after {timeout:.0f} s: "
+                             f"{table_run_names(driver)}") from None
 
 
 def close_assistant(driver) -> None:
@@ -157,7 +165,7 @@ def make_images(data: Path, workdir: Path, reuse: bool) -> list[Path]:
         shots = workdir / "screenshots"
         shots.mkdir(exist_ok=True)
         driver.get(f"{base}/{trials_view(experiment, 'momentum_decay', 'val_acc', True)}")
-        wait_for_text(driver, "matching runs")
+        wait_for_rows(driver, 1)
         close_assistant(driver)
         time.sleep(2)
         driver.save_screenshot(str(shots / "trials.png"))

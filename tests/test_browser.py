@@ -46,8 +46,8 @@ enqueue:  # four trials that end far apart: no tie for the first row
             screens.chromium() as driver:
         driver.get(link.replace("http://127.0.0.1:5000", base))  # the UI's port here is a free one
         screens.wait_for_text(driver, "4 matching runs")
+        names = screens.wait_for_rows(driver, 4)  # the count shows before the rows do
         driver.save_screenshot(str(tmp_path / "trials.png"))
-        names = screens.table_run_names(driver)
         assert len(names) == 4 and names[0] == best.info.run_name, names  # best first, parent not listed
         body = driver.find_element("tag name", "body").text
         assert "mnist/train" in body  # the Dataset column

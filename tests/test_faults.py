@@ -126,7 +126,7 @@ def test_a_server_restarted_mid_sweep_loses_nothing(restart, servers, tmp_path, 
     name = f"restart-{restart.split()[0]}-{tmp_path.name}"
     epochs = 8
     process = start_sweep(sweep_args(servers, name, mnist_dir, n_trials=8, epochs=epochs), tmp_path)
-    wait_for(lambda: trials_mid_run(servers.storage_url, name), "a trial mid-way")
+    cut = wait_for(lambda: trials_mid_run(servers.storage_url, name), "a trial mid-way")
     # Down for 3 s, then started again: whatever the workers and the driver send meanwhile is
     # refused (connections cut, nothing listening) and has to be retried.
     if restart == "mlflow server":
@@ -137,12 +137,15 @@ def test_a_server_restarted_mid_sweep_loses_nothing(restart, servers, tmp_path, 
         servers.pg.stop()  # fast shutdown: cuts the storage's and the MLflow server's connections
         time.sleep(3)
         servers.pg.start()
-    done_at_restart = len(finished(optuna.load_study(study_name=name, storage=servers.storage_url)))
     out, err = process.communicate(timeout=300)
     assert process.returncode == 0, err[-3000:]
     assert "Traceback" not in err, err[-3000:]
     study = optuna.load_study(study_name=name, storage=servers.storage_url)
-    assert done_at_restart < 8 == len(finished(study))  # the sweep went on after the restart
+    assert len(finished(study)) == 8
+    # The trials running when the server went down were completed through the outage, not
+    # failed. (Not "fewer than 8 done once the server was back": the trials blocked on the
+    # outage, tiny, could all finish before the test read the study again. CI saw it.)
+    assert {t.number for t in cut} <= {t.number for t in finished(study)}
     if restart == "postgresql":
         assert "Optuna storage unreachable" in out + err  # the retry did happen
     assert_every_trial_recorded_once_in_full(study, MlflowClient(servers.tracking_url), name, epochs)

@@ -259,21 +259,24 @@ def start_mlflow_server(backend_url: str, artifacts: Path, port: int, host: str 
     return process
 
 
-def wait_for_http(url: str, process: subprocess.Popen, timeout: float = 120) -> None:
+def wait_for_http(url: str, process: subprocess.Popen, timeout: float = 120,
+                  what: str = "The MLflow server") -> None:
+    """Until `url` answers 200. A refused connection and a slow answer (a server still starting on
+    a loaded machine) both mean "not yet"; the process exiting means never."""
     import requests
 
     deadline = time.time() + timeout
     while time.time() < deadline:
         if process.poll() is not None:
-            raise UserError(f"The MLflow server exited with status {process.returncode} before "
+            raise UserError(f"{what} exited with status {process.returncode} before "
                             f"answering at {url}; see its log.")
         try:
-            if requests.get(url, timeout=2).ok:
+            if requests.get(url, timeout=10).ok:
                 return
         except requests.RequestException:
             pass
         time.sleep(0.5)
-    raise UserError(f"The MLflow server did not answer at {url} within {timeout:.0f} s.")
+    raise UserError(f"{what} did not answer at {url} within {timeout:.0f} s.")
 
 
 def stop_process(process: subprocess.Popen, timeout: float = 20) -> None:
@@ -413,7 +416,7 @@ def main(argv: list[str] | None = None) -> None:
             while servers.mlflow.poll() is None:
                 with INTERRUPTS.allowed():
                     time.sleep(1)
-            raise UserError(f"The MLflow server exited with status {servers.mlflow.returncode}; "
+            raise UserError(f"{what} exited with status {servers.mlflow.returncode}; "
                             f"see {servers.mlflow_log}.")
         except KeyboardInterrupt:
             print("stopping", flush=True)

@@ -33,6 +33,15 @@ MAX_PARAMS_PER_BATCH = 100
 MAX_PARAM_LENGTH = 6000
 DB_SCHEMES = ("sqlite", "postgresql", "mysql", "mssql")
 HTTP_SCHEMES = ("http", "https")
+DATASET_INSERT_ATTEMPTS = 4  # each lost race means another worker's row is now there
+
+
+def is_duplicate_key(error: Exception) -> bool:
+    """A unique-key violation as the database (PostgreSQL, SQLite, MySQL), SQLAlchemy or an MLflow
+    server reports it."""
+    text = str(error)
+    return any(sign in text for sign in ("UniqueViolation", "duplicate key", "UNIQUE constraint failed",
+                                          "Duplicate entry", "IntegrityError"))
 
 
 # ----------------------------------------------------------------------------- URIs
@@ -427,9 +436,21 @@ class MlflowTracker:
 
         from mnist_sweep.datasets import split_datasets
 
+        from mlflow.exceptions import MlflowException
+
         inputs = [DatasetInput(dataset, [InputTag("mlflow.data.context", context)])
                   for context, dataset in split_datasets(data_cfg)]
-        self.client.log_inputs(run_id, datasets=inputs)
+        # MLflow stores a dataset once per experiment: it looks for it, then inserts it. Workers
+        # whose trials start together all insert, and all but one fail on the unique key. The
+        # call is one transaction, rolled back on that failure, and the row is there once the
+        # winner committed: sending it again links the existing one.
+        for attempt in range(DATASET_INSERT_ATTEMPTS):
+            try:
+                self.client.log_inputs(run_id, datasets=inputs)
+                return
+            except MlflowException as error:
+                if attempt == DATASET_INSERT_ATTEMPTS - 1 or not is_duplicate_key(error):
+                    raise
 
     @contextmanager
     def trial_run(self, cfg: DictConfig, device: torch.device, run_name: str | None = None,
