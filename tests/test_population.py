@@ -294,25 +294,29 @@ def test_a_population_worker_killed_has_all_its_members_retried(tmp_path, mnist_
     storage = f"sqlite:///{tmp_path / 'optuna.db'}"
     args = ["--sweep", "momentum", "sweep.n_trials=8", "sweep.population=3", "sweep.workers=2",
             "sweep.pruner=none", "sweep.heartbeat_interval=1", "sweep.grace_period=10",
-            # batches of 10: epochs long enough (~0.1 s) that a population is seen mid-way
             "sweep.quiet=true", f"data.root={mnist_dir}", "data.val_size=100",
-            "train.batch_size=10", "train.epochs=100"]
+            "train.batch_size=50", "train.epochs=15"]
     process = subprocess.Popen([sys.executable, "-m", "mnist_sweep.sweep", *args], cwd=tmp_path,
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+    def mid_way(trials, worker=None) -> list:
+        return [t for t in trials if t.state == TrialState.RUNNING and t.intermediate_values
+                and t.user_attrs["worker"] == (worker or t.user_attrs["worker"])]
+
     victims, deadline = [], time.time() + 120
-    while not victims and time.time() < deadline:
-        time.sleep(0.3)
+    while not victims and time.time() < deadline and process.poll() is None:
+        time.sleep(0.2)
         try:
-            trials = optuna.load_study(study_name="momentum", storage=storage).trials
-        except Exception:
+            running = mid_way(optuna.load_study(study_name="momentum", storage=storage).trials)
+        except Exception:  # the study may not exist yet
             continue
-        running = [t for t in trials if t.state == TrialState.RUNNING and t.intermediate_values
-                   and len(t.intermediate_values) < 20]
-        if running:
-            pid = running[0].user_attrs["worker"]
-            victims = [t for t in running if t.user_attrs["worker"] == pid]
+        if running:  # stop that worker, and kill it only if its population is still mid-way
+            worker = running[0].user_attrs["worker"]
+            pid = int(worker.rsplit(":", 1)[1])
+            os.kill(pid, signal.SIGSTOP)
+            victims = mid_way(optuna.load_study(study_name="momentum", storage=storage).trials, worker)
+            os.kill(pid, signal.SIGKILL if victims else signal.SIGCONT)
     assert victims, "no population mid-way"
-    os.kill(int(victims[0].user_attrs["worker"].rsplit(":", 1)[1]), signal.SIGKILL)
     _, err = process.communicate(timeout=300)
     assert process.returncode == 0, err[-3000:]
     study = optuna.load_study(study_name="momentum", storage=storage)

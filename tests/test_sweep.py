@@ -180,23 +180,31 @@ enqueue:  # two that learn, then two that cannot (enqueue skips exact duplicates
 
 
 def test_an_interrupted_sweep_resumes_to_exactly_n_trials(tmp_path, mnist_dir):
-    args = ["--sweep", "momentum", "sweep.n_trials=4", "sweep.pruner=none", "train.epochs=30"]
+    args = ["--sweep", "momentum", "sweep.n_trials=4", "sweep.pruner=none", "train.epochs=10"]
     process = subprocess.Popen(
         [sys.executable, "-m", "mnist_sweep.sweep", *args, f"data.root={mnist_dir}", *TINY[:2]],
         cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         start_new_session=True)
     storage = tmp_path / "optuna.db"
-    deadline = time.time() + 120
-    while time.time() < deadline:  # one finished trial and the next mid-way: press Ctrl-C
-        time.sleep(0.2)
+
+    def one_done_and_one_mid_way() -> bool:
         try:
             study = load(tmp_path, "momentum") if storage.exists() else None
-            if study and len(finished(study)) >= 1 and any(
-                    t.state == TrialState.RUNNING and t.intermediate_values for t in study.trials):
-                break
-        except Exception:
-            pass
-    os.killpg(process.pid, signal.SIGINT)
+        except Exception:  # the study may not exist yet
+            return False
+        return bool(study) and len(finished(study)) >= 1 and any(
+            t.state == TrialState.RUNNING and t.intermediate_values for t in study.trials)
+
+    deadline, pressed = time.time() + 120, False
+    while not pressed and time.time() < deadline and process.poll() is None:
+        time.sleep(0.2)
+        if one_done_and_one_mid_way():  # stop the sweep, look again, then press Ctrl-C
+            os.killpg(process.pid, signal.SIGSTOP)
+            pressed = one_done_and_one_mid_way()
+            if pressed:
+                os.killpg(process.pid, signal.SIGINT)  # delivered when it goes on
+            os.killpg(process.pid, signal.SIGCONT)
+    assert pressed, "no trial seen mid-way after a finished one"
     _, err = process.communicate(timeout=120)
     assert process.returncode != 0 and "resume" in err
     before = load(tmp_path, "momentum")
@@ -251,7 +259,7 @@ def kill_a_worker_mid_trial(tmp_path, mnist_dir, storage: str, tracking: str) ->
             "sweep.n_trials=4", "sweep.pruner=none", "sweep.workers=2",
             # grace 10 s: short for the test, long enough that a loaded machine's late heartbeat
             # is not taken for a dead worker
-            "sweep.heartbeat_interval=1", "sweep.grace_period=10", "train.epochs=40"]
+            "sweep.heartbeat_interval=1", "sweep.grace_period=10", "train.epochs=10"]
     process = subprocess.Popen(
         [sys.executable, "-m", "mnist_sweep.sweep", *args, f"data.root={mnist_dir}", *TINY[:2]],
         cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)

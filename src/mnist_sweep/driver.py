@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import multiprocessing
+import multiprocessing.connection
 import time
 from dataclasses import asdict
 
@@ -171,6 +172,7 @@ def run_sweep(spec: SweepSpec, join: bool = False) -> optuna.Study:
               f"sampler {spec.settings['sampler']}, pruner {spec.settings['pruner']}, storage "
               f"{redact_uri(spec.settings['storage'])}", flush=True)
     reporter = Reporter(spec)
+    reporter.start()
     monitor = Monitor(spec, study, reporter)
     workers: list = []
     status = "FAILED"
@@ -218,8 +220,8 @@ def watch(workers: list, monitor: Monitor) -> list[int]:
         w.start()
     done = counts(monitor.study)["done"]
     while any(w.is_alive() for w in workers):
-        with INTERRUPTS.allowed():
-            time.sleep(1)
+        with INTERRUPTS.allowed():  # a second at most, less when a worker exits
+            multiprocessing.connection.wait([w.sentinel for w in workers if w.is_alive()], timeout=1)
         now = counts(monitor.study)["done"]
         if now != done:
             done = now

@@ -1,13 +1,15 @@
 """The parent run's report: best value and params, the sweep file and resolved space, a CSV of all
 trials, and summary plots (Optuna's matplotlib visualizations plus the top trials' curves).
 
-Written by a process of its own (`Reporter`, `python -m mnist_sweep.report`): training never
-waits for plots (~2-4 s a refresh), and at the end of a sweep run from a terminal the command
-returns at once while the report is finished in the background.
+Written by a process of its own (`Reporter`, `python -m mnist_sweep.report`), started with the
+sweep at a lower priority so that its imports are done before the last trial ends: training never
+waits for plots (~0.6 s a refresh once imported), and at the end of a sweep run from a terminal
+the command returns at once while the report is finished in the background.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -238,15 +240,22 @@ class Reporter:
         self.spec = spec
         self.process: subprocess.Popen | None = None
 
+    def start(self) -> None:
+        """The report process, started as the sweep starts: its imports (~7 s here: MLflow,
+        matplotlib, scikit-learn for the importances) are done while the first trials train, not
+        after the last one, where a sweep that waits for its report would wait for them."""
+        if self.spec.parent_run_id is None or self.process is not None:
+            return
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "mnist_sweep.report"], stdin=subprocess.PIPE, text=True,
+            start_new_session=True,  # Ctrl-C or the end of the command do not cut it
+            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        self._send_raw(json.dumps(asdict(self.spec)))
+
     def _send(self, line: str) -> None:
         if self.spec.parent_run_id is None:
             return
-        if self.process is None:
-            self.process = subprocess.Popen(
-                [sys.executable, "-m", "mnist_sweep.report"], stdin=subprocess.PIPE, text=True,
-                start_new_session=True,  # Ctrl-C or the end of the command do not cut it
-                env={**os.environ, "PYTHONUNBUFFERED": "1"})
-            self._send_raw(json.dumps(asdict(self.spec)))
+        self.start()
         self._send_raw(line)
 
     def _send_raw(self, line: str) -> None:
@@ -271,6 +280,17 @@ class Reporter:
             self.process.wait()
 
 
+def import_what_a_report_needs() -> None:
+    """Imported up front, while the sweep trains: the first report then takes ~0.6 s, not ~7 s."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot  # noqa: F401
+    import mlflow.tracking  # noqa: F401
+    import optuna.importance  # noqa: F401  (scikit-learn, for the importances plot)
+    import optuna.visualization.matplotlib  # noqa: F401
+
+
 def serve() -> None:
     """The report process: the spec on the first line of stdin, then `refresh` and `final
     STATUS` requests; refreshes that queued up while one was written are done once."""
@@ -284,6 +304,9 @@ def serve() -> None:
     os.environ["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] = "false"  # config.yaml's download
     optuna.logging.set_verbosity(optuna.logging.ERROR)
     spec = SweepSpec(**json.loads(sys.stdin.readline()))
+    with contextlib.suppress(OSError):
+        os.nice(10)  # background work: the workers' start-up and training come first
+    import_what_a_report_needs()
     space = spec.space()
     s = spec.settings
     study = optuna.load_study(study_name=spec.study_name, storage=open_storage(
@@ -310,4 +333,7 @@ def serve() -> None:
 
 
 if __name__ == "__main__":
+    from mnist_sweep.cli import exit_now
+
     serve()
+    exit_now(0)  # the report is written: a sweep that waits for it need not wait for teardown

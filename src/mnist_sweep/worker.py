@@ -20,13 +20,16 @@ import time
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
-from mnist_sweep.cli import compose, compose_trial
+from mnist_sweep.cli import compose, compose_trial, exit_now
 from mnist_sweep.interrupts import INTERRUPTS
 from mnist_sweep.errors import UserError, failure_reason, user_errors_exit
 from mnist_sweep.study import StorageUnavailable, claimed_before, counts, deadline, open_study
 from mnist_sweep.sweepfile import SweepSpec
 
 log = logging.getLogger("mnist_sweep")
+# A worker whose study's last trials run elsewhere looks this often for one of them failing (its
+# retry to take) or all done (time to leave: the sweep's end waits for the slowest to look).
+LAST_TRIALS_POLL_SECONDS = 0.5
 
 
 class ExcessTrial(Exception):
@@ -101,6 +104,7 @@ def run_worker(spec_dict: dict, index: int, n_workers: int) -> None:
             make_worker(spec, index, n_workers).loop()
     except KeyboardInterrupt:  # its trial is FAIL, its run KILLED
         raise SystemExit(130) from None
+    exit_now(0)  # everything is written: the driver need not wait for the teardown of torch & co.
 
 
 class Worker:
@@ -146,7 +150,7 @@ class Worker:
                 # as WAITING, so keep watching (and fail stale trials) instead of leaving.
                 optuna.storages.fail_stale_trials(self.study)
                 with INTERRUPTS.allowed():
-                    time.sleep(2)
+                    time.sleep(LAST_TRIALS_POLL_SECONDS)
                 continue
             self.study.optimize(self.objective, n_trials=1, catch=(ExcessTrial, TrialFailed),
                                 callbacks=[self.count_failures], gc_after_trial=False)
