@@ -57,11 +57,25 @@ def wait_for(condition, what: str, timeout: float = 120):
     raise AssertionError(f"timed out waiting for {what}")
 
 
-def trials_mid_run(storage: str, name: str) -> list:
-    """Trials running with their MLflow run started and at least one epoch reported."""
-    return [t for t in optuna.load_study(study_name=name, storage=storage).trials
-            if t.state == TrialState.RUNNING and "mlflow_run_id" in t.user_attrs
-            and t.intermediate_values]
+class StudyWatch:
+    """Reads a study's trials again and again through one storage: a fresh load_study per look
+    opens a new engine (~1-3 s on a loaded machine), slow enough to poll past short trials."""
+
+    def __init__(self, storage: str, name: str):
+        self.storage, self.name, self.study = storage, name, None
+
+    def trials(self) -> list:
+        if self.study is None:
+            self.study = optuna.load_study(study_name=self.name, storage=self.storage)
+        return self.study.get_trials(deepcopy=False)
+
+    def mid_run(self) -> list:
+        """Trials running with their MLflow run started and at least one epoch reported."""
+        return [t for t in self.trials() if t.state == TrialState.RUNNING
+                and "mlflow_run_id" in t.user_attrs and t.intermediate_values]
+
+    def done(self) -> int:
+        return len([t for t in self.trials() if t.state in (TrialState.COMPLETE, TrialState.PRUNED)])
 
 
 def assert_every_trial_recorded_once_in_full(study, client, study_name, epochs):
@@ -81,14 +95,14 @@ def assert_every_trial_recorded_once_in_full(study, client, study_name, epochs):
 
 def test_kill_9_of_the_whole_sweep_then_the_same_command_resumes(servers, tmp_path, mnist_dir):
     name = f"crash-{tmp_path.name}"
-    args = sweep_args(servers, name, mnist_dir, n_trials=6, epochs=8)
+    args = sweep_args(servers, name, mnist_dir, n_trials=6, epochs=10)
     process = start_sweep(args, tmp_path)
     storage = servers.storage_url
+    watch = StudyWatch(storage, name)
 
     def two_done_and_one_mid_way() -> bool:
         try:
-            return (len(finished(optuna.load_study(study_name=name, storage=storage))) >= 2
-                    and bool(trials_mid_run(storage, name)))
+            return watch.done() >= 2 and bool(watch.mid_run())
         except Exception:  # no study yet
             return False
 
@@ -142,7 +156,7 @@ def test_a_server_restarted_mid_sweep_loses_nothing(restart, servers, tmp_path, 
     name = f"restart-{restart.split()[0]}-{tmp_path.name}"
     epochs = 8
     process = start_sweep(sweep_args(servers, name, mnist_dir, n_trials=8, epochs=epochs), tmp_path)
-    cut = wait_for(lambda: trials_mid_run(servers.storage_url, name), "a trial mid-way")
+    cut = wait_for(StudyWatch(servers.storage_url, name).mid_run, "a trial mid-way")
     # Down for 3 s, then started again: whatever the workers and the driver send meanwhile is
     # refused (connections cut, nothing listening) and has to be retried.
     if restart == "mlflow server":
