@@ -25,8 +25,6 @@ import time
 from pathlib import Path
 from typing import Iterator
 
-import requests
-
 from mnist_sweep.servers import free_port, wait_for_http
 
 REPO = Path(__file__).resolve().parents[1]

@@ -416,7 +416,7 @@ def main(argv: list[str] | None = None) -> None:
             while servers.mlflow.poll() is None:
                 with INTERRUPTS.allowed():
                     time.sleep(1)
-            raise UserError(f"{what} exited with status {servers.mlflow.returncode}; "
+            raise UserError(f"The MLflow server exited with status {servers.mlflow.returncode}; "
                             f"see {servers.mlflow_log}.")
         except KeyboardInterrupt:
             print("stopping", flush=True)
