@@ -6,6 +6,7 @@ import gzip
 import hashlib
 import os
 import shutil
+import signal
 import struct
 import subprocess
 import sys
@@ -76,6 +77,23 @@ def cfg_factory(mnist_dir, store):
                         *overrides])
 
     return make
+
+
+def stopped_if_still(pid: int, look, group: bool = False):
+    """Stop the process (or its process group) and look again: a state seen a moment ago may be
+    gone (tiny trials move on). What `look()` returns if it still holds, the process left
+    stopped for the caller to act on; else None, and the process goes on. A look that fails
+    (stopped mid-write, holding SQLite's lock) counts as "not now"."""
+    send = os.killpg if group else os.kill
+    send(pid, signal.SIGSTOP)
+    try:
+        seen = look()
+    except Exception:
+        seen = None
+    if not seen:
+        send(pid, signal.SIGCONT)
+        return None
+    return seen
 
 
 def run_cli(module: str, *args: str, cwd: Path, env: dict | None = None,

@@ -22,7 +22,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
 
-from conftest import needs_postgres, run_cli, study_runs
+from conftest import needs_postgres, run_cli, stopped_if_still, study_runs
 from test_sweep import failed, finished
 
 pytestmark = [needs_postgres, pytest.mark.slow]
@@ -110,11 +110,9 @@ def test_kill_9_of_the_whole_sweep_then_the_same_command_resumes(servers, tmp_pa
     # once polled past every moment of it); only a sweep still in that state is killed.
     while process.poll() is None:
         time.sleep(0.2)
-        if two_done_and_one_mid_way():
-            os.killpg(process.pid, signal.SIGSTOP)
-            if two_done_and_one_mid_way():
-                break
-            os.killpg(process.pid, signal.SIGCONT)
+        if two_done_and_one_mid_way() and stopped_if_still(process.pid, two_done_and_one_mid_way,
+                                                            group=True):
+            break
     assert process.poll() is None, "the sweep ended before 2 trials were done and one mid-way"
     os.killpg(process.pid, signal.SIGKILL)  # driver and both workers, no cleanup at all
     process.communicate()

@@ -289,7 +289,7 @@ def test_a_population_worker_killed_has_all_its_members_retried(tmp_path, mnist_
     from mlflow.tracking import MlflowClient
     from optuna.trial import TrialState
 
-    from conftest import study_runs
+    from conftest import stopped_if_still, study_runs
 
     storage = f"sqlite:///{tmp_path / 'optuna.db'}"
     args = ["--sweep", "momentum", "sweep.n_trials=8", "sweep.population=3", "sweep.workers=2",
@@ -313,13 +313,10 @@ def test_a_population_worker_killed_has_all_its_members_retried(tmp_path, mnist_
         if running:  # stop that worker, and kill it only if its population is still mid-way
             worker = running[0].user_attrs["worker"]
             pid = int(worker.rsplit(":", 1)[1])
-            os.kill(pid, signal.SIGSTOP)
-            try:
-                victims = mid_way(optuna.load_study(study_name="momentum", storage=storage).trials,
-                                  worker)
-            except Exception:  # stopped mid-write, holding SQLite's lock: let it go on, look again
-                victims = []
-            os.kill(pid, signal.SIGKILL if victims else signal.SIGCONT)
+            victims = stopped_if_still(pid, lambda: mid_way(
+                optuna.load_study(study_name="momentum", storage=storage).trials, worker)) or []
+            if victims:
+                os.kill(pid, signal.SIGKILL)
     assert victims, "no population mid-way"
     _, err = process.communicate(timeout=300)
     assert process.returncode == 0, err[-3000:]

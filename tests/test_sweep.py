@@ -3,7 +3,6 @@ worker processes."""
 
 from __future__ import annotations
 
-import contextlib
 import os
 import signal
 import subprocess
@@ -16,7 +15,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
 
-from conftest import REPO, run_cli
+from conftest import REPO, run_cli, stopped_if_still
 
 TINY = ["data.val_size=100", "train.batch_size=50", "train.epochs=3"]
 
@@ -199,11 +198,10 @@ def test_an_interrupted_sweep_resumes_to_exactly_n_trials(tmp_path, mnist_dir):
     while not pressed and time.time() < deadline and process.poll() is None:
         time.sleep(0.2)
         if one_done_and_one_mid_way():  # stop the sweep, look again, then press Ctrl-C
-            os.killpg(process.pid, signal.SIGSTOP)
-            pressed = one_done_and_one_mid_way()
+            pressed = bool(stopped_if_still(process.pid, one_done_and_one_mid_way, group=True))
             if pressed:
                 os.killpg(process.pid, signal.SIGINT)  # delivered when it goes on
-            os.killpg(process.pid, signal.SIGCONT)
+                os.killpg(process.pid, signal.SIGCONT)
     assert pressed, "no trial seen mid-way after a finished one"
     _, err = process.communicate(timeout=120)
     assert process.returncode != 0 and "resume" in err
@@ -274,20 +272,13 @@ def kill_a_worker_mid_trial(tmp_path, mnist_dir, storage: str, tracking: str) ->
             continue
         if not running:
             continue
-        # Stop the worker first, then look again: a trial seen running a moment ago may have
-        # finished since (tiny epochs), and a kill must land mid-trial, not between trials.
-        pid = int(running[0].user_attrs["worker"].rsplit(":", 1)[1])
-        os.kill(pid, signal.SIGSTOP)
-        try:
-            again = optuna.load_study(study_name=study_name, storage=storage).trials[running[0].number]
-            if again.state == TrialState.RUNNING:
-                victim = again
-                os.kill(pid, signal.SIGKILL)
-        except Exception:  # stopped mid-write, holding SQLite's lock: let it go on, look again
-            pass
-        finally:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGCONT)  # a killed process ignores it; a spared one goes on
+        # A kill must land mid-trial, not between trials: stop the worker, look again.
+        pid, number = int(running[0].user_attrs["worker"].rsplit(":", 1)[1]), running[0].number
+        victim = stopped_if_still(pid, lambda: next(
+            (t for t in optuna.load_study(study_name=study_name, storage=storage).trials
+             if t.number == number and t.state == TrialState.RUNNING), None))
+        if victim:
+            os.kill(pid, signal.SIGKILL)
     assert victim, "no trial was found mid-way"
     out, err = process.communicate(timeout=240)
     assert process.returncode == 0, err[-3000:]
