@@ -33,6 +33,7 @@ SCHEDULES = {
                                       "+schedule.three_phase=true", "schedule.pct_start=0.25"],
     "onecycle cycling momentum": ["schedule=onecycle", "schedule.cycle_momentum=true",
                                   "+schedule.base_momentum=0.8", "+schedule.max_momentum=0.9"],
+    "onecycle, torch's default cycle_momentum": ["schedule=onecycle", "~schedule.cycle_momentum"],
 }
 
 
@@ -92,91 +93,228 @@ def test_plateaus_of_several_members_step_as_torchs_reduce_lr_on_plateau():
         assert ours[i][-1] < ours[i][0], f"member {i}: its plateau never reduced the LR"
 
 
-@pytest.mark.parametrize("plain", [False, True])
-def test_stacked_sgd_is_torchs_sgd_for_each_member(plain):
-    """Mixed settings, and (plain) the common case SGD takes a shorter path for: momentum only."""
-    from mnist_sweep.stacked import StackedSGD
-
-    settings = [  # lr, momentum, dampening, nesterov, weight decay
-        (0.1, 0.0, 0.0, False, 0.0), (0.05, 0.9, 0.0, False, 0.0), (0.02, 0.9, 0.0, True, 1e-3),
-        (0.3, 0.5, 0.3, False, 5e-4), (0.01, 0.0, 0.5, False, 1e-2), (0.07, 0.99, 0.1, False, 0.0)]
-    if plain:
-        settings = [(lr, m, 0.0, False, 0.0) for lr, m, *_ in settings]
-    k, p = len(settings), 33
-    generator = torch.Generator().manual_seed(1)
-    flat = torch.randn(k, p, generator=generator)
-    alone = [torch.nn.Parameter(flat[i].clone()) for i in range(k)]
-    optimizers = [torch.optim.SGD([alone[i]], lr=lr, momentum=m, dampening=d, nesterov=n,
-                                  weight_decay=wd) for i, (lr, m, d, n, wd) in enumerate(settings)]
-    sgd = StackedSGD(torch.device("cpu"))
-    sgd.set_members([{"dampening": d, "weight_decay": wd, "nesterov": n} for _, _, d, n, wd in settings],
-                    torch.zeros(k, p), torch.zeros(k, dtype=torch.bool), [s[1] for s in settings])
-    lr = torch.tensor([s[0] for s in settings])
-    momentum = torch.tensor([s[1] for s in settings])
-    for step in range(5):  # the first step (buffers start as d) and the fast path after it
-        grad = torch.randn(k, p, generator=generator)
-        for i in range(k):
-            alone[i].grad = grad[i].clone()
-            optimizers[i].step()
-        sgd.step(flat, grad, lr, momentum)
-        for i in range(k):  # float32, the same operations in the same order: equal to an ulp
-            torch.testing.assert_close(flat[i], alone[i].detach(), rtol=1e-6, atol=1e-7)
-
-
-MIXED = [  # one population: different optimizers and every kind of schedule at once
-    ["optim.lr=0.05", "optim.momentum=0.9"],
-    ["optim.lr=0.02", "optim.momentum=0.5", "schedule=step", "schedule.step_size=7",
-     "schedule.gamma=0.7"],
-    ["optim.lr=0.1", "optim.momentum=0.0", "schedule=plateau", "schedule.patience=2",
-     "schedule.factor=0.5"],
-    ["optim.lr=0.05", "optim.momentum=0.8", "optim.nesterov=true", "optim.weight_decay=0.001",
-     "schedule=cosine"],
-    ["optim.lr=0.05", "optim.momentum=0.7", "optim.dampening=0.2", "schedule=onecycle",
-     "schedule.cycle_momentum=true"],
-]
-
-
-# MNIST_SWEEP_TEST_DEVICE=cuda runs the equivalence on a GPU (the device check does), with TF32
-# off: cuDNN's default TF32 convolutions would differ by 1e-3 between any two algorithms.
+# MNIST_SWEEP_TEST_DEVICE=cuda runs the equivalence on a GPU (the device check does).
 DEVICE = os.environ.get("MNIST_SWEEP_TEST_DEVICE", "cpu")
 
 
-@pytest.mark.parametrize("model", ["mlp", "cnn"])
-def test_a_member_of_a_mixed_population_trains_as_it_would_alone(model, cfg_factory):
-    """After each of two epochs, every member's batch losses, LRs, epoch metrics and weights
-    are those of the same trial trained alone by run_trial (same seeds, same batch order).
+@pytest.fixture()
+def float64():
+    """Both sides in float64: the population and run_trial then compute the same sums to ~1e-16,
+    so that a tight tolerance holds on any CPU (in float32, SGD with momentum grows ulp-level
+    differences to 1e-2 within an epoch, and a plateau's decision can flip on a near-tie)."""
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(torch.float32)
 
-    Tolerance: float32 rounding only. The population computes the same sums in another order
-    (batched GEMMs and grouped convolutions for all members, one optimizer update written for
-    [K] vectors), which differs by ulps per operation; SGD steps carry that to ~1e-7 in the MLP's
-    losses and weights (tolerance 1e-6) and ~5e-5 in the CNN's (measured up to 5.3e-5 in a
-    batch loss and 6e-5 in a weight; tolerance 2e-4 and 5e-4). A real difference (a wrong
-    gradient scale, a schedule one step off, another member's batch) moves them by 1e-3 or more."""
+
+SGD_SETTINGS = [  # lr, momentum, dampening, nesterov, weight decay
+    (0.1, 0.0, 0.0, False, 0.0), (0.05, 0.9, 0.0, False, 0.0), (0.02, 0.9, 0.0, True, 1e-3),
+    (0.3, 0.5, 0.3, False, 5e-4), (0.01, 0.0, 0.5, False, 1e-2), (0.07, 0.99, 0.1, False, 0.0),
+    (0.04, 0.0, 0.3, False, 0.0)]  # the last: momentum 0 configured, but cycled by its schedule
+CYCLED = len(SGD_SETTINGS) - 1
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("fused", [True, False])
+@pytest.mark.parametrize("path", ["shortcuts", "general", "plain"])
+def test_stacked_sgd_is_torchs_sgd_for_each_member(path, fused, dtype):
+    """Every member's update is torch.optim.SGD's (fused, as trials run it, and torch's default),
+    over several steps: the first (buffers start as d), then the shortcuts taken once all members
+    started, or the general path a CUDA graph replays (every step), or the plain case (momentum
+    only). One member's momentum is cycled by its schedule although its configured momentum is 0:
+    its dampening must hold (torch ignores dampening only without momentum)."""
+    from mnist_sweep.stacked import StackedSGD
+
+    settings = SGD_SETTINGS if path != "plain" else [(lr, m, 0.0, False, 0.0)
+                                                      for lr, m, *_ in SGD_SETTINGS]
+    k, p = len(settings), 33
+    generator = torch.Generator().manual_seed(1)
+    flat = torch.randn(k, p, generator=generator, dtype=dtype)
+    alone = [torch.nn.Parameter(flat[i].clone()) for i in range(k)]
+    optimizers = [torch.optim.SGD([alone[i]], lr=lr, momentum=m, dampening=d, nesterov=n,
+                                  weight_decay=wd, fused=fused)
+                  for i, (lr, m, d, n, wd) in enumerate(settings)]
+    sgd = StackedSGD(torch.device("cpu"))
+    uses_momentum = [m > 0 or i == CYCLED for i, (_, m, *_) in enumerate(settings)]
+    sgd.set_members([{"dampening": d, "weight_decay": wd, "nesterov": n} for _, _, d, n, wd in settings],
+                    torch.zeros(k, p, dtype=dtype), torch.zeros(k, dtype=torch.bool), uses_momentum)
+    lr = torch.tensor([s[0] for s in settings], dtype=dtype)
+    # The same operations in another order: ulps apart, and nothing feeds back (the gradients
+    # are given), so a float32 tolerance holds here as well as the float64 one.
+    tolerance = 1e-14 if dtype == torch.float64 else 1e-6
+    for step in range(6):
+        momentum = torch.tensor([s[1] for s in settings], dtype=dtype)
+        momentum[CYCLED] = 0.95 - 0.05 * step  # as OneCycleLR moves it
+        optimizers[CYCLED].param_groups[0]["momentum"] = momentum[CYCLED].item()
+        grad = torch.randn(k, p, generator=generator, dtype=dtype)
+        for i in range(k):
+            alone[i].grad = grad[i].clone()
+            optimizers[i].step()
+        sgd.step(flat, grad, lr, momentum, general=path == "general")
+        for i in range(k):
+            torch.testing.assert_close(flat[i], alone[i].detach(), rtol=tolerance, atol=tolerance)
+    assert sgd.all_started == (path != "general")
+
+
+MEMBERS = {  # one population: different seeds, optimizers and every kind of schedule at once
+    "A": ["train.seed=0", "optim.lr=0.05", "optim.momentum=0.9"],
+    "B": ["train.seed=3", "optim.lr=0.02", "optim.momentum=0.5", "schedule=step",
+          "schedule.step_size=7", "schedule.gamma=0.7"],
+    "C": ["train.seed=5", "optim.lr=0.1", "optim.momentum=0.0", "schedule=plateau",
+          "schedule.patience=2", "schedule.factor=0.5"],
+    "D": ["train.seed=7", "optim.lr=0.05", "optim.momentum=0.8", "optim.nesterov=true",
+          "optim.weight_decay=0.001", "schedule=cosine"],
+    "E": ["train.seed=11", "optim.lr=0.05", "optim.momentum=0.0", "optim.dampening=0.3",
+          "schedule=onecycle", "~schedule.cycle_momentum"],  # torch's default: it cycles
+    "F": ["train.seed=13", "optim.lr=0.08", "optim.momentum=0.7", "optim.dampening=0.2",
+          "schedule=plateau", "schedule.interval=epoch", "schedule.monitor=val_loss",
+          "schedule.patience=0", "schedule.factor=0.5", "+schedule.threshold_mode=abs",
+          "schedule.threshold=0.05"],
+}
+# Pass by pass over the data (2 epochs a trial): who joins before it, who leaves before it.
+# B is pruned after its first epoch, A and C finish, D, E and F join members mid-run: every
+# restack must keep the staying members' weights, momentum buffers, `started` flags, plateaus.
+PASSES = [({"A", "B", "C"}, set()), ({"D", "E"}, {"B"}), ({"F"}, {"A", "C"}),
+          (set(), {"D", "E"})]
+EPOCHS_SEEN = {"A": 2, "B": 1, "C": 2, "D": 2, "E": 2, "F": 2}
+MODELS = {"mlp": ["model=mlp", "model.hidden=[32,16]"],
+          "cnn": ["model=cnn", "model.channels=[4,6]", "model.hidden=16"]}
+
+
+def run_population(cfgs: dict, passes, general: bool = False):
+    """The population through `passes`: per member its epoch results, its weights after its
+    last pass, its test result, and the state of the batch order where it joined."""
     from mnist_sweep.population import Population
+
+    population = Population(next(iter(cfgs.values())))
+    population.general_step = general
+    epochs, weights, tests, order_at_join = {}, {}, {}, {}
+    for joining, leaving in passes:
+        for key in sorted(leaving):
+            population.leave(key)
+        for key in sorted(joining):
+            population.join(key, cfgs[key])
+            order_at_join[key] = population.shuffle.get_state()
+        results = population.train_epoch()
+        for key, result in results.items():
+            epochs.setdefault(key, []).append(result)
+        weights.update({m.key: population.model.flat[i].detach().clone()
+                        for i, m in enumerate(population.members)})
+        tests.update(population.finish([k for k, r in results.items() if r.epoch == r.epochs]))
+    return epochs, weights, tests, order_at_join
+
+
+def alone(cfg, order_state):
+    """The same trial trained alone by run_trial, on the batches the population gave it."""
     from mnist_sweep.train import run_trial
 
-    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
-    cfgs = [cfg_factory(f"model={model}", f"train.device={DEVICE}",
-                        f"train.cuda_graphs={os.environ.get('MNIST_SWEEP_TEST_CUDA_GRAPHS', 'false')}",
-                        *overrides) for overrides in MIXED]
+    batch_order = torch.Generator(device=str(cfg.train.device))
+    batch_order.set_state(order_state)
+    return run_trial(cfg, batch_order=batch_order)
+
+
+def assert_same_epochs(mine: list, solo: list, tolerance: float) -> None:
+    for ours, theirs in zip(mine, solo):
+        assert ours.epoch == theirs.epoch and ours.first_step == theirs.first_step
+        torch.testing.assert_close(ours.batch_loss, theirs.batch_loss, rtol=0, atol=tolerance)
+        torch.testing.assert_close(ours.batch_lr, theirs.batch_lr, rtol=1e-12, atol=0)
+        for metric in ("train_loss", "val_loss"):
+            assert math.isclose(getattr(ours, metric), getattr(theirs, metric), abs_tol=tolerance)
+        assert ours.train_acc == theirs.train_acc and ours.val_acc == theirs.val_acc
+        assert ours.lr == pytest.approx(theirs.lr, rel=1e-12)
+
+
+@pytest.mark.parametrize("model", list(MODELS))
+def test_members_joining_and_leaving_train_as_they_would_alone(model, cfg_factory, float64):
+    """Every member's batch losses, LRs, epoch metrics, weights and test metrics are those of the
+    same trial trained alone by run_trial on the same batches, whenever it joined and whoever
+    left around it. float64, tolerance 1e-9: the two sides differ by the order of their sums
+    (at most 9e-16 measured in a batch loss, 2e-16 in a weight); a gradient 1.0001 times too
+    large moves the losses by 1e-4, and dampening dropped for one member by 0.4."""
+    cfgs = {key: cfg_factory(*MODELS[model], f"train.device={DEVICE}", *overrides)
+            for key, overrides in MEMBERS.items()}
+    epochs, weights, tests, order_at_join = run_population(cfgs, PASSES)
+    assert {k: len(e) for k, e in epochs.items()} == EPOCHS_SEEN
+    assert set(tests) == {k for k, n in EPOCHS_SEEN.items() if n == 2}
+    for key, cfg in cfgs.items():
+        solo = alone(cfg, order_at_join[key])
+        assert_same_epochs(epochs[key], solo.epochs, tolerance=1e-9)
+        if key in tests:
+            solo_weights = torch.nn.utils.parameters_to_vector(solo.model.parameters())
+            torch.testing.assert_close(weights[key], solo_weights, rtol=0, atol=1e-9)
+            assert math.isclose(tests[key].test_loss, solo.test_loss, abs_tol=1e-9)
+            assert tests[key].test_correct == solo.test_correct
+
+
+def test_the_general_update_path_trains_as_a_member_would_alone(cfg_factory, float64):
+    """The update a CUDA graph replays (every step through the general path), run on the CPU
+    over whole epochs with members joining and leaving."""
+    cfgs = {key: cfg_factory(*MODELS["mlp"], *overrides) for key, overrides in MEMBERS.items()}
+    epochs, _, _, order_at_join = run_population(cfgs, PASSES, general=True)
+    for key, cfg in cfgs.items():
+        assert_same_epochs(epochs[key], alone(cfg, order_at_join[key]).epochs, tolerance=1e-9)
+
+
+def test_an_epoch_plateau_watches_the_loss_in_float64_as_torch_does(cfg_factory):
+    """torch's ReduceLROnPlateau compares the Python float it is given: the best loss kept for
+    a member is the epoch's loss itself, not its float32 rounding."""
+    from mnist_sweep.population import Population
+
+    cfg = cfg_factory("schedule=plateau", "schedule.interval=epoch")
+    population = Population(cfg)
+    population.join(0, cfg)
+    result = population.train_epoch()[0]
+    assert population.plateaus.best[0].item() == result.train_loss
+
+
+def test_dropout_is_off_when_members_are_evaluated(cfg_factory):
+    """Validation and test run in eval mode, as run_trial's evaluate does: every member's
+    metrics are its own model's alone, and the same every time."""
+    from hydra.utils import instantiate
+
+    from mnist_sweep.population import Population
+    from mnist_sweep.train import evaluate
+
+    cfgs = [cfg_factory(*MODELS["cnn"], "model.dropout=0.5", f"train.seed={seed}") for seed in (0, 1)]
     population = Population(cfgs[0])
     for i, cfg in enumerate(cfgs):
         population.join(i, cfg)
-    epochs = [population.train_epoch() for _ in range(2)]
-    loss_tol, weight_tol = (1e-6, 1e-6) if model == "mlp" else (2e-4, 5e-4)
+    population.train_epoch()
+    val = population.splits.val
+    first, second = population.evaluate(val), population.evaluate(val)
+    assert first == second
     for i, cfg in enumerate(cfgs):
-        alone = run_trial(cfg)
-        for e in range(2):
-            mine, solo = epochs[e][i], alone.epochs[e]
-            assert mine.epoch == solo.epoch and mine.first_step == solo.first_step
-            torch.testing.assert_close(mine.batch_loss, solo.batch_loss, rtol=0, atol=loss_tol)
-            torch.testing.assert_close(mine.batch_lr, solo.batch_lr, rtol=1e-12, atol=0)
-            for metric in ("train_loss", "val_loss"):
-                assert math.isclose(getattr(mine, metric), getattr(solo, metric), abs_tol=loss_tol)
-            assert abs(mine.train_acc - solo.train_acc) <= 1 / 500 and mine.lr == pytest.approx(solo.lr, rel=1e-12)
-        weights = torch.nn.utils.parameters_to_vector(alone.model.parameters())
-        torch.testing.assert_close(population.model.flat[i].detach(), weights, rtol=0, atol=weight_tol)
+        loss, _, correct = evaluate(population.model.member(instantiate(cfg.model), i), val)
+        assert first[2][i] == correct and math.isclose(first[0][i], loss, rel_tol=1e-5)
 
+
+def test_training_dropout_does_not_depend_on_who_joined_last(cfg_factory):
+    """Dropout masks come from the population's own seed, pass by pass: a member that joined
+    and left again before training changes nothing (each join seeds its initial weights)."""
+    from mnist_sweep.population import Population
+
+    cfgs = [cfg_factory(*MODELS["cnn"], "model.dropout=0.5", f"train.seed={seed}") for seed in (0, 1, 2)]
+
+    def losses(extra_join: bool) -> list:
+        population = Population(cfgs[0])
+        population.join(0, cfgs[0])
+        population.join(1, cfgs[1])
+        if extra_join:
+            population.join(2, cfgs[2])
+            population.leave(2)
+        return [r.batch_loss for r in population.train_epoch().values()]
+
+    assert losses(False) == losses(True)
+
+
+def test_a_member_torch_would_refuse_is_refused_when_it_joins(cfg_factory):
+    """run_trial refuses nesterov without momentum (torch's SGD does); so does a population."""
+    from mnist_sweep.errors import ConfigError
+    from mnist_sweep.population import Population
+
+    population = Population(cfg_factory())
+    with pytest.raises(ConfigError, match="nesterov"):
+        population.join(0, cfg_factory("optim.nesterov=true", "optim.momentum=0.0"))
 
 
 def test_each_member_starts_from_the_weights_its_own_seed_gives_a_solo_trial(cfg_factory):
@@ -215,7 +353,7 @@ def test_members_must_share_the_model_batch_size_epochs_and_data(cfg_factory):
 
 def test_a_population_sweep_prunes_refills_and_records_every_member(tmp_path, mnist_dir):
     """population=4 over 10 trials: members pruned and finished are replaced at once (more
-    trials than slots ran), a diverging member fails alone, exactly n_trials finish, and every
+    trials than slots ran), a diverging member is pruned alone, exactly n_trials finish, and every
     member has its own MLflow run with what a solo trial's run holds, plus its population."""
     import optuna
     from mlflow.tracking import MlflowClient
@@ -245,8 +383,9 @@ enqueue:
     study = optuna.load_study(study_name="pop", storage=f"sqlite:///{tmp_path / 'optuna.db'}")
     done = [t for t in study.trials if t.state in (TrialState.COMPLETE, TrialState.PRUNED)]
     assert len(done) == 10
-    diverged = study.trials[1]
-    assert diverged.state == TrialState.FAIL and "diverged" in diverged.user_attrs["fail_reason"]
+    diverged = study.trials[1]  # a result: pruned at the epoch it diverged, NaN there
+    assert diverged.state == TrialState.PRUNED and "TrainingDiverged" in diverged.user_attrs["diverged"]
+    assert math.isnan(diverged.intermediate_values[diverged.user_attrs["epochs_trained"]])
     assert study.trials[3].state == TrialState.PRUNED  # lr 1e-6 learns nothing
     assert any(t.state == TrialState.PRUNED for t in done)
     assert len({t.user_attrs["worker"] for t in study.trials}) == 1  # one population...
@@ -267,10 +406,12 @@ enqueue:
         assert client.get_metric_history(run.info.run_id, "batch_train_loss")
         expected = {TrialState.COMPLETE: ("FINISHED", "complete"), TrialState.PRUNED: ("FINISHED", "pruned"),
                     TrialState.FAIL: ("FAILED", "failed")}[t.state]
+        if "diverged" in t.user_attrs:
+            expected = ("FAILED", "diverged")
         assert (run.info.status, run.data.tags["state"]) == expected
         if t.state == TrialState.COMPLETE:
             assert run.data.metrics["test_acc"] == pytest.approx(t.user_attrs["test_acc"])
-        if t.state == TrialState.PRUNED:
+        if t.state == TrialState.PRUNED and "diverged" not in t.user_attrs:
             assert run.data.tags["mlflow.note.content"].startswith("**Pruned** by the median pruner")
             assert run.data.tags["epochs_trained"] == str(t.user_attrs["epochs_trained"])
     assert parent.info.status == "FINISHED" and "sweep_best_val_acc" in parent.data.metrics
@@ -289,7 +430,7 @@ def test_a_population_worker_killed_has_all_its_members_retried(tmp_path, mnist_
     from mlflow.tracking import MlflowClient
     from optuna.trial import TrialState
 
-    from conftest import stopped_if_still, study_runs
+    from conftest import finish, stopped_if_still, study_runs
 
     storage = f"sqlite:///{tmp_path / 'optuna.db'}"
     args = ["--sweep", "momentum", "sweep.n_trials=8", "sweep.population=3", "sweep.workers=2",
@@ -318,7 +459,7 @@ def test_a_population_worker_killed_has_all_its_members_retried(tmp_path, mnist_
             if victims:
                 os.kill(pid, signal.SIGKILL)
     assert victims, "no population mid-way"
-    _, err = process.communicate(timeout=300)
+    _, err = finish(process, 300)
     assert process.returncode == 0, err[-3000:]
     study = optuna.load_study(study_name="momentum", storage=storage)
     done = [t for t in study.trials if t.state in (TrialState.COMPLETE, TrialState.PRUNED)]
@@ -333,6 +474,34 @@ def test_a_population_worker_killed_has_all_its_members_retried(tmp_path, mnist_
     for t in victims:  # found by their tags even if the trial never learnt its run's id
         (run,) = [r for r in children if r.data.tags["trial_number"] == str(t.number)]
         assert run.info.status == "FAILED"
+
+
+def test_a_stack_failing_its_test_pass_fails_its_members_and_stops_the_worker_cleanly(tmp_path, mnist_dir):
+    """Fault injection: the test pass of the members that trained all their epochs runs out of
+    GPU memory (MNIST_SWEEP_FAIL_AT=population_test_pass). The stack's failure fails those
+    members with its reason (the worker does not crash); sweep.max_failures_in_a_row=2 then stops
+    the worker with its paragraph; the member still live is failed at once with why (not left
+    RUNNING for a heartbeat to fail, which would use up its retry); every run is ended."""
+    from mlflow.tracking import MlflowClient
+    from optuna.trial import TrialState
+
+    from conftest import FAULT_INJECTION, run_cli, study_runs
+    from test_sweep import TINY, load
+
+    out = run_cli("mnist_sweep.sweep", "--sweep", "momentum", "sweep.n_trials=6", "sweep.population=3",
+                  "sweep.pruner=none", "sweep.max_failures_in_a_row=2", f"data.root={mnist_dir}",
+                  *TINY, "train.epochs=2", cwd=tmp_path, timeout=300,
+                  env={"PYTHONPATH": FAULT_INJECTION, "MNIST_SWEEP_FAIL_AT": "population_test_pass"})
+    assert out.returncode == 2, out.stderr[-3000:]
+    assert "Traceback" not in out.stderr
+    message = " ".join(out.stderr.split())
+    assert "its last 2 trials failed in a row" in message and "out of memory" in message
+    trials = load(tmp_path, "momentum").trials
+    assert not [t for t in trials if t.state == TrialState.RUNNING]
+    reasons = sorted(t.user_attrs["fail_reason"].split(":")[0] for t in trials)
+    assert reasons == ["RuntimeError", "RuntimeError", "its worker stopped"], reasons
+    _, runs = study_runs(MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}"), "momentum")
+    assert len(runs) == 3 and {r.info.status for r in runs} <= {"FAILED", "KILLED"}
 
 
 def test_searching_what_members_share_is_refused_with_a_population(tmp_path):

@@ -47,7 +47,7 @@ KNOWN_DIGESTS = {
 
 @dataclass(frozen=True)
 class Split:
-    """Images (N, 1, 28, 28) float on the device and labels (N,) int64 on the device."""
+    """Images (N, 1, 28, 28) in torch's default dtype on the device, labels (N,) int64 there."""
 
     images: torch.Tensor
     labels: torch.Tensor
@@ -192,7 +192,8 @@ def split_sizes(raw: dict, val_size: int) -> dict[str, int]:
 
 def _to_device(images: torch.Tensor, labels: torch.Tensor, device: torch.device,
                normalize: bool, mean: float, std: float) -> Split:
-    x = images.to(device).unsqueeze(1).float().div_(255.0)  # the only host->device copy
+    # torch's default dtype: float32, unless a caller (the float64 equivalence tests) changed it
+    x = images.to(device).unsqueeze(1).to(torch.get_default_dtype()).div_(255.0)
     if normalize:
         x.sub_(mean).div_(std)
     return Split(x, labels.to(device))
@@ -226,7 +227,8 @@ _SPLITS_CACHE: dict[tuple, Splits] = {}
 def load_splits(data_cfg, device: torch.device) -> Splits:
     """Splits for a `data` config group on `device`; cached, so a sweep worker loads them once."""
     key = (str(data_cfg.root), data_cfg.name, int(data_cfg.val_size), int(data_cfg.seed),
-           bool(data_cfg.normalize), float(data_cfg.mean), float(data_cfg.std), str(device))
+           bool(data_cfg.normalize), float(data_cfg.mean), float(data_cfg.std), str(device),
+           torch.get_default_dtype())
     if key not in _SPLITS_CACHE:
         raw = load_raw(str(data_cfg.root), data_cfg.name, bool(data_cfg.download))
         _SPLITS_CACHE.clear()  # keep one dataset resident at a time

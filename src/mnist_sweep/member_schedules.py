@@ -81,11 +81,11 @@ def curve(schedule_cfg: DictConfig, optim_cfg: DictConfig, steps_per_epoch: int,
         eta, t_max = kw["eta_min"], kw["T_max"]
         return Curve(eta + (lr0 - eta) * (1 + torch.cos(math.pi * t / t_max)) / 2, None)
     if cls is sched.OneCycleLR:
-        return one_cycle(t, kw, float(optim_cfg.momentum))
+        return one_cycle(t, kw)
     return reference_curve(schedule_cfg, optim_cfg, steps_per_epoch, epochs)
 
 
-def one_cycle(t: torch.Tensor, kw: dict, momentum: float) -> Curve:
+def one_cycle(t: torch.Tensor, kw: dict) -> Curve:
     """torch's OneCycleLR.get_lr for every step at once (it is a closed form there too)."""
     total = kw["total_steps"]
     initial = kw["max_lr"] / kw["div_factor"]
@@ -141,7 +141,10 @@ def reference_curve(schedule_cfg: DictConfig, optim_cfg: DictConfig, steps_per_e
             schedule.after_epoch({"train_loss": loss, "val_loss": loss})
         lrs.append(optimizer.param_groups[0]["lr"])
         momenta.append(optimizer.param_groups[0]["momentum"])
-    cycles = schedule_cfg.get("cycle_momentum", False)
+    # torch's own default where the config does not say (OneCycleLR and CyclicLR: True)
+    cls = scheduler_class(schedule_cfg)
+    cycles = cls is not None and bool(torch_kwargs(schedule_cfg, cls, steps_per_epoch, epochs)
+                                      .get("cycle_momentum", False))
     return Curve(torch.tensor(lrs, dtype=torch.float64),
                  torch.tensor(momenta, dtype=torch.float64) if cycles else None)
 

@@ -30,6 +30,7 @@ from mnist_sweep.errors import ConfigError
 from mnist_sweep.member_schedules import Curve, Plateaus, curve, is_plateau
 from mnist_sweep.stacked import StackedModel, StackedSGD
 from mnist_sweep.train import EVAL_CHUNK, EpochResult, TrialResult, prepare
+from mnist_sweep.validation import check_trial_config
 
 log = logging.getLogger("mnist_sweep")
 
@@ -64,6 +65,12 @@ class Member:
     epochs_done: int = 0
     results: list[EpochResult] = field(default_factory=list)
 
+    @property
+    def uses_momentum(self) -> bool:
+        """Whether SGD keeps a momentum buffer for it: a momentum > 0, or one its schedule
+        cycles (torch ignores dampening only without momentum)."""
+        return self.momentum > 0 or self.curve.momentum is not None
+
 
 class Population:
     def __init__(self, cfg: DictConfig):
@@ -78,12 +85,17 @@ class Population:
         self.plateaus = Plateaus(self.device)
         self.batch_size, self.epochs = int(cfg.train.batch_size), int(cfg.train.epochs)
         self.steps = -(-len(self.splits.train) // self.batch_size)
-        self.shuffle = torch.Generator(device=self.device).manual_seed(int(cfg.train.seed))
+        self.seed = int(cfg.train.seed)
+        self.shuffle = torch.Generator(device=self.device).manual_seed(self.seed)
+        self.passes = 0  # over the training data, by the population (not by any one member)
         self.members: list[Member] = []
         self.joining: list[Member] = []
         self.leaving: set[Hashable] = set()
         # CUDA graphs of the training step on a GPU (train.cuda_graphs=false: eager throughout)
         self.graphs = {} if self.device.type == "cuda" and cfg.train.get("cuda_graphs", False) else None
+        # SGD's update through the path that holds every step (what a CUDA graph replays), not
+        # the shortcuts taken once every member has started; tests run it on a CPU too
+        self.general_step = self.graphs is not None
 
     def __len__(self) -> int:
         """Members after the pending joins and leaves."""
@@ -98,8 +110,11 @@ class Population:
             differs = [k for k in SHARED_KEYS if mine[k] != theirs[k]]
             raise ConfigError(f"A member of a population must share {', '.join(SHARED_KEYS)} with "
                               f"the others; this trial differs in {', '.join(differs)}.")
-        torch.manual_seed(cfg.train.seed)  # its initial weights, as a solo trial builds them
-        row = StackedModel.row(instantiate(cfg.model))
+        check_trial_config(cfg)  # what run_trial refuses (nesterov without momentum, say)
+        with torch.random.fork_rng(devices=[]):  # the caller's random state stays as it was
+            # its initial weights, as a solo trial builds them (on the CPU, from train.seed)
+            torch.default_generator.manual_seed(int(cfg.train.seed))
+            row = StackedModel.row(instantiate(cfg.model))
         schedule = cfg.schedule
         plateau = is_plateau(schedule)
         lr0 = float(cfg.optim.lr)
@@ -132,9 +147,10 @@ class Population:
         new_rows = [m.row for m in self.joining]
         rows = torch.cat([self.model.flat.detach().index_select(0, index),
                           *[r.to(self.device).unsqueeze(0) for r in new_rows]])
-        buf = torch.cat([self.sgd.buf.index_select(0, index) if len(self.members) else
-                         torch.zeros(0, self.model.size, device=self.device),
-                         torch.zeros(len(new_rows), self.model.size, device=self.device)])
+        zeros = lambda n: torch.zeros(n, self.model.size, device=self.device,  # noqa: E731
+                                      dtype=rows.dtype)
+        buf = torch.cat([self.sgd.buf.index_select(0, index) if len(self.members) else zeros(0),
+                         zeros(len(new_rows))])
         started = torch.cat([self.sgd.started.view(-1).index_select(0, index) if len(self.members) else
                              torch.zeros(0, dtype=torch.bool, device=self.device),
                              torch.zeros(len(new_rows), dtype=torch.bool, device=self.device)])
@@ -143,15 +159,15 @@ class Population:
         self.joining, self.leaving = [], set()
         self.model.set_rows(rows)
         self.sgd.set_members([m.hyper for m in self.members], buf, started,
-                             [m.momentum for m in self.members])
+                             [m.uses_momentum for m in self.members])
         return True
 
     # ------------------------------------------------------------------------- training
 
     def _schedules_for_epoch(self) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
-        """This epoch's LR [K, steps] (float64, as torch's schedulers compute it; SGD takes it as
-        float32, as torch's SGD does) and momentum [K, steps] (None: constant) from the members'
-        curves, at each member's own position; and the constant momenta [K]."""
+        """This epoch's LR [K, steps] (float64, as torch's schedulers compute it; SGD takes it in
+        the parameters' dtype, as torch's SGD does) and momentum [K, steps] (None: constant) from
+        the members' curves, at each member's own position; and the constant momenta [K]."""
         lr, mom = [], []
         for m in self.members:
             start = m.epochs_done * self.steps
@@ -160,8 +176,9 @@ class Population:
             mom.append(m.curve.momentum[start:start + self.steps] if m.curve.momentum is not None
                        else torch.full((self.steps,), m.momentum, dtype=torch.float64))
         cycles = any(m.curve.momentum is not None for m in self.members)
-        constant = torch.tensor([m.momentum for m in self.members], device=self.device)
-        momentum = torch.stack(mom).to(self.device, torch.float32) if cycles else None
+        dtype = self.model.flat.dtype
+        constant = torch.tensor([m.momentum for m in self.members], device=self.device, dtype=dtype)
+        momentum = torch.stack(mom).to(self.device, dtype) if cycles else None
         return torch.stack(lr).to(self.device), momentum, constant
 
     def _losses(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -186,12 +203,22 @@ class Population:
         batch_losses, lrs = [], []
         correct = torch.zeros(k, dtype=torch.long, device=self.device)
         order = data.shuffled_order(len(train), self.shuffle, self.device)
-        for b, idx in enumerate(order.split(self.batch_size)):
-            losses, hits, lr = step(idx, lr_table[:, b],
-                                    momentum if momentum_table is None else momentum_table[:, b])
-            batch_losses.append(losses)
-            lrs.append(lr)
-            correct += hits
+        self.model.train(True)
+        # Dropout draws from torch's global generator: seeded per pass from the population's own
+        # seed, so that its masks do not depend on the members' joins (each seeds its weights)
+        # nor disturb the caller's random state.
+        cuda = self.device.type == "cuda"
+        with torch.random.fork_rng(devices=[self.device] if cuda else []):
+            generator = torch.cuda.default_generators[self.device.index or torch.cuda.current_device()] \
+                if cuda else torch.default_generator
+            generator.manual_seed(self.seed * 1_000_003 + self.passes)
+            for b, idx in enumerate(order.split(self.batch_size)):
+                losses, hits, lr = step(idx, lr_table[:, b], momentum if momentum_table is None
+                                        else momentum_table[:, b])
+                batch_losses.append(losses)
+                lrs.append(lr)
+                correct += hits
+        self.passes += 1
         any_plateau = self.any_plateau
         losses = torch.stack(batch_losses).T.tolist()        # [K][steps]: one host sync
         batch_lr = torch.stack(lrs).T.tolist()
@@ -203,7 +230,8 @@ class Population:
         if any_plateau:  # per-epoch plateaus watch the epoch's train or validation loss
             watched = [val[0][i] if m.monitor == "val_loss" else train_loss[i]
                        for i, m in enumerate(self.members)]
-            self.plateaus.step(torch.tensor(watched, device=self.device),
+            # float64, as torch's ReduceLROnPlateau compares the Python float it is given
+            self.plateaus.step(torch.tensor(watched, dtype=torch.float64, device=self.device),
                                plateau & ~per_batch_plateau)
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
@@ -230,7 +258,8 @@ class Population:
         logits = self.model(x, weights)
         losses = self._losses(logits, y)
         (grad,) = torch.autograd.grad(losses.sum(), weights)
-        self.sgd.step(self.model.flat, grad, lr.float(), momentum, general=self.graphs is not None)
+        self.sgd.step(self.model.flat, grad, lr.to(weights.dtype), momentum,
+                      general=self.general_step)
         if self.any_plateau:
             self.plateaus.step(losses.detach(), batch_plateau)
         return losses.detach(), (logits.detach().argmax(-1) == y).sum(1), lr
@@ -258,6 +287,7 @@ class Population:
                 log.warning(f"CUDA graph capture failed ({type(error).__name__}: {error}); "
                             "the population trains without it")
                 self.graphs = None
+                self.general_step = False
                 return eager
         g = self.graphs
 
@@ -311,6 +341,7 @@ class Population:
     def evaluate(self, split: data.Split) -> tuple[list[float], list[float], list[int]]:
         """Every member's (mean loss, accuracy, number correct) on a whole split."""
         k = len(self.members)
+        self.model.train(False)  # dropout off, as run_trial's evaluate has it
         loss_sum = torch.zeros(k, device=self.device, dtype=torch.float64)
         correct = torch.zeros(k, dtype=torch.long, device=self.device)
         chunk = max(100, EVAL_CHUNK * 4 // max(k, 1))  # bounds the stacked activations

@@ -45,6 +45,10 @@ class StackedModel:
     def __len__(self) -> int:
         return self.flat.shape[0]
 
+    def train(self, mode: bool = True) -> None:
+        """Training or evaluation mode (dropout on or off), as nn.Module.train sets it."""
+        self.module.train(mode)
+
     @staticmethod
     def row(model: nn.Module) -> torch.Tensor:
         """One member's parameters as a flat row, in the layout's order."""
@@ -99,23 +103,26 @@ class StackedSGD:
 
     Per member, as torch does it alone: d = g + wd * p; on the first step buf = d, then
     buf = momentum * buf + (1 - dampening) * d; d = d + momentum * buf (nesterov) or buf; a
-    member with momentum 0 keeps d = g + wd * p; p -= lr * d. Each pass over [K, P] costs a
+    member without momentum keeps d = g + wd * p; p -= lr * d. Each pass over [K, P] costs a
     memory sweep, so the common case (no weight decay, no dampening, no nesterov, every member
-    past its first step) takes two: buf = buf * m + d, p -= lr * buf."""
+    past its first step) takes two: buf = buf * m + d, p -= lr * buf. Computed in the
+    parameters' dtype. (A member whose cycled momentum is exactly 0 at some step is updated as
+    if it had momentum there: torch skips the buffer at such a step. OneCycleLR reaches 0 only
+    with base_momentum=0.)"""
 
     def __init__(self, device: torch.device):
         self.device = device
-        self.set_members([], torch.zeros(0, 0, device=device), torch.zeros(0, dtype=torch.bool))
+        self.set_members([], torch.zeros(0, 0, device=device), torch.zeros(0, dtype=torch.bool), [])
 
     def set_members(self, hyper: list[dict], buf: torch.Tensor, started: torch.Tensor,
-                    momentum: list[float] | None = None) -> None:
+                    uses_momentum: list[bool]) -> None:
         """The members' settings (dicts with dampening, weight_decay, nesterov), momentum
-        buffers [K, P], whether each has stepped already (a new member has not), and their
-        momentum (0 for a member without momentum: torch then ignores dampening)."""
-        column = lambda values, dtype=torch.float32: torch.tensor(  # noqa: E731
+        buffers [K, P] (in the parameters' dtype), whether each has stepped already (a new member
+        has not), and whether each uses momentum at all (a momentum > 0, or one its schedule
+        cycles): torch ignores dampening for a member without it."""
+        column = lambda values, dtype=buf.dtype: torch.tensor(  # noqa: E731
             values, dtype=dtype, device=self.device).view(-1, 1)
-        momentum = momentum if momentum is not None else [1.0] * len(hyper)
-        damp = [h["dampening"] if m > 0 else 0.0 for h, m in zip(hyper, momentum)]
+        damp = [h["dampening"] if uses else 0.0 for h, uses in zip(hyper, uses_momentum)]
         self.keep = column([1 - d for d in damp])                 # 1 - dampening
         self.weight_decay = column([h["weight_decay"] for h in hyper])
         self.nesterov = column([h["nesterov"] for h in hyper], torch.bool)
@@ -128,8 +135,9 @@ class StackedSGD:
     @torch.no_grad()
     def step(self, flat: torch.Tensor, grad: torch.Tensor, lr: torch.Tensor,
              momentum: torch.Tensor, general: bool = False) -> None:
-        """One update of every member; lr and momentum [K] are this batch's (schedules move them).
-        general: the path that holds for every member and every step (a CUDA graph replays it)."""
+        """One update of every member; lr and momentum [K] are this batch's (schedules move them),
+        in the parameters' dtype. general: the path that holds for every member and every step
+        (a CUDA graph replays it), never the shortcuts taken once every member has started."""
         lr, momentum = lr.view(-1, 1), momentum.view(-1, 1)
         if self.plain and self.all_started and not general:
             self.buf.mul_(momentum).add_(grad)
