@@ -70,12 +70,17 @@ EpochCallback = Callable[[EpochResult], None]
 
 
 class TrainingDiverged(UserError):
-    """The loss became NaN or infinite: the trial cannot go on (a sweep fails just this trial)."""
+    """The loss became NaN or infinite in `epoch`: the trial cannot go on. A sweep tells Optuna
+    it was pruned there (a result: this configuration does not train), not that it failed."""
+
+    def __init__(self, message: str, epoch: int):
+        super().__init__(message)
+        self.epoch = epoch
 
     @classmethod
     def at(cls, train_loss: float, epoch: int, lr) -> "TrainingDiverged":
         return cls(f"The training loss became {train_loss} in epoch {epoch} (optim.lr={lr}): the "
-                   "trial diverged; a smaller learning rate or momentum trains.")
+                   "trial diverged; a smaller learning rate or momentum trains.", epoch)
 
 
 @torch.inference_mode()
@@ -101,12 +106,15 @@ def prepare(cfg: DictConfig) -> tuple[torch.device, data.Splits]:
     return device, data.load_splits(cfg.data, device)
 
 
-def run_trial(cfg: DictConfig, callbacks: Sequence[EpochCallback] = ()) -> TrialResult:
+def run_trial(cfg: DictConfig, callbacks: Sequence[EpochCallback] = (),
+              batch_order: torch.Generator | None = None) -> TrialResult:
+    """Train one trial. `batch_order`: the generator that shuffles each epoch (default: one
+    seeded with train.seed), for a reference run that must see another run's batches."""
     device, splits = prepare(cfg)
     if cfg.train.get("threads"):
         torch.set_num_threads(int(cfg.train.threads))
     torch.manual_seed(cfg.train.seed)  # model init
-    shuffle = torch.Generator(device=device).manual_seed(int(cfg.train.seed))
+    shuffle = batch_order or torch.Generator(device=device).manual_seed(int(cfg.train.seed))
 
     model = instantiate(cfg.model).to(device)
     optimizer = instantiate(cfg.optim, params=model.parameters())
@@ -134,7 +142,7 @@ def run_trial(cfg: DictConfig, callbacks: Sequence[EpochCallback] = ()) -> Trial
             schedule.after_batch(loss)
             batch_loss.append(loss.detach())
             predicted.append(logits.detach().argmax(1))
-        train_acc = (torch.cat(predicted) == train.labels.index_select(0, order)).float().mean().item()
+        train_acc = (torch.cat(predicted) == train.labels.index_select(0, order)).sum().item() / len(train)
 
         losses = torch.stack(batch_loss).tolist()
         sizes = [batch_size] * (steps_per_epoch - 1) + [len(train) - batch_size * (steps_per_epoch - 1)]
