@@ -11,6 +11,8 @@ import struct
 import subprocess
 import sys
 import tempfile
+import time
+import uuid
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +20,7 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_MNIST = REPO.parent / "shared" / "data" / "mnist"
+FAULT_INJECTION = str(REPO / "tests" / "fault_injection")  # PYTHONPATH for sitecustomize.py
 
 N_TRAIN, N_TEST = 600, 200
 # Small budgets that keep a synthetic trial well under a second.
@@ -96,17 +99,100 @@ def stopped_if_still(pid: int, look, group: bool = False):
     return seen
 
 
+# ----------------------------------------------------------------------------- processes
+
+TOKEN = "MNIST_SWEEP_TEST_PROCESS"  # in the environment of every process a test starts
+
+
+@pytest.fixture(autouse=True)
+def processes_end_with_their_test():
+    """Every process a test starts, and every process those start (workers, report processes,
+    writers: they inherit the environment, orphans too), carries the test's token; whatever still
+    runs when the test ends, passed or failed, is killed. (A sweep whose test had failed once
+    outlived pytest by minutes, with its report process retrying a server that was gone.)
+    Session fixtures (the servers) start before the token is set and are not touched."""
+    token = uuid.uuid4().hex
+    os.environ[TOKEN] = token
+    try:
+        yield token
+    finally:
+        del os.environ[TOKEN]
+        kill(test_processes(token))
+
+
+def test_processes(token: str | None = None) -> list[int]:
+    """Pids of the running processes that carry the (current) test's token."""
+    needle = f"{TOKEN}={token or os.environ[TOKEN]}".encode()
+    pids = []
+    for entry in os.scandir("/proc"):
+        if entry.name.isdigit() and int(entry.name) != os.getpid():
+            try:
+                with open(f"/proc/{entry.name}/environ", "rb") as f:
+                    if needle in f.read().split(b"\0"):
+                        pids.append(int(entry.name))
+            except OSError:  # gone, or not ours to read
+                pass
+    return pids
+
+
+def kill(pids: list[int], signum: int = signal.SIGKILL) -> None:
+    for pid in pids:
+        try:
+            os.kill(pid, signum)
+        except ProcessLookupError:
+            pass
+
+
+def finish(process: subprocess.Popen, timeout: float) -> tuple[str, str]:
+    """process.communicate(timeout), with a watchdog: a process still running at the timeout has
+    every thread's stack of every process of the test dumped into its stderr (our processes print
+    them on SIGUSR1), then all of them are killed and the test fails with that output."""
+    try:
+        return process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        pass
+    pids = test_processes()
+    kill(pids, signal.SIGUSR1)
+    time.sleep(2)  # the dumps are written
+    kill(test_processes())
+    out, err = process.communicate()
+    raise AssertionError(f"{' '.join(map(str, process.args))[:300]} did not end within {timeout} s; "
+                         f"the stacks of its processes {pids} (stderr's end):\n{(err or '')[-20000:]}"
+                         f"\nstdout's end:\n{(out or '')[-3000:]}")
+
+
+def outside_the_test(start):
+    """`start` (of a server) with the process token out of the environment it passes on."""
+    def call(*args, **kwargs):
+        token = os.environ.pop(TOKEN, None)
+        try:
+            return start(*args, **kwargs)
+        finally:
+            if token is not None:
+                os.environ[TOKEN] = token
+    return call
+
+
+def spawn(*command: str, cwd: Path, env: dict | None = None, **kwargs) -> subprocess.Popen:
+    """A test's process in a session of its own (so that it can be stopped as a group), text
+    pipes for its output; ended with `finish`, killed with the test at the latest."""
+    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+    full_env.pop("MNIST_SWEEP_DEBUG", None)
+    options = {"stdout": subprocess.PIPE, "stderr": subprocess.PIPE, "text": True,
+               "start_new_session": True, **kwargs}
+    return subprocess.Popen(list(command), cwd=cwd, env=full_env, **options)
+
+
 def run_cli(module: str, *args: str, cwd: Path, env: dict | None = None,
             timeout: float = 180) -> subprocess.CompletedProcess:
     """`python -m <module> args...` as a user would run it; returns the completed process."""
-    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
-    full_env.pop("MNIST_SWEEP_DEBUG", None)
     if module == "mnist_sweep.sweep" and not any(a.startswith("sweep.register_model=") for a in args):
         # Registering the best model retrains it at the end (~3 s a sweep that the tests wait
         # for): only the tests of registration (test_registry, test_sweep's two-worker sweep) do.
         args = (*args, "sweep.register_model=false")
-    return subprocess.run([sys.executable, "-m", module, *args], cwd=cwd, env=full_env,
-                          capture_output=True, text=True, timeout=timeout)
+    process = spawn(sys.executable, "-m", module, *args, cwd=cwd, env=env)
+    out, err = finish(process, timeout)
+    return subprocess.CompletedProcess(process.args, process.returncode, out, err)
 
 
 def file_digest(path: Path) -> str | None:
@@ -136,6 +222,9 @@ def servers():
     folder = Path(tempfile.mkdtemp(prefix="mnist-sweep-servers-"))  # /tmp: reachable by postgres
     folder.chmod(0o755)
     running = LocalServers(folder, PG_PASSWORD, free_port(), free_port())
+    # A test that restarts a server starts it for the session: not one of the test's processes
+    running.start_mlflow = outside_the_test(running.start_mlflow)
+    running.pg.start = outside_the_test(running.pg.start)
     running.start()
     try:
         yield running

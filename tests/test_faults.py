@@ -22,7 +22,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
 
-from conftest import needs_postgres, run_cli, stopped_if_still, study_runs
+from conftest import finish, needs_postgres, run_cli, spawn, stopped_if_still, study_runs
 from test_sweep import failed, finished
 
 pytestmark = [needs_postgres, pytest.mark.slow]
@@ -39,9 +39,7 @@ def sweep_args(servers, study_name: str, mnist_dir, n_trials: int, epochs: int) 
 
 
 def start_sweep(args: list[str], cwd) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "mnist_sweep.sweep", *args], cwd=cwd,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    return spawn(sys.executable, "-m", "mnist_sweep.sweep", *args, cwd=cwd)
 
 
 def wait_for(condition, what: str, timeout: float = 120):
@@ -165,7 +163,7 @@ def test_a_server_restarted_mid_sweep_loses_nothing(restart, servers, tmp_path, 
         servers.pg.stop()  # fast shutdown: cuts the storage's and the MLflow server's connections
         time.sleep(3)
         servers.pg.start()
-    out, err = process.communicate(timeout=300)
+    out, err = finish(process, 300)
     assert process.returncode == 0, err[-3000:]
     assert "Traceback" not in err, err[-3000:]
     study = optuna.load_study(study_name=name, storage=servers.storage_url)

@@ -15,18 +15,12 @@ import pytest
 from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
 
-from conftest import REPO, run_cli, study_runs
+from conftest import FAULT_INJECTION, finish, run_cli, spawn, study_runs
 from test_faults import wait_for
 from test_sweep import TINY, failed, finished
 
-FAULTS = REPO / "tests" / "fault_injection"
-
-
 def start(args: list[str], cwd, env: dict | None = None) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "mnist_sweep.sweep", *args], cwd=cwd,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True,
-                            env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})})
+    return spawn(sys.executable, "-m", "mnist_sweep.sweep", *args, cwd=cwd, env=env)
 
 
 def test_sigterm_to_the_driver_alone_ends_every_run_killed(tmp_path, mnist_dir):
@@ -40,7 +34,7 @@ def test_sigterm_to_the_driver_alone_ends_every_run_killed(tmp_path, mnist_dir):
                                 if t.state == TrialState.RUNNING and t.intermediate_values
                                 and "mlflow_run_id" in t.user_attrs], "a trial mid-way")
     process.send_signal(signal.SIGTERM)  # the driver's pid only, not its process group
-    out, err = process.communicate(timeout=120)
+    out, err = finish(process, 120)
     assert process.returncode == 130, err[-3000:]
     assert "interrupted: the study is kept" in err and "Traceback" not in err
     for trial in running:  # its worker is gone, not orphaned to train on
@@ -66,7 +60,7 @@ def test_a_failing_report_refresh_does_not_end_the_sweep(tmp_path, mnist_dir):
     parent_id = wait_for(lambda: optuna.load_study(study_name="momentum", storage=storage)
                          .user_attrs.get("mlflow_parent_run_id"), "the parent run")
     MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}").delete_run(parent_id)
-    out, err = process.communicate(timeout=300)
+    out, err = finish(process, 300)
     assert process.returncode == 0, err[-3000:]
     assert "the parent run's report could not be written" in out + err
     assert len(finished(optuna.load_study(study_name="momentum", storage=storage))) == 6
@@ -83,7 +77,7 @@ def test_a_worker_killed_between_creating_its_run_and_recording_it(found_by, tmp
             "sweep.heartbeat_interval=1", "sweep.grace_period=2", f"data.root={mnist_dir}",
             *TINY, "train.epochs=1"]
     killed = run_cli("mnist_sweep.sweep", *args, cwd=tmp_path,
-                     env={"PYTHONPATH": str(FAULTS), "MNIST_SWEEP_KILL_AT": "trial_run_created"})
+                     env={"PYTHONPATH": FAULT_INJECTION, "MNIST_SWEEP_KILL_AT": "trial_run_created"})
     assert killed.returncode == -9  # one worker runs in the sweep's own process: all of it died
     study = optuna.load_study(study_name="momentum", storage=storage)
     (cut,) = study.trials

@@ -8,7 +8,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
 
-from conftest import PG_PASSWORD, hides_password, needs_postgres, run_cli, study_runs
+from conftest import PG_PASSWORD, finish, hides_password, needs_postgres, run_cli, study_runs
 from test_sweep import TINY
 
 pytestmark = needs_postgres
@@ -58,7 +58,7 @@ def test_drivers_started_together_on_a_new_study_share_one_parent_run(servers, t
                f"data.root={mnist_dir}", *TINY, "train.epochs=1"]
     processes = [subprocess.Popen(command, cwd=tmp_path, stderr=subprocess.PIPE, text=True)
                  for _ in range(3)]
-    errors = [p.communicate(timeout=300)[1] for p in processes]
+    errors = [finish(p, 300)[1] for p in processes]
     assert [p.returncode for p in processes] == [0, 0, 0], errors
     study = optuna.load_study(study_name=name, storage=servers.storage_url)
     done = [t for t in study.trials if t.state in (TrialState.COMPLETE, TrialState.PRUNED)]

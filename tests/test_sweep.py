@@ -15,7 +15,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
 
-from conftest import REPO, run_cli, stopped_if_still
+from conftest import finish, run_cli, stopped_if_still
 
 TINY = ["data.val_size=100", "train.batch_size=50", "train.epochs=3"]
 
@@ -203,7 +203,7 @@ def test_an_interrupted_sweep_resumes_to_exactly_n_trials(tmp_path, mnist_dir):
                 os.killpg(process.pid, signal.SIGINT)  # delivered when it goes on
                 os.killpg(process.pid, signal.SIGCONT)
     assert pressed, "no trial seen mid-way after a finished one"
-    _, err = process.communicate(timeout=120)
+    _, err = finish(process, 120)
     assert process.returncode != 0 and "resume" in err
     before = load(tmp_path, "momentum")
     assert 1 <= len(finished(before)) < 4
@@ -280,7 +280,7 @@ def kill_a_worker_mid_trial(tmp_path, mnist_dir, storage: str, tracking: str) ->
         if victim:
             os.kill(pid, signal.SIGKILL)
     assert victim, "no trial was found mid-way"
-    out, err = process.communicate(timeout=240)
+    out, err = finish(process, 240)
     assert process.returncode == 0, err[-3000:]
     study = optuna.load_study(study_name=study_name, storage=storage)
     done = finished(study)
@@ -309,5 +309,5 @@ def test_processes_creating_a_new_storage_at_once_all_open_it(tmp_path):
         url = f"sqlite:///{tmp_path / f'race-{attempt}.db'}"
         processes = [subprocess.Popen([sys.executable, "-c", code, url], stderr=subprocess.PIPE,
                                       text=True) for _ in range(4)]
-        errors = [p.communicate(timeout=120)[1] for p in processes]
+        errors = [finish(p, 120)[1] for p in processes]
         assert [p.returncode for p in processes] == [0] * 4, errors

@@ -29,6 +29,7 @@ class Interrupts:
     def install(self) -> None:
         signal.signal(signal.SIGINT, self._handler)
         signal.signal(signal.SIGTERM, self._handler)
+        dump_stacks_on_sigusr1()
 
     def _handler(self, signum, frame) -> None:
         signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -66,6 +67,14 @@ class Interrupts:
                 if was:
                     self.check()
         return call
+
+
+def dump_stacks_on_sigusr1() -> None:
+    """`kill -USR1 <pid>` prints every thread's stack to the process's stderr: what a hung sweep,
+    worker or report process is waiting for (the tests' watchdog sends it before it kills)."""
+    import faulthandler
+
+    faulthandler.register(signal.SIGUSR1, all_threads=True)
 
 
 INTERRUPTS = Interrupts()  # one per process: signal handlers are process-wide

@@ -300,6 +300,9 @@ def serve() -> None:
     from mnist_sweep.sweepfile import SweepSpec
     from mnist_sweep.errors import failure_reason
 
+    from mnist_sweep.interrupts import dump_stacks_on_sigusr1
+
+    dump_stacks_on_sigusr1()
     logging.basicConfig(level=logging.WARNING, format="%(message)s", force=True)
     os.environ["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] = "false"  # config.yaml's download
     optuna.logging.set_verbosity(optuna.logging.ERROR)

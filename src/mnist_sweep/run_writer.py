@@ -87,8 +87,10 @@ def _serve(tracking_cfg_yaml: str, requests, replies) -> None:
     from omegaconf import OmegaConf
 
     from mnist_sweep.errors import failure_reason
+    from mnist_sweep.interrupts import dump_stacks_on_sigusr1
     from mnist_sweep.tracking import TrialRun, open_tracker
 
+    dump_stacks_on_sigusr1()
     parent = multiprocessing.parent_process()  # its sentinel tells when the worker is gone
     os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
     tracker = open_tracker(OmegaConf.create(tracking_cfg_yaml))

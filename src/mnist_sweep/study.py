@@ -153,9 +153,14 @@ def _retrying(name: str, method: Callable) -> Callable:
 class ResilientRDBStorage(optuna.storages.RDBStorage):
     """Optuna's RDB storage whose calls survive a database restart: a call that loses its
     connection is retried with backoff (Optuna's own storage raises at once, which would kill
-    the worker and its trial). The engine's pre-ping replaces the pooled connections that died."""
+    the worker and its trial). The engine's pre-ping replaces the pooled connections that died.
+    Its stale trials include those that never beat (`_stale_or_never_beat`)."""
 
     outage_seconds: float = 120
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.first_seen_without_heartbeat: dict[int, float] = {}  # trial id -> time.monotonic()
 
 
 _DATABASE_CALLS = (
@@ -171,6 +176,37 @@ _DATABASE_CALLS = (
     "_get_best_trial_id")
 for _name in _DATABASE_CALLS:
     setattr(ResilientRDBStorage, _name, _retrying(_name, getattr(RDBStorage, _name)))
+
+
+def _stale_or_never_beat(storage: ResilientRDBStorage, study_id: int) -> list[int]:
+    """Optuna's stale trials (last heartbeat older than the grace period), plus the RUNNING trials
+    that have never recorded a heartbeat and still have none a grace period after this storage
+    first saw them so. Optuna skips a trial without a heartbeat row: it creates the trial in one
+    transaction and records the first beat later, from the heartbeat thread, so a worker killed
+    in between left a trial RUNNING that no process would ever fail, and a sweep that counted it
+    as running waited for it forever (a kill -9 resume under load did). Measured from when this
+    process saw it, not from its datetime_start: that is another machine's local clock."""
+    from optuna.storages._rdb import models
+    from optuna.storages._rdb.storage import _create_scoped_session
+
+    stale = RDBStorage._get_stale_trial_ids(storage, study_id)
+    with _create_scoped_session(storage.scoped_session) as session:
+        never_beat = {trial_id for (trial_id,) in session.query(models.TrialModel.trial_id)
+                      .outerjoin(models.TrialHeartbeatModel)
+                      .filter(models.TrialModel.study_id == study_id,
+                              models.TrialModel.state == TrialState.RUNNING,
+                              models.TrialHeartbeatModel.trial_heartbeat_id.is_(None))}
+    grace = storage.grace_period or 2 * storage.heartbeat_interval
+    now, seen = time.monotonic(), storage.first_seen_without_heartbeat
+    for trial_id in set(seen) - never_beat:
+        del seen[trial_id]
+    dead = [trial_id for trial_id in sorted(never_beat) if now - seen.setdefault(trial_id, now) > grace]
+    for trial_id in dead:  # failed now, by this process or another one
+        del seen[trial_id]
+    return stale + dead
+
+
+ResilientRDBStorage._get_stale_trial_ids = _retrying("_get_stale_trial_ids", _stale_or_never_beat)
 
 
 def make_sampler(name: str, seed: int | None, space: SearchSpace, args: Mapping | None = None):
@@ -297,17 +333,20 @@ RETRY_WINDOW_SECONDS = 30  # how long a trial failed by heartbeat waits for its 
 
 
 def counts(study: optuna.Study, max_retry: int = 0) -> dict[str, int]:
-    """Trials by state, plus `done` (what n_trials counts), `excess` (slots a worker opened after
-    another filled the budget: FAIL in Optuna, never trained, kept out of `fail`) and
-    `awaiting_retry` (failed by heartbeat a moment ago, retry not made yet: see below)."""
+    """Trials by state, plus `done` (what n_trials counts), `diverged` (of the pruned: their loss
+    turned NaN), `excess` (slots a worker opened after another filled the budget: FAIL in Optuna,
+    never trained, kept out of `fail`) and `awaiting_retry` (failed by heartbeat a moment ago,
+    retry not made yet: see below)."""
     trials = study.get_trials(deepcopy=False)
     out = {state.name.lower(): 0 for state in TrialState}
-    out["excess"] = out["awaiting_retry"] = 0
+    out["excess"] = out["awaiting_retry"] = out["diverged"] = 0
     for t in trials:
         if t.state == TrialState.FAIL and t.user_attrs.get("excess"):
             out["excess"] += 1
         else:
             out[t.state.name.lower()] += 1
+        if t.state == TrialState.PRUNED and "diverged" in t.user_attrs:
+            out["diverged"] += 1
     out["awaiting_retry"] = len(awaiting_retry(trials, max_retry))
     out["done"] = out["complete"] + out["pruned"]
     return out

@@ -1,9 +1,17 @@
-"""Fault injection for the tests, loaded at interpreter start by every process (driver and spawned
-workers) whose PYTHONPATH holds this folder; inert unless MNIST_SWEEP_KILL_AT is set.
+"""Fault injection for the tests, loaded at interpreter start by every process (driver, spawned
+workers, report process) whose PYTHONPATH holds this folder; inert unless MNIST_SWEEP_KILL_AT or
+MNIST_SWEEP_FAIL_AT is set. Each patches one function of a module once that module is imported:
 
 MNIST_SWEEP_KILL_AT=trial_run_created: a sweep worker kills itself with SIGKILL the moment
 MLflow has created its trial's run, before the trial records the run's id: the window in which
 a killed worker used to leave a run RUNNING that nobody would end.
+
+MNIST_SWEEP_KILL_AT=trial_asked: a process kills itself with SIGKILL the moment Optuna has made
+a trial RUNNING (study.ask), before its first heartbeat: the window in which a killed worker
+used to leave a trial RUNNING that no heartbeat check would ever fail.
+
+MNIST_SWEEP_FAIL_AT=population_test_pass: a population's test pass (Population.finish) raises
+RuntimeError("CUDA out of memory ...") as a GPU short of memory does there.
 """
 
 import importlib.abc
@@ -12,30 +20,69 @@ import os
 import signal
 import sys
 
-if os.environ.get("MNIST_SWEEP_KILL_AT") == "trial_run_created":
 
-    class _PatchTracking(importlib.abc.MetaPathFinder):
-        """Wraps MlflowTracker.start_run once mnist_sweep.tracking has been imported."""
+def _kill_self():
+    os.kill(os.getpid(), signal.SIGKILL)
 
-        def find_spec(self, name, path, target=None):
-            if name != "mnist_sweep.tracking":
-                return None
-            spec = importlib.machinery.PathFinder.find_spec(name, path)
-            load = spec.loader.exec_module
 
-            def exec_module(module):
-                load(module)
-                start_run = module.MlflowTracker.start_run
+def _patch_start_run(module):
+    start_run = module.MlflowTracker.start_run
 
-                def start_run_then_die(self, *args, **kwargs):
-                    run_id = start_run(self, *args, **kwargs)
-                    if "optuna_trial_id" in (kwargs.get("tags") or {}):  # a trial's run
-                        os.kill(os.getpid(), signal.SIGKILL)
-                    return run_id
+    def start_run_then_die(self, *args, **kwargs):
+        run_id = start_run(self, *args, **kwargs)
+        if "optuna_trial_id" in (kwargs.get("tags") or {}):  # a trial's run
+            _kill_self()
+        return run_id
 
-                module.MlflowTracker.start_run = start_run_then_die
+    module.MlflowTracker.start_run = start_run_then_die
 
-            spec.loader.exec_module = exec_module
-            return spec
 
-    sys.meta_path.insert(0, _PatchTracking())
+def _patch_ask(module):
+    ask = module.Study.ask
+
+    def ask_then_die(self, *args, **kwargs):
+        ask(self, *args, **kwargs)
+        _kill_self()
+
+    module.Study.ask = ask_then_die
+
+
+def _patch_finish(module):
+    def finish_out_of_memory(self, keys):
+        if keys:
+            raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB (injected)")
+        return {}
+
+    module.Population.finish = finish_out_of_memory
+
+
+INJECTIONS = {  # (variable, value) -> (module, patch)
+    ("MNIST_SWEEP_KILL_AT", "trial_run_created"): ("mnist_sweep.tracking", _patch_start_run),
+    ("MNIST_SWEEP_KILL_AT", "trial_asked"): ("optuna.study.study", _patch_ask),
+    ("MNIST_SWEEP_FAIL_AT", "population_test_pass"): ("mnist_sweep.population", _patch_finish),
+}
+
+
+class _PatchOnImport(importlib.abc.MetaPathFinder):
+    """Applies `patch` to module `name` right after the module is executed."""
+
+    def __init__(self, name, patch):
+        self.name, self.patch = name, patch
+
+    def find_spec(self, name, path, target=None):
+        if name != self.name:
+            return None
+        spec = importlib.machinery.PathFinder.find_spec(name, path)
+        load = spec.loader.exec_module
+
+        def exec_module(module):
+            load(module)
+            self.patch(module)
+
+        spec.loader.exec_module = exec_module
+        return spec
+
+
+for (_variable, _value), (_module, _patch) in INJECTIONS.items():
+    if os.environ.get(_variable) == _value:
+        sys.meta_path.insert(0, _PatchOnImport(_module, _patch))
