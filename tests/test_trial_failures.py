@@ -1,7 +1,7 @@
-"""A trial that raises fails alone: out of memory (a real allocation the machine refuses) and a
-loss that turns NaN (a real divergence) each fail their trial, with the reason on the trial and
-its MLflow run, and the worker trains the next one. Failures in a row stop the worker with a
-message; the study is kept."""
+"""A trial that raises fails alone: out of memory (a real allocation the machine refuses) fails
+its trial, with the reason on the trial and its MLflow run, and the worker trains the next one; a
+loss that turns NaN (a real divergence) is a result, told to Optuna as pruned. Failures in a row
+stop the worker with a message; the study is kept."""
 
 from __future__ import annotations
 
@@ -30,28 +30,49 @@ enqueue:
     return str(path)
 
 
-def test_out_of_memory_and_a_diverged_loss_fail_their_trials_and_the_worker_goes_on(tmp_path, mnist_dir):
+def test_out_of_memory_fails_its_trial_a_diverged_loss_is_pruned_and_the_worker_goes_on(tmp_path, mnist_dir):
+    """Out of memory is a failure (FAIL, its reason on the trial and the run). A diverged loss
+    is a result, this configuration does not train: pruned at that epoch with NaN there, which
+    the sampler learns from, and counted in n_trials; its run ends FAILED, marked diverged."""
+    import math
+
     enqueue = (f"  - {{model.hidden: {HUGE}, optim.lr: 0.05}}\n"
                "  - {model.hidden: 16, optim.lr: 1000000.0}\n"
                "  - {model.hidden: 16, optim.lr: 0.05}\n")
-    out = run_cli("mnist_sweep.sweep", "--sweep", sweep_file(tmp_path, enqueue, n_trials=1),
+    out = run_cli("mnist_sweep.sweep", "--sweep", sweep_file(tmp_path, enqueue, n_trials=2),
                   f"data.root={mnist_dir}", *TINY, "train.epochs=2", cwd=tmp_path, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     assert "Traceback" not in out.stderr
     trials = load(tmp_path, "failing").trials
-    assert [t.state for t in trials] == [TrialState.FAIL, TrialState.FAIL, TrialState.COMPLETE]
+    assert [t.state for t in trials] == [TrialState.FAIL, TrialState.PRUNED, TrialState.COMPLETE]
     oom, nan, good = trials
     assert "can't allocate memory" in oom.user_attrs["fail_reason"]
-    assert "diverged" in nan.user_attrs["fail_reason"] and "nan" in nan.user_attrs["fail_reason"].lower()
-    assert "[w0 #0] failed: RuntimeError" in out.stdout and "[w0 #1] failed: TrainingDiverged" in out.stdout
+    assert "fail_reason" not in nan.user_attrs
+    assert "TrainingDiverged" in nan.user_attrs["diverged"] and "nan" in nan.user_attrs["diverged"].lower()
+    assert list(nan.intermediate_values) == [1] and math.isnan(nan.intermediate_values[1])
+    assert nan.user_attrs["epochs_trained"] == 1
+    assert "[w0 #0] failed: RuntimeError" in out.stdout and "[w0 #1] diverged in epoch 1" in out.stdout
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
-    for trial, status in ((oom, "FAILED"), (nan, "FAILED"), (good, "FINISHED")):
-        run = client.get_run(trial.user_attrs["mlflow_run_id"])
-        assert run.info.status == status
-        if status == "FAILED":
-            assert run.data.tags["state"] == "failed"
-            assert run.data.tags["fail_reason"] == trial.user_attrs["fail_reason"]
-            assert run.data.tags["mlflow.note.content"].startswith("**Failed**")
+    runs = {t.number: client.get_run(t.user_attrs["mlflow_run_id"]) for t in trials}
+    assert [runs[n].info.status for n in range(3)] == ["FAILED", "FAILED", "FINISHED"]
+    assert runs[0].data.tags["state"] == "failed"
+    assert runs[0].data.tags["fail_reason"] == oom.user_attrs["fail_reason"]
+    assert runs[0].data.tags["mlflow.note.content"].startswith("**Failed**")
+    assert runs[1].data.tags["state"] == "diverged" and "fail_reason" not in runs[1].data.tags
+    assert runs[1].data.tags["mlflow.note.content"].startswith("**Diverged** in epoch 1")
+
+
+def test_with_diverged_fail_a_diverged_trial_is_a_failure_as_before(tmp_path, mnist_dir):
+    """sweep.diverged=fail: the behaviour before diverged trials were results (bench-diverged
+    compares the two): FAIL with its reason, not counted in n_trials."""
+    enqueue = "  - {model.hidden: 16, optim.lr: 1000000.0}\n  - {model.hidden: 16, optim.lr: 0.05}\n"
+    out = run_cli("mnist_sweep.sweep", "--sweep", sweep_file(tmp_path, enqueue, n_trials=1),
+                  "sweep.diverged=fail", f"data.root={mnist_dir}", *TINY, "train.epochs=1",
+                  cwd=tmp_path, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    nan, good = load(tmp_path, "failing").trials
+    assert (nan.state, good.state) == (TrialState.FAIL, TrialState.COMPLETE)
+    assert "diverged" in nan.user_attrs["fail_reason"] and "[w0 #0] failed: TrainingDiverged" in out.stdout
 
 
 def test_failures_in_a_row_stop_the_worker_with_a_message(tmp_path, mnist_dir):

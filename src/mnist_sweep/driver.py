@@ -91,8 +91,9 @@ class Progress:
         elapsed = time.time() - self.started
         new = c["done"] - self.done_at_start
         eta = f"ETA {fmt_seconds(elapsed / new * max(n - c['done'], 0))}" if new else "ETA ?"
-        return (f"[{self.spec.study_name}] {min(c['done'], n)}/{n} done (pruned {c['pruned']}, "
-                f"failed {c['fail']}, running {c['running']}) | {best_text} | "
+        diverged = f" of which {c['diverged']} diverged" if c["diverged"] else ""
+        return (f"[{self.spec.study_name}] {min(c['done'], n)}/{n} done (pruned {c['pruned']}"
+                f"{diverged}, failed {c['fail']}, running {c['running']}) | {best_text} | "
                 f"{fmt_seconds(elapsed)} elapsed, {eta}")
 
     def show(self, force: bool = False) -> None:

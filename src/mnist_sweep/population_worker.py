@@ -66,6 +66,7 @@ class PopulationWorker(Worker):
         self.progress = threading.Condition()
         self.error: BaseException | None = None
         self.stopping = threading.Event()
+        self.stop_reason: str | None = None                # the trainer failed: why
         self.optuna_seconds = 0.0                          # time inside Optuna calls
         self.mlflow_seconds = 0.0                          # time making runs (here, not the writer)
         self.writer = None
@@ -96,6 +97,11 @@ class PopulationWorker(Worker):
                     epoch_started = time.perf_counter()
                     with INTERRUPTS.allowed():
                         results = population.train_epoch()
+                        diverged = {k: TrainingDiverged.at(r.train_loss, r.epoch, population.lr_of(k))
+                                    for k, r in results.items() if not math.isfinite(r.train_loss)}
+                        done = [k for k, r in results.items()
+                                if r.epoch == r.epochs and k not in diverged]
+                        tests = population.finish(done)  # one test pass for all that are done
                 except (KeyboardInterrupt, optuna.exceptions.StorageInternalError):
                     raise
                 except Exception as error:  # the whole stack failed (out of memory, say)
@@ -106,11 +112,6 @@ class PopulationWorker(Worker):
                     self.events.put(("failed", {key: reason for key in keys}))
                     self._empty_cuda_cache()
                     continue
-                diverged = {k: failure_reason(TrainingDiverged.at(
-                                r.train_loss, r.epoch, population.lr_of(k)))
-                            for k, r in results.items() if not math.isfinite(r.train_loss)}
-                done = [k for k, r in results.items() if r.epoch == r.epochs and k not in diverged]
-                tests = population.finish(done)
                 trained += time.perf_counter() - epoch_started
                 epoch_seconds.append(next(iter(results.values())).seconds)
                 for key in [*done, *diverged]:
@@ -123,6 +124,10 @@ class PopulationWorker(Worker):
                              f"{seconds:.2f}s ({seconds / len(results):.3f}s a member-epoch)")
         except KeyboardInterrupt:
             self.events.put(("interrupt",))  # the bookkeeper fails the live trials, kills runs
+            raise
+        except BaseException as error:  # the bookkeeper stops at once and fails the live trials
+            self.stop_reason = f"its worker stopped: {failure_reason(error)}"
+            self.stopping.set()
             raise
         finally:
             threads[0].join(timeout=60)
@@ -166,7 +171,8 @@ class PopulationWorker(Worker):
                 self.raise_bookkeeper_error()
                 continue
             kind = change[0]
-            if kind == "done":
+            if kind == "done":  # the bookkeeper's end: the budget is spent, or it failed
+                self.raise_bookkeeper_error()
                 return population, False
             if kind == "leave" and population is not None:
                 population.leave(change[1])
@@ -194,7 +200,10 @@ class PopulationWorker(Worker):
 
     def bookkeep(self) -> None:
         try:
-            while not self.stopping.is_set():
+            while True:
+                if self.stopping.is_set():  # the trainer failed
+                    self.close_all(self.stop_reason or "its worker stopped", "KILLED")
+                    return
                 self.check_writer()
                 more = self.fill()
                 if not self.members and not more:
@@ -205,7 +214,7 @@ class PopulationWorker(Worker):
                 except queue.Empty:
                     continue
                 if event[0] == "interrupt":
-                    self.close_all("interrupted", "KILLED")
+                    self.close_all(None, "KILLED")
                     return
                 if event[0] == "failed":
                     for number, reason in event[1].items():
@@ -217,6 +226,11 @@ class PopulationWorker(Worker):
                     self.epochs_handled += 1
                     self.progress.notify_all()
         except BaseException as error:  # to the trainer, which raises it
+            try:  # the live trials end now, not when their heartbeats go stale (using up a retry)
+                self.close_all(f"its worker stopped: {failure_reason(error)}", "KILLED")
+            except Exception as closing:
+                log.warning(f"[w{self.index}] the live trials could not be failed: "
+                            f"{failure_reason(closing)}")
             self.error = error
             with self.progress:
                 self.progress.notify_all()
@@ -242,7 +256,7 @@ class PopulationWorker(Worker):
                 self.changes.put(("join", joins))
 
     def _fill(self, joins: list, live, n_trials: int, max_retry: int) -> bool:
-        while live() < self.size:
+        while live() < self.size and not self.stopping.is_set():
             if self.deadline and time.time() > self.deadline:
                 return False
             c = self.optuna_call(counts, self.study, max_retry)
@@ -306,7 +320,11 @@ class PopulationWorker(Worker):
                 continue  # pruned after the epoch before: this epoch is thrown away
             if number in diverged:
                 self.writer.epoch(number, result)
-                self.fail(number, diverged[number])
+                if self.spec.settings["diverged"] == "prune":
+                    self.close(number, TrialState.PRUNED, epochs=result.epoch, value=math.nan,
+                               diverged=failure_reason(diverged[number]))
+                else:
+                    self.fail(number, failure_reason(diverged[number]))
                 continue
             self.writer.epoch(number, result)
             value = result.metrics()[metric]
@@ -319,7 +337,10 @@ class PopulationWorker(Worker):
                 self.close(number, TrialState.COMPLETE, epochs=result.epoch, value=value,
                            result=tests[number])
 
-    def close(self, number: int, state: TrialState, epochs: int, value: float, result=None) -> None:
+    def close(self, number: int, state: TrialState, epochs: int, value: float, result=None,
+              diverged: str | None = None) -> None:
+        """A member's trial told PRUNED (diverged: pruned with NaN at its last epoch, as
+        worker.prune_diverged does for a solo trial) or COMPLETE, its run ended."""
         member = self.members.pop(number)
         member.closed = True
         trial, prefix = member.trial, f"[w{self.index} #{number}] "
@@ -327,7 +348,14 @@ class PopulationWorker(Worker):
         shown = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
                           for k, v in member.values.items())
         metric = self.spec.settings["metric"]
-        if state == TrialState.PRUNED:
+        if diverged is not None:
+            self.optuna_call(trial.report, math.nan, step=epochs)
+            self.optuna_call(trial.set_user_attr, "diverged", diverged)
+            self.optuna_call(self.study.tell, trial, state=TrialState.PRUNED)
+            self.writer.end(number, "FAILED", trial_end_tags("diverged", epochs, metric, value,
+                                                             reason=diverged))
+            log.info(f"{prefix}diverged in epoch {epochs}: pruned, {metric} NaN there")
+        elif state == TrialState.PRUNED:
             self.optuna_call(self.study.tell, trial, state=TrialState.PRUNED)
             self.writer.end(number, "FINISHED", trial_end_tags("pruned", epochs, metric, value,
                                                                self.spec.settings["pruner"]))
@@ -367,15 +395,23 @@ class PopulationWorker(Worker):
                 "and its MLflow run FAILED; the study is kept, and the same command resumes it "
                 "once the cause is fixed.")
 
-    def close_all(self, why: str, status: str) -> None:
-        """Ctrl-C or SIGTERM: every live member's trial FAIL, its run KILLED."""
+    def close_all(self, reason: str | None, status: str) -> None:
+        """The worker stops: every live member's trial FAIL, its run `status`. reason None:
+        Ctrl-C or SIGTERM (user attribute interrupted); else why the worker stopped (user
+        attribute fail_reason). Either way the trial is not retried (see study.awaiting_retry)."""
         for number in list(self.members):
             member = self.members.pop(number)
-            member.trial.set_user_attr(why, True)
+            member.closed = True
+            if reason is None:
+                member.trial.set_user_attr("interrupted", True)
+            else:
+                member.trial.set_user_attr("fail_reason", reason)
             self.handled.numbers.add(number)
             self.optuna_call(self.study.tell, member.trial, state=TrialState.FAIL)
-            self.writer.end(number, status, {"state": "killed"})
-        log.warning(f"[w{self.index}] interrupted: the population's trials are FAIL, their runs KILLED")
+            self.writer.end(number, status, {"state": "killed"} if reason is None else {
+                "state": "failed", "fail_reason": reason, "mlflow.note.content": f"**Failed**: {reason}"})
+        if reason is None:
+            log.warning(f"[w{self.index}] interrupted: the population's trials are FAIL, their runs KILLED")
 
     # ------------------------------------------------------------------------- heartbeats
 

@@ -65,9 +65,10 @@ def parent_description(study_name: str, experiment_id: str, settings: dict, coun
     """The parent run's markdown: the study's state, the best trial (a link to its run), its
     parameters, val/test accuracy, and where the plots and all the trials are."""
     metric, maximize = settings["metric"], settings["direction"] == "maximize"
+    diverged = f" of which {counts['diverged']} diverged" if counts.get("diverged") else ""
     lines = [f"**Optuna study `{study_name}`**: {min(counts['done'], settings['n_trials'])} of "
-             f"{settings['n_trials']} trials finished ({counts['pruned']} pruned, {counts['fail']} "
-             f"failed, {counts['running']} running); sampler {settings['sampler']}, pruner "
+             f"{settings['n_trials']} trials finished ({counts['pruned']} pruned{diverged}, "
+             f"{counts['fail']} failed, {counts['running']} running); sampler {settings['sampler']}, pruner "
              f"{settings['pruner']}, {metric} {'maximized' if maximize else 'minimized'}.", ""]
     if best is None:
         lines.append("No trial has completed yet.")

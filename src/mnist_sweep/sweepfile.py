@@ -42,6 +42,9 @@ DEFAULT_SETTINGS: dict[str, Any] = {
     "outage_seconds": 120,     # how long workers wait for a restarted/unreachable database
     "max_failures_in_a_row": 3,  # a worker whose trials fail this often in a row stops
     "population": 1,           # trials a worker trains at once as one stacked model; auto: by device
+    # A trial whose loss turns NaN or infinite: prune (told to Optuna as pruned at that epoch,
+    # with NaN there: TPE and the pruners learn from it) or fail (FAIL: samplers ignore it).
+    "diverged": "prune",
     "final_report": "auto",    # background | wait | auto (background at a terminal)
     "contour": None,           # [x, y] parameters of the contour plot; null = momentum vs decay
     # At the end, the best trial's model in MLflow's registry under this name with the alias
@@ -168,6 +171,9 @@ def check_settings(s: dict) -> None:
     if s["population"] != "auto" and (not is_int(s["population"]) or s["population"] < 1):
         raise ConfigError(f"sweep.population={s['population']!r} is not allowed: an integer >= 1 "
                           "(trials a worker trains at once; 1 = one at a time) or auto.")
+    if s["diverged"] not in ("prune", "fail"):
+        raise ConfigError(f"sweep.diverged={s['diverged']!r} is not allowed: prune (the sampler "
+                          "learns from a diverged trial) or fail (it does not).")
     if s["final_report"] not in ("auto", "background", "wait"):
         raise ConfigError(f"sweep.final_report={s['final_report']!r} is not allowed: auto, "
                           "background or wait.")

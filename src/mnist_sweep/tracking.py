@@ -212,14 +212,20 @@ def trial_run_name(number: int, values: dict, n_trials: int) -> str:
     return f"t{number:0{max(3, len(str(n_trials)))}d} {short_values(values)}".strip()
 
 
-def trial_end_tags(state: str, epochs: int, metric: str, value: float, pruner: str = "") -> dict:
-    """A trial run's final tags: its state, the epochs it trained and, for a pruned one, a
-    description that says so (MLflow shows every ended run as a green "Finished")."""
+def trial_end_tags(state: str, epochs: int, metric: str, value: float, pruner: str = "",
+                   reason: str = "") -> dict:
+    """A trial run's final tags: its state, the epochs it trained and, for a pruned or diverged
+    one, a description that says so (MLflow shows every ended run as a green "Finished")."""
     tags = {"state": state, "epochs_trained": str(epochs)}
     if state == "pruned":
         tags["mlflow.note.content"] = (f"**Pruned** by the {pruner} pruner after epoch {epochs}: "
                                        f"{metric} {value:.4f} was behind the other trials' at that "
                                        "epoch. Its curves stop there; it has no test metrics.")
+    if state == "diverged":
+        tags["mlflow.note.content"] = (
+            f"**Diverged** in epoch {epochs}: {reason.removeprefix('TrainingDiverged: ')} Told to "
+            f"Optuna as pruned at epoch {epochs} with {metric} NaN there, so that the sampler "
+            "learns that this region of the space does not train. It has no test metrics.")
     return tags
 
 
@@ -297,6 +303,7 @@ class TrialRun:
     batch_curve_every: int = 1  # log the batch loss of every k-th batch (1 = all)
     pending: list = field(default_factory=list)
     max_lr_points: int | None = None  # more LR change points an epoch: every k-th batch's LR
+    end_status: str | None = None  # set by whoever trains it: the status trial_run ends it with
 
     def _log_metrics(self, metrics: Sequence) -> None:
         for start in range(0, len(metrics), MAX_METRICS_PER_BATCH):
@@ -478,7 +485,7 @@ class MlflowTracker:
             try:
                 run.flush()  # what the trial measured before it ended is kept
             finally:
-                self.client.set_terminated(run_id, status)
+                self.client.set_terminated(run_id, run.end_status or status)
 
     def runs_tagged(self, tags: dict[str, str], status: str | None = None) -> list[str]:
         """Ids of this experiment's runs that carry all of `tags` (and have `status`)."""

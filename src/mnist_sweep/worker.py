@@ -12,6 +12,7 @@ end the running trial's run KILLED and its trial FAIL.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import socket
 import sys
@@ -173,8 +174,8 @@ class Worker:
 
     def note_failure(self, reason: str) -> None:
         """A failure counts towards sweep.max_failures_in_a_row unless it is the trial's own
-        result: a diverged loss says the configuration does not train (a wide space has many),
-        not that something is broken."""
+        result: a diverged loss (with sweep.diverged=fail) says the configuration does not train
+        (a wide space has many), not that something is broken."""
         if not reason.startswith("TrainingDiverged"):
             self.failures_in_a_row.append(reason)
 
@@ -211,7 +212,7 @@ class Worker:
         import torch
 
         from mnist_sweep.tracking import trial_end_tags, trial_run_name
-        from mnist_sweep.train import EpochProgress, run_trial
+        from mnist_sweep.train import EpochProgress, TrainingDiverged, run_trial
 
         # the space was checked against the config tree before the workers started
         cfg = compose_trial([*self.spec.fixed, *self.share], values)
@@ -246,6 +247,11 @@ class Worker:
                 run.log_result(result)
             except optuna.TrialPruned:
                 raise
+            except TrainingDiverged as error:
+                if self.spec.settings["diverged"] == "prune":
+                    prune_diverged(trial, run, error, metric, prefix)
+                run.set_tags({"state": "failed"})
+                raise
             except KeyboardInterrupt:
                 run.set_tags({"state": "killed"})
                 raise
@@ -260,3 +266,20 @@ class Worker:
         shown = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in values.items())
         log.info(f"{prefix}complete: {metric} {value:.4f}, test_acc {result.test_acc:.4f} | {shown}")
         return value
+
+
+def prune_diverged(trial, run, error: "TrainingDiverged", metric: str, prefix: str) -> None:
+    """A diverged trial is a result: this configuration does not train. Optuna is told so as a
+    pruned trial with the value NaN at the epoch it diverged, which its samplers learn from (TPE
+    ranks such a trial below every pruned trial that reached that epoch) where they ignore a
+    FAIL; its run ends FAILED, tagged and described as diverged. Raises optuna.TrialPruned."""
+    from mnist_sweep.tracking import trial_end_tags
+
+    reason = failure_reason(error)
+    trial.report(math.nan, step=error.epoch)
+    trial.set_user_attr("diverged", reason)
+    trial.set_user_attr("epochs_trained", error.epoch)
+    run.set_tags(trial_end_tags("diverged", error.epoch, metric, math.nan, reason=reason))
+    run.end_status = "FAILED"
+    log.info(f"{prefix}diverged in epoch {error.epoch}: pruned, {metric} NaN there")
+    raise optuna.TrialPruned()
