@@ -132,6 +132,32 @@ def test_mlflow_has_one_parent_and_a_child_per_trial(two_worker_sweep):
         assert not any(k.startswith(("tracking.", "train.threads", "data.root")) for k in child.data.params)
 
 
+def test_the_parents_params_are_written_once_the_sweep_ends_not_when_an_early_trial_leads(
+        two_worker_sweep, monkeypatch):
+    """MLflow params cannot change: a refresh mid-sweep writes none (it once wrote trial 1's,
+    the best at that moment, and the parent showed them as the sweep's answer); the final
+    report writes the best trial's. Here on a second parent run of the finished study."""
+    from dataclasses import replace
+
+    from mnist_sweep.report import write_report
+    from mnist_sweep.sweepfile import load_spec
+
+    folder, _ = two_worker_sweep
+    monkeypatch.chdir(folder)  # the sweep's relative stores
+    client = MlflowClient("sqlite:///mlflow.db")
+    study = load(folder, "momentum_decay")
+    best_run = client.get_run(study.best_trial.user_attrs["mlflow_run_id"])
+    parent = client.create_run(best_run.info.experiment_id, run_name="second look").info.run_id
+    spec = replace(load_spec("momentum_decay", ["sweep.register_model=false"]), parent_run_id=parent)
+    write_report(study, spec, spec.space(), plots=False)  # a refresh
+    assert client.get_run(parent).data.params == {}
+    assert client.get_run(parent).data.tags["best_trial"] == str(study.best_trial.number)
+    write_report(study, spec, spec.space(), plots=False, status="FINISHED")
+    ended = client.get_run(parent)
+    assert ended.data.params == best_run.data.params
+    assert ended.data.tags["params_trial"] == str(study.best_trial.number)
+
+
 def test_parent_artifacts_are_valid_pngs_csv_and_the_sweep_file(two_worker_sweep):
     import matplotlib.image
 

@@ -160,9 +160,11 @@ def register_champion(client, study: optuna.Study, spec) -> None:
                     f"({failure_reason(error)})")
 
 
-def describe_parent(client, study: optuna.Study, spec) -> None:
+def describe_parent(client, study: optuna.Study, spec, final: bool = False) -> None:
     """The parent's sweep metrics (sweep_*: apart from the trials' metrics in the runs table),
-    its best.* tags, best_run_id, params (the best configuration) and markdown description."""
+    its best.* tags, best_run_id, markdown description and, once the sweep has ended (`final`),
+    its params: the best configuration. MLflow params cannot change, so they are written once,
+    when they are the sweep's answer, not when an early trial leads."""
     from mlflow.entities import Metric, RunTag
 
     from mnist_sweep.review import log_best_params, parent_description
@@ -187,7 +189,8 @@ def describe_parent(client, study: optuna.Study, spec) -> None:
         if best.user_attrs.get("mlflow_run_id"):
             best_run = client.get_run(best.user_attrs["mlflow_run_id"])
             tags.append(RunTag("best_run_id", best_run.info.run_id))
-            params_trial = log_best_params(client, run_id, best_run)
+            params_trial = log_best_params(client, run_id, best_run) if final else \
+                parent.data.tags.get("params_trial")
         client.log_batch(run_id, tags=tags)
     client.log_batch(run_id, metrics=metrics)
     note = parent_description(spec.study_name, parent.info.experiment_id, spec.settings, c, best,
@@ -211,7 +214,7 @@ def write_report(study: optuna.Study, spec, space, plots: bool = True,
     try:
         if status == "FINISHED":
             register_champion(client, study, spec)
-        describe_parent(client, study, spec)
+        describe_parent(client, study, spec, final=status == "FINISHED")
         (folder / "sweep").mkdir()
         # The file as written, but with any password in it masked (a storage URL, say).
         (folder / "sweep" / Path(spec.file).name).write_text(mask_secrets(Path(spec.file).read_text()))

@@ -86,9 +86,9 @@ def parent_description(study_name: str, experiment_id: str, settings: dict, coun
             lines.append(f"**Model**: `{model_uri}` in the model registry (Models tab); serve it "
                          f"with `mlflow models predict -m {model_uri} --env-manager local`.")
         if params_trial is not None and params_trial != str(best.number):
-            lines.append(f"This run's params are trial {params_trial}'s, the best when they were "
-                         "first recorded (MLflow params cannot change); the tags `best.*` and "
-                         "`best_run_id` follow the current best.")
+            lines.append(f"This run's params are trial {params_trial}'s, the best when the sweep "
+                         "first ended (MLflow params cannot change; a resume found a better one): "
+                         "the tags `best.*` and `best_run_id` follow the current best.")
     lines += ["", f"**All trials**, best first: [the study's trials sorted by {metric}]"
               f"({trials_view(experiment_id, study_name, metric, maximize)}).",
               "**Plots** (Artifacts, `plots/`): the contour of momentum against the decay "
