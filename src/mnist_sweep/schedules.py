@@ -9,13 +9,14 @@ loss per batch or the epoch's mean per epoch, or `val_loss`, per epoch).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-import torch
-from hydra.errors import InstantiationException
-from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from mnist_sweep.errors import ConfigError
+
+if TYPE_CHECKING:  # torch is imported where a schedule is built: checking one needs none of it
+    import torch
 
 INTERVALS = ("batch", "epoch")
 MONITORS = ("train_loss", "val_loss")
@@ -32,6 +33,8 @@ class Schedule:
 
     @property
     def on_plateau(self) -> bool:
+        import torch
+
         return isinstance(self.scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau)
 
     def after_batch(self, batch_loss: torch.Tensor) -> None:
@@ -90,6 +93,10 @@ def check_schedule_config(cfg: DictConfig, has_validation: bool) -> None:
 
 def build_schedule(cfg: DictConfig, optimizer: torch.optim.Optimizer, steps_per_epoch: int,
                    epochs: int) -> Schedule:
+    import torch
+    from hydra.errors import InstantiationException
+    from hydra.utils import instantiate
+
     kwargs = {k: v for k, v in OmegaConf.to_container(cfg, resolve=True).items()
               if k not in OUR_KEYS}
     interval = cfg.get("interval", "epoch")

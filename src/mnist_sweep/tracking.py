@@ -15,13 +15,15 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import TYPE_CHECKING, Iterator, Sequence
 
-import torch
 from omegaconf import DictConfig, OmegaConf
 
 from mnist_sweep.errors import TrackingError, failure_reason
 from mnist_sweep.urls import not_sqlite, redact_passwords, redact_reason, redact_uri, scheme_of
+
+if TYPE_CHECKING:  # a sweep's driver tracks without torch: only the trials need it
+    import torch
 
 log = logging.getLogger("mnist_sweep")
 
@@ -173,6 +175,8 @@ def context_tags() -> dict[str, str]:
 
 def trial_tags(cfg: DictConfig, device: torch.device) -> dict[str, str]:
     """What a run's params leave out (where and how it ran) and what MLflow's columns show."""
+    import torch
+
     return {**context_tags(), "dataset": cfg.data.name,
             "model": cfg.model._target_.rsplit(".", 1)[-1].lower(),
             "schedule": cfg.schedule.get("name", "none"), "device": str(device),
@@ -278,6 +282,7 @@ def log_torch_model(client, run_id: str, model: torch.nn.Module) -> str:
     import mlflow
     import mlflow.pytorch
     import numpy as np
+    import torch
 
     example = np.zeros((2, 1, 28, 28), dtype=np.float32)
     requirements = [f"mlflow=={mlflow.__version__}", f"torch=={torch.__version__.split('+')[0]}",

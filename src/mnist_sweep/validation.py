@@ -6,11 +6,15 @@ that torch would accept silently (momentum 1.0) or fail on late (a batch larger 
 
 from __future__ import annotations
 
-import torch
+from typing import TYPE_CHECKING
+
 from omegaconf import DictConfig
 
 from mnist_sweep.errors import ConfigError
 from mnist_sweep.schedules import check_schedule_config
+
+if TYPE_CHECKING:
+    import torch
 
 
 def is_int(value) -> bool:
@@ -55,7 +59,8 @@ def check_trial_config(cfg: DictConfig) -> None:
         raise ConfigError(f"train.threads={threads!r} is not allowed: use null (torch's "
                           "default) or an integer >= 1.")
     check_schedule_config(cfg.schedule, has_validation=val_size > 0)
-    resolve_device(cfg.train.device)
+    if str(cfg.train.device) not in ("auto", "cpu"):  # torch is imported only to check CUDA
+        resolve_device(cfg.train.device)
 
 
 def check_against_data(cfg: DictConfig, n_train_total: int) -> None:
@@ -74,6 +79,8 @@ def check_against_data(cfg: DictConfig, n_train_total: int) -> None:
 
 def resolve_device(name: str) -> torch.device:
     """auto | cpu | cuda | cuda:N -> a torch.device that exists on this machine."""
+    import torch
+
     name = str(name)
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
