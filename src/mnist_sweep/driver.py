@@ -157,6 +157,8 @@ def run_sweep(spec: SweepSpec, join: bool = False) -> optuna.Study:
 
     INTERRUPTS.install()  # SIGTERM to the driver alone: like Ctrl-C (interrupts.py)
     configure_output(spec)
+    if spec.settings["workers"] > 1:  # the fork server imports while this process sets up
+        start_fork_server()
     space = spec.space()
     base = check_space(spec, space)
     tracker = open_tracker(base.tracking)  # a bad tracking store is refused before the study is made
@@ -182,7 +184,7 @@ def run_sweep(spec: SweepSpec, join: bool = False) -> optuna.Study:
             make_worker(spec, 0, 1, monitor).loop()
             codes = [0]
         else:
-            ctx = multiprocessing.get_context("spawn")  # fork + torch threads is unsafe
+            ctx = worker_context()
             workers = [ctx.Process(target=run_worker, args=(asdict(spec), i, n_workers),
                                    name=f"worker-{i}") for i in range(n_workers)]
             codes = watch(workers, monitor)
@@ -213,6 +215,29 @@ def run_sweep(spec: SweepSpec, join: bool = False) -> optuna.Study:
         hint = " (after `make ui`)" if not tracker.uri.startswith("http") else ""
         print(f"[{spec.study_name}] review the trials, best first, in MLflow{hint}: {link}", flush=True)
     return study
+
+
+# What a worker imports (~3.5 s of CPU here): done once, by the fork server, not by each worker.
+WORKER_MODULES = ["torch", "mlflow.tracking", "optuna", "hydra", "mnist_sweep.worker",
+                  "mnist_sweep.train", "mnist_sweep.tracking", "mnist_sweep.population_worker"]
+
+
+def worker_context():
+    """Worker processes forked from a fork server that has imported what a worker needs: not
+    forked from the driver (its threads, its open database connections), not spawned afresh (each
+    importing torch and MLflow again: ~3.5 s of CPU a worker, 28 s for 8 workers on 2 cores)."""
+    ctx = multiprocessing.get_context("forkserver")
+    ctx.set_forkserver_preload(WORKER_MODULES)
+    return ctx
+
+
+def start_fork_server() -> None:
+    """Start the workers' fork server now: it imports their modules while the driver checks the
+    sweep and opens the study, instead of after."""
+    from multiprocessing import forkserver
+
+    worker_context()
+    forkserver.ensure_running()
 
 
 def watch(workers: list, monitor: Monitor) -> list[int]:
