@@ -269,14 +269,15 @@ def test_show_prints_the_resolved_space_and_runs_nothing(tmp_path):
     assert not (tmp_path / "optuna.db").exists()
 
 
-def test_a_worker_killed_mid_trial_is_failed_by_heartbeat_and_its_trial_retried(tmp_path, mnist_dir):
+def test_a_worker_killed_mid_trial_is_failed_at_once_and_its_trial_retried(tmp_path, mnist_dir):
     kill_a_worker_mid_trial(tmp_path, mnist_dir, f"sqlite:///{tmp_path / 'optuna.db'}",
                             f"sqlite:///{tmp_path / 'mlflow.db'}")
 
 
 def kill_a_worker_mid_trial(tmp_path, mnist_dir, storage: str, tracking: str) -> None:
     """kill -9 of one of two workers: the study still ends with exactly n_trials finished trials,
-    the killed trial is FAIL and retried, and its MLflow run does not stay RUNNING."""
+    the killed trial is FAIL and retried, and its MLflow run does not stay RUNNING. The driver sees
+    its worker die and fails the trial at once, not a heartbeat grace period (10 s here) later."""
     study_name = f"kill-{tmp_path.name}"
     args = ["--sweep", "momentum", f"sweep.study_name={study_name}", f"sweep.storage={storage}",
             f"tracking.tracking_uri={tracking}",
@@ -319,6 +320,8 @@ def kill_a_worker_mid_trial(tmp_path, mnist_dir, storage: str, tracking: str) ->
     client = MlflowClient(tracking)
     killed_run = client.get_run(killed[0].user_attrs["mlflow_run_id"])
     assert killed_run.info.status == "FAILED" and killed_run.data.tags["state"] == "failed"
+    assert killed_run.data.tags["fail_reason"] == "its worker process died (exit code -9)"
+    assert f"trial {victim.number}: its worker process died (exit code -9); failed and retried now" in out + err
     runs = client.search_runs([e.experiment_id for e in client.search_experiments()],
                               filter_string=f"tags.study_name = '{study_name}'")
     assert len(runs) == 5 + 1  # 4 finished + the killed one, and the parent

@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import multiprocessing
 import multiprocessing.connection
+import socket
 import time
 from dataclasses import asdict
 
@@ -187,7 +188,7 @@ def run_sweep(spec: SweepSpec, join: bool = False) -> optuna.Study:
             ctx = worker_context()
             workers = [ctx.Process(target=run_worker, args=(asdict(spec), i, n_workers),
                                    name=f"worker-{i}") for i in range(n_workers)]
-            codes = watch(workers, monitor)
+            codes = watch(workers, monitor, tracker)
         status = outcome(study, spec, codes)
     except KeyboardInterrupt:
         status = "KILLED"
@@ -240,19 +241,54 @@ def start_fork_server() -> None:
     forkserver.ensure_running()
 
 
-def watch(workers: list, monitor: Monitor) -> list[int]:
-    """Start the worker processes and watch them: progress, report refreshes. Their exit codes."""
+def watch(workers: list, monitor: Monitor, tracker) -> list[int]:
+    """Start the worker processes and watch them: progress, report refreshes, and a worker that
+    died (killed, out of memory) has its trials failed and retried at once. Their exit codes."""
     for w in workers:
         w.start()
     done = counts(monitor.study)["done"]
+    ended: set[int] = set()
     while any(w.is_alive() for w in workers):
         with INTERRUPTS.allowed():  # a second at most, less when a worker exits
             multiprocessing.connection.wait([w.sentinel for w in workers if w.is_alive()], timeout=1)
+        for w in workers:
+            if w.exitcode is not None and w.pid not in ended:
+                ended.add(w.pid)
+                if w.exitcode != 0:
+                    fail_trials_of_dead_worker(monitor.study, monitor.spec, tracker, w)
         now = counts(monitor.study)["done"]
         if now != done:
             done = now
             monitor.trial_done()
     return [w.exitcode for w in workers]
+
+
+def fail_trials_of_dead_worker(study: optuna.Study, spec: SweepSpec, tracker, worker) -> None:
+    """The trials a worker of this driver was running when it died: failed now and retried (the
+    storage's stale-trial callback), their runs ended FAILED, as the heartbeat would have done a
+    grace period later; the other workers take the retries at once. (Trials of workers elsewhere,
+    and of a worker killed before it recorded its name on its trial, are the heartbeat's.)"""
+    who, reason = f"{socket.gethostname()}:{worker.pid}", f"its worker process died (exit code {worker.exitcode})"
+    storage = study._storage
+    for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        if trial.user_attrs.get("worker") != who:
+            continue
+        try:
+            if not storage.set_trial_state_values(trial._trial_id, state=TrialState.FAIL):
+                continue
+        except optuna.exceptions.UpdateFinishedTrialError:  # it ended meanwhile
+            continue
+        log.warning(f"[{spec.study_name}] trial {trial.number}: {reason}; failed and retried now")
+        retry = storage.get_heartbeat_stale_trial_callback()
+        if retry is not None:
+            retry(study, storage.get_trial(trial._trial_id))
+        try:
+            for run_id in tracker.runs_tagged({"study_name": spec.study_name,
+                                               "optuna_trial_id": str(trial._trial_id)}):
+                tracker.end_run(run_id, "FAILED", {"state": "failed", "fail_reason": reason})
+        except Exception as error:  # the driver's last look (close_orphan_runs) ends it then
+            log.warning(f"[{spec.study_name}] the run of trial {trial.number} could not be "
+                        f"ended now: {failure_reason(error)}")
 
 
 def outcome(study: optuna.Study, spec: SweepSpec, codes: list[int]) -> str:
