@@ -10,7 +10,7 @@ import pytest
 from conftest import FAST, file_digest, make_synthetic_mnist, run_cli, write_idx
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")  # once per pytest process: xdist interleaves modules
 def existing_store(tmp_path_factory, mnist_dir):
     """An mlflow.db holding one finished run, made by the real CLI."""
     folder = tmp_path_factory.mktemp("store")

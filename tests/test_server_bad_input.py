@@ -18,7 +18,7 @@ pytestmark = needs_postgres
 WRONG = "wrong-pw-123"
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")  # once per pytest process: xdist interleaves modules
 def recorded(servers, tmp_path_factory, mnist_dir):
     """A finished 2-trial study `momentum` in PostgreSQL, its runs on the MLflow server."""
     out = run_cli("mnist_sweep.sweep", "--sweep", "momentum", "sweep.n_trials=2", "sweep.quiet=true",

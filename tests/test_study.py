@@ -85,7 +85,7 @@ def test_a_grid_shared_by_two_workers_is_covered_once(tmp_path, mnist_dir):
 # ----------------------------------------------------------------------------- resume
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")  # once per pytest process: xdist interleaves modules
 def made(tmp_path_factory, mnist_dir) -> Path:
     """A finished 2-trial momentum study made with epochs 1, the TPE sampler and median pruner."""
     folder = tmp_path_factory.mktemp("made")

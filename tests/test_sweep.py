@@ -39,7 +39,7 @@ def failed(study: optuna.Study) -> list:
     return [t for t in study.trials if t.state == TrialState.FAIL and not t.user_attrs.get("excess")]
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")  # once per pytest process: xdist interleaves modules
 def two_worker_sweep(tmp_path_factory, mnist_dir):
     """momentum_decay, 8 trials, 2 workers, plots refreshed every 3 trials."""
     folder = tmp_path_factory.mktemp("sweep")

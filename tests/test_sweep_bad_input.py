@@ -10,7 +10,7 @@ from test_bad_input import assert_one_paragraph_error
 from test_sweep import TINY
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")  # once per pytest process: xdist interleaves modules
 def existing(tmp_path_factory, mnist_dir):
     """A folder holding a finished 2-trial `momentum` study and its MLflow runs."""
     folder = tmp_path_factory.mktemp("existing-sweep")

@@ -244,7 +244,10 @@ def start_mlflow_server(backend_url: str, artifacts: Path, port: int, host: str 
     environment, not the command line. It answers Host headers naming `allowed_hosts` (and this
     machine's loopback names), any port; a browser's UI is allowed from the same names."""
     artifacts.mkdir(parents=True, exist_ok=True)
-    env = {**os.environ, "MLFLOW_BACKEND_STORE_URI": backend_url}
+    # No GenAI job runner: MLflow 3 starts 6 huey consumer processes for it (~250 MB and an MLflow
+    # import each) that tracking never uses
+    env = {**os.environ, "MLFLOW_BACKEND_STORE_URI": backend_url,
+           "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
     names = list(dict.fromkeys([*LOOPBACK_HOSTS, *(allowed_hosts or [])]))
     origins = [f"http://{f'[{n}]' if ':' in n else n}:{port}" for n in names]
     log = open(log_file, "ab") if log_file else subprocess.DEVNULL
