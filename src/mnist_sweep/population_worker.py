@@ -14,52 +14,41 @@ pruning is refilled one epoch later. A trial's failure (a diverged loss, a confi
 population cannot hold) fails that trial alone; an error of the whole stack (out of memory)
 fails every member, and sweep.max_failures_in_a_row stops the worker.
 
-Heartbeats: a thread records every live member's heartbeat (what Optuna's optimize does for one
-trial), so a killed worker's members are all failed by heartbeat and retried, as solo trials are.
+What they tell Optuna goes through the bookkeeping solo trials use (bookkeeping.py): an epoch of
+all members is one transaction of reports and one snapshot for the pruner's decisions, members
+that end together are told together, and a heartbeat round of all live members is one write, so
+that a killed worker's members are all failed by heartbeat and retried, as solo trials are.
 """
 
 from __future__ import annotations
 
 import logging
 import math
-import os
 import queue
-import socket
 import threading
 import time
-from dataclasses import dataclass
 from typing import Any
 
 import optuna
-from omegaconf import DictConfig, OmegaConf
-from optuna.trial import TrialState
+from omegaconf import OmegaConf
 
+from mnist_sweep.bookkeeping import Ending, Heartbeats, record_ending
 from mnist_sweep.cli import compose, compose_trial
 from mnist_sweep.errors import failure_reason
 from mnist_sweep.interrupts import INTERRUPTS
-from mnist_sweep.study import claimed_before, counts
 from mnist_sweep.tracking import trial_end_tags, trial_run_name
 from mnist_sweep.train import TrainingDiverged
-from mnist_sweep.worker import TooManyFailures, Worker
+from mnist_sweep.worker import Worker, empty_cuda_cache, log_ending, run_tags
 
 log = logging.getLogger("mnist_sweep")
 LAST_STATS: dict = {}  # the last population worker's figures in this process (the benchmark's)
 WAIT = 0.5  # seconds between checks while waiting (for the bookkeeper, for trials elsewhere)
 
 
-@dataclass
-class MemberTrial:
-    trial: optuna.Trial
-    values: dict
-    cfg: DictConfig
-    closed: bool = False      # pruned, finished or failed: later events about it are ignored
-
-
 class PopulationWorker(Worker):
-    def __init__(self, spec, index: int, n_workers: int, size: int):
-        super().__init__(spec, index, n_workers)
+    def __init__(self, spec, index: int, n_workers: int, size: int, monitor=None):
+        super().__init__(spec, index, n_workers, monitor)
         self.size = size
-        self.members: dict[int, MemberTrial] = {}          # the bookkeeper's
         self.changes: queue.Queue = queue.Queue()          # bookkeeper -> trainer
         self.events: queue.Queue = queue.Queue()           # trainer -> bookkeeper
         self.epochs_handled = 0                            # epochs the bookkeeper has handled
@@ -67,7 +56,6 @@ class PopulationWorker(Worker):
         self.error: BaseException | None = None
         self.stopping = threading.Event()
         self.stop_reason: str | None = None                # the trainer failed: why
-        self.optuna_seconds = 0.0                          # time inside Optuna calls
         self.mlflow_seconds = 0.0                          # time making runs (here, not the writer)
         self.writer = None
 
@@ -79,10 +67,9 @@ class PopulationWorker(Worker):
         base = compose(self.spec.fixed)
         self.writer = RunWriter(OmegaConf.to_yaml(base.tracking)) if base.tracking.enabled \
             else NullWriter()
-        threads = [threading.Thread(target=self.bookkeep, name="bookkeeper", daemon=True),
-                   threading.Thread(target=self.heartbeat, name="heartbeat", daemon=True)]
-        for thread in threads:
-            thread.start()
+        bookkeeper = threading.Thread(target=self.bookkeep, name="bookkeeper", daemon=True)
+        heartbeats = Heartbeats(self.book, self.spec.settings["heartbeat_interval"]).__enter__()
+        bookkeeper.start()
         population, sent = None, 0
         started, trained, epoch_seconds = time.perf_counter(), 0.0, []
         try:
@@ -110,7 +97,7 @@ class PopulationWorker(Worker):
                     for key in keys:
                         population.leave(key)
                     self.events.put(("failed", {key: reason for key in keys}))
-                    self._empty_cuda_cache()
+                    empty_cuda_cache()
                     continue
                 trained += time.perf_counter() - epoch_started
                 epoch_seconds.append(next(iter(results.values())).seconds)
@@ -130,13 +117,12 @@ class PopulationWorker(Worker):
             self.stopping.set()
             raise
         finally:
-            threads[0].join(timeout=60)
-            self.stopping.set()  # the bookkeeper (if still running) and the heartbeat stop
-            for thread in threads:
-                thread.join(timeout=60)
+            bookkeeper.join(timeout=60)
+            self.stopping.set()  # the bookkeeper, if still running, stops
+            heartbeats.__exit__()
             stats = self.writer.close()
             waited = time.perf_counter() - started - trained
-            LAST_STATS.update(optuna_seconds=self.optuna_seconds, runs=stats.runs,
+            LAST_STATS.update(optuna_seconds=self.book.seconds, runs=stats.runs,
                               epoch_seconds=epoch_seconds,
                               loop_seconds=time.perf_counter() - started,
                               mlflow_seconds=self.mlflow_seconds + stats.seconds_in_mlflow,
@@ -144,7 +130,7 @@ class PopulationWorker(Worker):
             log.info(f"[w{self.index}] population of {self.size}: {stats.runs} runs, "
                      f"{self.mlflow_seconds:.1f} s inside MLflow making them (bookkeeper) and "
                      f"{stats.seconds_in_mlflow:.1f} s writing them (writer process), "
-                     f"{self.optuna_seconds:.1f} s inside Optuna (bookkeeper), training waited "
+                     f"{self.book.seconds:.1f} s inside Optuna (bookkeeper), training waited "
                      f"{waited:.1f} s for them")
         self.raise_bookkeeper_error()
 
@@ -189,13 +175,6 @@ class PopulationWorker(Worker):
         if self.error is not None:
             raise self.error
 
-    @staticmethod
-    def _empty_cuda_cache() -> None:
-        import torch
-
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
-
     # ------------------------------------------------------------------------- the bookkeeper
 
     def bookkeep(self) -> None:
@@ -206,7 +185,7 @@ class PopulationWorker(Worker):
                     return
                 self.check_writer()
                 more = self.fill()
-                if not self.members and not more:
+                if not self.book.open and not more:
                     self.changes.put(("done",))
                     return
                 try:
@@ -216,9 +195,9 @@ class PopulationWorker(Worker):
                 if event[0] == "interrupt":
                     self.close_all(None, "KILLED")
                     return
-                if event[0] == "failed":
-                    for number, reason in event[1].items():
-                        self.fail(number, reason)
+                if event[0] == "failed":  # members the stack could not take, or the whole stack
+                    self.end({n: Ending("failed", reason=r) for n, r in event[1].items()
+                              if n in self.book.open})
                     continue
                 _, results, tests, diverged = event
                 self.handle_epoch(results, tests, diverged)
@@ -236,74 +215,47 @@ class PopulationWorker(Worker):
                 self.progress.notify_all()
             self.changes.put(("done",))
 
-    def optuna_call(self, function, *args, **kwargs):
-        started = time.perf_counter()
-        try:
-            return function(*args, **kwargs)
-        finally:
-            self.optuna_seconds += time.perf_counter() - started
-
     def fill(self) -> bool:
         """Ask the study for trials until the population is full. Returns whether more trials may
         come (False: the budget is spent, the time is up, or nothing is left to retry)."""
-        n_trials, max_retry = self.spec.settings["n_trials"], self.spec.settings["max_retry"]
-        live = lambda: sum(not m.closed for m in self.members.values())  # noqa: E731
         joins: list = []
         try:
-            return self._fill(joins, live, n_trials, max_retry)
+            while len(self.book.open) < self.size and not self.stopping.is_set():
+                room = self.book.room()
+                if not room:  # None: no more trials; 0: a dead worker's trial may come back
+                    return room == 0
+                for _ in range(min(room, self.size - len(self.book.open))):
+                    trial = self.book.ask()
+                    if trial is not None:
+                        self.add_member(trial, joins)
+            return True
         finally:  # the new members join together, so that an epoch starts with all of them
             if joins:
                 self.changes.put(("join", joins))
 
-    def _fill(self, joins: list, live, n_trials: int, max_retry: int) -> bool:
-        while live() < self.size and not self.stopping.is_set():
-            if self.deadline and time.time() > self.deadline:
-                return False
-            c = self.optuna_call(counts, self.study, max_retry)
-            if c["done"] >= n_trials:
-                return False
-            if c["done"] + c["running"] + c["waiting"] + c["awaiting_retry"] >= n_trials and c["waiting"] == 0:
-                # the last trials run here or elsewhere; a dead one's retry would appear as WAITING
-                self.optuna_call(optuna.storages.fail_stale_trials, self.study)
-                return True
-            trial = self.optuna_call(self.study.ask)
-            # its first heartbeat at once: a trial that never beat is never taken for stale, so
-            # a worker killed before the heartbeat thread's next round would leave it RUNNING
-            self.optuna_call(self.study._storage.record_heartbeat, trial._trial_id)
-            if self.optuna_call(claimed_before, self.study, trial.number, max_retry) >= n_trials:
-                trial.set_user_attr("excess", True)
-                self.optuna_call(self.study.tell, trial, state=TrialState.FAIL)
-                continue
-            self.add_member(trial, joins)
-        return True
-
     def add_member(self, trial: optuna.Trial, joins: list) -> None:
         import torch
 
-        # one attribute: each is a transaction of its own (the bookkeeping's main cost)
-        self.optuna_call(trial.set_user_attr, "worker", f"{socket.gethostname()}:{os.getpid()}")
+        member = self.book.open[trial.number]
         try:
-            values = self.optuna_call(self.space.suggest, trial)
-            cfg = compose_trial([*self.spec.fixed, *self.share], values)
+            with self.book.storage.coalesced():  # its params: one transaction
+                member.values = self.space.suggest(trial)
+            member.cfg = compose_trial([*self.spec.fixed, *self.share], member.values)
         except Exception as error:
-            self.members[trial.number] = MemberTrial(trial, {}, None)
             self.fail(trial.number, failure_reason(error))
             return
-        self.members[trial.number] = MemberTrial(trial, values, cfg)
-        tags = {"sweep_role": "trial", "study_name": self.spec.study_name,
-                "trial_number": str(trial.number),
-                "optuna_trial_id": str(trial._trial_id), "state": "running",
-                "population": f"{trial.user_attrs['worker']}/w{self.index}",
-                "population_size": str(self.size)}
+        tags = run_tags(self.spec, trial, population=f"{self.book.worker}/w{self.index}",
+                        population_size=str(self.size))
         started = time.perf_counter()
-        run = self.tracker.begin(cfg, torch.device(cfg.train.device),
-                                 trial_run_name(trial.number, values, self.spec.settings["n_trials"]),
+        run = self.tracker.begin(member.cfg, torch.device(member.cfg.train.device),
+                                 trial_run_name(trial.number, member.values, self.spec.settings["n_trials"]),
                                  self.spec.parent_run_id, tags)
         self.mlflow_seconds += time.perf_counter() - started
         if run.run_id:
-            self.optuna_call(trial.set_user_attr, "mlflow_run_id", run.run_id)
+            member.run_id = run.run_id
+            trial.set_user_attr("mlflow_run_id", run.run_id)
             self.writer.start(trial.number, run.run_id)
-        joins.append((trial.number, cfg))
+        joins.append((trial.number, member.cfg))
 
     def check_writer(self) -> None:
         self.writer.poll()
@@ -312,120 +264,86 @@ class PopulationWorker(Worker):
             self.writer.error = None
 
     def handle_epoch(self, results: dict, tests: dict, diverged: dict) -> None:
+        """Every member's epoch: its curves to the writer, the reports (one transaction), the
+        pruner's decisions (one snapshot), the members that ended told together."""
         metric = self.spec.settings["metric"]
-        prune = self.spec.settings["pruner"] != "none"
-        for number, result in results.items():
-            member = self.members.get(number)
-            if member is None or member.closed:
-                continue  # pruned after the epoch before: this epoch is thrown away
-            if number in diverged:
-                self.writer.epoch(number, result)
-                if self.spec.settings["diverged"] == "prune":
-                    self.close(number, TrialState.PRUNED, epochs=result.epoch, value=math.nan,
-                               diverged=failure_reason(diverged[number]))
-                else:
-                    self.fail(number, failure_reason(diverged[number]))
-                continue
+        live = {n: r for n, r in results.items() if n in self.book.open}  # else pruned an epoch ago
+        for number, result in live.items():
             self.writer.epoch(number, result)
-            value = result.metrics()[metric]
-            self.optuna_call(member.trial.report, value, step=result.epoch)
-            if prune and self.optuna_call(member.trial.should_prune):
-                self.close(number, TrialState.PRUNED, epochs=result.epoch, value=value)
-                if number not in tests:
-                    self.changes.put(("leave", number))
+        endings: dict[int, Ending] = {}
+        for number in live.keys() & diverged.keys():
+            reason = failure_reason(diverged[number])
+            endings[number] = Ending("diverged", live[number].epoch, reason=reason) \
+                if self.spec.settings["diverged"] == "prune" else Ending("failed", reason=reason)
+        reports = {n: (r.epoch, r.metrics()[metric]) for n, r in live.items() if n not in endings}
+        pruned = self.book.report(reports)
+        for number, (epoch, value) in reports.items():
+            if number in pruned:
+                endings[number] = Ending("pruned", epoch, value)
             elif number in tests:
-                self.close(number, TrialState.COMPLETE, epochs=result.epoch, value=value,
-                           result=tests[number])
+                endings[number] = Ending("complete", epoch, value, tests[number].test_acc,
+                                         tests[number].test_loss)
+        complete = {n: e.value for n, e in endings.items() if e.state == "complete"}
+        champion = None
+        if complete and self.log_champions:  # the best of them, if it beats the study's best
+            pick = max if self.spec.settings["direction"] == "maximize" else min
+            best = pick(complete, key=complete.get)
+            champion = best if self.book.beats_the_best(complete[best]) else None
+        self.end(endings, tests, champion)
 
-    def close(self, number: int, state: TrialState, epochs: int, value: float, result=None,
-              diverged: str | None = None) -> None:
-        """A member's trial told PRUNED (diverged: pruned with NaN at its last epoch, as
-        worker.prune_diverged does for a solo trial) or COMPLETE, its run ended."""
-        member = self.members.pop(number)
-        member.closed = True
-        trial, prefix = member.trial, f"[w{self.index} #{number}] "
-        self.optuna_call(trial.set_user_attr, "epochs_trained", epochs)
-        shown = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
-                          for k, v in member.values.items())
-        metric = self.spec.settings["metric"]
-        if diverged is not None:
-            self.optuna_call(trial.report, math.nan, step=epochs)
-            self.optuna_call(trial.set_user_attr, "diverged", diverged)
-            self.optuna_call(self.study.tell, trial, state=TrialState.PRUNED)
-            self.writer.end(number, "FAILED", trial_end_tags("diverged", epochs, metric, value,
-                                                             reason=diverged))
-            log.info(f"{prefix}diverged in epoch {epochs}: pruned, {metric} NaN there")
-        elif state == TrialState.PRUNED:
-            self.optuna_call(self.study.tell, trial, state=TrialState.PRUNED)
-            self.writer.end(number, "FINISHED", trial_end_tags("pruned", epochs, metric, value,
-                                                               self.spec.settings["pruner"]))
-            log.info(f"{prefix}pruned after epoch {epochs}: {metric} {value:.4f}")
-        else:
-            self.optuna_call(trial.set_user_attr, "test_acc", result.test_acc)
-            self.optuna_call(trial.set_user_attr, "test_loss", result.test_loss)
-            self.optuna_call(self.study.tell, trial, value)
-            self.writer.end(number, "FINISHED", trial_end_tags("complete", epochs, metric, value),
-                            result)
-            log.info(f"{prefix}complete: {metric} {value:.4f}, test_acc {result.test_acc:.4f} | {shown}")
-        self.failures_in_a_row.clear()
-        if self.monitor is not None:
-            self.monitor.trial_done()
+    def end(self, endings: dict[int, Ending], tests: dict | None = None, champion: int | None = None) -> None:
+        """Tell how members ended (one transaction), end their runs (the `champion` logs its
+        model), and have the trainer drop those still in the stack (members that trained all
+        their epochs left already)."""
+        if not endings:
+            return
+        metric, pruner = self.spec.settings["metric"], self.spec.settings["pruner"]
+        members = {n: self.book.open[n] for n in endings}
+        try:
+            self.book.end(endings)
+        finally:  # told (or not, if the worker stops): either way the runs end, the stack shrinks
+            for number, ending in endings.items():
+                prefix, trial = f"[w{self.index} #{number}] ", members[number].trial
+                if ending.state == "complete":
+                    self.writer.end(number, "FINISHED", trial_end_tags("complete", ending.epochs, metric,
+                                                                       ending.value), tests[number],
+                                    log_model=number == champion)
+                elif ending.state == "pruned":
+                    self.writer.end(number, "FINISHED", trial_end_tags("pruned", ending.epochs, metric,
+                                                                       ending.value, pruner))
+                elif ending.state == "diverged":
+                    self.writer.end(number, "FAILED", trial_end_tags("diverged", ending.epochs, metric,
+                                                                     math.nan, reason=ending.reason))
+                else:
+                    self.writer.end(number, "FAILED", {"state": "failed", "fail_reason": ending.reason,
+                                                       "mlflow.note.content": f"**Failed**: {ending.reason}"})
+                if not (tests and number in tests):
+                    self.changes.put(("leave", number))
+                log_ending(prefix, ending, metric, trial)
 
     def fail(self, number: int, reason: str) -> None:
-        member = self.members.pop(number, None)
-        if member is None or member.closed:
-            return
-        member.closed = True
-        self.optuna_call(member.trial.set_user_attr, "fail_reason", reason)
-        self.optuna_call(self.study.tell, member.trial, state=TrialState.FAIL)
-        self.handled.numbers.add(number)
-        self.writer.end(number, "FAILED", {"state": "failed", "fail_reason": reason,
-                                           "mlflow.note.content": f"**Failed**: {reason}"})
-        self.changes.put(("leave", number))
-        log.warning(f"[w{self.index} #{number}] failed: {reason}")
-        self.note_failure(reason)
-        limit = self.spec.settings["max_failures_in_a_row"]
-        if len(self.failures_in_a_row) >= limit:
-            hint = " (the whole population at once: a smaller sweep.population may fit)" \
-                if "out of memory" in reason.lower() else ""
-            raise TooManyFailures(
-                f"Worker {self.index} stopped: its last {len(self.failures_in_a_row)} trials failed "
-                f"in a row (sweep.max_failures_in_a_row={limit}){hint}; the last one with {reason}. "
-                "Each failed trial is FAIL in Optuna with its reason (user attribute fail_reason) "
-                "and its MLflow run FAILED; the study is kept, and the same command resumes it "
-                "once the cause is fixed.")
+        if number in self.book.open:
+            self.end({number: Ending("failed", reason=reason)})
 
     def close_all(self, reason: str | None, status: str) -> None:
         """The worker stops: every live member's trial FAIL, its run `status`. reason None:
         Ctrl-C or SIGTERM (user attribute interrupted); else why the worker stopped (user
-        attribute fail_reason). Either way the trial is not retried (see study.awaiting_retry)."""
-        for number in list(self.members):
-            member = self.members.pop(number)
-            member.closed = True
-            if reason is None:
-                member.trial.set_user_attr("interrupted", True)
-            else:
-                member.trial.set_user_attr("fail_reason", reason)
-            self.handled.numbers.add(number)
-            self.optuna_call(self.study.tell, member.trial, state=TrialState.FAIL)
+        attribute fail_reason). Either way the trial is not retried (see study.awaiting_retry)
+        and not counted as a failure in a row."""
+        numbers = list(self.book.open)
+        if not numbers:
+            return
+        ending = Ending("interrupted") if reason is None else Ending("stopped", reason=reason)
+        with self.book.storage.coalesced():
+            for number in numbers:
+                with self.book.lock:
+                    trial = self.book.open.pop(number).trial
+                record_ending(self.study, trial, ending)
+        for number in numbers:
             self.writer.end(number, status, {"state": "killed"} if reason is None else {
                 "state": "failed", "fail_reason": reason, "mlflow.note.content": f"**Failed**: {reason}"})
         if reason is None:
             log.warning(f"[w{self.index}] interrupted: the population's trials are FAIL, their runs KILLED")
-
-    # ------------------------------------------------------------------------- heartbeats
-
-    def heartbeat(self) -> None:
-        """Every live member's heartbeat, every sweep.heartbeat_interval seconds."""
-        storage = self.study._storage  # Optuna's own heartbeat thread records through it too
-        interval = self.spec.settings["heartbeat_interval"]
-        while not self.stopping.wait(interval):
-            for member in list(self.members.values()):
-                if not member.closed:
-                    try:
-                        storage.record_heartbeat(member.trial._trial_id)
-                    except Exception as error:  # a beat lost; the next one comes
-                        log.warning(f"[w{self.index}] heartbeat: {failure_reason(error)}")
 
 
 def resolve_population(setting: Any, base_cfg, n_trials: int | None = None) -> int:

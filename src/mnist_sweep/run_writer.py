@@ -19,7 +19,7 @@ import multiprocessing
 import os
 import queue
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Hashable
 
 log = logging.getLogger("mnist_sweep")
@@ -53,9 +53,10 @@ class RunWriter:
     def epoch(self, key: Hashable, result) -> None:
         self.requests.put(("epoch", key, result))
 
-    def end(self, key: Hashable, status: str, tags: dict, result=None) -> None:
-        """The member's test result (if it finished), its final tags, and the run's status."""
-        self.requests.put(("end", key, (status, tags, result)))
+    def end(self, key: Hashable, status: str, tags: dict, result=None, log_model: bool = False) -> None:
+        """The member's test result (if it finished), its final tags, the run's status; with
+        log_model, its model too (the best trial so far: the registry's champion)."""
+        self.requests.put(("end", key, (status, tags, result, log_model)))
 
     def poll(self) -> None:
         """Errors (kept in .error) and, at the end, the writer's statistics."""
@@ -86,6 +87,7 @@ def _serve(tracking_cfg_yaml: str, requests, replies) -> None:
     """The writer process: one MlflowTracker, the members' TrialRuns, requests in order."""
     from omegaconf import OmegaConf
 
+    from mnist_sweep import sqlite_stores
     from mnist_sweep.errors import failure_reason
     from mnist_sweep.interrupts import dump_stacks_on_sigusr1
     from mnist_sweep.tracking import TrialRun, open_tracker
@@ -105,6 +107,7 @@ def _serve(tracking_cfg_yaml: str, requests, replies) -> None:
             continue
         if kind == "close":
             replies.put(("stats", None, stats))
+            sqlite_stores.close_all()  # a WAL store's last connection checkpoints it
             return
         started = time.perf_counter()
         try:
@@ -118,11 +121,16 @@ def _serve(tracking_cfg_yaml: str, requests, replies) -> None:
                 run.log_epoch(payload)
                 stats.rows += len(payload.batch_loss) // run.batch_curve_every + 8
             elif key in runs and kind == "end":
-                status, tags, result = payload
+                status, tags, result, log_model = payload
                 run = runs.pop(key)
                 if result is not None:
-                    run.log_result(result)
-                run.set_tags(tags)
+                    run.log_result(result, end_tags=tags)  # one write
+                else:
+                    run.set_tags(tags)
+                if log_model and run.client is not None and result.model is not None:
+                    from mnist_sweep.tracking import log_torch_model
+
+                    log_torch_model(run.client, run.run_id, result.model)
                 if run.client is not None:
                     run.client.set_terminated(run.run_id, status)
         except Exception as error:  # a write that failed: say so, go on with the others

@@ -7,7 +7,6 @@ local worker processes share it safely (a 60 s busy timeout, Optuna's RDB heartb
 
 from __future__ import annotations
 
-import functools
 import logging
 import time
 import warnings
@@ -16,12 +15,13 @@ from typing import Any, Callable, Mapping
 
 import optuna
 from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
-from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
+from optuna.storages import RetryHeartbeatStaleTrialCallback
 from optuna.trial import FrozenTrial, TrialState
 
 from mnist_sweep import sqlite_stores
-from mnist_sweep.errors import ConfigError, UserError
+from mnist_sweep.errors import ConfigError
 from mnist_sweep.space import SearchSpace
+from mnist_sweep.storage import ResilientRDBStorage, StorageUnavailable  # noqa: F401 (re-exported)
 from mnist_sweep.urls import not_sqlite, redact_reason, redact_uri, scheme_of
 
 # Heartbeat and the visualizations are marked experimental; they are what we rely on on purpose.
@@ -96,117 +96,6 @@ def open_storage(url: str, heartbeat_interval: int = 10, grace_period: int = 30,
                               f"{redact_reason(reason, url)[:300]}") from None
     raise ConfigError(f"The Optuna storage sweep.storage={shown!r} could not be initialized: other "
                       "processes kept creating its schema at the same time; run the command again.")
-
-
-class StorageUnavailable(UserError):
-    """The study's database stayed unreachable for longer than the sweep waits."""
-
-
-def _lost_connection(error: BaseException) -> bool:
-    """A database error that a retry can cure: connection refused or dropped, server shutting
-    down or starting up, SQLite busy. Not: bad SQL, constraint violations, wrong data."""
-    import sqlalchemy.exc
-
-    for e in (error, error.__cause__):
-        if isinstance(e, (sqlalchemy.exc.OperationalError, sqlalchemy.exc.InterfaceError)):
-            return True
-        if isinstance(e, sqlalchemy.exc.DBAPIError) and e.connection_invalidated:
-            return True
-    return False
-
-
-def _retrying(name: str, method: Callable) -> Callable:
-    @functools.wraps(method)
-    def call(self: "ResilientRDBStorage", *args, **kwargs):
-        deadline, delay = None, 0.5
-        while True:
-            try:
-                return method(self, *args, **kwargs)
-            except optuna.exceptions.UpdateFinishedTrialError:
-                # A retried write whose first attempt did commit (the reply was lost): the trial
-                # is already in the state we asked for. Anything else is a real error.
-                if deadline is not None and name == "set_trial_state_values":
-                    trial = RDBStorage.get_trial(self, args[0])
-                    if trial.state == (kwargs.get("state") or args[1]):
-                        return True
-                raise
-            except Exception as error:
-                if not _lost_connection(error):
-                    raise
-                now = time.monotonic()
-                if deadline is None:
-                    deadline = now + self.outage_seconds
-                    log.warning(f"Optuna storage unreachable ({name}): retrying for up to "
-                                f"{self.outage_seconds:.0f} s")
-                if now >= deadline:
-                    reason = redact_reason(" ".join(str(error.__cause__ or error).split()), self.url)
-                    raise StorageUnavailable(
-                        f"The Optuna storage {redact_uri(self.url)} stayed unreachable for "
-                        f"{self.outage_seconds:.0f} s (sweep.outage_seconds): {reason[:300]}. "
-                        "The study is kept; run the same command again once the database is "
-                        "back.") from None
-                time.sleep(min(delay, max(deadline - now, 0.1)))
-                delay = min(delay * 2, 8)
-    return call
-
-
-class ResilientRDBStorage(optuna.storages.RDBStorage):
-    """Optuna's RDB storage whose calls survive a database restart: a call that loses its
-    connection is retried with backoff (Optuna's own storage raises at once, which would kill
-    the worker and its trial). The engine's pre-ping replaces the pooled connections that died.
-    Its stale trials include those that never beat (`_stale_or_never_beat`)."""
-
-    outage_seconds: float = 120
-
-    def __init__(self, *args, **kwargs) -> None:
-        super().__init__(*args, **kwargs)
-        self.first_seen_without_heartbeat: dict[int, float] = {}  # trial id -> time.monotonic()
-
-
-_DATABASE_CALLS = (
-    "create_new_study", "delete_study", "set_study_user_attr", "set_study_system_attr",
-    "get_study_id_from_name", "get_study_name_from_id", "get_study_directions",
-    "get_study_user_attrs", "get_study_system_attrs", "get_trial_user_attrs",
-    "get_trial_system_attrs", "get_all_studies", "create_new_trial", "set_trial_param",
-    "get_trial_param", "set_trial_state_values", "set_trial_intermediate_value",
-    "set_trial_user_attr", "set_trial_system_attr", "get_trial_id_from_study_id_trial_number",
-    "get_trial", "get_all_trials", "get_best_trial", "get_n_trials", "record_heartbeat",
-    # what Optuna's _CachedStorage (which wraps every RDBStorage) calls directly:
-    "_get_stale_trial_ids", "_get_trials", "_create_new_trial", "_set_trial_param",
-    "_get_best_trial_id")
-for _name in _DATABASE_CALLS:
-    setattr(ResilientRDBStorage, _name, _retrying(_name, getattr(RDBStorage, _name)))
-
-
-def _stale_or_never_beat(storage: ResilientRDBStorage, study_id: int) -> list[int]:
-    """Optuna's stale trials (last heartbeat older than the grace period), plus the RUNNING trials
-    that have never recorded a heartbeat and still have none a grace period after this storage
-    first saw them so. Optuna skips a trial without a heartbeat row: it creates the trial in one
-    transaction and records the first beat later, from the heartbeat thread, so a worker killed
-    in between left a trial RUNNING that no process would ever fail, and a sweep that counted it
-    as running waited for it forever (a kill -9 resume under load did). Measured from when this
-    process saw it, not from its datetime_start: that is another machine's local clock."""
-    from optuna.storages._rdb import models
-    from optuna.storages._rdb.storage import _create_scoped_session
-
-    stale = RDBStorage._get_stale_trial_ids(storage, study_id)
-    with _create_scoped_session(storage.scoped_session) as session:
-        never_beat = {trial_id for (trial_id,) in session.query(models.TrialModel.trial_id)
-                      .outerjoin(models.TrialHeartbeatModel)
-                      .filter(models.TrialModel.study_id == study_id,
-                              models.TrialModel.state == TrialState.RUNNING,
-                              models.TrialHeartbeatModel.trial_heartbeat_id.is_(None))}
-    grace = storage.grace_period or 2 * storage.heartbeat_interval
-    now, seen = time.monotonic(), storage.first_seen_without_heartbeat
-    for trial_id in set(seen) - never_beat:
-        del seen[trial_id]
-    dead = [trial_id for trial_id in sorted(never_beat) if now - seen.setdefault(trial_id, now) > grace]
-    for trial_id in dead:  # failed now, by this process or another one
-        del seen[trial_id]
-    return stale + dead
-
-
-ResilientRDBStorage._get_stale_trial_ids = _retrying("_get_stale_trial_ids", _stale_or_never_beat)
 
 
 def make_sampler(name: str, seed: int | None, space: SearchSpace, args: Mapping | None = None):

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Iterator, Sequence
 
 from omegaconf import DictConfig, OmegaConf
 
+from mnist_sweep import sqlite_stores
 from mnist_sweep.errors import TrackingError, failure_reason
 from mnist_sweep.urls import not_sqlite, redact_passwords, redact_reason, redact_uri, scheme_of
 
@@ -78,8 +79,6 @@ def check_tracking_uri(uri: str) -> None:
         if not_sqlite(path):
             raise TrackingError(f"tracking.tracking_uri={shown!r}: {path} exists but is not a "
                                 "SQLite database; move it away or use another file name.")
-        from mnist_sweep import sqlite_stores
-
         sqlite_stores.install()
         if not path.exists():
             new_sqlite_store(path)
@@ -132,11 +131,16 @@ def new_sqlite_store(path: Path) -> None:
                 from mlflow.tracking import MlflowClient
 
                 MlflowClient(f"sqlite:///{made}").search_experiments()  # runs the migrations
-                with sqlite3.connect(made) as db:  # MLflow makes it again where the store is used
+                # A WAL database is its file and its -wal: copied whole (MLflow's engine still
+                # holds it open), then made a single file in a rollback journal, to be copied
+                clean = Path(folder) / "template.db"
+                sqlite_stores.copy_database(made, clean)
+                with sqlite3.connect(clean) as db:  # MLflow makes it again where the store is used
                     db.execute("DELETE FROM experiment_tags WHERE experiment_id = 0")
                     db.execute("DELETE FROM experiments WHERE experiment_id = 0")
+                db.execute("PRAGMA journal_mode=DELETE")
                 db.close()
-                os.replace(made, template)
+                os.replace(clean, template)
         with tempfile.NamedTemporaryFile(dir=path.parent, prefix=f".{path.name}.", delete=False) as tmp:
             tmp.write(template.read_bytes())
         try:
@@ -340,15 +344,17 @@ class TrialRun:
         metrics += [Metric(k, v, now, r.epoch) for k, v in r.metrics().items()]
         self._log_metrics(metrics)
 
-    def log_result(self, result) -> None:
+    def log_result(self, result, end_tags: dict[str, str] | None = None) -> None:
+        """The test metrics and (end_tags) the run's final tags, in one write."""
         if self.client is None:
             return
-        from mlflow.entities import Metric
+        from mlflow.entities import Metric, RunTag
 
         now, step = int(time.time() * 1000), len(result.epochs)
-        self._log_metrics([Metric("test_loss", result.test_loss, now, step),
-                           Metric("test_acc", result.test_acc, now, step)])
         self.flush()
+        self.client.log_batch(self.run_id, metrics=[Metric("test_loss", result.test_loss, now, step),
+                                                    Metric("test_acc", result.test_acc, now, step)],
+                              tags=[RunTag(k, str(v)) for k, v in (end_tags or {}).items()])
         if self.log_model and result.model is not None:
             log_torch_model(self.client, self.run_id, result.model)
 

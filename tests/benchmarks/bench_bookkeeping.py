@@ -51,8 +51,9 @@ NEGLIGIBLE = ["model.hidden=[16,16]", "data.val_size=200", "train.batch_size=200
 PARTS = [
     ("report", None),  # the report process, whatever it runs
     ("sampler", re.compile(r"optuna/samplers/")),
-    ("storage writes", re.compile(r"optuna/storages/.*\((set_|_set_|create_|_create_|record_heartbeat|"
-                                  r"delete_|_update|enqueue)")),
+    # py-spy's frames read "function (file:line)"
+    ("storage writes", re.compile(r"^_?(set|create|record|delete|update|enqueue|tell|report)\w* "
+                                  r"\((optuna/storages/|mnist_sweep/study)")),
     ("storage reads", re.compile(r"optuna/storages/")),
     ("MLflow", re.compile(r"mlflow/")),
     ("Hydra compose", re.compile(r"(hydra|omegaconf)/")),
@@ -116,8 +117,9 @@ def fsyncs(trace: Path) -> dict[str, int]:
         match = re.search(r"f(?:data)?sync\(\d+<([^>]*)>", line)
         if match:
             name = Path(match.group(1)).name
+            # a store's file or journal; else the folder (synced as a journal is made or deleted)
             counts["optuna" if name.startswith("optuna") else "mlflow" if name.startswith("mlflow")
-                   else "other"] += 1
+                   else "folder"] += 1
     return dict(counts)
 
 
@@ -173,7 +175,8 @@ def main() -> None:
             folder = work / f"{label}-{disk}"
             counts = work / f"{label}-{disk}-commits"
             counts.mkdir()
-            env = {"PYTHONPATH": str(PROBE), "MNIST_SWEEP_COMMIT_COUNTS": str(counts)}
+            env = {"PYTHONPATH": os.pathsep.join(filter(None, [str(PROBE), os.environ.get("PYTHONPATH")])),
+                   "MNIST_SWEEP_COMMIT_COUNTS": str(counts)}
             if disk == "slow":
                 env.update(LD_PRELOAD=str(shim), SLOW_FSYNC_MS=str(args.fsync_ms))
             wall = run(folder, command, env)
@@ -184,7 +187,8 @@ def main() -> None:
         if not args.skip_profile:
             trace = work / f"{label}-strace.log"
             run(work / f"{label}-strace", command,
-                prefix=["strace", "-f", "-qq", "-y", "-e", "trace=fsync,fdatasync", "-o", str(trace)])
+                prefix=["strace", "-f", "-qq", "-y", "--seccomp-bpf", "-e", "trace=fsync,fdatasync",
+                        "-o", str(trace)])
             row["fsyncs"] = fsyncs(trace)
             raw, rate = work / f"{label}-pyspy.txt", 100
             run(work / f"{label}-pyspy", command, prefix=[
@@ -198,7 +202,8 @@ def main() -> None:
 
 def report(rows: list[dict], args) -> None:
     print(f"\n| {'size':6} | trials | plain disk: trials/s (wall s) | fsync {args.fsync_ms} ms: "
-          "trials/s (wall s) | commits a trial: Optuna w/r, MLflow w/r | fsyncs a trial: Optuna, MLflow |")
+          "trials/s (wall s) | commits a trial: Optuna w/r, MLflow w/r | fsyncs a trial: Optuna, MLflow, "
+          "folder (all) |")
     print("|---|---|---|---|---|---|")
     for row in rows:
         cells = []
@@ -209,7 +214,8 @@ def report(rows: list[dict], args) -> None:
         commit_cell = (f"{c.get('optuna write', 0) / n:.1f} / {c.get('optuna read', 0) / n:.1f}, "
                        f"{c.get('mlflow write', 0) / n:.1f} / {c.get('mlflow read', 0) / n:.1f}")
         f = row.get("fsyncs")
-        fsync_cell = f"{f.get('optuna', 0) / n:.1f}, {f.get('mlflow', 0) / n:.1f}" if f is not None else "–"
+        fsync_cell = (f"{f.get('optuna', 0) / n:.1f}, {f.get('mlflow', 0) / n:.1f}, "
+                      f"{f.get('folder', 0) / n:.1f} ({sum(f.values()) / n:.1f})") if f is not None else "–"
         print(f"| {row['size']:6} | {n} | {cells[0]} | {cells[1]} | {commit_cell} | {fsync_cell} |")
     parts = [name for name, _ in PARTS] + ["other"]
     if any("cpu" in row for row in rows):

@@ -12,6 +12,9 @@ used to leave a trial RUNNING that no heartbeat check would ever fail.
 
 MNIST_SWEEP_FAIL_AT=population_test_pass: a population's test pass (Population.finish) raises
 RuntimeError("CUDA out of memory ...") as a GPU short of memory does there.
+
+MNIST_SWEEP_FAIL_AT=first_member_join: the first trial to join a population (trial 0) is refused
+by it, as a member the stack cannot hold is.
 """
 
 import importlib.abc
@@ -56,10 +59,22 @@ def _patch_finish(module):
     module.Population.finish = finish_out_of_memory
 
 
+def _patch_join(module):
+    join = module.Population.join
+
+    def join_refusing_trial_0(self, key, cfg):
+        if key == 0:
+            raise RuntimeError("this member cannot join the stack (injected)")
+        return join(self, key, cfg)
+
+    module.Population.join = join_refusing_trial_0
+
+
 INJECTIONS = {  # (variable, value) -> (module, patch)
     ("MNIST_SWEEP_KILL_AT", "trial_run_created"): ("mnist_sweep.tracking", _patch_start_run),
     ("MNIST_SWEEP_KILL_AT", "trial_asked"): ("optuna.study.study", _patch_ask),
     ("MNIST_SWEEP_FAIL_AT", "population_test_pass"): ("mnist_sweep.population", _patch_finish),
+    ("MNIST_SWEEP_FAIL_AT", "first_member_join"): ("mnist_sweep.population", _patch_join),
 }
 
 
