@@ -87,7 +87,7 @@ def main() -> None:
     started = len(results["prune"][0].trials)  # the same number of trials for the other
     results["fail"] = run(folder / "fail", sweep_file, args.data, "fail", stop_at=started)
     blocks = min(len(study.trials) for study, _ in results.values()) // BLOCK
-    print(f"\n| sweep.diverged | " + " | ".join(f"trials {b * BLOCK}-{b * BLOCK + BLOCK - 1}"
+    print("\n| sweep.diverged | " + " | ".join(f"trials {b * BLOCK}-{b * BLOCK + BLOCK - 1}"
                                               for b in range(blocks))
           + " | all trials | best val_acc | wall |")
     print("|---" * (blocks + 4) + "|")
