@@ -1,6 +1,6 @@
 """The Optuna storage's batching (storage.py) against Optuna's own calls, on real SQLite files:
 coalesced writes leave a trial exactly as Optuna's one-call-a-transaction writes do, in one
-transaction; snapshots read the study once; our tell is Optuna's. These use RDBStorage's private
+transaction; snapshots read the study once, then only new trials; our tell is Optuna's. These use RDBStorage's private
 helpers (pinned optuna==5.0.0): an Optuna whose private calls differ fails here first. And the
 SQLite stores in WAL mode: several processes writing one database at once, and a finished sweep
 whose stores are plain single files."""
@@ -115,23 +115,26 @@ def test_claiming_a_waiting_trial_is_never_deferred(study):
         assert storage.set_trial_state_values(waiting._trial_id, TrialState.RUNNING) is False
 
 
-def test_a_snapshot_reads_the_study_once(study, tmp_path):
+def test_a_snapshot_reads_the_study_once_then_only_trials_made_since(study, tmp_path):
+    from optuna.storages._rdb import models
+
     storage = study._storage._backend
-    for _ in range(3):
-        study.ask()
-    reads: list = []
-    event.listen(storage.engine, "before_cursor_execute",
-                 lambda conn, cursor, statement, *args: reads.append(statement)
-                 if statement.lstrip().upper().startswith("SELECT") and "trials" in statement else None)
+    running = [study.ask() for _ in range(3)]
     other = optuna.load_study(study_name="s", storage=f"sqlite:///{tmp_path / 'optuna.db'}")
+    loaded: list = []
+    event.listen(models.TrialModel, "load", lambda trial, context: loaded.append(trial.trial_id))
     with storage.snapshot():
-        first = len(study.get_trials(deepcopy=False))
-        selects = len(reads)
-        other.ask()  # another process's new trial: not in the snapshot
+        assert len(study.get_trials(deepcopy=False)) == 3
+        assert len(loaded) == 3
+        other.tell(running[0].number, 1.0)  # finished by another process: the snapshot keeps its moment
+        made_since = other.ask()             # made by another process: seen at the next read
+        before = len(loaded)  # (the other study's own reads load trials too)
         for _ in range(5):
-            assert len(study.get_trials(deepcopy=False)) == first
-        assert len(reads) == selects  # the later reads never reached the database
-    assert len(study.get_trials(deepcopy=False)) == first + 1
+            trials = study.get_trials(deepcopy=False)
+            assert [t.state for t in trials] == [TrialState.RUNNING] * 4
+        assert trials[-1].number == made_since.number
+        assert loaded[before:] == [made_since._trial_id]  # the unfinished trials were not read again
+    assert [t.state for t in study.get_trials(deepcopy=False)] == [TrialState.COMPLETE] + [TrialState.RUNNING] * 3
 
 
 @pytest.mark.parametrize("how", ["complete", "pruned", "pruned at NaN", "failed"])

@@ -221,13 +221,16 @@ class PopulationWorker(Worker):
         joins: list = []
         try:
             while len(self.book.open) < self.size and not self.stopping.is_set():
-                room = self.book.room()
-                if not room:  # None: no more trials; 0: a dead worker's trial may come back
-                    return room == 0
-                for _ in range(min(room, self.size - len(self.book.open))):
-                    trial = self.book.ask()
-                    if trial is not None:
-                        self.add_member(trial, joins)
+                # the budget and the sampler read the study once for these asks, then only the
+                # trials made since (not every member again for each ask)
+                with self.book.storage.snapshot():
+                    room = self.book.room()
+                    if not room:  # None: no more trials; 0: a dead worker's trial may come back
+                        return room == 0
+                    for _ in range(min(room, self.size - len(self.book.open))):
+                        trial = self.book.ask()
+                        if trial is not None:
+                            self.add_member(trial, joins)
             return True
         finally:  # the new members join together, so that an epoch starts with all of them
             if joins:
@@ -247,14 +250,16 @@ class PopulationWorker(Worker):
         tags = run_tags(self.spec, trial, population=f"{self.book.worker}/w{self.index}",
                         population_size=str(self.size))
         started = time.perf_counter()
-        run = self.tracker.begin(member.cfg, torch.device(member.cfg.train.device),
-                                 trial_run_name(trial.number, member.values, self.spec.settings["n_trials"]),
-                                 self.spec.parent_run_id, tags)
+        if self.tracker.client is not None:
+            # the run now (the trial records its id); its params, config and datasets by the writer
+            run_id, description = self.tracker.create(
+                member.cfg, torch.device(member.cfg.train.device),
+                trial_run_name(trial.number, member.values, self.spec.settings["n_trials"]),
+                self.spec.parent_run_id, tags)
+            member.run_id = run_id
+            trial.set_user_attr("mlflow_run_id", run_id)
+            self.writer.start(trial.number, run_id, description)
         self.mlflow_seconds += time.perf_counter() - started
-        if run.run_id:
-            member.run_id = run.run_id
-            trial.set_user_attr("mlflow_run_id", run.run_id)
-            self.writer.start(trial.number, run.run_id)
         joins.append((trial.number, member.cfg))
 
     def check_writer(self) -> None:

@@ -46,9 +46,10 @@ class RunWriter:
         self.stats = WriterStats()
         self.error: str | None = None
 
-    def start(self, key: Hashable, run_id: str) -> None:
-        """The member's run, made by the worker: from now on the writer writes to it."""
-        self.requests.put(("start", key, run_id))
+    def start(self, key: Hashable, run_id: str, description: dict) -> None:
+        """The member's run, made by the worker: the writer adds its params, config and datasets
+        (MlflowTracker.describe), then writes its epochs to it."""
+        self.requests.put(("start", key, (run_id, description)))
 
     def epoch(self, key: Hashable, result) -> None:
         self.requests.put(("epoch", key, result))
@@ -112,7 +113,9 @@ def _serve(tracking_cfg_yaml: str, requests, replies) -> None:
         started = time.perf_counter()
         try:
             if kind == "start":
-                runs[key] = TrialRun(tracker.client, payload, max_lr_points=BATCH_POINTS_PER_EPOCH)
+                run_id, description = payload
+                runs[key] = TrialRun(tracker.client, run_id, max_lr_points=BATCH_POINTS_PER_EPOCH)
+                tracker.describe(run_id, description)
                 stats.runs += 1
             elif key in runs and kind == "epoch":
                 run = runs[key]

@@ -7,9 +7,9 @@
 - coalesced writes: what a thread writes inside `storage.coalesced()` (params, attributes,
   intermediate values, heartbeats, trial states) is one transaction, committed when the block
   ends or before the thread's next read (so that it reads its own writes);
-- snapshots: inside `storage.snapshot()` a thread reads a study's trials from the database once
-  (Optuna's cache re-reads every unfinished trial on each read: a population's prune checks and
-  refills read them K times an epoch).
+- snapshots: inside `storage.snapshot()` a thread reads a study's trials from the database once,
+  then only the trials made since (Optuna's cache re-reads every unfinished trial on each read:
+  a population's prune checks and refills read them K times an epoch).
 
 Optuna's public API has no batch writes, so the coalesced transaction is built from RDBStorage's
 own `*_without_commit` helpers, its models and `_create_scoped_session`: private calls, whose
@@ -234,25 +234,34 @@ class ResilientRDBStorage(RDBStorage):
     @contextmanager
     def snapshot(self) -> Iterator[None]:
         """Inside, this thread reads each study's trials from the database once; later reads
-        return what that one gave (with the trials this thread made since: Optuna's cache adds
-        them). For decisions that all look at the same moment: a population's prune checks."""
+        fetch only the trials made since (by any process), not every unfinished trial again
+        (Optuna's cache re-reads them all on each read: a population's prune checks and refills
+        read K trials K times an epoch). For decisions that look at one moment: a population's
+        prune checks, a refill's budget and sampling. A trial made since is seen at once, so
+        a count of the trials before a new one is exact for them, and at worst counts an old
+        trial that has failed meanwhile: it errs towards a full budget, never past it."""
         if getattr(self._local, "snapshot", None) is not None:
             yield
             return
-        self._local.snapshot = set()
+        self._local.snapshot = {}  # study id -> the highest trial id read
         try:
             yield
         finally:
             self._local.snapshot = None
 
-    def _get_trials(self, study_id: int, *args, **kwargs):
-        seen = getattr(self._local, "snapshot", None)
-        if seen is not None:
-            if study_id in seen:
-                return []  # nothing new since the snapshot's read: Optuna's cache keeps it
-            seen.add(study_id)
+    def _get_trials(self, study_id: int, states, included_trial_ids: set[int],
+                    trial_id_greater_than: int):
+        snapshot = getattr(self._local, "snapshot", None)
+        if snapshot is not None and study_id in snapshot:
+            included_trial_ids = set()
+            trial_id_greater_than = max(trial_id_greater_than, snapshot[study_id])
         self._commit_pending()
-        return _retrying("_get_trials", RDBStorage._get_trials)(self, study_id, *args, **kwargs)
+        trials = _retrying("_get_trials", RDBStorage._get_trials)(
+            self, study_id, states, included_trial_ids, trial_id_greater_than)
+        if snapshot is not None:
+            snapshot[study_id] = max([trial_id_greater_than, snapshot.get(study_id, -1),
+                                      *(t._trial_id for t in trials)])
+        return trials
 
 
 # Writes: queued inside a coalesced block, else made at once (retried on a lost connection).

@@ -418,16 +418,19 @@ class MlflowTracker:
 
     def start_run(self, run_name: str | None = None, tags: dict | None = None,
                   params: dict[str, str] | None = None, parent_run_id: str | None = None) -> str:
-        from mlflow.entities import Param
-
         tags = dict(tags or {})
         if parent_run_id:
             tags["mlflow.parentRunId"] = parent_run_id
         run = self.client.create_run(self.experiment_id, run_name=run_name, tags=tags)
-        items = [Param(k, v) for k, v in (params or {}).items()]
-        for start in range(0, len(items), MAX_PARAMS_PER_BATCH):
-            self.client.log_batch(run.info.run_id, params=items[start:start + MAX_PARAMS_PER_BATCH])
+        self.log_params(run.info.run_id, params or {})
         return run.info.run_id
+
+    def log_params(self, run_id: str, params: dict[str, str]) -> None:
+        from mlflow.entities import Param
+
+        items = [Param(k, v) for k, v in params.items()]
+        for start in range(0, len(items), MAX_PARAMS_PER_BATCH):
+            self.client.log_batch(run_id, params=items[start:start + MAX_PARAMS_PER_BATCH])
 
     def begin(self, cfg: DictConfig, device: torch.device, run_name: str | None = None,
               parent_run_id: str | None = None, extra_tags: dict | None = None,
@@ -436,16 +439,27 @@ class MlflowTracker:
         context, where it ran), the datasets it trains, validates and tests on, config.yaml (the
         whole resolved config). Whoever begins it ends it (trial_run does; a population's
         writer does). A run not of a sweep is tagged sweep_role=single."""
+        run_id, description = self.create(cfg, device, run_name, parent_run_id, extra_tags)
+        self.describe(run_id, description)
+        return TrialRun(self.client, run_id, self.log_model, self.async_logging,
+                        batch_curve_every or self.batch_curve_every, max_lr_points=max_lr_points)
+
+    def create(self, cfg: DictConfig, device: torch.device, run_name: str | None = None,
+               parent_run_id: str | None = None, extra_tags: dict | None = None) -> tuple[str, dict]:
+        """The run with its tags (one write), and what `describe` adds to it: plain data, so
+        that a population's writer process adds it while its worker goes on."""
         resolved = redact_passwords(OmegaConf.to_container(cfg, resolve=True))
         resolved.pop("hydra", None)
         tags = {"sweep_role": "single", **trial_tags(cfg, device), **(extra_tags or {})}
         run_id = self.start_run(run_name or cfg.tracking.get("run_name") or single_run_name(cfg),
-                                tags=tags, params=trial_params(resolved),
-                                parent_run_id=parent_run_id)
+                                tags=tags, parent_run_id=parent_run_id)
+        return run_id, resolved
+
+    def describe(self, run_id: str, resolved: dict) -> None:
+        """A run's params, config.yaml and datasets, from its resolved config."""
+        self.log_params(run_id, trial_params(resolved))
         self.client.log_text(run_id, OmegaConf.to_yaml(resolved), "config.yaml")
-        self.log_datasets(run_id, cfg.data)
-        return TrialRun(self.client, run_id, self.log_model, self.async_logging,
-                        batch_curve_every or self.batch_curve_every, max_lr_points=max_lr_points)
+        self.log_datasets(run_id, OmegaConf.create(resolved["data"]))
 
     def log_datasets(self, run_id: str, data_cfg: DictConfig) -> None:
         """The run's train, val and test splits as MLflow datasets (its Dataset column): name,

@@ -118,7 +118,9 @@ class Worker:
         with Heartbeats(self.book, self.spec.settings["heartbeat_interval"]):
             while True:
                 INTERRUPTS.check()
-                room = self.book.room()
+                with self.book.storage.snapshot():  # the budget and the sampler: one read
+                    room = self.book.room()
+                    trial = self.book.ask() if room else None
                 if room is None:
                     if self.book.deadline and time.time() > self.book.deadline:
                         log.info(f"[w{self.index}] sweep.timeout reached: no new trial is started")
@@ -127,7 +129,6 @@ class Worker:
                     with INTERRUPTS.allowed():
                         time.sleep(LAST_TRIALS_POLL_SECONDS)
                     continue
-                trial = self.book.ask()
                 if trial is not None:
                     self.run(trial)
 
