@@ -14,7 +14,7 @@ DATA ?= $(if $(wildcard ../shared/data/mnist),../shared/data/mnist,./data)
 export MNIST_SWEEP_DATA ?= $(DATA)
 
 .DEFAULT_GOAL := help
-.PHONY: help install test test-slow test-full test-docker train ui sweep server worker sweep-show seed-table bench bench-sweep bench-population bench-scale bench-diverged clean dashboard readme-images
+.PHONY: help install test test-slow test-full test-docker train ui sweep server worker sweep-show seed-table bench bench-sweep bench-population bench-scale bench-diverged bench-bookkeeping clean dashboard readme-images
 
 help: ## list the targets
 	@grep -hE '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  \033[36m%-12s\033[0m %s\n", $$1, $$2}'
@@ -78,6 +78,9 @@ bench-scale: ## load: 8 workers x 200 tiny trials on PostgreSQL + MLflow server,
 
 bench-diverged: ## diverged trials told to Optuna as FAIL vs pruned with NaN: the share diverged per 20 trials, same space and seed (real MNIST)
 	$(PY) tests/benchmarks/bench_diverged.py $(ARGS)
+
+bench-bookkeeping: ## a trial's store work: solo and populations of 16, 64, 256 with training negligible, plain disk and 15 ms fsyncs; commits, fsyncs, CPU by part
+	$(PY) tests/benchmarks/bench_bookkeeping.py $(ARGS)
 
 bench: ## time our epoch against a pytorch/examples loop and a GEMM floor; tracking overhead
 	$(PY) tests/benchmarks/bench_trial.py $(ARGS)

@@ -258,3 +258,10 @@ def pg_dump(servers, database: str = "optuna") -> str:
                          capture_output=True, text=True, check=True)
     return out.stdout
 
+
+
+def pytest_collection_modifyitems(config, items) -> None:
+    """The slow tier's long tests first: run with the fast tier (make test-full, CI), they start
+    while the short ones fill the other worker, and the session does not end on one of them
+    running alone."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)

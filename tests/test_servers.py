@@ -14,6 +14,7 @@ from test_sweep import TINY
 pytestmark = needs_postgres
 
 
+@pytest.mark.slow  # 8 workers x 200 trials on the same servers: tests/test_load.py (slow tier too)
 def test_two_workers_on_postgres_and_an_mlflow_server(servers, tmp_path, mnist_dir):
     out = run_cli("mnist_sweep.sweep", "--sweep", "momentum_decay", "sweep.n_trials=6",
                   "sweep.workers=2", f"sweep.storage={servers.storage_url}",
@@ -46,6 +47,7 @@ def test_a_worker_killed_mid_trial_against_the_servers(servers, tmp_path, mnist_
     kill_a_worker_mid_trial(tmp_path, mnist_dir, servers.storage_url, servers.tracking_url)
 
 
+@pytest.mark.slow  # three whole sweeps at once (~40 s of a 2-core machine)
 def test_drivers_started_together_on_a_new_study_share_one_parent_run(servers, tmp_path, mnist_dir):
     """A cluster array (or docker compose --scale) starts the same command N times at once."""
     import subprocess
