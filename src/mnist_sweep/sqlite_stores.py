@@ -10,15 +10,18 @@ fsyncs nothing; the WAL is synced when it is checkpointed into the database (eve
 A crash of a process loses nothing committed; a power cut may lose the last commits, never
 corrupts the database (SQLite's documentation).
 
-What broke WAL here before (README said "disk I/O error between processes on this sandboxed
-machine"; it works between processes on this machine's ext4 today, 4 processes writing one
-database at once, tested): a WAL database is the file *and* its `-wal`. A copy of the file alone
-(MLflow's template store, a test's copy of a study) misses whatever is not yet checkpointed. So:
-the template is checkpointed and switched back to a rollback journal before it is copied (see
-tracking.new_sqlite_store), processes close their connections when they end (the last one
-checkpoints and removes the `-wal`: a finished sweep's stores are plain single files), and copies
-of a live store go through SQLite's backup API (`copy_database`). A file system that cannot share
-WAL's memory index between processes (network file systems) keeps the rollback journal, said once.
+What broke WAL here before (README said it "broke between processes on this sandboxed machine"):
+our own check that a store file is a SQLite database opened the file and closed it. Closing any
+descriptor of a file drops every POSIX lock the process holds on it (fcntl semantics), SQLite's
+among them: another process then took the WAL for unused, checkpointed and deleted it under live
+writers (urls.not_sqlite now asks SQLite itself; tests/test_storage.py fences it). Besides: a
+WAL database is the file *and* its `-wal`, so a copy of the file alone misses what is not yet
+checkpointed. The template store is checkpointed and switched back to a rollback journal before
+it is copied (tracking.new_sqlite_store), processes close their connections when they end (the
+last one checkpoints and removes the `-wal`: a finished sweep's stores are single files), and
+copies of a live store go through SQLite's backup API (`copy_database`). A file system that
+cannot share WAL's memory index between processes (network file systems) keeps the rollback
+journal, said once.
 """
 
 from __future__ import annotations
