@@ -54,8 +54,8 @@ def test_a_failing_report_refresh_does_not_end_the_sweep(tmp_path, mnist_dir):
     """Someone deletes the parent run in the UI mid-sweep: refreshing its report fails (MLflow
     refuses to log to a deleted run); the trials go on to n_trials, with a warning."""
     storage = f"sqlite:///{tmp_path / 'optuna.db'}"
-    process = start(["--sweep", "momentum", "sweep.n_trials=6", "sweep.report_every=1",
-                     "sweep.pruner=none", f"data.root={mnist_dir}", *TINY[:2], "train.epochs=6"],
+    process = start(["--sweep", "momentum", "sweep.n_trials=4", "sweep.report_every=1",
+                     "sweep.pruner=none", f"data.root={mnist_dir}", *TINY[:2], "train.epochs=3"],
                     tmp_path)
     parent_id = wait_for(lambda: optuna.load_study(study_name="momentum", storage=storage)
                          .user_attrs.get("mlflow_parent_run_id"), "the parent run")
@@ -63,7 +63,7 @@ def test_a_failing_report_refresh_does_not_end_the_sweep(tmp_path, mnist_dir):
     out, err = finish(process, 300)
     assert process.returncode == 0, err[-3000:]
     assert "the parent run's report could not be written" in out + err
-    assert len(finished(optuna.load_study(study_name="momentum", storage=storage))) == 6
+    assert len(finished(optuna.load_study(study_name="momentum", storage=storage))) == 4
 
 
 @pytest.mark.parametrize("found_by", ["heartbeat", "the driver's last look"])

@@ -437,7 +437,7 @@ def test_a_population_worker_killed_has_all_its_members_retried(tmp_path, mnist_
     args = ["--sweep", "momentum", "sweep.n_trials=8", "sweep.population=3", "sweep.workers=2",
             "sweep.pruner=none", "sweep.heartbeat_interval=1", "sweep.grace_period=10",
             "sweep.quiet=true", f"data.root={mnist_dir}", "data.val_size=100",
-            "train.batch_size=50", "train.epochs=15"]
+            "train.batch_size=50", "train.epochs=8"]
     process = subprocess.Popen([sys.executable, "-m", "mnist_sweep.sweep", *args], cwd=tmp_path,
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 

@@ -3,7 +3,12 @@ populations, with training made negligible, on this machine's disk and on a disk
 take SLOW_FSYNC_MS (15 ms: the lent GPU machines' disks).
 
     make bench-bookkeeping    (python tests/benchmarks/bench_bookkeeping.py [--sizes 1,16,64,256]
-                               [--epochs 3] [--fsync-ms 15] [--max-trials 256] [--skip-profile])
+                               [--epochs 3] [--fsync-ms 15] [--max-trials 256] [--skip-profile]
+                               [--against REV])
+
+Before and after, side by side: with --against REV (default 1182783, main before the bookkeeping
+work; `none` to skip) each size runs first with that commit's code (a git worktree put first on
+PYTHONPATH), then with this checkout's, on the same data and machine.
 
 Training made negligible: an MLP 784-16-16-10 on 800 synthetic training images (4 batches of
 200), 200 validation and 200 test images: an epoch of 64 members takes a few milliseconds, so
@@ -42,6 +47,7 @@ sys.path.insert(0, str(HERE.parent))
 from conftest import synthetic_images, write_idx  # noqa: E402
 
 PROBE = HERE / "bookkeeping_probe"
+BEFORE = "1182783"  # main before the bookkeeping work (issue 16)
 SHIM_SOURCE = REPO.parent / "shared" / "tools" / "slow-fsync" / "slow_fsync.c"
 NEGLIGIBLE = ["model.hidden=[16,16]", "data.val_size=200", "train.batch_size=200",
               "train.progress=false", "train.device=cpu", "sweep.pruner=none", "sweep.quiet=true",
@@ -158,45 +164,69 @@ def main() -> None:
     parser.add_argument("--fsync-ms", type=int, default=15)
     parser.add_argument("--max-trials", type=int, default=256)
     parser.add_argument("--skip-profile", action="store_true", help="no strace or py-spy runs")
+    parser.add_argument("--against", default=BEFORE, help="the commit to compare with (none: skip)")
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="bench-bookkeeping-"))
     data = make_data(work / "data")
     shim = slow_fsync_library(work)
+    codes = [("now", None)]
+    if args.against != "none":
+        old = work / "before"
+        subprocess.run(["git", "-C", str(REPO), "worktree", "add", "--detach", str(old), args.against],
+                       check=True, capture_output=True)
+        codes.insert(0, (f"before ({args.against})", old / "src"))
     rows = []
-    for size in [int(s) for s in args.sizes.split(",")]:
-        trials = 16 if size == 1 else min(2 * size, args.max_trials)
-        command = sweep_command(data, size, trials, args.epochs)
-        name, label = f"bk{size}", "solo" if size == 1 else f"K={size}"
-        row = {"size": label, "trials": trials}
-        for disk in ("plain", "slow"):
-            if disk == "slow" and shim is None:
-                continue
-            folder = work / f"{label}-{disk}"
-            counts = work / f"{label}-{disk}-commits"
-            counts.mkdir()
-            env = {"PYTHONPATH": os.pathsep.join(filter(None, [str(PROBE), os.environ.get("PYTHONPATH")])),
-                   "MNIST_SWEEP_COMMIT_COUNTS": str(counts)}
-            if disk == "slow":
-                env.update(LD_PRELOAD=str(shim), SLOW_FSYNC_MS=str(args.fsync_ms))
-            wall = run(folder, command, env)
-            figures = study_figures(folder, name)
-            row[disk] = {"wall": wall, **figures, "commits": commits(counts)}
-            print(f"{label} {disk}: {figures['trials']} trials in {wall:.1f} s "
-                  f"({figures['trials'] / figures['span']:.2f} trials/s)", flush=True)
-        if not args.skip_profile:
-            trace = work / f"{label}-strace.log"
-            run(work / f"{label}-strace", command,
-                prefix=["strace", "-f", "-qq", "-y", "--seccomp-bpf", "-e", "trace=fsync,fdatasync",
-                        "-o", str(trace)])
-            row["fsyncs"] = fsyncs(trace)
-            raw, rate = work / f"{label}-pyspy.txt", 100
-            run(work / f"{label}-pyspy", command, prefix=[
-                str(Path(sys.executable).parent / "py-spy"), "record", "--subprocesses",
-                "--nonblocking", "--format", "raw", "--rate", str(rate), "-o", str(raw), "--"])
-            row["cpu"] = cpu_parts(raw, rate)
-        rows.append(row)
-        print(json.dumps(row), flush=True)
+    try:
+        for size in [int(s) for s in args.sizes.split(",")]:
+            for code, source in codes:
+                rows.append(measure(work, data, shim, size, code, source, args))
+    finally:
+        if args.against != "none":
+            subprocess.run(["git", "-C", str(REPO), "worktree", "remove", "--force", str(work / "before")],
+                           capture_output=True)
     report(rows, args)
+
+
+def measure(work: Path, data: Path, shim: Path | None, size: int, code: str, source: Path | None,
+            args) -> dict:
+    """One size with one version of the code (source: its src/ folder, first on the path)."""
+    trials = 16 if size == 1 else min(2 * size, args.max_trials)
+    command = sweep_command(data, size, trials, args.epochs)
+    name = f"bk{size}"
+    label = ("solo" if size == 1 else f"K={size}") + f" {code}"
+    work = work / code.split()[0]
+    work.mkdir(exist_ok=True)
+    path = [str(PROBE), str(source) if source else None, os.environ.get("PYTHONPATH")]
+    row = {"size": label, "trials": trials}
+    for disk in ("plain", "slow"):
+        if disk == "slow" and shim is None:
+            continue
+        folder = work / f"{label}-{disk}"
+        counts = work / f"{label}-{disk}-commits"
+        counts.mkdir()
+        env = {"PYTHONPATH": os.pathsep.join(filter(None, path)),
+               "MNIST_SWEEP_COMMIT_COUNTS": str(counts)}
+        if disk == "slow":
+            env.update(LD_PRELOAD=str(shim), SLOW_FSYNC_MS=str(args.fsync_ms))
+        wall = run(folder, command, env)
+        figures = study_figures(folder, name)
+        row[disk] = {"wall": wall, **figures, "commits": commits(counts)}
+        print(f"{label} {disk}: {figures['trials']} trials in {wall:.1f} s "
+              f"({figures['trials'] / figures['span']:.2f} trials/s)", flush=True)
+    if not args.skip_profile:
+        trace = work / f"{label}-strace.log"
+        code_path = {"PYTHONPATH": os.pathsep.join(filter(None, path[1:]))} if source else {}  # no probe
+        run(work / f"{label}-strace", command, env=code_path,
+            prefix=["strace", "-f", "-qq", "-y", "--seccomp-bpf", "-e", "trace=fsync,fdatasync",
+                    "-o", str(trace)])
+        row["fsyncs"] = fsyncs(trace)
+        raw, rate = work / f"{label}-pyspy.txt", 100
+        run(work / f"{label}-pyspy", command, env=code_path, prefix=[
+            str(Path(sys.executable).parent / "py-spy"), "record", "--subprocesses",
+            "--nonblocking", "--format", "raw", "--rate", str(rate), "-o", str(raw), "--"])
+        row["cpu"] = cpu_parts(raw, rate)
+    print(json.dumps(row), flush=True)
+    return row
 
 
 def report(rows: list[dict], args) -> None:
@@ -215,7 +245,7 @@ def report(rows: list[dict], args) -> None:
         f = row.get("fsyncs")
         fsync_cell = (f"{f.get('optuna', 0) / n:.1f}, {f.get('mlflow', 0) / n:.1f}, "
                       f"{f.get('folder', 0) / n:.1f} ({sum(f.values()) / n:.1f})") if f is not None else "–"
-        print(f"| {row['size']:6} | {n} | {cells[0]} | {cells[1]} | {commit_cell} | {fsync_cell} |")
+        print(f"| {row['size']} | {n} | {cells[0]} | {cells[1]} | {commit_cell} | {fsync_cell} |")
     parts = [name for name, _ in PARTS] + ["other"]
     if any("cpu" in row for row in rows):
         print("\nCPU ms a trial by part (py-spy, all processes, plain disk):\n")
@@ -226,13 +256,12 @@ def report(rows: list[dict], args) -> None:
                 n = row["plain"]["trials"]
                 print(f"| {row['size']} | " + " | ".join(f"{row['cpu'].get(p, 0) * 1000 / n:.0f}"
                                                       for p in parts) + " |")
-    solo = next((row for row in rows if row["size"] == "solo"), None)
-    if solo:
+    for solo in (row for row in rows if row["size"].startswith("solo")):
         for disk in ("plain", "slow"):
             f = solo.get(disk)
             if f:
                 outside = (f["span"] - f["epoch_seconds"]) / f["trials"]
-                print(f"\nsolo, {disk} disk: {outside:.3f} s a trial outside its epochs "
+                print(f"\n{solo['size']}, {disk} disk: {outside:.3f} s a trial outside its epochs "
                       f"(span {f['span']:.1f} s, epochs {f['epoch_seconds']:.1f} s, {f['trials']} trials)")
 
 
