@@ -14,7 +14,7 @@ DATA ?= $(if $(wildcard ../shared/data/mnist),../shared/data/mnist,./data)
 export MNIST_SWEEP_DATA ?= $(DATA)
 
 .DEFAULT_GOAL := help
-.PHONY: help install test test-slow test-full test-docker train ui sweep server worker sweep-show seed-table bench bench-sweep bench-population bench-scale bench-diverged bench-bookkeeping clean dashboard readme-images
+.PHONY: help install test test-slow test-full test-docker train ui sweep server worker sweep-show seed-table bench bench-sweep bench-population bench-scale bench-diverged bench-bookkeeping lint docs docs-build clean dashboard readme-images
 
 help: ## list the targets
 	@grep -hE '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  \033[36m%-12s\033[0m %s\n", $$1, $$2}'
@@ -37,6 +37,16 @@ test-full: ## run the fast suite and the slow tier
 
 test-docker: ## build the images and run the compose stack for real (root, Docker; ~3 min, ~10 on the first build)
 	$(PY) -m pytest -q -s -m docker tests/test_compose_stack.py
+
+lint: ## ruff: lint and format check of src/ (the rules: pyproject.toml)
+	$(PY) -m ruff check src/
+	$(PY) -m ruff format --check src/
+
+docs: ## serve the documentation site (docs/, mkdocs-material) on http://127.0.0.1:8000
+	NO_MKDOCS_2_WARNING=1 $(PY) -m mkdocs serve
+
+docs-build: ## build the documentation site into site/ with --strict: a broken link, anchor or page fails
+	NO_MKDOCS_2_WARNING=1 $(PY) -m mkdocs build --strict
 
 train: ## train one trial of the seed note's configuration (ARGS="optim.momentum=0.9 schedule=step")
 	$(PY) -m mnist_sweep.train $(ARGS)

@@ -41,9 +41,9 @@ class OpenTrial:
     """A trial this worker asked for and has not told yet."""
 
     trial: optuna.Trial
-    values: dict = field(default_factory=dict)   # the sampled parameters
-    cfg: Any = None                              # its trial config
-    run_id: str | None = None                    # its MLflow run
+    values: dict = field(default_factory=dict)  # the sampled parameters
+    cfg: Any = None  # its trial config
+    run_id: str | None = None  # its MLflow run
 
     @property
     def number(self) -> int:
@@ -74,7 +74,7 @@ class Bookkeeper:
         self.open: dict[int, OpenTrial] = {}
         self.failures_in_a_row: list[str] = []
         self.lock = threading.Lock()  # self.open, between the bookkeeping and the heartbeats
-        self.seconds = 0.0            # inside Optuna (the population's log line, the benchmark)
+        self.seconds = 0.0  # inside Optuna (the population's log line, the benchmark)
 
     # ------------------------------------------------------------------------- the budget
 
@@ -153,10 +153,16 @@ class Bookkeeper:
         """Whether `value` beats every complete trial of the study so far: such a trial logs its
         model when it ends, so that the sweep's end registers the best one without training it
         again."""
-        values = [t.value for t in self.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))]
+        values = [
+            t.value for t in self.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+        ]
         if not values:
             return True
-        return value > max(values) if self.spec.settings["direction"] == "maximize" else value < min(values)
+        return (
+            value > max(values)
+            if self.spec.settings["direction"] == "maximize"
+            else value < min(values)
+        )
 
     # ------------------------------------------------------------------------- endings
 
@@ -182,15 +188,18 @@ class Bookkeeper:
         limit = self.spec.settings["max_failures_in_a_row"]
         if len(self.failures_in_a_row) >= limit:
             reason = self.failures_in_a_row[-1]
-            hint = (" (the whole population at once: a smaller sweep.population may fit)"
-                    if "out of memory" in reason.lower() and self.spec.settings["population"] != 1
-                    else "")
+            hint = (
+                " (the whole population at once: a smaller sweep.population may fit)"
+                if "out of memory" in reason.lower() and self.spec.settings["population"] != 1
+                else ""
+            )
             raise TooManyFailures(
                 f"Worker {self.index} stopped: its last {len(self.failures_in_a_row)} trials "
                 f"failed in a row (sweep.max_failures_in_a_row={limit}){hint}; the last one with "
                 f"{reason}. Each failed trial is FAIL in Optuna with its reason (user attribute "
                 "fail_reason) and its MLflow run FAILED; the study is kept, and the same command "
-                "resumes it once the cause is fixed.")
+                "resumes it once the cause is fixed."
+            )
 
 
 def record_ending(study: optuna.Study, trial: optuna.Trial, ending: Ending) -> None:
@@ -218,7 +227,9 @@ def record_ending(study: optuna.Study, trial: optuna.Trial, ending: Ending) -> N
         tell(study, trial, TrialState.FAIL)
 
 
-def tell(study: optuna.Study, trial: optuna.Trial, state: TrialState, value: float | None = None) -> None:
+def tell(
+    study: optuna.Study, trial: optuna.Trial, state: TrialState, value: float | None = None
+) -> None:
     """Optuna's study.tell for a trial this process asked for, without reading it back from the
     storage (study.tell does, which would end the caller's coalesced transaction): what the tell
     does otherwise is the same (optuna/study/_tell.py, Optuna 5.0): a pruned trial takes its last
@@ -250,7 +261,7 @@ class Heartbeats:
         self.stopping = threading.Event()
         self.thread = threading.Thread(target=self.run, name="heartbeat", daemon=True)
 
-    def __enter__(self) -> "Heartbeats":
+    def __enter__(self) -> Heartbeats:
         self.thread.start()
         return self
 

@@ -6,14 +6,15 @@ import copy
 import functools
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from mnist_sweep.errors import ConfigError, report, user_errors_exit
 from mnist_sweep.interrupts import INTERRUPTS
+
 
 def shipped_folder(package: str) -> Path:
     """A folder shipped in the package (conf/ and sweeps/ of the repository, installed as
@@ -29,8 +30,17 @@ def shipped_folder(package: str) -> Path:
 
 # Config keys that say where and how a trial runs, not what it is: not a run's params (tags, or
 # nothing), not part of a study's definition (they may differ between machines and restarts).
-LOCAL_KEYS = ("tracking", "train.device", "train.threads", "train.progress", "train.cuda_graphs",
-              "data.root", "data.download", "debug", "hydra")
+LOCAL_KEYS = (
+    "tracking",
+    "train.device",
+    "train.threads",
+    "train.progress",
+    "train.cuda_graphs",
+    "data.root",
+    "data.download",
+    "debug",
+    "hydra",
+)
 
 # The config tree; MNIST_SWEEP_CONF may point at another.
 CONF_DIR = Path(os.environ.get("MNIST_SWEEP_CONF") or shipped_folder("mnist_sweep.conf"))
@@ -55,8 +65,11 @@ def config_groups(conf_dir: Path = CONF_DIR) -> dict[str, list[str]]:
 
 @functools.lru_cache(maxsize=8)
 def _config_groups(conf_dir: Path) -> tuple:
-    return tuple((d.name, tuple(sorted(p.stem for p in d.glob("*.yaml"))))
-                 for d in sorted(conf_dir.iterdir()) if d.is_dir() and d.name[0] not in "_.")
+    return tuple(
+        (d.name, tuple(sorted(p.stem for p in d.glob("*.yaml"))))
+        for d in sorted(conf_dir.iterdir())
+        if d.is_dir() and d.name[0] not in "_."
+    )
 
 
 _initialized_dir: str | None = None
@@ -82,8 +95,9 @@ def release_hydra() -> None:
     _initialized_dir = None
 
 
-def compose(overrides: list[str], conf_dir: Path = CONF_DIR, config_name: str = "config",
-            check: bool = True) -> DictConfig:
+def compose(
+    overrides: list[str], conf_dir: Path = CONF_DIR, config_name: str = "config", check: bool = True
+) -> DictConfig:
     """The composed config for `overrides`, or a ConfigError naming the bad override.
     `check=False` skips the friendly override check (for overrides already checked)."""
     if check:
@@ -101,8 +115,9 @@ def _composed(overrides: tuple[str, ...], conf_dir: Path, config_name: str) -> D
     try:
         return hydra_compose(config_name, overrides=list(overrides))
     except Exception as error:  # anything check_overrides did not foresee
-        raise ConfigError(f"The overrides {' '.join(overrides)} cannot be applied: "
-                          f"{' '.join(str(error).split())}") from None
+        raise ConfigError(
+            f"The overrides {' '.join(overrides)} cannot be applied: {' '.join(str(error).split())}"
+        ) from None
 
 
 def compose_trial(overrides: list[str], values: dict, conf_dir: Path = CONF_DIR) -> DictConfig:
@@ -120,8 +135,9 @@ def compose_trial(overrides: list[str], values: dict, conf_dir: Path = CONF_DIR)
     return cfg
 
 
-def check_overrides(overrides: list[str], conf_dir: Path = CONF_DIR,
-                    config_name: str = "config") -> None:
+def check_overrides(
+    overrides: list[str], conf_dir: Path = CONF_DIR, config_name: str = "config"
+) -> None:
     """Raise a ConfigError naming the first override that names an unknown group option or key."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
     from hydra.errors import OverrideParseException
@@ -129,17 +145,20 @@ def check_overrides(overrides: list[str], conf_dir: Path = CONF_DIR,
     try:
         parsed = OverridesParser.create().parse_overrides(overrides)
     except OverrideParseException as error:
-        raise ConfigError(f"Cannot parse the override(s) {' '.join(overrides)}: "
-                          f"{' '.join(str(error).split())}") from None
+        raise ConfigError(
+            f"Cannot parse the override(s) {' '.join(overrides)}: {' '.join(str(error).split())}"
+        ) from None
     groups = config_groups(conf_dir)
     plain = [o for o in parsed if not o.key_or_group.startswith("hydra")]
     for o in plain:  # group options first: they decide which keys exist
         if o.key_or_group in groups and not o.is_delete() and not o.is_sweep_override():
             option = o.value()
             if not isinstance(option, str) or option not in groups[o.key_or_group]:
-                raise ConfigError(f"{o.input_line} names no option of the config group "
-                                  f"{o.key_or_group!r}: allowed are "
-                                  f"{', '.join(groups[o.key_or_group])}.")
+                raise ConfigError(
+                    f"{o.input_line} names no option of the config group "
+                    f"{o.key_or_group!r}: allowed are "
+                    f"{', '.join(groups[o.key_or_group])}."
+                )
     group_choices = [o.input_line for o in plain if o.key_or_group in groups]
     base = _composed(tuple(group_choices), conf_dir, config_name)
     for o in plain:
@@ -149,10 +168,16 @@ def check_overrides(overrides: list[str], conf_dir: Path = CONF_DIR,
         parent = OmegaConf.select(base, parent_key) if parent_key else base
         if not isinstance(parent, DictConfig) or leaf not in parent:
             where = f"the {parent_key!r} config" if parent_key else "the top-level config"
-            keys = ", ".join(k for k in parent.keys() if k != "hydra") if isinstance(parent, DictConfig) else "none"
-            raise ConfigError(f"{o.input_line} overrides a key that does not exist: "
-                              f"{o.key_or_group!r} is not in {where}, whose keys are: {keys}. "
-                              f"To add a new key use +{o.input_line}.")
+            keys = (
+                ", ".join(k for k in parent.keys() if k != "hydra")
+                if isinstance(parent, DictConfig)
+                else "none"
+            )
+            raise ConfigError(
+                f"{o.input_line} overrides a key that does not exist: "
+                f"{o.key_or_group!r} is not in {where}, whose keys are: {keys}. "
+                f"To add a new key use +{o.input_line}."
+            )
 
 
 def _command_line_overrides(argv: list[str]) -> tuple[list[str], bool]:

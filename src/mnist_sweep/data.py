@@ -16,7 +16,6 @@ import math
 import struct
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 import torch
@@ -73,22 +72,28 @@ def read_idx(path: Path, expected_ndim: int, digests: list | None = None) -> tor
         with (gzip.open if path.suffix == ".gz" else open)(path, "rb") as f:
             raw = f.read()
     except (OSError, EOFError) as error:  # gzip.BadGzipFile is an OSError
-        raise DataError(f"Cannot read the IDX file {path}: {error}. Replace it with an intact "
-                        "copy of the dataset file (raw or .gz).") from error
+        raise DataError(
+            f"Cannot read the IDX file {path}: {error}. Replace it with an intact "
+            "copy of the dataset file (raw or .gz)."
+        ) from error
     header = 4 + 4 * expected_ndim
     if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] != _UBYTE or raw[3] != expected_ndim:
         magic = raw[:4].hex() if len(raw) >= 4 else f"only {len(raw)} bytes"
-        raise DataError(f"{path} is not an IDX file of {expected_ndim}-d unsigned bytes: its "
-                        f"magic number is {magic}, expected 0000080{expected_ndim}. Replace it with "
-                        "the original dataset file.")
+        raise DataError(
+            f"{path} is not an IDX file of {expected_ndim}-d unsigned bytes: its "
+            f"magic number is {magic}, expected 0000080{expected_ndim}. Replace it with "
+            "the original dataset file."
+        )
     if len(raw) < header:
         raise DataError(f"{path} is truncated: {len(raw)} bytes, shorter than its own header.")
     dims = struct.unpack(f">{expected_ndim}I", raw[4:header])
     expected = header + math.prod(dims)
     if len(raw) != expected:
-        raise DataError(f"{path} is truncated or padded: its header announces {dims} bytes of "
-                        f"data ({expected} bytes in all) but the file holds {len(raw)}. "
-                        "Replace it with an intact copy.")
+        raise DataError(
+            f"{path} is truncated or padded: its header announces {dims} bytes of "
+            f"data ({expected} bytes in all) but the file holds {len(raw)}. "
+            "Replace it with an intact copy."
+        )
     if digests is not None:
         digests.append(hashlib.sha256(raw).hexdigest())
     array = np.frombuffer(raw, dtype=np.uint8, offset=header).reshape(dims)
@@ -105,8 +110,14 @@ def _find(folder: Path, name: str) -> Path | None:
 def candidate_folders(root: Path, dataset: str) -> list[Path]:
     """Where the four files may lie under `root`: itself, raw/, torchvision's layout, a named folder."""
     cls = TORCHVISION_CLASSES[dataset]
-    return [root, root / "raw", root / cls / "raw", root / dataset,
-            root / dataset.replace("_", "-"), root / dataset / "raw"]
+    return [
+        root,
+        root / "raw",
+        root / cls / "raw",
+        root / dataset,
+        root / dataset.replace("_", "-"),
+        root / dataset / "raw",
+    ]
 
 
 def locate(root: Path, dataset: str) -> dict[str, Path] | None:
@@ -132,13 +143,16 @@ def missing_files_error(root: Path, dataset: str, reason: str) -> DataError:
         f"No {dataset} files under data.root={root} ({reason}). Put the four IDX files "
         f"{', '.join(ALL_FILES)} (raw or .gz) in that folder, in {root}/raw or in "
         f"{root}/{TORCHVISION_CLASSES[dataset]}/raw, or point data.root (env MNIST_SWEEP_DATA) "
-        "at a folder that holds them; with network access, data.download=true fetches them.")
+        "at a folder that holds them; with network access, data.download=true fetches them."
+    )
 
 
 def find_or_download(root: Path, dataset: str, allow_download: bool) -> dict[str, Path]:
     if dataset not in TORCHVISION_CLASSES:
-        raise DataError(f"Unknown dataset data.name={dataset!r}; allowed: "
-                        f"{', '.join(sorted(TORCHVISION_CLASSES))}.")
+        raise DataError(
+            f"Unknown dataset data.name={dataset!r}; allowed: "
+            f"{', '.join(sorted(TORCHVISION_CLASSES))}."
+        )
     files = locate(root, dataset)
     if files is not None:
         return files
@@ -167,31 +181,40 @@ def load_raw(root: str, dataset: str, allow_download: bool) -> dict:
         images = read_idx(files[image_file], expected_ndim=3, digests=digests)
         labels = read_idx(files[label_file], expected_ndim=1, digests=digests).long()
         if images.shape[0] != labels.shape[0]:
-            raise DataError(f"{files[image_file]} holds {images.shape[0]} images but "
-                            f"{files[label_file]} holds {labels.shape[0]} labels; they must match.")
+            raise DataError(
+                f"{files[image_file]} holds {images.shape[0]} images but "
+                f"{files[label_file]} holds {labels.shape[0]} labels; they must match."
+            )
         splits[split] = (images, labels)
     splits["digest"] = hashlib.sha256("".join(digests).encode()).hexdigest()
     splits["folder"] = str(files[ALL_FILES[0]].parent)
     known = KNOWN_DIGESTS.get(splits["digest"])
     if known is not None and known != dataset:
-        raise DataError(f"The files under data.root={root} are {known}'s (by their content's "
-                        f"digest {splits['digest'][:12]}...), not {dataset}'s: data={dataset} "
-                        f"would train on {known} and report it as {dataset}. Point data.root at "
-                        f"{dataset}'s files, or use data={known}.")
+        raise DataError(
+            f"The files under data.root={root} are {known}'s (by their content's "
+            f"digest {splits['digest'][:12]}...), not {dataset}'s: data={dataset} "
+            f"would train on {known} and report it as {dataset}. Point data.root at "
+            f"{dataset}'s files, or use data={known}."
+        )
     return splits
 
 
 def split_sizes(raw: dict, val_size: int) -> dict[str, int]:
     """Images in each split the trial trains, validates and tests on."""
-    return {"train": train_size(raw) - val_size, "val": val_size,
-            "test": raw["test"][1].shape[0]}
+    return {"train": train_size(raw) - val_size, "val": val_size, "test": raw["test"][1].shape[0]}
 
 
 # ----------------------------------------------------------------------------- splits on device
 
 
-def _to_device(images: torch.Tensor, labels: torch.Tensor, device: torch.device,
-               normalize: bool, mean: float, std: float) -> Split:
+def _to_device(
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    device: torch.device,
+    normalize: bool,
+    mean: float,
+    std: float,
+) -> Split:
     # torch's default dtype: float32, unless a caller (the float64 equivalence tests) changed it
     x = images.to(device).unsqueeze(1).to(torch.get_default_dtype()).div_(255.0)
     if normalize:
@@ -209,8 +232,15 @@ def train_size(raw: dict) -> int:
     return raw["train"][1].shape[0]
 
 
-def make_splits(raw: dict, device: torch.device, val_size: int, seed: int,
-                normalize: bool = True, mean: float = 0.0, std: float = 1.0) -> Splits:
+def make_splits(
+    raw: dict,
+    device: torch.device,
+    val_size: int,
+    seed: int,
+    normalize: bool = True,
+    mean: float = 0.0,
+    std: float = 1.0,
+) -> Splits:
     images, labels = raw["train"]
     train_idx, val_idx = split_indices(labels.shape[0], val_size, seed)
     norm = dict(device=device, normalize=normalize, mean=mean, std=std)
@@ -226,15 +256,29 @@ _SPLITS_CACHE: dict[tuple, Splits] = {}
 
 def load_splits(data_cfg, device: torch.device) -> Splits:
     """Splits for a `data` config group on `device`; cached, so a sweep worker loads them once."""
-    key = (str(data_cfg.root), data_cfg.name, int(data_cfg.val_size), int(data_cfg.seed),
-           bool(data_cfg.normalize), float(data_cfg.mean), float(data_cfg.std), str(device),
-           torch.get_default_dtype())
+    key = (
+        str(data_cfg.root),
+        data_cfg.name,
+        int(data_cfg.val_size),
+        int(data_cfg.seed),
+        bool(data_cfg.normalize),
+        float(data_cfg.mean),
+        float(data_cfg.std),
+        str(device),
+        torch.get_default_dtype(),
+    )
     if key not in _SPLITS_CACHE:
         raw = load_raw(str(data_cfg.root), data_cfg.name, bool(data_cfg.download))
         _SPLITS_CACHE.clear()  # keep one dataset resident at a time
-        _SPLITS_CACHE[key] = make_splits(raw, device, int(data_cfg.val_size), int(data_cfg.seed),
-                                         bool(data_cfg.normalize), float(data_cfg.mean),
-                                         float(data_cfg.std))
+        _SPLITS_CACHE[key] = make_splits(
+            raw,
+            device,
+            int(data_cfg.val_size),
+            int(data_cfg.seed),
+            bool(data_cfg.normalize),
+            float(data_cfg.mean),
+            float(data_cfg.std),
+        )
     return _SPLITS_CACHE[key]
 
 

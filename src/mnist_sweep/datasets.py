@@ -22,32 +22,67 @@ CONTEXTS = {"train": "training", "val": "validation", "test": "testing"}
 SCHEMA = json.dumps({"images": "uint8[28, 28]", "labels": "int64 (0-9)"})
 
 
-def split_entity(folder: str, name: str, files_digest: str, split: str, num_images: int,
-                 split_seed: int | None, val_size: int):
+def split_entity(
+    folder: str,
+    name: str,
+    files_digest: str,
+    split: str,
+    num_images: int,
+    split_seed: int | None,
+    val_size: int,
+):
     """`mnist/train`: one split of an IDX dataset as an mlflow.entities.Dataset."""
     from mlflow.entities import Dataset
 
-    profile = {"num_images": num_images, "files_digest": files_digest,
-               "known_as": KNOWN_DIGESTS.get(files_digest, "unknown (own data)"),
-               "split_seed": split_seed, "val_size": val_size}
+    profile = {
+        "num_images": num_images,
+        "files_digest": files_digest,
+        "known_as": KNOWN_DIGESTS.get(files_digest, "unknown (own data)"),
+        "split_seed": split_seed,
+        "val_size": val_size,
+    }
     # The same files split the same way give the same digest (MLflow shows 8 characters).
-    digest = hashlib.sha256(f"{files_digest}:{split}:{split_seed}:{val_size}".encode()).hexdigest()[:8]
-    return Dataset(name=f"{name}/{split}", digest=digest, source_type="local",
-                   source=json.dumps({"uri": str(Path(folder).resolve())}),
-                   schema=SCHEMA, profile=json.dumps(profile))
+    digest = hashlib.sha256(f"{files_digest}:{split}:{split_seed}:{val_size}".encode()).hexdigest()[
+        :8
+    ]
+    return Dataset(
+        name=f"{name}/{split}",
+        digest=digest,
+        source_type="local",
+        source=json.dumps({"uri": str(Path(folder).resolve())}),
+        schema=SCHEMA,
+        profile=json.dumps(profile),
+    )
 
 
 def split_datasets(data_cfg) -> list[tuple[str, object]]:
     """[(MLflow context, dataset entity)] for the splits of a `data` config (no validation split
     when val_size is 0). The files are read once per process (load_raw is cached)."""
-    return _split_datasets(str(data_cfg.root), data_cfg.name, bool(data_cfg.download),
-                           int(data_cfg.val_size), int(data_cfg.seed))
+    return _split_datasets(
+        str(data_cfg.root),
+        data_cfg.name,
+        bool(data_cfg.download),
+        int(data_cfg.val_size),
+        int(data_cfg.seed),
+    )
 
 
 @functools.lru_cache(maxsize=4)
 def _split_datasets(root: str, name: str, download: bool, val_size: int, seed: int) -> list:
     raw = load_raw(root, name, download)
-    return [(CONTEXTS[split], split_entity(raw["folder"], name, raw["digest"], split, n,
-                                           seed if split != "test" else None,  # test: the whole file
-                                           val_size if split != "test" else 0))
-            for split, n in split_sizes(raw, val_size).items() if n > 0]
+    return [
+        (
+            CONTEXTS[split],
+            split_entity(
+                raw["folder"],
+                name,
+                raw["digest"],
+                split,
+                n,
+                seed if split != "test" else None,  # test: the whole file
+                val_size if split != "test" else 0,
+            ),
+        )
+        for split, n in split_sizes(raw, val_size).items()
+        if n > 0
+    ]

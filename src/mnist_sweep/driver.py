@@ -30,8 +30,11 @@ from mnist_sweep.worker import run_worker
 log = logging.getLogger("mnist_sweep")
 
 WORKER_STOP_SECONDS = 30  # a worker's time to end its run KILLED after SIGTERM
-TRIAL_STATE_TAGS = {TrialState.COMPLETE: "complete", TrialState.PRUNED: "pruned",
-                    TrialState.FAIL: "failed"}  # a trial run's `state` tag
+TRIAL_STATE_TAGS = {
+    TrialState.COMPLETE: "complete",
+    TrialState.PRUNED: "pruned",
+    TrialState.FAIL: "failed",
+}  # a trial run's `state` tag
 
 
 def start_parent_run(spec: SweepSpec, study: optuna.Study, tracker, made_here: bool) -> str | None:
@@ -61,9 +64,17 @@ def start_parent_run(spec: SweepSpec, study: optuna.Study, tracker, made_here: b
     from mnist_sweep.tracking import context_tags
 
     s = spec.settings
-    tags = {"sweep_file": spec.file, "study_name": spec.study_name, "sampler": s["sampler"],
-            "pruner": s["pruner"], "storage": redact_uri(s["storage"]), "metric": s["metric"],
-            "direction": s["direction"], "sweep_role": "parent", **context_tags()}
+    tags = {
+        "sweep_file": spec.file,
+        "study_name": spec.study_name,
+        "sampler": s["sampler"],
+        "pruner": s["pruner"],
+        "storage": redact_uri(s["storage"]),
+        "metric": s["metric"],
+        "direction": s["direction"],
+        "sweep_role": "parent",
+        **context_tags(),
+    }
     run_id = tracker.start_run(run_name=spec.study_name, tags=tags)
     study.set_user_attr("mlflow_parent_run_id", run_id)
     from mnist_sweep.review import describe_experiment
@@ -93,9 +104,11 @@ class Progress:
         new = c["done"] - self.done_at_start
         eta = f"ETA {fmt_seconds(elapsed / new * max(n - c['done'], 0))}" if new else "ETA ?"
         diverged = f" of which {c['diverged']} diverged" if c["diverged"] else ""
-        return (f"[{self.spec.study_name}] {min(c['done'], n)}/{n} done (pruned {c['pruned']}"
-                f"{diverged}, failed {c['fail']}, running {c['running']}) | {best_text} | "
-                f"{fmt_seconds(elapsed)} elapsed, {eta}")
+        return (
+            f"[{self.spec.study_name}] {min(c['done'], n)}/{n} done (pruned {c['pruned']}"
+            f"{diverged}, failed {c['fail']}, running {c['running']}) | {best_text} | "
+            f"{fmt_seconds(elapsed)} elapsed, {eta}"
+        )
 
     def show(self, force: bool = False) -> None:
         line = self.line()
@@ -162,7 +175,9 @@ def run_sweep(spec: SweepSpec, join: bool = False) -> optuna.Study:
         start_fork_server()
     space = spec.space()
     base = check_space(spec, space)
-    tracker = open_tracker(base.tracking)  # a bad tracking store is refused before the study is made
+    tracker = open_tracker(
+        base.tracking
+    )  # a bad tracking store is refused before the study is made
     study, made_here = open_study(spec, space, base, create=not join)  # nothing written before
     just_made_elsewhere = time.time() - study.user_attrs.get("started_at", 0) < 60
     if made_here or not (join or just_made_elsewhere):
@@ -172,9 +187,12 @@ def run_sweep(spec: SweepSpec, join: bool = False) -> optuna.Study:
     spec.parent_run_id = start_parent_run(spec, study, tracker, made_here)
     quiet, n_workers = spec.settings["quiet"], spec.settings["workers"]
     if not quiet:
-        print(f"sweep {spec.study_name}: {spec.settings['n_trials']} trials, {n_workers} worker(s), "
-              f"sampler {spec.settings['sampler']}, pruner {spec.settings['pruner']}, storage "
-              f"{redact_uri(spec.settings['storage'])}", flush=True)
+        print(
+            f"sweep {spec.study_name}: {spec.settings['n_trials']} trials, {n_workers} worker(s), "
+            f"sampler {spec.settings['sampler']}, pruner {spec.settings['pruner']}, storage "
+            f"{redact_uri(spec.settings['storage'])}",
+            flush=True,
+        )
     reporter = Reporter(spec)
     reporter.start()
     monitor = Monitor(spec, study, reporter)
@@ -186,8 +204,12 @@ def run_sweep(spec: SweepSpec, join: bool = False) -> optuna.Study:
             codes = [0]
         else:
             ctx = worker_context()
-            workers = [ctx.Process(target=run_worker, args=(asdict(spec), i, n_workers),
-                                   name=f"worker-{i}") for i in range(n_workers)]
+            workers = [
+                ctx.Process(
+                    target=run_worker, args=(asdict(spec), i, n_workers), name=f"worker-{i}"
+                )
+                for i in range(n_workers)
+            ]
             codes = watch(workers, monitor, tracker)
         status = outcome(study, spec, codes)
     except KeyboardInterrupt:
@@ -198,29 +220,49 @@ def run_sweep(spec: SweepSpec, join: bool = False) -> optuna.Study:
         try:
             close_orphan_runs(study, spec, tracker)
         except Exception as error:
-            log.warning(f"[{spec.study_name}] runs left open could not be closed: "
-                        f"{failure_reason(error)}")
+            log.warning(
+                f"[{spec.study_name}] runs left open could not be closed: {failure_reason(error)}"
+            )
         background = final_report_in_background(spec)
         reporter.final(status, background)
         if not quiet:
             monitor.progress.show(force=True)
             if background and reporter.process is not None:
-                print(f"[{spec.study_name}] the parent run's report (plots, trials.csv) is being "
-                      "written in the background", flush=True)
+                print(
+                    f"[{spec.study_name}] the parent run's report (plots, trials.csv) is being "
+                    "written in the background",
+                    flush=True,
+                )
     summarize(study, spec)
     if tracker.client is not None and not quiet:
         from mnist_sweep.review import trials_link
 
-        link = trials_link(tracker.uri, tracker.experiment_id, spec.study_name,
-                           spec.settings["metric"], spec.settings["direction"] == "maximize")
+        link = trials_link(
+            tracker.uri,
+            tracker.experiment_id,
+            spec.study_name,
+            spec.settings["metric"],
+            spec.settings["direction"] == "maximize",
+        )
         hint = " (after `make ui`)" if not tracker.uri.startswith("http") else ""
-        print(f"[{spec.study_name}] review the trials, best first, in MLflow{hint}: {link}", flush=True)
+        print(
+            f"[{spec.study_name}] review the trials, best first, in MLflow{hint}: {link}",
+            flush=True,
+        )
     return study
 
 
 # What a worker imports (~3.5 s of CPU here): done once, by the fork server, not by each worker.
-WORKER_MODULES = ["torch", "mlflow.tracking", "optuna", "hydra", "mnist_sweep.worker",
-                  "mnist_sweep.train", "mnist_sweep.tracking", "mnist_sweep.population_worker"]
+WORKER_MODULES = [
+    "torch",
+    "mlflow.tracking",
+    "optuna",
+    "hydra",
+    "mnist_sweep.worker",
+    "mnist_sweep.train",
+    "mnist_sweep.tracking",
+    "mnist_sweep.population_worker",
+]
 
 
 def worker_context():
@@ -250,7 +292,9 @@ def watch(workers: list, monitor: Monitor, tracker) -> list[int]:
     ended: set[int] = set()
     while any(w.is_alive() for w in workers):
         with INTERRUPTS.allowed():  # a second at most, less when a worker exits
-            multiprocessing.connection.wait([w.sentinel for w in workers if w.is_alive()], timeout=1)
+            multiprocessing.connection.wait(
+                [w.sentinel for w in workers if w.is_alive()], timeout=1
+            )
         for w in workers:
             if w.exitcode is not None and w.pid not in ended:
                 ended.add(w.pid)
@@ -268,7 +312,10 @@ def fail_trials_of_dead_worker(study: optuna.Study, spec: SweepSpec, tracker, wo
     storage's stale-trial callback), their runs ended FAILED, as the heartbeat would have done a
     grace period later; the other workers take the retries at once. (Trials of workers elsewhere,
     and of a worker killed before it recorded its name on its trial, are the heartbeat's.)"""
-    who, reason = f"{socket.gethostname()}:{worker.pid}", f"its worker process died (exit code {worker.exitcode})"
+    who, reason = (
+        f"{socket.gethostname()}:{worker.pid}",
+        f"its worker process died (exit code {worker.exitcode})",
+    )
     storage = study._storage
     for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         if trial.user_attrs.get("worker") != who:
@@ -283,12 +330,15 @@ def fail_trials_of_dead_worker(study: optuna.Study, spec: SweepSpec, tracker, wo
         if retry is not None:
             retry(study, storage.get_trial(trial._trial_id))
         try:
-            for run_id in tracker.runs_tagged({"study_name": spec.study_name,
-                                               "optuna_trial_id": str(trial._trial_id)}):
+            for run_id in tracker.runs_tagged(
+                {"study_name": spec.study_name, "optuna_trial_id": str(trial._trial_id)}
+            ):
                 tracker.end_run(run_id, "FAILED", {"state": "failed", "fail_reason": reason})
         except Exception as error:  # the driver's last look (close_orphan_runs) ends it then
-            log.warning(f"[{spec.study_name}] the run of trial {trial.number} could not be "
-                        f"ended now: {failure_reason(error)}")
+            log.warning(
+                f"[{spec.study_name}] the run of trial {trial.number} could not be "
+                f"ended now: {failure_reason(error)}"
+            )
 
 
 def outcome(study: optuna.Study, spec: SweepSpec, codes: list[int]) -> str:
@@ -297,12 +347,17 @@ def outcome(study: optuna.Study, spec: SweepSpec, codes: list[int]) -> str:
     limit = deadline(study, spec.settings["timeout"])
     timed_out = limit is not None and time.time() >= limit
     if timed_out and not complete:
-        print(f"[{spec.study_name}] sweep.timeout={spec.settings['timeout']} s from the "
-              "study's first start has passed: no new trial was started; raise sweep.timeout "
-              "to go on.", flush=True)
+        print(
+            f"[{spec.study_name}] sweep.timeout={spec.settings['timeout']} s from the "
+            "study's first start has passed: no new trial was started; raise sweep.timeout "
+            "to go on.",
+            flush=True,
+        )
     if any(code != 0 for code in codes):
-        message = (f"Worker(s) exited with status {codes} (negative: killed by that signal); "
-                   f"{'the others finished the study' if complete else 'the study is kept, and the same command resumes it'}.")
+        message = (
+            f"Worker(s) exited with status {codes} (negative: killed by that signal); "
+            f"{'the others finished the study' if complete else 'the study is kept, and the same command resumes it'}."
+        )
         if not complete:
             raise UserError(message)
         log.warning(message)
@@ -344,9 +399,14 @@ def summarize(study: optuna.Study, spec: SweepSpec) -> None:
     except ValueError:
         print(f"[{spec.study_name}] no complete trial ({c['pruned']} pruned, {c['fail']} failed).")
         return
-    params = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
-                       for k, v in best.params.items())
+    params = ", ".join(
+        f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in best.params.items()
+    )
     test = best.user_attrs.get("test_acc")
-    print(f"[{spec.study_name}] best trial #{best.number}: {spec.settings['metric']} "
-          f"{best.value:.4f}" + (f", test_acc {test:.4f}" if test is not None else "") +
-          f" | {params} | {c['done']} finished ({c['pruned']} pruned)", flush=True)
+    print(
+        f"[{spec.study_name}] best trial #{best.number}: {spec.settings['metric']} "
+        f"{best.value:.4f}"
+        + (f", test_acc {test:.4f}" if test is not None else "")
+        + f" | {params} | {c['done']} finished ({c['pruned']} pruned)",
+        flush=True,
+    )

@@ -10,8 +10,8 @@ from __future__ import annotations
 import os
 import sys
 import textwrap
+from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Iterator
 
 
 class UserError(Exception):
@@ -39,8 +39,17 @@ def debug_enabled() -> bool:
 def report(error: UserError, stream=None) -> None:
     stream = stream or sys.stderr
     text = " ".join(str(error).split())  # one paragraph, whatever the message's own line breaks
-    stream.write("error: " + textwrap.fill(text, width=100, subsequent_indent="       ",
-                                              break_on_hyphens=False, break_long_words=False) + "\n")
+    stream.write(
+        "error: "
+        + textwrap.fill(
+            text,
+            width=100,
+            subsequent_indent="       ",
+            break_on_hyphens=False,
+            break_long_words=False,
+        )
+        + "\n"
+    )
     stream.flush()
 
 

@@ -17,13 +17,13 @@ from __future__ import annotations
 
 import functools
 import signal
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Callable, Iterator
 
 
 class Interrupts:
     def __init__(self) -> None:
-        self.open = False        # inside allowed(): raise at once
+        self.open = False  # inside allowed(): raise at once
         self.pending: int | None = None
 
     def install(self) -> None:
@@ -57,6 +57,7 @@ class Interrupts:
     def shielded(self, function: Callable) -> Callable:
         """`function` (an epoch callback that writes to a store) runs to its end whatever
         arrives meanwhile; a deferred interrupt is raised when it returns into an allowed region."""
+
         @functools.wraps(function)
         def call(*args, **kwargs):
             was, self.open = self.open, False
@@ -66,6 +67,7 @@ class Interrupts:
                 self.open = was
                 if was:
                     self.check()
+
         return call
 
 

@@ -26,21 +26,29 @@ from mnist_sweep.schedules import OUR_KEYS, RUN_LENGTH_ARGS
 class Curve:
     """A member's LR (and momentum, when its schedule cycles it) for every batch of its run."""
 
-    lr: torch.Tensor                 # [epochs * steps_per_epoch + 1] float64: the last entry
-                                     # is the LR after the run's last scheduler step
-    momentum: torch.Tensor | None    # same, or None: the optimizer's momentum throughout
+    lr: torch.Tensor  # [epochs * steps_per_epoch + 1] float64: the last entry
+    # is the LR after the run's last scheduler step
+    momentum: torch.Tensor | None  # same, or None: the optimizer's momentum throughout
 
 
 def torch_kwargs(schedule_cfg: DictConfig, cls, steps_per_epoch: int, epochs: int) -> dict:
     """The scheduler's arguments as build_schedule passes them, completed with torch's defaults."""
-    kwargs = {k: v for k, v in OmegaConf.to_container(schedule_cfg, resolve=True).items()
-              if k not in OUR_KEYS and k != "_target_"}
-    run_length = epochs * (steps_per_epoch if schedule_cfg.get("interval", "epoch") == "batch" else 1)
+    kwargs = {
+        k: v
+        for k, v in OmegaConf.to_container(schedule_cfg, resolve=True).items()
+        if k not in OUR_KEYS and k != "_target_"
+    }
+    run_length = epochs * (
+        steps_per_epoch if schedule_cfg.get("interval", "epoch") == "batch" else 1
+    )
     for arg in RUN_LENGTH_ARGS:
         if arg in kwargs and kwargs[arg] is None:
             kwargs[arg] = run_length
-    defaults = {name: p.default for name, p in inspect.signature(cls).parameters.items()
-                if p.default is not inspect.Parameter.empty}
+    defaults = {
+        name: p.default
+        for name, p in inspect.signature(cls).parameters.items()
+        if p.default is not inspect.Parameter.empty
+    }
     return {**defaults, **kwargs}
 
 
@@ -56,7 +64,9 @@ def is_plateau(schedule_cfg: DictConfig) -> bool:
     return scheduler_class(schedule_cfg) is torch.optim.lr_scheduler.ReduceLROnPlateau
 
 
-def curve(schedule_cfg: DictConfig, optim_cfg: DictConfig, steps_per_epoch: int, epochs: int) -> Curve:
+def curve(
+    schedule_cfg: DictConfig, optim_cfg: DictConfig, steps_per_epoch: int, epochs: int
+) -> Curve:
     """The member's LR for each batch of its run, and after its last one (what a solo trial's
     last `lr` metric says); not for ReduceLROnPlateau (see Plateaus)."""
     cls = scheduler_class(schedule_cfg)
@@ -70,10 +80,14 @@ def curve(schedule_cfg: DictConfig, optim_cfg: DictConfig, steps_per_epoch: int,
         return Curve(torch.full((n,), lr0, dtype=torch.float64), None)
     kw = torch_kwargs(schedule_cfg, cls, steps_per_epoch, epochs)
     if cls is sched.StepLR:
-        return Curve(lr0 * kw["gamma"] ** torch.div(t, kw["step_size"], rounding_mode="floor"), None)
+        return Curve(
+            lr0 * kw["gamma"] ** torch.div(t, kw["step_size"], rounding_mode="floor"), None
+        )
     if cls is sched.MultiStepLR:
         milestones = torch.tensor(sorted(kw["milestones"]), dtype=torch.float64)
-        passed = (t.unsqueeze(1) >= milestones).sum(1).double()  # a milestone listed twice counts twice
+        passed = (
+            (t.unsqueeze(1) >= milestones).sum(1).double()
+        )  # a milestone listed twice counts twice
         return Curve(lr0 * kw["gamma"] ** passed, None)
     if cls is sched.ExponentialLR:
         return Curve(lr0 * kw["gamma"] ** t, None)
@@ -89,17 +103,25 @@ def one_cycle(t: torch.Tensor, kw: dict) -> Curve:
     """torch's OneCycleLR.get_lr for every step at once (it is a closed form there too)."""
     total = kw["total_steps"]
     initial = kw["max_lr"] / kw["div_factor"]
-    values = {"initial_lr": initial, "max_lr": kw["max_lr"],
-              "min_lr": initial / kw["final_div_factor"],
-              "max_momentum": kw["max_momentum"], "base_momentum": kw["base_momentum"]}
+    values = {
+        "initial_lr": initial,
+        "max_lr": kw["max_lr"],
+        "min_lr": initial / kw["final_div_factor"],
+        "max_momentum": kw["max_momentum"],
+        "base_momentum": kw["base_momentum"],
+    }
     p = kw["pct_start"]
     if kw["three_phase"]:
-        phases = [(float(p * total) - 1, "initial_lr", "max_lr", "max_momentum", "base_momentum"),
-                  (float(2 * p * total) - 2, "max_lr", "initial_lr", "base_momentum", "max_momentum"),
-                  (total - 1, "initial_lr", "min_lr", "max_momentum", "max_momentum")]
+        phases = [
+            (float(p * total) - 1, "initial_lr", "max_lr", "max_momentum", "base_momentum"),
+            (float(2 * p * total) - 2, "max_lr", "initial_lr", "base_momentum", "max_momentum"),
+            (total - 1, "initial_lr", "min_lr", "max_momentum", "max_momentum"),
+        ]
     else:
-        phases = [(float(p * total) - 1, "initial_lr", "max_lr", "max_momentum", "base_momentum"),
-                  (total - 1, "max_lr", "min_lr", "base_momentum", "max_momentum")]
+        phases = [
+            (float(p * total) - 1, "initial_lr", "max_lr", "max_momentum", "base_momentum"),
+            (total - 1, "max_lr", "min_lr", "base_momentum", "max_momentum"),
+        ]
 
     def anneal(start, end, pct):
         if kw["anneal_strategy"] == "cos":
@@ -119,8 +141,9 @@ def one_cycle(t: torch.Tensor, kw: dict) -> Curve:
     return Curve(lr, mom if kw["cycle_momentum"] else None)
 
 
-def reference_curve(schedule_cfg: DictConfig, optim_cfg: DictConfig, steps_per_epoch: int,
-                    epochs: int, losses=None) -> Curve:
+def reference_curve(
+    schedule_cfg: DictConfig, optim_cfg: DictConfig, steps_per_epoch: int, epochs: int, losses=None
+) -> Curve:
     """torch's own scheduler stepped as run_trial steps it, on a stand-in SGD with the member's
     settings: the reference the closed forms are tested against, and the path for a scheduler
     without one. `losses(epoch, batch)` feeds ReduceLROnPlateau."""
@@ -143,40 +166,80 @@ def reference_curve(schedule_cfg: DictConfig, optim_cfg: DictConfig, steps_per_e
         momenta.append(optimizer.param_groups[0]["momentum"])
     # torch's own default where the config does not say (OneCycleLR and CyclicLR: True)
     cls = scheduler_class(schedule_cfg)
-    cycles = cls is not None and bool(torch_kwargs(schedule_cfg, cls, steps_per_epoch, epochs)
-                                      .get("cycle_momentum", False))
-    return Curve(torch.tensor(lrs, dtype=torch.float64),
-                 torch.tensor(momenta, dtype=torch.float64) if cycles else None)
+    cycles = cls is not None and bool(
+        torch_kwargs(schedule_cfg, cls, steps_per_epoch, epochs).get("cycle_momentum", False)
+    )
+    return Curve(
+        torch.tensor(lrs, dtype=torch.float64),
+        torch.tensor(momenta, dtype=torch.float64) if cycles else None,
+    )
 
 
 class Plateaus:
     """torch's ReduceLROnPlateau for every member at once, as [K] tensors on the device (float64,
     as torch computes in Python floats). Members without a plateau schedule are masked out."""
 
-    NAMES = ("lr", "best", "bad", "cooldown_left", "factor", "patience", "threshold",
-             "cooldown", "min_lr", "eps", "sign", "relative", "active")
+    NAMES = (
+        "lr",
+        "best",
+        "bad",
+        "cooldown_left",
+        "factor",
+        "patience",
+        "threshold",
+        "cooldown",
+        "min_lr",
+        "eps",
+        "sign",
+        "relative",
+        "active",
+    )
 
     def __init__(self, device: torch.device):
         self.device = device
         for name in self.NAMES:
             setattr(self, name, torch.empty(0, dtype=torch.float64, device=device))
 
-    def member(self, schedule_cfg: DictConfig | None, lr0: float, steps_per_epoch: int,
-               epochs: int) -> dict[str, float]:
+    def member(
+        self, schedule_cfg: DictConfig | None, lr0: float, steps_per_epoch: int, epochs: int
+    ) -> dict[str, float]:
         """One member's initial state (inactive when its schedule is not a plateau)."""
         if schedule_cfg is None or not is_plateau(schedule_cfg):
-            return {"lr": lr0, "best": 0.0, "bad": 0.0, "cooldown_left": 0.0, "factor": 1.0,
-                    "patience": 0.0, "threshold": 0.0, "cooldown": 0.0, "min_lr": 0.0,
-                    "eps": 0.0, "sign": 1.0, "relative": 1.0, "active": 0.0}
-        kw = torch_kwargs(schedule_cfg, torch.optim.lr_scheduler.ReduceLROnPlateau,
-                          steps_per_epoch, epochs)
+            return {
+                "lr": lr0,
+                "best": 0.0,
+                "bad": 0.0,
+                "cooldown_left": 0.0,
+                "factor": 1.0,
+                "patience": 0.0,
+                "threshold": 0.0,
+                "cooldown": 0.0,
+                "min_lr": 0.0,
+                "eps": 0.0,
+                "sign": 1.0,
+                "relative": 1.0,
+                "active": 0.0,
+            }
+        kw = torch_kwargs(
+            schedule_cfg, torch.optim.lr_scheduler.ReduceLROnPlateau, steps_per_epoch, epochs
+        )
         minimize = kw["mode"] == "min"
         min_lr = kw["min_lr"][0] if isinstance(kw["min_lr"], (list, tuple)) else kw["min_lr"]
-        return {"lr": lr0, "best": math.inf if minimize else -math.inf, "bad": 0.0,
-                "cooldown_left": 0.0, "factor": kw["factor"], "patience": kw["patience"],
-                "threshold": kw["threshold"], "cooldown": kw["cooldown"], "min_lr": min_lr,
-                "eps": kw["eps"], "sign": 1.0 if minimize else -1.0,
-                "relative": 1.0 if kw["threshold_mode"] == "rel" else 0.0, "active": 1.0}
+        return {
+            "lr": lr0,
+            "best": math.inf if minimize else -math.inf,
+            "bad": 0.0,
+            "cooldown_left": 0.0,
+            "factor": kw["factor"],
+            "patience": kw["patience"],
+            "threshold": kw["threshold"],
+            "cooldown": kw["cooldown"],
+            "min_lr": min_lr,
+            "eps": kw["eps"],
+            "sign": 1.0 if minimize else -1.0,
+            "relative": 1.0 if kw["threshold_mode"] == "rel" else 0.0,
+            "active": 1.0,
+        }
 
     def restack(self, keep: torch.Tensor, new: list[dict[str, float]]) -> None:
         """Keep the members at indices `keep` (with their state), then append `new` ones."""
@@ -191,8 +254,11 @@ class Plateaus:
         cur = metrics.to(torch.float64)
         go = (self.active > 0) & due
         # is_better: min/rel a < best * (1 - thr); min/abs a < best - thr; max mirrors it
-        scaled = torch.where(self.relative > 0, self.best * (1 - self.sign * self.threshold),
-                             self.best - self.sign * self.threshold)
+        scaled = torch.where(
+            self.relative > 0,
+            self.best * (1 - self.sign * self.threshold),
+            self.best - self.sign * self.threshold,
+        )
         better = torch.where(self.sign > 0, cur < scaled, cur > scaled)
         best = torch.where(better, cur, self.best)
         bad = torch.where(better, torch.zeros_like(self.bad), self.bad + 1)
@@ -204,5 +270,10 @@ class Plateaus:
         lr = torch.where(reduce & (self.lr - new_lr > self.eps), new_lr, self.lr)
         cooldown_left = torch.where(reduce, self.cooldown, cooldown_left)
         bad = torch.where(reduce, torch.zeros_like(bad), bad)
-        for name, value in (("best", best), ("bad", bad), ("cooldown_left", cooldown_left), ("lr", lr)):
+        for name, value in (
+            ("best", best),
+            ("bad", bad),
+            ("cooldown_left", cooldown_left),
+            ("lr", lr),
+        ):
             getattr(self, name).copy_(torch.where(go, value, getattr(self, name)))

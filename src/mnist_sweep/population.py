@@ -17,8 +17,8 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Hashable
 from dataclasses import dataclass, field
-from typing import Hashable
 
 import torch
 import torch.nn.functional as F
@@ -55,12 +55,12 @@ def shared_part(cfg: DictConfig) -> dict:
 class Member:
     key: Hashable
     cfg: DictConfig
-    row: torch.Tensor                   # initial parameters, flat
+    row: torch.Tensor  # initial parameters, flat
     curve: Curve
     plateau: dict
     hyper: dict
     momentum: float
-    interval: str                       # when a plateau schedule steps: batch | epoch
+    interval: str  # when a plateau schedule steps: batch | epoch
     monitor: str | None
     epochs_done: int = 0
     results: list[EpochResult] = field(default_factory=list)
@@ -92,7 +92,9 @@ class Population:
         self.joining: list[Member] = []
         self.leaving: set[Hashable] = set()
         # CUDA graphs of the training step on a GPU (train.cuda_graphs=false: eager throughout)
-        self.graphs = {} if self.device.type == "cuda" and cfg.train.get("cuda_graphs", False) else None
+        self.graphs = (
+            {} if self.device.type == "cuda" and cfg.train.get("cuda_graphs", False) else None
+        )
         # SGD's update through the path that holds every step (what a CUDA graph replays), not
         # the shortcuts taken once every member has started; tests run it on a CPU too
         self.general_step = self.graphs is not None
@@ -108,8 +110,10 @@ class Population:
         if shared_part(cfg) != self.shared:
             mine, theirs = shared_part(cfg), self.shared
             differs = [k for k in SHARED_KEYS if mine[k] != theirs[k]]
-            raise ConfigError(f"A member of a population must share {', '.join(SHARED_KEYS)} with "
-                              f"the others; this trial differs in {', '.join(differs)}.")
+            raise ConfigError(
+                f"A member of a population must share {', '.join(SHARED_KEYS)} with "
+                f"the others; this trial differs in {', '.join(differs)}."
+            )
         check_trial_config(cfg)  # what run_trial refuses (nesterov without momentum, say)
         with torch.random.fork_rng(devices=[]):  # the caller's random state stays as it was
             # its initial weights, as a solo trial builds them (on the CPU, from train.seed)
@@ -118,16 +122,27 @@ class Population:
         schedule = cfg.schedule
         plateau = is_plateau(schedule)
         lr0 = float(cfg.optim.lr)
-        self.joining.append(Member(
-            key=key, cfg=cfg, row=row,
-            curve=Curve(torch.full((1,), lr0, dtype=torch.float64), None) if plateau else
-            curve(schedule, cfg.optim, self.steps, self.epochs),
-            plateau=self.plateaus.member(schedule if plateau else None, lr0, self.steps, self.epochs),
-            hyper={"dampening": float(cfg.optim.get("dampening", 0.0)),
-                   "weight_decay": float(cfg.optim.get("weight_decay", 0.0)),
-                   "nesterov": bool(cfg.optim.get("nesterov", False))},
-            momentum=float(cfg.optim.momentum), interval=schedule.get("interval", "epoch"),
-            monitor=schedule.get("monitor", "train_loss") if plateau else None))
+        self.joining.append(
+            Member(
+                key=key,
+                cfg=cfg,
+                row=row,
+                curve=Curve(torch.full((1,), lr0, dtype=torch.float64), None)
+                if plateau
+                else curve(schedule, cfg.optim, self.steps, self.epochs),
+                plateau=self.plateaus.member(
+                    schedule if plateau else None, lr0, self.steps, self.epochs
+                ),
+                hyper={
+                    "dampening": float(cfg.optim.get("dampening", 0.0)),
+                    "weight_decay": float(cfg.optim.get("weight_decay", 0.0)),
+                    "nesterov": bool(cfg.optim.get("nesterov", False)),
+                },
+                momentum=float(cfg.optim.momentum),
+                interval=schedule.get("interval", "epoch"),
+                monitor=schedule.get("monitor", "train_loss") if plateau else None,
+            )
+        )
 
     def leave(self, key: Hashable) -> None:
         """Remove a trial (pruned, finished or failed); it leaves the stack before the next epoch.
@@ -145,21 +160,37 @@ class Population:
         keep = [i for i, m in enumerate(self.members) if m.key not in self.leaving]
         index = torch.tensor(keep, dtype=torch.long, device=self.device)
         new_rows = [m.row for m in self.joining]
-        rows = torch.cat([self.model.flat.detach().index_select(0, index),
-                          *[r.to(self.device).unsqueeze(0) for r in new_rows]])
-        zeros = lambda n: torch.zeros(n, self.model.size, device=self.device,  # noqa: E731
-                                      dtype=rows.dtype)
-        buf = torch.cat([self.sgd.buf.index_select(0, index) if len(self.members) else zeros(0),
-                         zeros(len(new_rows))])
-        started = torch.cat([self.sgd.started.view(-1).index_select(0, index) if len(self.members) else
-                             torch.zeros(0, dtype=torch.bool, device=self.device),
-                             torch.zeros(len(new_rows), dtype=torch.bool, device=self.device)])
+        rows = torch.cat(
+            [
+                self.model.flat.detach().index_select(0, index),
+                *[r.to(self.device).unsqueeze(0) for r in new_rows],
+            ]
+        )
+
+        def zeros(n: int) -> torch.Tensor:
+            return torch.zeros(n, self.model.size, device=self.device, dtype=rows.dtype)
+
+        buf = torch.cat(
+            [
+                self.sgd.buf.index_select(0, index) if len(self.members) else zeros(0),
+                zeros(len(new_rows)),
+            ]
+        )
+        started = torch.cat(
+            [
+                self.sgd.started.view(-1).index_select(0, index)
+                if len(self.members)
+                else torch.zeros(0, dtype=torch.bool, device=self.device),
+                torch.zeros(len(new_rows), dtype=torch.bool, device=self.device),
+            ]
+        )
         self.plateaus.restack(index, [m.plateau for m in self.joining])
         self.members = [self.members[i] for i in keep] + self.joining
         self.joining, self.leaving = [], set()
         self.model.set_rows(rows)
-        self.sgd.set_members([m.hyper for m in self.members], buf, started,
-                             [m.uses_momentum for m in self.members])
+        self.sgd.set_members(
+            [m.hyper for m in self.members], buf, started, [m.uses_momentum for m in self.members]
+        )
         return True
 
     # ------------------------------------------------------------------------- training
@@ -171,10 +202,16 @@ class Population:
         lr, mom = [], []
         for m in self.members:
             start = m.epochs_done * self.steps
-            lr.append(m.curve.lr[start:start + self.steps] if len(m.curve.lr) > 1
-                      else m.curve.lr.expand(self.steps))
-            mom.append(m.curve.momentum[start:start + self.steps] if m.curve.momentum is not None
-                       else torch.full((self.steps,), m.momentum, dtype=torch.float64))
+            lr.append(
+                m.curve.lr[start : start + self.steps]
+                if len(m.curve.lr) > 1
+                else m.curve.lr.expand(self.steps)
+            )
+            mom.append(
+                m.curve.momentum[start : start + self.steps]
+                if m.curve.momentum is not None
+                else torch.full((self.steps,), m.momentum, dtype=torch.float64)
+            )
         cycles = any(m.curve.momentum is not None for m in self.members)
         dtype = self.model.flat.dtype
         constant = torch.tensor([m.momentum for m in self.members], device=self.device, dtype=dtype)
@@ -184,8 +221,11 @@ class Population:
     def _losses(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """Each member's mean cross-entropy [K] over the same batch."""
         k, b, classes = logits.shape
-        return F.cross_entropy(logits.reshape(k * b, classes), y.repeat(k),
-                               reduction="none").view(k, b).mean(1)
+        return (
+            F.cross_entropy(logits.reshape(k * b, classes), y.repeat(k), reduction="none")
+            .view(k, b)
+            .mean(1)
+        )
 
     def train_epoch(self) -> dict[Hashable, EpochResult]:
         """One pass over the training data for every member; each member's epoch result."""
@@ -196,8 +236,9 @@ class Population:
         train, k = self.splits.train, len(self.members)
         lr_table, momentum_table, momentum = self._schedules_for_epoch()
         plateau = self.plateaus.active > 0
-        batch_plateau = plateau & torch.tensor([m.interval == "batch" for m in self.members],
-                                               device=self.device)
+        batch_plateau = plateau & torch.tensor(
+            [m.interval == "batch" for m in self.members], device=self.device
+        )
         self.any_plateau = any(m.monitor is not None for m in self.members)
         step = self._stepper(changed, plateau, batch_plateau)
         batch_losses, lrs = [], []
@@ -209,30 +250,44 @@ class Population:
         # nor disturb the caller's random state.
         cuda = self.device.type == "cuda"
         with torch.random.fork_rng(devices=[self.device] if cuda else []):
-            generator = torch.cuda.default_generators[self.device.index or torch.cuda.current_device()] \
-                if cuda else torch.default_generator
+            generator = (
+                torch.cuda.default_generators[self.device.index or torch.cuda.current_device()]
+                if cuda
+                else torch.default_generator
+            )
             generator.manual_seed(self.seed * 1_000_003 + self.passes)
             for b, idx in enumerate(order.split(self.batch_size)):
-                losses, hits, lr = step(idx, lr_table[:, b], momentum if momentum_table is None
-                                        else momentum_table[:, b])
+                losses, hits, lr = step(
+                    idx,
+                    lr_table[:, b],
+                    momentum if momentum_table is None else momentum_table[:, b],
+                )
                 batch_losses.append(losses)
                 lrs.append(lr)
                 correct += hits
         self.passes += 1
         any_plateau = self.any_plateau
-        losses = torch.stack(batch_losses).T.tolist()        # [K][steps]: one host sync
+        losses = torch.stack(batch_losses).T.tolist()  # [K][steps]: one host sync
         batch_lr = torch.stack(lrs).T.tolist()
         per_batch_plateau = batch_plateau
-        sizes = [self.batch_size] * (self.steps - 1) + [len(train) - self.batch_size * (self.steps - 1)]
-        train_loss = [sum(l * n for l, n in zip(member, sizes)) / len(train) for member in losses]
+        sizes = [self.batch_size] * (self.steps - 1) + [
+            len(train) - self.batch_size * (self.steps - 1)
+        ]
+        train_loss = [
+            sum(loss * n for loss, n in zip(member, sizes)) / len(train) for member in losses
+        ]
         train_acc = (correct.double() / len(train)).tolist()
         val = self.evaluate(self.splits.val) if self.splits.val else None
         if any_plateau:  # per-epoch plateaus watch the epoch's train or validation loss
-            watched = [val[0][i] if m.monitor == "val_loss" else train_loss[i]
-                       for i, m in enumerate(self.members)]
+            watched = [
+                val[0][i] if m.monitor == "val_loss" else train_loss[i]
+                for i, m in enumerate(self.members)
+            ]
             # float64, as torch's ReduceLROnPlateau compares the Python float it is given
-            self.plateaus.step(torch.tensor(watched, dtype=torch.float64, device=self.device),
-                               plateau & ~per_batch_plateau)
+            self.plateaus.step(
+                torch.tensor(watched, dtype=torch.float64, device=self.device),
+                plateau & ~per_batch_plateau,
+            )
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         seconds = time.perf_counter() - started
@@ -240,10 +295,18 @@ class Population:
         for i, m in enumerate(self.members):
             m.epochs_done += 1
             results[m.key] = EpochResult(
-                epoch=m.epochs_done, epochs=self.epochs, first_step=(m.epochs_done - 1) * self.steps,
-                batch_loss=losses[i], batch_lr=batch_lr[i], train_loss=train_loss[i],
-                train_acc=train_acc[i], val_loss=val[0][i] if val else None,
-                val_acc=val[1][i] if val else None, lr=self._next_lr(i), seconds=seconds)
+                epoch=m.epochs_done,
+                epochs=self.epochs,
+                first_step=(m.epochs_done - 1) * self.steps,
+                batch_loss=losses[i],
+                batch_lr=batch_lr[i],
+                train_loss=train_loss[i],
+                train_acc=train_acc[i],
+                val_loss=val[0][i] if val else None,
+                val_acc=val[1][i] if val else None,
+                lr=self._next_lr(i),
+                seconds=seconds,
+            )
             m.results.append(results[m.key])
         return results
 
@@ -258,8 +321,9 @@ class Population:
         logits = self.model(x, weights)
         losses = self._losses(logits, y)
         (grad,) = torch.autograd.grad(losses.sum(), weights)
-        self.sgd.step(self.model.flat, grad, lr.to(weights.dtype), momentum,
-                      general=self.general_step)
+        self.sgd.step(
+            self.model.flat, grad, lr.to(weights.dtype), momentum, general=self.general_step
+        )
         if self.any_plateau:
             self.plateaus.step(losses.detach(), batch_plateau)
         return losses.detach(), (logits.detach().argmax(-1) == y).sum(1), lr
@@ -284,8 +348,10 @@ class Population:
             try:
                 self._capture(plateau, batch_plateau)
             except Exception as error:  # an op the graph cannot hold: train eagerly from now on
-                log.warning(f"CUDA graph capture failed ({type(error).__name__}: {error}); "
-                            "the population trains without it")
+                log.warning(
+                    f"CUDA graph capture failed ({type(error).__name__}: {error}); "
+                    "the population trains without it"
+                )
                 self.graphs = None
                 self.general_step = False
                 return eager
@@ -305,10 +371,13 @@ class Population:
 
     def _capture(self, plateau, batch_plateau) -> None:
         k, train = len(self.members), self.splits.train
-        g = {"k": k, "x": train.images[:self.batch_size].clone(),
-             "y": train.labels[:self.batch_size].clone(),
-             "lr": torch.zeros(k, dtype=torch.float64, device=self.device),
-             "momentum": torch.zeros(k, device=self.device)}
+        g = {
+            "k": k,
+            "x": train.images[: self.batch_size].clone(),
+            "y": train.labels[: self.batch_size].clone(),
+            "lr": torch.zeros(k, dtype=torch.float64, device=self.device),
+            "momentum": torch.zeros(k, device=self.device),
+        }
         self.graphs = {}
         side = torch.cuda.Stream(self.device)
         side.wait_stream(torch.cuda.current_stream(self.device))
@@ -321,7 +390,8 @@ class Population:
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
             g["losses"], g["correct"], g["used_lr"] = self._step(
-                g["x"], g["y"], g["lr"], g["momentum"], plateau, batch_plateau)
+                g["x"], g["y"], g["lr"], g["momentum"], plateau, batch_plateau
+            )
         g["graph"] = graph
         g["masks"] = (plateau, batch_plateau)  # read by the graph: kept alive with it
         self.graphs = g
@@ -347,8 +417,12 @@ class Population:
         chunk = max(100, EVAL_CHUNK * 4 // max(k, 1))  # bounds the stacked activations
         for x, y in zip(split.images.split(chunk), split.labels.split(chunk)):
             logits = self.model(x)
-            loss_sum += F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.repeat(k),
-                                        reduction="none").view(k, -1).sum(1).double()
+            loss_sum += (
+                F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.repeat(k), reduction="none")
+                .view(k, -1)
+                .sum(1)
+                .double()
+            )
             correct += (logits.argmax(-1) == y).sum(1)
         n = len(split)
         return (loss_sum / n).tolist(), (correct.double() / n).tolist(), correct.tolist()
@@ -361,7 +435,12 @@ class Population:
         out = {}
         for i, m in enumerate(self.members):
             if m.key in keys:
-                out[m.key] = TrialResult(epochs=m.results, test_loss=loss[i], test_acc=acc[i],
-                                         test_correct=correct[i], test_size=len(self.splits.test),
-                                         model=self.model.member(instantiate(self.template_cfg), i))
+                out[m.key] = TrialResult(
+                    epochs=m.results,
+                    test_loss=loss[i],
+                    test_acc=acc[i],
+                    test_correct=correct[i],
+                    test_size=len(self.splits.test),
+                    model=self.model.member(instantiate(self.template_cfg), i),
+                )
         return out

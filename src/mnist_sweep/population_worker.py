@@ -49,14 +49,14 @@ class PopulationWorker(Worker):
     def __init__(self, spec, index: int, n_workers: int, size: int, monitor=None):
         super().__init__(spec, index, n_workers, monitor)
         self.size = size
-        self.changes: queue.Queue = queue.Queue()          # bookkeeper -> trainer
-        self.events: queue.Queue = queue.Queue()           # trainer -> bookkeeper
-        self.epochs_handled = 0                            # epochs the bookkeeper has handled
+        self.changes: queue.Queue = queue.Queue()  # bookkeeper -> trainer
+        self.events: queue.Queue = queue.Queue()  # trainer -> bookkeeper
+        self.epochs_handled = 0  # epochs the bookkeeper has handled
         self.progress = threading.Condition()
         self.error: BaseException | None = None
         self.stopping = threading.Event()
-        self.stop_reason: str | None = None                # the trainer failed: why
-        self.mlflow_seconds = 0.0                          # time making runs (here, not the writer)
+        self.stop_reason: str | None = None  # the trainer failed: why
+        self.mlflow_seconds = 0.0  # time making runs (here, not the writer)
         self.writer = None
 
     # ------------------------------------------------------------------------- the trainer
@@ -65,8 +65,9 @@ class PopulationWorker(Worker):
         from mnist_sweep.run_writer import NullWriter, RunWriter
 
         base = compose(self.spec.fixed)
-        self.writer = RunWriter(OmegaConf.to_yaml(base.tracking)) if base.tracking.enabled \
-            else NullWriter()
+        self.writer = (
+            RunWriter(OmegaConf.to_yaml(base.tracking)) if base.tracking.enabled else NullWriter()
+        )
         bookkeeper = threading.Thread(target=self.bookkeep, name="bookkeeper", daemon=True)
         heartbeats = Heartbeats(self.book, self.spec.settings["heartbeat_interval"]).__enter__()
         bookkeeper.start()
@@ -84,10 +85,16 @@ class PopulationWorker(Worker):
                     epoch_started = time.perf_counter()
                     with INTERRUPTS.allowed():
                         results = population.train_epoch()
-                        diverged = {k: TrainingDiverged.at(r.train_loss, r.epoch, population.lr_of(k))
-                                    for k, r in results.items() if not math.isfinite(r.train_loss)}
-                        done = [k for k, r in results.items()
-                                if r.epoch == r.epochs and k not in diverged]
+                        diverged = {
+                            k: TrainingDiverged.at(r.train_loss, r.epoch, population.lr_of(k))
+                            for k, r in results.items()
+                            if not math.isfinite(r.train_loss)
+                        }
+                        done = [
+                            k
+                            for k, r in results.items()
+                            if r.epoch == r.epochs and k not in diverged
+                        ]
                         tests = population.finish(done)  # one test pass for all that are done
                 except (KeyboardInterrupt, optuna.exceptions.StorageInternalError):
                     raise
@@ -107,8 +114,10 @@ class PopulationWorker(Worker):
                 sent += 1
                 if not self.spec.settings["quiet"]:
                     seconds = next(iter(results.values())).seconds
-                    log.info(f"[w{self.index}] population epoch {sent}: {len(results)} members, "
-                             f"{seconds:.2f}s ({seconds / len(results):.3f}s a member-epoch)")
+                    log.info(
+                        f"[w{self.index}] population epoch {sent}: {len(results)} members, "
+                        f"{seconds:.2f}s ({seconds / len(results):.3f}s a member-epoch)"
+                    )
         except KeyboardInterrupt:
             self.events.put(("interrupt",))  # the bookkeeper fails the live trials, kills runs
             raise
@@ -122,16 +131,21 @@ class PopulationWorker(Worker):
             heartbeats.__exit__()
             stats = self.writer.close()
             waited = time.perf_counter() - started - trained
-            LAST_STATS.update(optuna_seconds=self.book.seconds, runs=stats.runs,
-                              epoch_seconds=epoch_seconds,
-                              loop_seconds=time.perf_counter() - started,
-                              mlflow_seconds=self.mlflow_seconds + stats.seconds_in_mlflow,
-                              waited_seconds=waited)
-            log.info(f"[w{self.index}] population of {self.size}: {stats.runs} runs, "
-                     f"{self.mlflow_seconds:.1f} s inside MLflow making them (bookkeeper) and "
-                     f"{stats.seconds_in_mlflow:.1f} s writing them (writer process), "
-                     f"{self.book.seconds:.1f} s inside Optuna (bookkeeper), training waited "
-                     f"{waited:.1f} s for them")
+            LAST_STATS.update(
+                optuna_seconds=self.book.seconds,
+                runs=stats.runs,
+                epoch_seconds=epoch_seconds,
+                loop_seconds=time.perf_counter() - started,
+                mlflow_seconds=self.mlflow_seconds + stats.seconds_in_mlflow,
+                waited_seconds=waited,
+            )
+            log.info(
+                f"[w{self.index}] population of {self.size}: {stats.runs} runs, "
+                f"{self.mlflow_seconds:.1f} s inside MLflow making them (bookkeeper) and "
+                f"{stats.seconds_in_mlflow:.1f} s writing them (writer process), "
+                f"{self.book.seconds:.1f} s inside Optuna (bookkeeper), training waited "
+                f"{waited:.1f} s for them"
+            )
         self.raise_bookkeeper_error()
 
     def wait_for_bookkeeper(self, epoch: int) -> None:
@@ -149,8 +163,11 @@ class PopulationWorker(Worker):
         while True:
             try:
                 with INTERRUPTS.allowed():
-                    change = self.changes.get(timeout=WAIT) if population is None or \
-                        len(population) == 0 else self.changes.get_nowait()
+                    change = (
+                        self.changes.get(timeout=WAIT)
+                        if population is None or len(population) == 0
+                        else self.changes.get_nowait()
+                    )
             except queue.Empty:
                 if population is not None and len(population) > 0:
                     return population, True
@@ -196,8 +213,13 @@ class PopulationWorker(Worker):
                     self.close_all(None, "KILLED")
                     return
                 if event[0] == "failed":  # members the stack could not take, or the whole stack
-                    self.end({n: Ending("failed", reason=r) for n, r in event[1].items()
-                              if n in self.book.open})
+                    self.end(
+                        {
+                            n: Ending("failed", reason=r)
+                            for n, r in event[1].items()
+                            if n in self.book.open
+                        }
+                    )
                     continue
                 _, results, tests, diverged = event
                 self.handle_epoch(results, tests, diverged)
@@ -208,8 +230,10 @@ class PopulationWorker(Worker):
             try:  # the live trials end now, not when their heartbeats go stale (using up a retry)
                 self.close_all(f"its worker stopped: {failure_reason(error)}", "KILLED")
             except Exception as closing:
-                log.warning(f"[w{self.index}] the live trials could not be failed: "
-                            f"{failure_reason(closing)}")
+                log.warning(
+                    f"[w{self.index}] the live trials could not be failed: "
+                    f"{failure_reason(closing)}"
+                )
             self.error = error
             with self.progress:
                 self.progress.notify_all()
@@ -247,15 +271,22 @@ class PopulationWorker(Worker):
         except Exception as error:
             self.fail(trial.number, failure_reason(error))
             return
-        tags = run_tags(self.spec, trial, population=f"{self.book.worker}/w{self.index}",
-                        population_size=str(self.size))
+        tags = run_tags(
+            self.spec,
+            trial,
+            population=f"{self.book.worker}/w{self.index}",
+            population_size=str(self.size),
+        )
         started = time.perf_counter()
         if self.tracker.client is not None:
             # the run now (the trial records its id); its params, config and datasets by the writer
             run_id, description = self.tracker.create(
-                member.cfg, torch.device(member.cfg.train.device),
+                member.cfg,
+                torch.device(member.cfg.train.device),
                 trial_run_name(trial.number, member.values, self.spec.settings["n_trials"]),
-                self.spec.parent_run_id, tags)
+                self.spec.parent_run_id,
+                tags,
+            )
             member.run_id = run_id
             trial.set_user_attr("mlflow_run_id", run_id)
             self.writer.start(trial.number, run_id, description)
@@ -278,16 +309,20 @@ class PopulationWorker(Worker):
         endings: dict[int, Ending] = {}
         for number in live.keys() & diverged.keys():
             reason = failure_reason(diverged[number])
-            endings[number] = Ending("diverged", live[number].epoch, reason=reason) \
-                if self.spec.settings["diverged"] == "prune" else Ending("failed", reason=reason)
+            endings[number] = (
+                Ending("diverged", live[number].epoch, reason=reason)
+                if self.spec.settings["diverged"] == "prune"
+                else Ending("failed", reason=reason)
+            )
         reports = {n: (r.epoch, r.metrics()[metric]) for n, r in live.items() if n not in endings}
         pruned = self.book.report(reports)
         for number, (epoch, value) in reports.items():
             if number in pruned:
                 endings[number] = Ending("pruned", epoch, value)
             elif number in tests:
-                endings[number] = Ending("complete", epoch, value, tests[number].test_acc,
-                                         tests[number].test_loss)
+                endings[number] = Ending(
+                    "complete", epoch, value, tests[number].test_acc, tests[number].test_loss
+                )
         complete = {n: e.value for n, e in endings.items() if e.state == "complete"}
         champion = None
         if complete and self.log_champions:  # the best of them, if it beats the study's best
@@ -296,7 +331,9 @@ class PopulationWorker(Worker):
             champion = best if self.book.beats_the_best(complete[best]) else None
         self.end(endings, tests, champion)
 
-    def end(self, endings: dict[int, Ending], tests: dict | None = None, champion: int | None = None) -> None:
+    def end(
+        self, endings: dict[int, Ending], tests: dict | None = None, champion: int | None = None
+    ) -> None:
         """Tell how members ended (one transaction), end their runs (the `champion` logs its
         model), and have the trainer drop those still in the stack (members that trained all
         their epochs left already)."""
@@ -310,18 +347,37 @@ class PopulationWorker(Worker):
             for number, ending in endings.items():
                 prefix, trial = f"[w{self.index} #{number}] ", members[number].trial
                 if ending.state == "complete":
-                    self.writer.end(number, "FINISHED", trial_end_tags("complete", ending.epochs, metric,
-                                                                       ending.value), tests[number],
-                                    log_model=number == champion)
+                    self.writer.end(
+                        number,
+                        "FINISHED",
+                        trial_end_tags("complete", ending.epochs, metric, ending.value),
+                        tests[number],
+                        log_model=number == champion,
+                    )
                 elif ending.state == "pruned":
-                    self.writer.end(number, "FINISHED", trial_end_tags("pruned", ending.epochs, metric,
-                                                                       ending.value, pruner))
+                    self.writer.end(
+                        number,
+                        "FINISHED",
+                        trial_end_tags("pruned", ending.epochs, metric, ending.value, pruner),
+                    )
                 elif ending.state == "diverged":
-                    self.writer.end(number, "FAILED", trial_end_tags("diverged", ending.epochs, metric,
-                                                                     math.nan, reason=ending.reason))
+                    self.writer.end(
+                        number,
+                        "FAILED",
+                        trial_end_tags(
+                            "diverged", ending.epochs, metric, math.nan, reason=ending.reason
+                        ),
+                    )
                 else:
-                    self.writer.end(number, "FAILED", {"state": "failed", "fail_reason": ending.reason,
-                                                       "mlflow.note.content": f"**Failed**: {ending.reason}"})
+                    self.writer.end(
+                        number,
+                        "FAILED",
+                        {
+                            "state": "failed",
+                            "fail_reason": ending.reason,
+                            "mlflow.note.content": f"**Failed**: {ending.reason}",
+                        },
+                    )
                 if not (tests and number in tests):
                     self.changes.put(("leave", number))
                 log_ending(prefix, ending, metric, trial)
@@ -345,10 +401,21 @@ class PopulationWorker(Worker):
                     trial = self.book.open.pop(number).trial
                 record_ending(self.study, trial, ending)
         for number in numbers:
-            self.writer.end(number, status, {"state": "killed"} if reason is None else {
-                "state": "failed", "fail_reason": reason, "mlflow.note.content": f"**Failed**: {reason}"})
+            self.writer.end(
+                number,
+                status,
+                {"state": "killed"}
+                if reason is None
+                else {
+                    "state": "failed",
+                    "fail_reason": reason,
+                    "mlflow.note.content": f"**Failed**: {reason}",
+                },
+            )
         if reason is None:
-            log.warning(f"[w{self.index}] interrupted: the population's trials are FAIL, their runs KILLED")
+            log.warning(
+                f"[w{self.index}] interrupted: the population's trials are FAIL, their runs KILLED"
+            )
 
 
 def resolve_population(setting: Any, base_cfg, n_trials: int | None = None) -> int:

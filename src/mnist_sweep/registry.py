@@ -35,9 +35,11 @@ def logged_model_uri(client, run) -> str | None:
     import mlflow
 
     with fluent_target(client.tracking_uri, run.info.experiment_id):
-        models = mlflow.search_logged_models(experiment_ids=[run.info.experiment_id],
-                                             filter_string=f"source_run_id = '{run.info.run_id}'",
-                                             output_format="list")
+        models = mlflow.search_logged_models(
+            experiment_ids=[run.info.experiment_id],
+            filter_string=f"source_run_id = '{run.info.run_id}'",
+            output_format="list",
+        )
     return models[0].model_uri if models else None
 
 
@@ -53,9 +55,12 @@ def retrain_and_log(client, run) -> str:
         cfg.train.device = "cpu"
     result = run_trial(cfg)
     recorded = run.data.metrics.get("test_acc")
-    client.set_tag(run.info.run_id, "model_check",
-                   f"retrained from config.yaml for the registry on {cfg.train.device}: test_acc "
-                   f"{result.test_acc:.4f} (the trial's own: {recorded if recorded is None else f'{recorded:.4f}'})")
+    client.set_tag(
+        run.info.run_id,
+        "model_check",
+        f"retrained from config.yaml for the registry on {cfg.train.device}: test_acc "
+        f"{result.test_acc:.4f} (the trial's own: {recorded if recorded is None else f'{recorded:.4f}'})",
+    )
     return log_torch_model(client, run.info.run_id, result.model)
 
 
@@ -76,12 +81,20 @@ def register_best(client, spec, best_run, trial_number: int) -> str | None:
     except MlflowException:
         pass  # no such model or alias yet
     uri = logged_model_uri(client, best_run) or retrain_and_log(client, best_run)
-    with fluent_target(client.tracking_uri, best_run.info.experiment_id), \
-            contextlib.redirect_stderr(io.StringIO()):  # "Successfully registered ...": we say it
-        version = mlflow.register_model(uri, name, tags={"study_name": spec.study_name,
-                                                         "trial_number": str(trial_number)})
+    with (
+        fluent_target(client.tracking_uri, best_run.info.experiment_id),
+        contextlib.redirect_stderr(io.StringIO()),
+    ):  # "Successfully registered ...": we say it
+        version = mlflow.register_model(
+            uri, name, tags={"study_name": spec.study_name, "trial_number": str(trial_number)}
+        )
     client.set_registered_model_alias(name, ALIAS, version.version)
-    client.update_registered_model(name, f"Best trial of the sweep(s) `{spec.study_name}`; "
-                                         f"the alias `{ALIAS}` names the current best.")
-    log.info(f"[{spec.study_name}] the best trial's model: models:/{name}@{ALIAS} (version {version.version})")
+    client.update_registered_model(
+        name,
+        f"Best trial of the sweep(s) `{spec.study_name}`; "
+        f"the alias `{ALIAS}` names the current best.",
+    )
+    log.info(
+        f"[{spec.study_name}] the best trial's model: models:/{name}@{ALIAS} (version {version.version})"
+    )
     return f"models:/{name}@{ALIAS}"

@@ -33,8 +33,15 @@ log = logging.getLogger("mnist_sweep")
 PLOTS_EVERY_SECONDS = 300
 
 # In order of preference; the schedule's type itself is the fallback "decay parameter".
-DECAY_PARAMS = ("schedule.gamma", "schedule.factor", "schedule.step_size", "schedule.patience",
-                "schedule.max_lr", "schedule.eta_min", "schedule")
+DECAY_PARAMS = (
+    "schedule.gamma",
+    "schedule.factor",
+    "schedule.step_size",
+    "schedule.patience",
+    "schedule.max_lr",
+    "schedule.eta_min",
+    "schedule",
+)
 
 
 def contour_pair(spec, space, study) -> list[str] | None:
@@ -80,8 +87,9 @@ def save_optuna_plots(study, spec, space, folder: Path) -> dict[str, str]:
         "parallel_coordinate": lambda: ov.plot_parallel_coordinate(study, target_name=metric),
     }
     if pair:
-        plots[f"contour_{pair[0]}_vs_{pair[1]}"] = lambda: ov.plot_contour(study, params=pair,
-                                                                           target_name=metric)
+        plots[f"contour_{pair[0]}_vs_{pair[1]}"] = lambda: ov.plot_contour(
+            study, params=pair, target_name=metric
+        )
     verbosity = optuna.logging.get_verbosity()
     optuna.logging.set_verbosity(optuna.logging.ERROR)  # e.g. "unique value length < 2" notes
     for name, draw in plots.items():
@@ -90,7 +98,9 @@ def save_optuna_plots(study, spec, space, folder: Path) -> dict[str, str]:
                 warnings.simplefilter("ignore")
                 axes = draw()
             figure = (axes.flat[0] if hasattr(axes, "flat") else axes).figure
-            figure.set_size_inches(max(figure.get_size_inches()[0], 8), max(figure.get_size_inches()[1], 6))
+            figure.set_size_inches(
+                max(figure.get_size_inches()[0], 8), max(figure.get_size_inches()[1], 6)
+            )
             figure.tight_layout()
             figure.savefig(folder / f"{name}.png", dpi=90)
         except Exception as error:  # e.g. importances need 2+ complete trials with varying params
@@ -137,8 +147,11 @@ def set_best_tags(client, run_id: str, params: dict) -> None:
     earlier best trial had (schedule.max_lr of a onecycle trial, say) loses its tag."""
     from mlflow.entities import RunTag
 
-    stale = [k for k in client.get_run(run_id).data.tags
-             if k.startswith("best.") and k.removeprefix("best.") not in params]
+    stale = [
+        k
+        for k in client.get_run(run_id).data.tags
+        if k.startswith("best.") and k.removeprefix("best.") not in params
+    ]
     for key in stale:
         client.delete_tag(run_id, key)
     client.log_batch(run_id, tags=[RunTag(f"best.{k}", str(v)) for k, v in params.items()])
@@ -159,8 +172,10 @@ def register_champion(client, study: optuna.Study, spec) -> None:
         if uri:
             client.set_tag(spec.parent_run_id, "registered_model", uri)
     except Exception as error:
-        log.warning(f"[{spec.study_name}] the best trial's model was not registered "
-                    f"({failure_reason(error)})")
+        log.warning(
+            f"[{spec.study_name}] the best trial's model was not registered "
+            f"({failure_reason(error)})"
+        )
 
 
 def describe_parent(client, study: optuna.Study, spec, final: bool = False) -> None:
@@ -177,8 +192,10 @@ def describe_parent(client, study: optuna.Study, spec, final: bool = False) -> N
     parent = client.get_run(run_id)  # read once: its experiment and the registered model's tag
     c = counts(study)
     now, step = int(time.time() * 1000), c["done"]
-    metrics = [Metric("sweep_trials_finished", c["done"], now, step),
-               Metric("sweep_trials_pruned", c["pruned"], now, step)]
+    metrics = [
+        Metric("sweep_trials_finished", c["done"], now, step),
+        Metric("sweep_trials_pruned", c["pruned"], now, step),
+    ]
     trials = complete_trials(study)
     best = trials[0] if trials else None
     best_run, test_acc, params_trial = None, None, None
@@ -192,18 +209,30 @@ def describe_parent(client, study: optuna.Study, spec, final: bool = False) -> N
         if best.user_attrs.get("mlflow_run_id"):
             best_run = client.get_run(best.user_attrs["mlflow_run_id"])
             tags.append(RunTag("best_run_id", best_run.info.run_id))
-            params_trial = log_best_params(client, run_id, best_run) if final else \
-                parent.data.tags.get("params_trial")
+            params_trial = (
+                log_best_params(client, run_id, best_run)
+                if final
+                else parent.data.tags.get("params_trial")
+            )
         client.log_batch(run_id, tags=tags)
     client.log_batch(run_id, metrics=metrics)
-    note = parent_description(spec.study_name, parent.info.experiment_id, spec.settings, c, best,
-                              best_run, test_acc, params_trial,
-                              parent.data.tags.get("registered_model"))
+    note = parent_description(
+        spec.study_name,
+        parent.info.experiment_id,
+        spec.settings,
+        c,
+        best,
+        best_run,
+        test_acc,
+        params_trial,
+        parent.data.tags.get("registered_model"),
+    )
     client.set_tag(run_id, "mlflow.note.content", note)
 
 
-def write_report(study: optuna.Study, spec, space, plots: bool = True,
-                 status: str | None = None) -> None:
+def write_report(
+    study: optuna.Study, spec, space, plots: bool = True, status: str | None = None
+) -> None:
     """Refresh the parent run: best value/params, artifacts, plots; end it with `status`."""
     if not spec.parent_run_id:
         return
@@ -220,7 +249,9 @@ def write_report(study: optuna.Study, spec, space, plots: bool = True,
         describe_parent(client, study, spec, final=status == "FINISHED")
         (folder / "sweep").mkdir()
         # The file as written, but with any password in it masked (a storage URL, say).
-        (folder / "sweep" / Path(spec.file).name).write_text(mask_secrets(Path(spec.file).read_text()))
+        (folder / "sweep" / Path(spec.file).name).write_text(
+            mask_secrets(Path(spec.file).read_text())
+        )
         (folder / "sweep" / "resolved_space.yaml").write_text(OmegaConf.to_yaml(spec.shown()))
         study.trials_dataframe().to_csv(folder / "trials.csv", index=False)
         if plots:
@@ -229,7 +260,8 @@ def write_report(study: optuna.Study, spec, space, plots: bool = True,
             save_top_curves(study, client, folder / "plots")
             if skipped:
                 (folder / "plots" / "skipped.txt").write_text(
-                    "".join(f"{k}: {v}\n" for k, v in skipped.items()))
+                    "".join(f"{k}: {v}\n" for k, v in skipped.items())
+                )
         client.log_artifacts(run_id, str(folder))
     finally:
         shutil.rmtree(folder, ignore_errors=True)
@@ -253,9 +285,12 @@ class Reporter:
         if self.spec.parent_run_id is None or self.process is not None:
             return
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "mnist_sweep.report"], stdin=subprocess.PIPE, text=True,
+            [sys.executable, "-m", "mnist_sweep.report"],
+            stdin=subprocess.PIPE,
+            text=True,
             start_new_session=True,  # Ctrl-C or the end of the command do not cut it
-            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        )
         self._send_raw(json.dumps(asdict(self.spec)))
 
     def _send(self, line: str) -> None:
@@ -302,11 +337,10 @@ def serve() -> None:
     STATUS` requests; refreshes that queued up while one was written are done once."""
     import select
 
+    from mnist_sweep.errors import failure_reason
+    from mnist_sweep.interrupts import dump_stacks_on_sigusr1
     from mnist_sweep.study import open_storage
     from mnist_sweep.sweepfile import SweepSpec
-    from mnist_sweep.errors import failure_reason
-
-    from mnist_sweep.interrupts import dump_stacks_on_sigusr1
 
     dump_stacks_on_sigusr1()
     logging.basicConfig(level=logging.WARNING, format="%(message)s", force=True)
@@ -318,9 +352,16 @@ def serve() -> None:
     import_what_a_report_needs()
     space = spec.space()
     s = spec.settings
-    study = optuna.load_study(study_name=spec.study_name, storage=open_storage(
-        s["storage"], s["heartbeat_interval"], s["grace_period"], s["max_retry"],
-        outage_seconds=s["outage_seconds"]))
+    study = optuna.load_study(
+        study_name=spec.study_name,
+        storage=open_storage(
+            s["storage"],
+            s["heartbeat_interval"],
+            s["grace_period"],
+            s["max_retry"],
+            outage_seconds=s["outage_seconds"],
+        ),
+    )
     plotted = time.monotonic()  # a refresh redraws the plots once they are this old
     while True:
         line = sys.stdin.readline()
@@ -340,8 +381,10 @@ def serve() -> None:
         try:
             write_report(study, spec, space, plots=plots, status=request[1] if final else None)
         except Exception as error:
-            log.warning(f"[{spec.study_name}] the parent run's report could not be written "
-                        f"({failure_reason(error)})")
+            log.warning(
+                f"[{spec.study_name}] the parent run's report could not be written "
+                f"({failure_reason(error)})"
+            )
         if final:
             return
 

@@ -20,7 +20,8 @@ EXPERIMENT_DESCRIPTION = (
     "description names the best trial; its artifacts hold the plots and trials.csv) and its "
     "**nested runs** are the study's trials, named `t<number> <sampled values>`. Standalone "
     "`make train` runs carry the tag `sweep_role = single`. Filter a study's trials with "
-    "`tags.study_name = '<study>' and tags.sweep_role = 'trial'`.")
+    "`tags.study_name = '<study>' and tags.sweep_role = 'trial'`."
+)
 
 
 def ui_base(tracking_uri: str) -> str:
@@ -33,17 +34,21 @@ def ui_base(tracking_uri: str) -> str:
 def trials_view(experiment_id: str, study_name: str, metric: str, maximize: bool) -> str:
     """The runs page's path and query (after the UI's base) that lists the study's trials in the
     Model training view, sorted by `metric`, best first."""
-    query = urllib.parse.urlencode({
-        "workflowType": "machine_learning",
-        "searchFilter": f"tags.study_name = '{study_name}' and tags.sweep_role = 'trial'",
-        "orderByKey": f"metrics.`{metric}`",
-        "orderByAsc": "false" if maximize else "true",
-    }, quote_via=urllib.parse.quote)
+    query = urllib.parse.urlencode(
+        {
+            "workflowType": "machine_learning",
+            "searchFilter": f"tags.study_name = '{study_name}' and tags.sweep_role = 'trial'",
+            "orderByKey": f"metrics.`{metric}`",
+            "orderByAsc": "false" if maximize else "true",
+        },
+        quote_via=urllib.parse.quote,
+    )
     return f"#/experiments/{experiment_id}/runs?{query}"
 
 
-def trials_link(tracking_uri: str, experiment_id: str, study_name: str, metric: str,
-                maximize: bool) -> str:
+def trials_link(
+    tracking_uri: str, experiment_id: str, study_name: str, metric: str, maximize: bool
+) -> str:
     return f"{ui_base(tracking_uri)}/{trials_view(experiment_id, study_name, metric, maximize)}"
 
 
@@ -59,42 +64,66 @@ def describe_experiment(client, experiment_id: str) -> None:
         client.set_experiment_tag(experiment_id, "mlflow.note.content", EXPERIMENT_DESCRIPTION)
 
 
-def parent_description(study_name: str, experiment_id: str, settings: dict, counts: dict,
-                       best=None, best_run=None, test_acc: float | None = None,
-                       params_trial: str | None = None, model_uri: str | None = None) -> str:
+def parent_description(
+    study_name: str,
+    experiment_id: str,
+    settings: dict,
+    counts: dict,
+    best=None,
+    best_run=None,
+    test_acc: float | None = None,
+    params_trial: str | None = None,
+    model_uri: str | None = None,
+) -> str:
     """The parent run's markdown: the study's state, the best trial (a link to its run), its
     parameters, val/test accuracy, and where the plots and all the trials are."""
     metric, maximize = settings["metric"], settings["direction"] == "maximize"
     diverged = f" of which {counts['diverged']} diverged" if counts.get("diverged") else ""
-    lines = [f"**Optuna study `{study_name}`**: {min(counts['done'], settings['n_trials'])} of "
-             f"{settings['n_trials']} trials finished ({counts['pruned']} pruned{diverged}, "
-             f"{counts['fail']} failed, {counts['running']} running); sampler {settings['sampler']}, pruner "
-             f"{settings['pruner']}, {metric} {'maximized' if maximize else 'minimized'}.", ""]
+    lines = [
+        f"**Optuna study `{study_name}`**: {min(counts['done'], settings['n_trials'])} of "
+        f"{settings['n_trials']} trials finished ({counts['pruned']} pruned{diverged}, "
+        f"{counts['fail']} failed, {counts['running']} running); sampler {settings['sampler']}, pruner "
+        f"{settings['pruner']}, {metric} {'maximized' if maximize else 'minimized'}.",
+        "",
+    ]
     if best is None:
         lines.append("No trial has completed yet.")
     else:
         name = best_run.info.run_name if best_run is not None else f"trial {best.number}"
         link = f"[{name}]({run_view(experiment_id, best_run.info.run_id)})" if best_run else name
         shown_test = f", **test_acc {test_acc:.4f}**" if test_acc is not None else ""
-        lines += [f"### Best: trial {best.number}, {link}",
-                  f"**{metric} {best.value:.4f}**{shown_test}", "",
-                  "| sampled parameter | value |", "|---|---|"]
-        lines += [f"| `{k}` | {v:.6g} |" if isinstance(v, float) else f"| `{k}` | {v} |"
-                  for k, v in best.params.items()]
+        lines += [
+            f"### Best: trial {best.number}, {link}",
+            f"**{metric} {best.value:.4f}**{shown_test}",
+            "",
+            "| sampled parameter | value |",
+            "|---|---|",
+        ]
+        lines += [
+            f"| `{k}` | {v:.6g} |" if isinstance(v, float) else f"| `{k}` | {v} |"
+            for k, v in best.params.items()
+        ]
         lines.append("")
         if model_uri:
-            lines.append(f"**Model**: `{model_uri}` in the model registry (Models tab); serve it "
-                         f"with `mlflow models predict -m {model_uri} --env-manager local`.")
+            lines.append(
+                f"**Model**: `{model_uri}` in the model registry (Models tab); serve it "
+                f"with `mlflow models predict -m {model_uri} --env-manager local`."
+            )
         if params_trial is not None and params_trial != str(best.number):
-            lines.append(f"This run's params are trial {params_trial}'s, the best when the sweep "
-                         "first ended (MLflow params cannot change; a resume found a better one): "
-                         "the tags `best.*` and `best_run_id` follow the current best.")
-    lines += ["", f"**All trials**, best first: [the study's trials sorted by {metric}]"
-              f"({trials_view(experiment_id, study_name, metric, maximize)}).",
-              "**Plots** (Artifacts, `plots/`): the contour of momentum against the decay "
-              "parameter, the top trials' learning-rate and validation curves, the optimization "
-              "history, parameter importances, parallel coordinates. `trials.csv` holds every "
-              "trial; `sweep/` the sweep file and its resolved search space."]
+            lines.append(
+                f"This run's params are trial {params_trial}'s, the best when the sweep "
+                "first ended (MLflow params cannot change; a resume found a better one): "
+                "the tags `best.*` and `best_run_id` follow the current best."
+            )
+    lines += [
+        "",
+        f"**All trials**, best first: [the study's trials sorted by {metric}]"
+        f"({trials_view(experiment_id, study_name, metric, maximize)}).",
+        "**Plots** (Artifacts, `plots/`): the contour of momentum against the decay "
+        "parameter, the top trials' learning-rate and validation curves, the optimization "
+        "history, parameter importances, parallel coordinates. `trials.csv` holds every "
+        "trial; `sweep/` the sweep file and its resolved search space.",
+    ]
     return "\n".join(lines)
 
 
@@ -110,7 +139,7 @@ def log_best_params(client, parent_run_id: str, best_run) -> str | None:
         return recorded
     params = [Param(k, v) for k, v in best_run.data.params.items() if k not in parent.data.params]
     for start in range(0, len(params), 100):
-        client.log_batch(parent_run_id, params=params[start:start + 100])
+        client.log_batch(parent_run_id, params=params[start : start + 100])
     number = best_run.data.tags.get("trial_number", "?")
     client.log_batch(parent_run_id, tags=[RunTag("params_trial", number)])
     return number
@@ -122,23 +151,39 @@ def print_links(tracking_uri: str) -> int:
 
     client = MlflowClient(tracking_uri)
     experiments = client.search_experiments()
-    parents = client.search_runs([e.experiment_id for e in experiments],
-                                 "tags.sweep_role = 'parent'", order_by=["attributes.start_time DESC"],
-                                 max_results=50) if experiments else []
+    parents = (
+        client.search_runs(
+            [e.experiment_id for e in experiments],
+            "tags.sweep_role = 'parent'",
+            order_by=["attributes.start_time DESC"],
+            max_results=50,
+        )
+        if experiments
+        else []
+    )
     for run in parents:
         tags = run.data.tags
-        link = trials_link(tracking_uri, run.info.experiment_id, tags.get("study_name", run.info.run_name),
-                           tags.get("metric", "val_acc"), tags.get("direction", "maximize") == "maximize")
+        link = trials_link(
+            tracking_uri,
+            run.info.experiment_id,
+            tags.get("study_name", run.info.run_name),
+            tags.get("metric", "val_acc"),
+            tags.get("direction", "maximize") == "maximize",
+        )
         print(f"study {tags.get('study_name')}: {link}")
     if parents:
-        print("(The first time, MLflow 3 may open its GenAI overview: click \"Model training\" at "
-              "the top left once; the browser remembers it.)")
+        print(
+            '(The first time, MLflow 3 may open its GenAI overview: click "Model training" at '
+            "the top left once; the browser remembers it.)"
+        )
     return len(parents)
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="Print the MLflow UI deep link of every study.")
-    parser.add_argument("--tracking-uri", default=os.environ.get("MLFLOW_TRACKING_URI", "sqlite:///mlflow.db"))
+    parser.add_argument(
+        "--tracking-uri", default=os.environ.get("MLFLOW_TRACKING_URI", "sqlite:///mlflow.db")
+    )
     args = parser.parse_args(argv)
     if args.tracking_uri.startswith("sqlite:///") and not os.path.exists(args.tracking_uri[10:]):
         print(f"no tracking store at {args.tracking_uri} yet: run a sweep first (make sweep)")

@@ -19,8 +19,9 @@ import multiprocessing
 import os
 import queue
 import time
+from collections.abc import Hashable
 from dataclasses import dataclass
-from typing import Any, Hashable
+from typing import Any
 
 log = logging.getLogger("mnist_sweep")
 
@@ -29,7 +30,7 @@ BATCH_POINTS_PER_EPOCH = 20
 
 @dataclass
 class WriterStats:
-    seconds_in_mlflow: float = 0.0     # inside MLflow calls, in the writer process
+    seconds_in_mlflow: float = 0.0  # inside MLflow calls, in the writer process
     runs: int = 0
     rows: int = 0
 
@@ -40,8 +41,12 @@ class RunWriter:
     def __init__(self, tracking_cfg_yaml: str):
         ctx = multiprocessing.get_context("spawn")
         self.requests, self.replies = ctx.Queue(), ctx.Queue()
-        self.process = ctx.Process(target=_serve, name="mlflow-writer", daemon=True,
-                                   args=(tracking_cfg_yaml, self.requests, self.replies))
+        self.process = ctx.Process(
+            target=_serve,
+            name="mlflow-writer",
+            daemon=True,
+            args=(tracking_cfg_yaml, self.requests, self.replies),
+        )
         self.process.start()
         self.stats = WriterStats()
         self.error: str | None = None
@@ -54,7 +59,9 @@ class RunWriter:
     def epoch(self, key: Hashable, result) -> None:
         self.requests.put(("epoch", key, result))
 
-    def end(self, key: Hashable, status: str, tags: dict, result=None, log_model: bool = False) -> None:
+    def end(
+        self, key: Hashable, status: str, tags: dict, result=None, log_model: bool = False
+    ) -> None:
         """The member's test result (if it finished), its final tags, the run's status; with
         log_model, its model too (the best trial so far: the registry's champion)."""
         self.requests.put(("end", key, (status, tags, result, log_model)))
@@ -104,7 +111,7 @@ def _serve(tracking_cfg_yaml: str, requests, replies) -> None:
             kind, key, payload = requests.get(timeout=1)
         except queue.Empty:
             if parent is not None and not parent.is_alive():  # the worker was killed: its runs
-                return          # are ended by the heartbeat callback or the driver's last look
+                return  # are ended by the heartbeat callback or the driver's last look
             continue
         if kind == "close":
             replies.put(("stats", None, stats))
@@ -119,8 +126,9 @@ def _serve(tracking_cfg_yaml: str, requests, replies) -> None:
                 stats.runs += 1
             elif key in runs and kind == "epoch":
                 run = runs[key]
-                run.batch_curve_every = max(run.batch_curve_every,
-                                            -(-len(payload.batch_loss) // BATCH_POINTS_PER_EPOCH))
+                run.batch_curve_every = max(
+                    run.batch_curve_every, -(-len(payload.batch_loss) // BATCH_POINTS_PER_EPOCH)
+                )
                 run.log_epoch(payload)
                 stats.rows += len(payload.batch_loss) // run.batch_curve_every + 8
             elif key in runs and kind == "end":

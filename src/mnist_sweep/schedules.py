@@ -70,35 +70,47 @@ def check_schedule_config(cfg: DictConfig, has_validation: bool) -> None:
     name = cfg.get("name", "?")
     for arg, (ok, allowed) in ARG_RULES.items():
         value = cfg.get(arg)
-        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
-                                  or not ok(value)):
-            raise ConfigError(f"schedule.{arg}={value!r} is not allowed for schedule={name}: "
-                              f"it must be {allowed}.")
+        if value is not None and (
+            isinstance(value, bool) or not isinstance(value, (int, float)) or not ok(value)
+        ):
+            raise ConfigError(
+                f"schedule.{arg}={value!r} is not allowed for schedule={name}: "
+                f"it must be {allowed}."
+            )
     if interval not in INTERVALS:
-        raise ConfigError(f"schedule.interval={interval!r} is not allowed for schedule {name}: "
-                          f"use one of {', '.join(INTERVALS)}.")
+        raise ConfigError(
+            f"schedule.interval={interval!r} is not allowed for schedule {name}: "
+            f"use one of {', '.join(INTERVALS)}."
+        )
     monitor = cfg.get("monitor")
     if monitor is None:
         return
     if monitor not in MONITORS:
-        raise ConfigError(f"schedule.monitor={monitor!r} is not allowed: use one of "
-                          f"{', '.join(MONITORS)}.")
+        raise ConfigError(
+            f"schedule.monitor={monitor!r} is not allowed: use one of {', '.join(MONITORS)}."
+        )
     if monitor == "val_loss" and interval != "epoch":
-        raise ConfigError("schedule.monitor=val_loss needs schedule.interval=epoch (the "
-                          f"validation loss is measured once per epoch), got interval={interval}.")
+        raise ConfigError(
+            "schedule.monitor=val_loss needs schedule.interval=epoch (the "
+            f"validation loss is measured once per epoch), got interval={interval}."
+        )
     if monitor == "val_loss" and not has_validation:
-        raise ConfigError("schedule.monitor=val_loss needs a validation split, but "
-                          "data.val_size=0: set data.val_size > 0 or monitor=train_loss.")
+        raise ConfigError(
+            "schedule.monitor=val_loss needs a validation split, but "
+            "data.val_size=0: set data.val_size > 0 or monitor=train_loss."
+        )
 
 
-def build_schedule(cfg: DictConfig, optimizer: torch.optim.Optimizer, steps_per_epoch: int,
-                   epochs: int) -> Schedule:
+def build_schedule(
+    cfg: DictConfig, optimizer: torch.optim.Optimizer, steps_per_epoch: int, epochs: int
+) -> Schedule:
     import torch
     from hydra.errors import InstantiationException
     from hydra.utils import instantiate
 
-    kwargs = {k: v for k, v in OmegaConf.to_container(cfg, resolve=True).items()
-              if k not in OUR_KEYS}
+    kwargs = {
+        k: v for k, v in OmegaConf.to_container(cfg, resolve=True).items() if k not in OUR_KEYS
+    }
     interval = cfg.get("interval", "epoch")
     if "_target_" not in kwargs:
         return Schedule(None, interval)
@@ -110,9 +122,14 @@ def build_schedule(cfg: DictConfig, optimizer: torch.optim.Optimizer, steps_per_
         scheduler = instantiate(kwargs, optimizer=optimizer)
     except InstantiationException as error:  # torch's own argument checks, e.g. a bad gamma
         cause = error.__cause__ or error
-        raise ConfigError(f"schedule={cfg.get('name')} cannot be built from {kwargs}: {cause}. "
-                          "Check the schedule's arguments against torch's "
-                          f"{kwargs['_target_']}.") from error
-    monitor = cfg.get("monitor", "train_loss") if isinstance(
-        scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau) else None
+        raise ConfigError(
+            f"schedule={cfg.get('name')} cannot be built from {kwargs}: {cause}. "
+            "Check the schedule's arguments against torch's "
+            f"{kwargs['_target_']}."
+        ) from error
+    monitor = (
+        cfg.get("monitor", "train_loss")
+        if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau)
+        else None
+    )
     return Schedule(scheduler, interval, monitor)

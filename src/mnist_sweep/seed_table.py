@@ -18,8 +18,11 @@ from mnist_sweep.space import to_overrides
 from mnist_sweep.sweepfile import load_spec
 
 # The note's reported test accuracies, by the seed_note sweep's schedule choice.
-NOTE = {"none": ("momentum 0.78", 94.75), "plateau": ("+ ReduceLROnPlateau (patience 200, factor 0.7)", 93.53),
-        "step": ("+ StepLR (800 batches, gamma 0.9)", 94.11)}
+NOTE = {
+    "none": ("momentum 0.78", 94.75),
+    "plateau": ("+ ReduceLROnPlateau (patience 200, factor 0.7)", 93.53),
+    "step": ("+ StepLR (800 batches, gamma 0.9)", 94.11),
+}
 
 
 def run_seeds(overrides: list[str], seeds: list[int]) -> list[float]:
@@ -27,7 +30,9 @@ def run_seeds(overrides: list[str], seeds: list[int]) -> list[float]:
 
     accuracies = []
     for seed in seeds:
-        cfg = compose([*overrides, f"train.seed={seed}", f"data.seed={seed}", "train.progress=false"])
+        cfg = compose(
+            [*overrides, f"train.seed={seed}", f"data.seed={seed}", "train.progress=false"]
+        )
         accuracies.append(100 * train_and_track(cfg).test_acc)
     return accuracies
 
@@ -41,8 +46,11 @@ def best_of_study(name: str, storage: str) -> optuna.trial.FrozenTrial | None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m mnist_sweep.seed_table", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m mnist_sweep.seed_table",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--seeds", type=int, default=3, help="seeds per configuration (default 3)")
     parser.add_argument("--study", default="momentum_decay", help="study whose best trial to show")
     parser.add_argument("--storage", default="sqlite:///optuna.db")
@@ -55,23 +63,33 @@ def main(argv: list[str] | None = None) -> None:
         spec = load_spec("seed_note", [])
         overrides = [*spec.fixed, "tracking.experiment=seed-note", *args.overrides]
         seeds = list(range(args.seeds))
-        rows = ["| configuration | note (test acc) | ours: mean ± std over "
-                f"{len(seeds)} seed(s) | runs |", "|---|---|---|---|"]
+        rows = [
+            "| configuration | note (test acc) | ours: mean ± std over "
+            f"{len(seeds)} seed(s) | runs |",
+            "|---|---|---|---|",
+        ]
         for entry in spec.enqueue:
             label, note = NOTE[entry["schedule"]]
             accs = run_seeds([*overrides, *to_overrides(entry)], seeds)
             std = statistics.stdev(accs) if len(accs) > 1 else 0.0
-            rows.append(f"| {label} | {note:.2f} % | {statistics.mean(accs):.2f} ± {std:.2f} % | "
-                        f"{', '.join(f'{a:.2f}' for a in accs)} |")
+            rows.append(
+                f"| {label} | {note:.2f} % | {statistics.mean(accs):.2f} ± {std:.2f} % | "
+                f"{', '.join(f'{a:.2f}' for a in accs)} |"
+            )
             print(rows[-1], flush=True)
         best = best_of_study(args.study, args.storage)
         if best is not None:
-            params = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
-                               for k, v in best.params.items())
+            params = ", ".join(
+                f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+                for k, v in best.params.items()
+            )
             test = best.user_attrs.get("test_acc")
-            rows.append(f"| best of study `{args.study}` (trial #{best.number}): {params} | – | "
-                        f"{100 * test:.2f} % (val {100 * best.value:.2f} %) | 1 |" if test is not None
-                        else f"| best of study `{args.study}`: {params} | – | val {100 * best.value:.2f} % | 1 |")
+            rows.append(
+                f"| best of study `{args.study}` (trial #{best.number}): {params} | – | "
+                f"{100 * test:.2f} % (val {100 * best.value:.2f} %) | 1 |"
+                if test is not None
+                else f"| best of study `{args.study}`: {params} | – | val {100 * best.value:.2f} % | 1 |"
+            )
         print("\n" + "\n".join(rows))
 
 

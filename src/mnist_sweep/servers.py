@@ -37,8 +37,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from mnist_sweep.interrupts import INTERRUPTS
 from mnist_sweep.errors import ConfigError, UserError, user_errors_exit
+from mnist_sweep.interrupts import INTERRUPTS
 from mnist_sweep.urls import redact_uri, with_password
 
 PG_USER = "mnist"
@@ -64,9 +64,14 @@ def write_private(path: Path, text: str) -> None:
 def machine_interfaces() -> list[ipaddress.IPv4Interface | ipaddress.IPv6Interface]:
     """This machine's addresses with their networks (from `ip -o addr`), loopback included."""
     try:
-        out = subprocess.run(["ip", "-o", "addr", "show"], capture_output=True, text=True, timeout=5)
-        found = [ipaddress.ip_interface(line.split()[3]) for line in out.stdout.splitlines()
-                 if len(line.split()) > 3 and line.split()[2] in ("inet", "inet6")]
+        out = subprocess.run(
+            ["ip", "-o", "addr", "show"], capture_output=True, text=True, timeout=5
+        )
+        found = [
+            ipaddress.ip_interface(line.split()[3])
+            for line in out.stdout.splitlines()
+            if len(line.split()) > 3 and line.split()[2] in ("inet", "inet6")
+        ]
     except (OSError, subprocess.SubprocessError, ValueError):
         found = []
     if not found:  # no iproute2: the addresses the host name resolves to, as single hosts
@@ -118,9 +123,11 @@ def check_networks(networks: list[str]) -> list[str]:
         try:
             out.append(str(ipaddress.ip_network(net, strict=False)))
         except ValueError:
-            raise ConfigError(f"--allow-net {net!r} is not a network: give an address with its "
-                              "prefix length, such as 10.0.0.0/8, 192.168.1.0/24 or 10.1.2.3/32 "
-                              "(one host).") from None
+            raise ConfigError(
+                f"--allow-net {net!r} is not a network: give an address with its "
+                "prefix length, such as 10.0.0.0/8, 192.168.1.0/24 or 10.1.2.3/32 "
+                "(one host)."
+            ) from None
     return out
 
 
@@ -151,15 +158,21 @@ def check_port(host: str, port: int, flag: str) -> None:
         try:
             s.bind((host, port))
         except socket.gaierror:
-            raise ConfigError(f"--host {host!r} is not an address or host name this machine "
-                              "resolves; use 127.0.0.1 (default) or one of its addresses.") from None
+            raise ConfigError(
+                f"--host {host!r} is not an address or host name this machine "
+                "resolves; use 127.0.0.1 (default) or one of its addresses."
+            ) from None
         except OSError as error:
             if error.errno == errno.EADDRINUSE:
-                raise ConfigError(f"{flag} {port} on {host} is already in use (another server, "
-                                  "or a `make server` still running?); choose another port with "
-                                  f"{flag}.") from None
-            raise ConfigError(f"--host {host!r} cannot be listened on ({error.strerror}); use "
-                              "127.0.0.1 (default) or an address of this machine.") from None
+                raise ConfigError(
+                    f"{flag} {port} on {host} is already in use (another server, "
+                    "or a `make server` still running?); choose another port with "
+                    f"{flag}."
+                ) from None
+            raise ConfigError(
+                f"--host {host!r} cannot be listened on ({error.strerror}); use "
+                "127.0.0.1 (default) or an address of this machine."
+            ) from None
 
 
 def _as_unprivileged(cmd: list[str]) -> list[str]:
@@ -171,8 +184,8 @@ class Postgres:
     folder: Path
     port: int
     password: str
-    host: str = "127.0.0.1"              # the address it listens on
-    advertise: str | None = None         # the name in the URLs it hands out (default: host)
+    host: str = "127.0.0.1"  # the address it listens on
+    advertise: str | None = None  # the name in the URLs it hands out (default: host)
     networks: list[str] = field(default_factory=list)  # admitted beyond this machine
 
     @property
@@ -180,22 +193,29 @@ class Postgres:
         return self.folder / "data"
 
     def url(self, database: str) -> str:
-        return with_password("postgresql", PG_USER, self.password, self.advertise or self.host,
-                             self.port, database)
+        return with_password(
+            "postgresql", PG_USER, self.password, self.advertise or self.host, self.port, database
+        )
 
     def write_hba(self) -> None:
         """pg_hba.conf: this machine (socket and loopback) and the allowed networks, each with
         a scram-sha-256 password; nothing else is admitted."""
-        lines = ["# Written by mnist-sweep at every start (python -m mnist_sweep.servers --allow-net).",
-                 "local all all scram-sha-256",
-                 "host all all 127.0.0.1/32 scram-sha-256",
-                 "host all all ::1/128 scram-sha-256"]
+        lines = [
+            "# Written by mnist-sweep at every start (python -m mnist_sweep.servers --allow-net).",
+            "local all all scram-sha-256",
+            "host all all 127.0.0.1/32 scram-sha-256",
+            "host all all ::1/128 scram-sha-256",
+        ]
         lines += [f"host all {PG_USER} {net} scram-sha-256" for net in self.networks]
         (self.data / "pg_hba.conf").write_text("\n".join(lines) + "\n")
 
     def _run(self, *cmd: str, env: dict | None = None) -> subprocess.CompletedProcess:
-        out = subprocess.run(_as_unprivileged(list(cmd)), capture_output=True, text=True,
-                             env={**os.environ, **(env or {})})
+        out = subprocess.run(
+            _as_unprivileged(list(cmd)),
+            capture_output=True,
+            text=True,
+            env={**os.environ, **(env or {})},
+        )
         if out.returncode != 0:
             raise UserError(f"{cmd[0]} failed: {' '.join(out.stderr.split())[:400]}")
         return out
@@ -211,8 +231,16 @@ class Postgres:
         if os.geteuid() == 0:
             shutil.chown(pwfile, UNPRIVILEGED, UNPRIVILEGED)
         try:
-            self._run("initdb", "-D", str(self.data), "-U", PG_USER, "--auth=scram-sha-256",
-                      f"--pwfile={pwfile}", "--encoding=UTF8")
+            self._run(
+                "initdb",
+                "-D",
+                str(self.data),
+                "-U",
+                PG_USER,
+                "--auth=scram-sha-256",
+                f"--pwfile={pwfile}",
+                "--encoding=UTF8",
+            )
         finally:
             pwfile.unlink(missing_ok=True)
 
@@ -220,50 +248,99 @@ class Postgres:
         self.init()
         self.write_hba()
         listen = "*" if self.host in ("0.0.0.0", "::") else self.host
-        self._run("pg_ctl", "-D", str(self.data), "-l", str(self.folder / "postgres.log"), "-w",
-                  "-t", "60", "-o", f"-h '{listen}' -p {self.port} -k '{self.folder}'", "start")  # through a shell
+        self._run(
+            "pg_ctl",
+            "-D",
+            str(self.data),
+            "-l",
+            str(self.folder / "postgres.log"),
+            "-w",
+            "-t",
+            "60",
+            "-o",
+            f"-h '{listen}' -p {self.port} -k '{self.folder}'",
+            "start",
+        )  # through a shell
 
     def stop(self, mode: str = "fast") -> None:
-        subprocess.run(_as_unprivileged(["pg_ctl", "-D", str(self.data), "-m", mode, "-w", "stop"]),
-                       capture_output=True)
+        subprocess.run(
+            _as_unprivileged(["pg_ctl", "-D", str(self.data), "-m", mode, "-w", "stop"]),
+            capture_output=True,
+        )
 
     def create_databases(self, *names: str) -> None:
         # Through the server's Unix socket: whatever --host and --allow-net say.
         env, at = {"PGPASSWORD": self.password}, ["-h", str(self.folder), "-p", str(self.port)]
-        existing = self._run("psql", *at, "-U", PG_USER, "-d", "postgres", "-Atc",
-                             "select datname from pg_database", env=env).stdout.split()
+        existing = self._run(
+            "psql",
+            *at,
+            "-U",
+            PG_USER,
+            "-d",
+            "postgres",
+            "-Atc",
+            "select datname from pg_database",
+            env=env,
+        ).stdout.split()
         for name in names:
             if name not in existing:
                 self._run("createdb", *at, "-U", PG_USER, name, env=env)
 
 
-def start_mlflow_server(backend_url: str, artifacts: Path, port: int, host: str = "127.0.0.1",
-                        log_file: Path | None = None,
-                        allowed_hosts: list[str] | None = None) -> subprocess.Popen:
+def start_mlflow_server(
+    backend_url: str,
+    artifacts: Path,
+    port: int,
+    host: str = "127.0.0.1",
+    log_file: Path | None = None,
+    allowed_hosts: list[str] | None = None,
+) -> subprocess.Popen:
     """`mlflow server` as a child process; the backend URL (with its password) goes through the
     environment, not the command line. It answers Host headers naming `allowed_hosts` (and this
     machine's loopback names), any port; a browser's UI is allowed from the same names."""
     artifacts.mkdir(parents=True, exist_ok=True)
     # No GenAI job runner: MLflow 3 starts 6 huey consumer processes for it (~250 MB and an MLflow
     # import each) that tracking never uses
-    env = {**os.environ, "MLFLOW_BACKEND_STORE_URI": backend_url,
-           "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+    env = {
+        **os.environ,
+        "MLFLOW_BACKEND_STORE_URI": backend_url,
+        "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",
+    }
     names = list(dict.fromkeys([*LOOPBACK_HOSTS, *(allowed_hosts or [])]))
     origins = [f"http://{f'[{n}]' if ':' in n else n}:{port}" for n in names]
     log = open(log_file, "ab") if log_file else subprocess.DEVNULL
     process = subprocess.Popen(
-        [sys.executable, "-m", "mlflow", "server", "--host", host, "--port", str(port),
-         "--artifacts-destination", str(artifacts), "--workers", "2",
-         "--allowed-hosts", ",".join(mlflow_host_patterns(names)),
-         "--cors-allowed-origins", ",".join(origins)],
-        env=env, stdout=log, stderr=log, start_new_session=True)
+        [
+            sys.executable,
+            "-m",
+            "mlflow",
+            "server",
+            "--host",
+            host,
+            "--port",
+            str(port),
+            "--artifacts-destination",
+            str(artifacts),
+            "--workers",
+            "2",
+            "--allowed-hosts",
+            ",".join(mlflow_host_patterns(names)),
+            "--cors-allowed-origins",
+            ",".join(origins),
+        ],
+        env=env,
+        stdout=log,
+        stderr=log,
+        start_new_session=True,
+    )
     probe = "127.0.0.1" if host in ("0.0.0.0", "::") else host
     wait_for_http(f"http://{f'[{probe}]' if ':' in probe else probe}:{port}/health", process)
     return process
 
 
-def wait_for_http(url: str, process: subprocess.Popen, timeout: float = 120,
-                  what: str = "The MLflow server") -> None:
+def wait_for_http(
+    url: str, process: subprocess.Popen, timeout: float = 120, what: str = "The MLflow server"
+) -> None:
     """Until `url` answers 200. A refused connection and a slow answer (a server still starting on
     a loaded machine) both mean "not yet"; the process exiting means never."""
     import requests
@@ -271,8 +348,10 @@ def wait_for_http(url: str, process: subprocess.Popen, timeout: float = 120,
     deadline = time.time() + timeout
     while time.time() < deadline:
         if process.poll() is not None:
-            raise UserError(f"{what} exited with status {process.returncode} before "
-                            f"answering at {url}; see its log.")
+            raise UserError(
+                f"{what} exited with status {process.returncode} before "
+                f"answering at {url}; see its log."
+            )
         try:
             if requests.get(url, timeout=10).ok:
                 return
@@ -312,8 +391,14 @@ class LocalServers:
     mlflow: subprocess.Popen | None = None
 
     def __post_init__(self) -> None:
-        self.pg = Postgres(self.folder / "postgres", self.pg_port, self.password, self.host,
-                           self.advertise, self.networks)
+        self.pg = Postgres(
+            self.folder / "postgres",
+            self.pg_port,
+            self.password,
+            self.host,
+            self.advertise,
+            self.networks,
+        )
 
     @property
     def storage_url(self) -> str:
@@ -338,9 +423,14 @@ class LocalServers:
             raise
 
     def start_mlflow(self) -> None:
-        self.mlflow = start_mlflow_server(self.pg.url("mlflow"), self.folder / "artifacts",
-                                          self.mlflow_port, self.host, self.mlflow_log,
-                                          [self.host, self.advertise or self.host, *self.allowed_hosts])
+        self.mlflow = start_mlflow_server(
+            self.pg.url("mlflow"),
+            self.folder / "artifacts",
+            self.mlflow_port,
+            self.host,
+            self.mlflow_log,
+            [self.host, self.advertise or self.host, *self.allowed_hosts],
+        )
 
     def stop_mlflow(self) -> None:
         if self.mlflow is not None:
@@ -353,22 +443,41 @@ class LocalServers:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m mnist_sweep.servers", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m mnist_sweep.servers",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--dir", required=True, help="folder for the database, artifacts and logs")
-    parser.add_argument("--host", default="127.0.0.1",
-                        help="address both servers listen on (default 127.0.0.1: this machine "
-                             "only; 0.0.0.0: every interface)")
-    parser.add_argument("--advertise", default=None,
-                        help="host name or address workers use in their URLs (urls.env); default: "
-                             "--host, or this machine's host name when --host is 0.0.0.0")
-    parser.add_argument("--allow-net", action="append", default=None, metavar="CIDR",
-                        help="network PostgreSQL admits workers from, e.g. 10.0.0.0/8 (repeat for "
-                             "more); default: the networks of the interfaces --host listens on")
-    parser.add_argument("--allow-host", action="append", default=[], metavar="NAME",
-                        help="another name the MLflow server answers to (repeat for more), e.g. "
-                             "a DNS alias or a load balancer's name; this machine's names and "
-                             "addresses are always allowed")
+    parser.add_argument(
+        "--host",
+        default="127.0.0.1",
+        help="address both servers listen on (default 127.0.0.1: this machine "
+        "only; 0.0.0.0: every interface)",
+    )
+    parser.add_argument(
+        "--advertise",
+        default=None,
+        help="host name or address workers use in their URLs (urls.env); default: "
+        "--host, or this machine's host name when --host is 0.0.0.0",
+    )
+    parser.add_argument(
+        "--allow-net",
+        action="append",
+        default=None,
+        metavar="CIDR",
+        help="network PostgreSQL admits workers from, e.g. 10.0.0.0/8 (repeat for "
+        "more); default: the networks of the interfaces --host listens on",
+    )
+    parser.add_argument(
+        "--allow-host",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="another name the MLflow server answers to (repeat for more), e.g. "
+        "a DNS alias or a load balancer's name; this machine's names and "
+        "addresses are always allowed",
+    )
     parser.add_argument("--pg-port", type=int, default=5433)
     parser.add_argument("--mlflow-port", type=int, default=5001)
     args = parser.parse_args(argv)
@@ -377,50 +486,78 @@ def main(argv: list[str] | None = None) -> None:
     with user_errors_exit():
         folder = Path(args.dir).resolve()
         if folder.exists() and not folder.is_dir():
-            raise ConfigError(f"--dir {args.dir} is a file; give a folder (it is created if "
-                              "missing) for the database, artifacts and logs.")
+            raise ConfigError(
+                f"--dir {args.dir} is a file; give a folder (it is created if "
+                "missing) for the database, artifacts and logs."
+            )
         if args.pg_port == args.mlflow_port:
-            raise ConfigError(f"--pg-port and --mlflow-port are both {args.pg_port}; give two "
-                              "different ports.")
+            raise ConfigError(
+                f"--pg-port and --mlflow-port are both {args.pg_port}; give two different ports."
+            )
         check_port(args.host, args.pg_port, "--pg-port")
         check_port(args.host, args.mlflow_port, "--mlflow-port")
-        networks = check_networks(args.allow_net if args.allow_net is not None
-                                  else default_networks(args.host))
+        networks = check_networks(
+            args.allow_net if args.allow_net is not None else default_networks(args.host)
+        )
         everywhere = args.host in ("0.0.0.0", "::")
         advertise = args.advertise or (host_name() if everywhere else args.host)
         try:
             folder.mkdir(parents=True, exist_ok=True)
         except OSError as error:
-            raise ConfigError(f"--dir {args.dir} cannot be created ({error.strerror}); give a "
-                              "folder you can write to.") from None
+            raise ConfigError(
+                f"--dir {args.dir} cannot be created ({error.strerror}); give a "
+                "folder you can write to."
+            ) from None
         if os.geteuid() == 0 and not _reachable_by_unprivileged(folder):
-            raise ConfigError(f"--dir {folder} is not reachable for the unprivileged user "
-                              f"{UNPRIVILEGED} that runs PostgreSQL; use a folder under /tmp or /srv.")
+            raise ConfigError(
+                f"--dir {folder} is not reachable for the unprivileged user "
+                f"{UNPRIVILEGED} that runs PostgreSQL; use a folder under /tmp or /srv."
+            )
         secret = folder / "password"
         if not secret.exists():
-            write_private(secret, os.environ.get("MNIST_SWEEP_PG_PASSWORD") or secrets.token_urlsafe(18))
-        names = [*machine_names(), *args.allow_host] if not is_loopback(args.host) else args.allow_host
-        servers = LocalServers(folder, secret.read_text().strip(), args.pg_port, args.mlflow_port,
-                               args.host, advertise, networks, [advertise, *names])
+            write_private(
+                secret, os.environ.get("MNIST_SWEEP_PG_PASSWORD") or secrets.token_urlsafe(18)
+            )
+        names = (
+            [*machine_names(), *args.allow_host] if not is_loopback(args.host) else args.allow_host
+        )
+        servers = LocalServers(
+            folder,
+            secret.read_text().strip(),
+            args.pg_port,
+            args.mlflow_port,
+            args.host,
+            advertise,
+            networks,
+            [advertise, *names],
+        )
         servers.start()
         try:
             urls = folder / "urls.env"
-            write_private(urls, f"export SWEEP_STORAGE='{servers.storage_url}'\n"
-                                f"export MLFLOW_TRACKING_URI='{servers.tracking_url}'\n")
+            write_private(
+                urls,
+                f"export SWEEP_STORAGE='{servers.storage_url}'\n"
+                f"export MLFLOW_TRACKING_URI='{servers.tracking_url}'\n",
+            )
             admitted = ", ".join(["this machine", *networks])
-            print(f"PostgreSQL (Optuna storage): {redact_uri(servers.storage_url)}\n"
-                  f"  listens on {args.host}:{args.pg_port}; admits user {PG_USER} with its "
-                  f"password (scram-sha-256) from: {admitted}\n"
-                  f"MLflow tracking server:      {servers.tracking_url}\n"
-                  f"  listens on {args.host}:{args.mlflow_port}; answers to the names: "
-                  f"{', '.join(dict.fromkeys([*LOOPBACK_HOSTS, advertise, *names]))}\n"
-                  f"Workers: source {urls} && make worker   (the file holds the password)\n"
-                  "Ctrl-C stops both.", flush=True)
+            print(
+                f"PostgreSQL (Optuna storage): {redact_uri(servers.storage_url)}\n"
+                f"  listens on {args.host}:{args.pg_port}; admits user {PG_USER} with its "
+                f"password (scram-sha-256) from: {admitted}\n"
+                f"MLflow tracking server:      {servers.tracking_url}\n"
+                f"  listens on {args.host}:{args.mlflow_port}; answers to the names: "
+                f"{', '.join(dict.fromkeys([*LOOPBACK_HOSTS, advertise, *names]))}\n"
+                f"Workers: source {urls} && make worker   (the file holds the password)\n"
+                "Ctrl-C stops both.",
+                flush=True,
+            )
             while servers.mlflow.poll() is None:
                 with INTERRUPTS.allowed():
                     time.sleep(1)
-            raise UserError(f"The MLflow server exited with status {servers.mlflow.returncode}; "
-                            f"see {servers.mlflow_log}.")
+            raise UserError(
+                f"The MLflow server exited with status {servers.mlflow.returncode}; "
+                f"see {servers.mlflow_log}."
+            )
         except KeyboardInterrupt:
             print("stopping", flush=True)
         finally:

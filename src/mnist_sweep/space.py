@@ -18,36 +18,44 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any
 
 import optuna
-from optuna.distributions import (BaseDistribution, CategoricalDistribution, FloatDistribution,
-                                  IntDistribution)
+from optuna.distributions import (
+    BaseDistribution,
+    CategoricalDistribution,
+    FloatDistribution,
+    IntDistribution,
+)
 
 from mnist_sweep.errors import ConfigError
 
-GRAMMAR_HELP = ("interval(low, high), int(interval(low, high)), range(start, stop[, step]), "
-                "choice(a, b, ...) or a,b,c, with tag(log, ...) for a log scale")
+GRAMMAR_HELP = (
+    "interval(low, high), int(interval(low, high)), range(start, stop[, step]), "
+    "choice(a, b, ...) or a,b,c, with tag(log, ...) for a log scale"
+)
 
 
 @dataclass(frozen=True)
 class Param:
-    name: str                      # Optuna's parameter name: the config key
-    key: str                       # the config key the sampled value overrides
+    name: str  # Optuna's parameter name: the config key
+    key: str  # the config key the sampled value overrides
     distribution: BaseDistribution
-    grammar: str                   # as written, for messages and the resolved-space artifact
+    grammar: str  # as written, for messages and the resolved-space artifact
     condition: tuple[str, Any] | None = None  # (choice key, option) this parameter belongs to
 
 
 @dataclass
 class SearchSpace:
-    params: list[Param] = field(default_factory=list)            # sampled in every trial
+    params: list[Param] = field(default_factory=list)  # sampled in every trial
     conditional: dict[str, dict[Any, list[Param]]] = field(default_factory=dict)
 
     def all_params(self) -> list[Param]:
-        return self.params + [p for options in self.conditional.values()
-                              for ps in options.values() for p in ps]
+        return self.params + [
+            p for options in self.conditional.values() for ps in options.values() for p in ps
+        ]
 
     def suggest(self, trial: optuna.Trial) -> dict[str, Any]:
         """Sample one configuration: {config key: value}, conditional ones only under their option."""
@@ -61,9 +69,13 @@ class SearchSpace:
         """The resolved space, as written to the parent run's artifact."""
         out = {"params": {p.name: f"{p.grammar}  ->  {p.distribution!r}" for p in self.params}}
         if self.conditional:
-            out["conditional"] = {k: {str(o): {p.name: f"{p.grammar}  ->  {p.distribution!r}"
-                                               for p in ps} for o, ps in options.items()}
-                                  for k, options in self.conditional.items()}
+            out["conditional"] = {
+                k: {
+                    str(o): {p.name: f"{p.grammar}  ->  {p.distribution!r}" for p in ps}
+                    for o, ps in options.items()
+                }
+                for k, options in self.conditional.items()
+            }
         return out
 
 
@@ -85,11 +97,15 @@ def to_distribution(key: str, grammar: str) -> BaseDistribution:
     try:
         override = OverridesParser.create().parse_override(line)
     except Exception as error:  # Hydra's parse errors: unknown function, empty choice, syntax
-        raise ConfigError(f"The search-space entry {line} cannot be parsed: "
-                          f"{' '.join(str(error).split())}. Allowed: {GRAMMAR_HELP}.") from None
+        raise ConfigError(
+            f"The search-space entry {line} cannot be parsed: "
+            f"{' '.join(str(error).split())}. Allowed: {GRAMMAR_HELP}."
+        ) from None
     if not override.is_sweep_override():
-        raise ConfigError(f"The search-space entry {line} is a single value, not a range to "
-                          f"search; use {GRAMMAR_HELP} (or put fixed values under `fixed`).")
+        raise ConfigError(
+            f"The search-space entry {line} is a single value, not a range to "
+            f"search; use {GRAMMAR_HELP} (or put fixed values under `fixed`)."
+        )
     sweep = override.value()
     log = "log" in sweep.tags
     if isinstance(sweep, ChoiceSweep):
@@ -98,8 +114,9 @@ def to_distribution(key: str, grammar: str) -> BaseDistribution:
         choices = tuple(sweep.list)
         bad = [c for c in choices if not isinstance(c, (str, int, float, bool, type(None)))]
         if bad:
-            raise ConfigError(f"{line}: choice values must be numbers, strings, booleans or null, "
-                              f"got {bad[0]!r}.")
+            raise ConfigError(
+                f"{line}: choice values must be numbers, strings, booleans or null, got {bad[0]!r}."
+            )
         if len(set(map(repr, choices))) != len(choices):
             raise ConfigError(f"{line}: the choice lists a value twice.")
         return CategoricalDistribution(choices)
@@ -116,17 +133,23 @@ def to_distribution(key: str, grammar: str) -> BaseDistribution:
             raise ConfigError(f"{line}: the range step must be > 0, got {step}.")
         count = math.ceil(round((stop - start) / step, 9))
         if count < 2:
-            raise ConfigError(f"{line}: range(start, stop, step) excludes stop, as Python's "
-                              "does, and must hold at least two values; here it holds "
-                              f"{max(count, 0)}.")
+            raise ConfigError(
+                f"{line}: range(start, stop, step) excludes stop, as Python's "
+                "does, and must hold at least two values; here it holds "
+                f"{max(count, 0)}."
+            )
         high = start + step * (count - 1)
         _check_bounds(line, start, high, log)
         if log and step != 1:
-            raise ConfigError(f"{line}: Optuna cannot combine a log scale with a step other than "
-                              "1; drop tag(log, ...) or the step.")
+            raise ConfigError(
+                f"{line}: Optuna cannot combine a log scale with a step other than "
+                "1; drop tag(log, ...) or the step."
+            )
         if all(isinstance(v, int) for v in (start, stop, step)):
             return IntDistribution(start, high, step=step, log=log)
-        return FloatDistribution(float(start), float(round(high, 12)), step=None if log else float(step), log=log)
+        return FloatDistribution(
+            float(start), float(round(high, 12)), step=None if log else float(step), log=log
+        )
     raise ConfigError(f"{line}: unsupported sweep {type(sweep).__name__}; allowed: {GRAMMAR_HELP}.")
 
 
@@ -141,20 +164,25 @@ def _check_integral_bounds(key: str, grammar: str) -> None:
     sweep = OverridesParser.create().parse_override(f"{key}={inner[4:-1]}").value()
     bad = [b for b in (sweep.start, sweep.end) if float(b) != int(float(b))]
     if bad:
-        raise ConfigError(f"{key}={grammar}: int(...) needs whole-number bounds, but "
-                          f"{', '.join(map(str, bad))} is not one (Hydra would truncate it); write "
-                          f"e.g. int(interval({int(float(sweep.start))}, {int(float(sweep.end))})).")
+        raise ConfigError(
+            f"{key}={grammar}: int(...) needs whole-number bounds, but "
+            f"{', '.join(map(str, bad))} is not one (Hydra would truncate it); write "
+            f"e.g. int(interval({int(float(sweep.start))}, {int(float(sweep.end))}))."
+        )
 
 
 def contains(d: BaseDistribution, value: Any) -> bool:
     """Whether `value` is one the distribution can take (what an enqueued value must be)."""
     if isinstance(d, CategoricalDistribution):
         return any(value == c and type(value) is type(c) for c in d.choices) or (
-            isinstance(value, (int, float)) and not isinstance(value, bool) and value in d.choices)
+            isinstance(value, (int, float)) and not isinstance(value, bool) and value in d.choices
+        )
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         return False
     if isinstance(d, IntDistribution):
-        return float(value).is_integer() and d.low <= value <= d.high and (value - d.low) % d.step == 0
+        return (
+            float(value).is_integer() and d.low <= value <= d.high and (value - d.low) % d.step == 0
+        )
     if d.step is not None:
         steps = (value - d.low) / d.step
         if abs(steps - round(steps)) > 1e-8:
@@ -166,12 +194,17 @@ def _check_bounds(line: str, low, high, log: bool) -> None:
     if not low < high:
         raise ConfigError(f"{line}: the low bound {low} must be below the high bound {high}.")
     if log and low <= 0:
-        raise ConfigError(f"{line}: a log scale needs a positive range, but the low bound is "
-                          f"{low}; use a low bound > 0 or drop tag(log, ...).")
+        raise ConfigError(
+            f"{line}: a log scale needs a positive range, but the low bound is "
+            f"{low}; use a low bound > 0 or drop tag(log, ...)."
+        )
 
 
-def build_space(params: Mapping[str, str], conditional: Mapping[str, Mapping[Any, Mapping[str, str]]],
-                group_options: Mapping[str, list[str]]) -> SearchSpace:
+def build_space(
+    params: Mapping[str, str],
+    conditional: Mapping[str, Mapping[Any, Mapping[str, str]]],
+    group_options: Mapping[str, list[str]],
+) -> SearchSpace:
     """The SearchSpace of a sweep file's `params` and `conditional` sections."""
     space = SearchSpace()
     for key, grammar in params.items():
@@ -180,9 +213,11 @@ def build_space(params: Mapping[str, str], conditional: Mapping[str, Mapping[Any
     for choice_key, options in (conditional or {}).items():
         choice = by_key.get(choice_key)
         if choice is None or not isinstance(choice.distribution, CategoricalDistribution):
-            raise ConfigError(f"conditional.{choice_key}: conditional parameters need "
-                              f"{choice_key} itself to be searched as a choice(...) under params; "
-                              f"the params are: {', '.join(by_key) or 'none'}.")
+            raise ConfigError(
+                f"conditional.{choice_key}: conditional parameters need "
+                f"{choice_key} itself to be searched as a choice(...) under params; "
+                f"the params are: {', '.join(by_key) or 'none'}."
+            )
         allowed = list(choice.distribution.choices)
         space.conditional[choice_key] = {}
         options = options or {}
@@ -190,21 +225,31 @@ def build_space(params: Mapping[str, str], conditional: Mapping[str, Mapping[Any
             if option not in allowed:
                 known = group_options.get(choice_key)
                 hint = f" (the config group offers {', '.join(known)})" if known else ""
-                raise ConfigError(f"conditional.{choice_key}.{option}: {option!r} is not an option "
-                                  f"of {choice_key}={choice.grammar}; allowed: "
-                                  f"{', '.join(map(str, allowed))}{hint}.")
+                raise ConfigError(
+                    f"conditional.{choice_key}.{option}: {option!r} is not an option "
+                    f"of {choice_key}={choice.grammar}; allowed: "
+                    f"{', '.join(map(str, allowed))}{hint}."
+                )
         keys = [key for entries in options.values() for key in (entries or {})]
         for option, entries in options.items():
             space.conditional[choice_key][option] = [
                 # a key under several options gets one Optuna parameter per option
-                Param(f"{key}@{option}" if keys.count(key) > 1 else key, key,
-                      to_distribution(key, str(grammar)), str(grammar), (choice_key, option))
-                for key, grammar in (entries or {}).items()]
+                Param(
+                    f"{key}@{option}" if keys.count(key) > 1 else key,
+                    key,
+                    to_distribution(key, str(grammar)),
+                    str(grammar),
+                    (choice_key, option),
+                )
+                for key, grammar in (entries or {}).items()
+            ]
     names = [p.name for p in space.all_params()]
     duplicates = {n for n in names if names.count(n) > 1}
     if duplicates:  # one Optuna name must keep one distribution across the study
-        raise ConfigError(f"The parameter(s) {', '.join(sorted(duplicates))} appear both under "
-                          "params and under conditional; give each one place.")
+        raise ConfigError(
+            f"The parameter(s) {', '.join(sorted(duplicates))} appear both under "
+            "params and under conditional; give each one place."
+        )
     return space
 
 

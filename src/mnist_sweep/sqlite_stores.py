@@ -77,10 +77,12 @@ def use_wal(connection: sqlite3.Connection) -> bool:
     where = connection.execute("PRAGMA database_list").fetchone()[2] or ":memory:"
     if where not in _rollback_journal_noted:
         _rollback_journal_noted.add(where)
-        log.info(f"SQLite WAL is not available for {where} ({reason}): its transactions use a "
-                 "rollback journal, each commit syncs the disk (slower). A network file system "
-                 "cannot share WAL's memory index: keep the stores on a local disk, or use "
-                 "PostgreSQL (make server).")
+        log.info(
+            f"SQLite WAL is not available for {where} ({reason}): its transactions use a "
+            "rollback journal, each commit syncs the disk (slower). A network file system "
+            "cannot share WAL's memory index: keep the stores on a local disk, or use "
+            "PostgreSQL (make server)."
+        )
     return False
 
 

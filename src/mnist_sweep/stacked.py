@@ -64,8 +64,10 @@ class StackedModel:
         tensor, once per layer; split's backward is one concatenation.)"""
         flat = self.flat if flat is None else flat
         chunks = torch.split(flat, [n for _, _, n in self.layout], dim=1)
-        return {name: chunk.view(flat.shape[0], *shape)
-                for (name, shape, _), chunk in zip(self.layout, chunks)}
+        return {
+            name: chunk.view(flat.shape[0], *shape)
+            for (name, shape, _), chunk in zip(self.layout, chunks)
+        }
 
     def _one(self, params: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
         return functional_call(self.module, params, (x,))
@@ -85,7 +87,7 @@ class StackedModel:
         biases = [params[name] for name, _, _ in self.layout if name.endswith("bias")]
         w, b = weights[0], biases[0]
         h = torch.addmm(b.reshape(-1), x.flatten(1), w.reshape(-1, w.shape[-1]).T)  # [B, K*out]
-        h = h.view(x.shape[0], k, -1).transpose(0, 1)                              # [K, B, out]
+        h = h.view(x.shape[0], k, -1).transpose(0, 1)  # [K, B, out]
         for w, b in zip(weights[1:], biases[1:]):
             h = self.activation(h)
             h = torch.baddbmm(b.unsqueeze(1), h, w.transpose(1, 2))
@@ -114,27 +116,39 @@ class StackedSGD:
         self.device = device
         self.set_members([], torch.zeros(0, 0, device=device), torch.zeros(0, dtype=torch.bool), [])
 
-    def set_members(self, hyper: list[dict], buf: torch.Tensor, started: torch.Tensor,
-                    uses_momentum: list[bool]) -> None:
+    def set_members(
+        self, hyper: list[dict], buf: torch.Tensor, started: torch.Tensor, uses_momentum: list[bool]
+    ) -> None:
         """The members' settings (dicts with dampening, weight_decay, nesterov), momentum
         buffers [K, P] (in the parameters' dtype), whether each has stepped already (a new member
         has not), and whether each uses momentum at all (a momentum > 0, or one its schedule
         cycles): torch ignores dampening for a member without it."""
-        column = lambda values, dtype=buf.dtype: torch.tensor(  # noqa: E731
-            values, dtype=dtype, device=self.device).view(-1, 1)
+
+        def column(values: list, dtype: torch.dtype = buf.dtype) -> torch.Tensor:
+            return torch.tensor(values, dtype=dtype, device=self.device).view(-1, 1)
+
         damp = [h["dampening"] if uses else 0.0 for h, uses in zip(hyper, uses_momentum)]
-        self.keep = column([1 - d for d in damp])                 # 1 - dampening
+        self.keep = column([1 - d for d in damp])  # 1 - dampening
         self.weight_decay = column([h["weight_decay"] for h in hyper])
         self.nesterov = column([h["nesterov"] for h in hyper], torch.bool)
-        self.plain = not any(damp) and not any(h["weight_decay"] for h in hyper) \
+        self.plain = (
+            not any(damp)
+            and not any(h["weight_decay"] for h in hyper)
             and not any(h["nesterov"] for h in hyper)
+        )
         self.buf = buf.to(self.device)
         self.started = started.to(self.device).view(-1, 1)
         self.all_started = bool(self.started.all())
 
     @torch.no_grad()
-    def step(self, flat: torch.Tensor, grad: torch.Tensor, lr: torch.Tensor,
-             momentum: torch.Tensor, general: bool = False) -> None:
+    def step(
+        self,
+        flat: torch.Tensor,
+        grad: torch.Tensor,
+        lr: torch.Tensor,
+        momentum: torch.Tensor,
+        general: bool = False,
+    ) -> None:
         """One update of every member; lr and momentum [K] are this batch's (schedules move them),
         in the parameters' dtype. general: the path that holds for every member and every step
         (a CUDA graph replays it), never the shortcuts taken once every member has started."""

@@ -24,8 +24,9 @@ import inspect
 import logging
 import threading
 import time
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import optuna
 from optuna.storages import RDBStorage
@@ -56,7 +57,7 @@ def _lost_connection(error: BaseException) -> bool:
 
 def _retrying(name: str, method: Callable) -> Callable:
     @functools.wraps(method)
-    def call(self: "ResilientRDBStorage", *args, **kwargs):
+    def call(self: ResilientRDBStorage, *args, **kwargs):
         deadline, delay = None, 0.5
         while True:
             try:
@@ -75,17 +76,23 @@ def _retrying(name: str, method: Callable) -> Callable:
                 now = time.monotonic()
                 if deadline is None:
                     deadline = now + self.outage_seconds
-                    log.warning(f"Optuna storage unreachable ({name}): retrying for up to "
-                                f"{self.outage_seconds:.0f} s")
+                    log.warning(
+                        f"Optuna storage unreachable ({name}): retrying for up to "
+                        f"{self.outage_seconds:.0f} s"
+                    )
                 if now >= deadline:
-                    reason = redact_reason(" ".join(str(error.__cause__ or error).split()), self.url)
+                    reason = redact_reason(
+                        " ".join(str(error.__cause__ or error).split()), self.url
+                    )
                     raise StorageUnavailable(
                         f"The Optuna storage {redact_uri(self.url)} stayed unreachable for "
                         f"{self.outage_seconds:.0f} s (sweep.outage_seconds): {reason[:300]}. "
                         "The study is kept; run the same command again once the database is "
-                        "back.") from None
+                        "back."
+                    ) from None
                 time.sleep(min(delay, max(deadline - now, 0.1)))
                 delay = min(delay * 2, 8)
+
     return call
 
 
@@ -98,7 +105,7 @@ class ResilientRDBStorage(RDBStorage):
         super().__init__(*args, **kwargs)
         self.first_seen_without_heartbeat: dict[int, float] = {}  # trial id -> time.monotonic()
         self._local = threading.local()  # a thread's pending writes and snapshot
-        self.transactions = 0            # coalesced transactions committed (for the benchmark)
+        self.transactions = 0  # coalesced transactions committed (for the benchmark)
 
     def __getstate__(self) -> dict[str, Any]:
         state = super().__getstate__()
@@ -176,7 +183,11 @@ class ResilientRDBStorage(RDBStorage):
         if kind == "param":
             self._set_trial_param_without_commit(session, *args)
         elif kind in ("user_attr", "system_attr"):
-            model = models.TrialUserAttributeModel if kind == "user_attr" else models.TrialSystemAttributeModel
+            model = (
+                models.TrialUserAttributeModel
+                if kind == "user_attr"
+                else models.TrialSystemAttributeModel
+            )
             self._set_trial_attr_without_commit(session, model, *args)
         elif kind == "intermediate":
             self._set_trial_intermediate_value_without_commit(session, *args)
@@ -189,7 +200,9 @@ class ResilientRDBStorage(RDBStorage):
 
     def _apply_alone(self, kind: str, *args) -> None:
         if kind == "param":
-            RDBStorage._set_trial_param(self, *args) if len(args) == 5 else RDBStorage.set_trial_param(self, *args)
+            RDBStorage._set_trial_param(self, *args) if len(
+                args
+            ) == 5 else RDBStorage.set_trial_param(self, *args)
         elif kind == "user_attr":
             RDBStorage.set_trial_user_attr(self, *args)
         elif kind == "system_attr":
@@ -213,8 +226,9 @@ class ResilientRDBStorage(RDBStorage):
         else:
             heartbeat.heartbeat = session.execute(sqlalchemy.func.now()).scalar()
 
-    def _set_trial_state_values_without_commit(self, session, trial_id: int, state: TrialState,
-                                               values=None) -> None:
+    def _set_trial_state_values_without_commit(
+        self, session, trial_id: int, state: TrialState, values=None
+    ) -> None:
         """RDBStorage.set_trial_state_values' body for a finished state, inside the coalesced
         transaction."""
         from datetime import datetime
@@ -249,36 +263,59 @@ class ResilientRDBStorage(RDBStorage):
         finally:
             self._local.snapshot = None
 
-    def _get_trials(self, study_id: int, states, included_trial_ids: set[int],
-                    trial_id_greater_than: int):
+    def _get_trials(
+        self, study_id: int, states, included_trial_ids: set[int], trial_id_greater_than: int
+    ):
         snapshot = getattr(self._local, "snapshot", None)
         if snapshot is not None and study_id in snapshot:
             included_trial_ids = set()
             trial_id_greater_than = max(trial_id_greater_than, snapshot[study_id])
         self._commit_pending()
         trials = _retrying("_get_trials", RDBStorage._get_trials)(
-            self, study_id, states, included_trial_ids, trial_id_greater_than)
+            self, study_id, states, included_trial_ids, trial_id_greater_than
+        )
         if snapshot is not None:
-            snapshot[study_id] = max([trial_id_greater_than, snapshot.get(study_id, -1),
-                                      *(t._trial_id for t in trials)])
+            snapshot[study_id] = max(
+                [trial_id_greater_than, snapshot.get(study_id, -1), *(t._trial_id for t in trials)]
+            )
         return trials
 
 
 # Writes: queued inside a coalesced block, else made at once (retried on a lost connection).
-_WRITES = {"set_trial_param": "param", "_set_trial_param": "param",
-           "set_trial_user_attr": "user_attr", "set_trial_system_attr": "system_attr",
-           "set_trial_intermediate_value": "intermediate", "record_heartbeat": "heartbeat",
-           "set_trial_state_values": "state"}
+_WRITES = {
+    "set_trial_param": "param",
+    "_set_trial_param": "param",
+    "set_trial_user_attr": "user_attr",
+    "set_trial_system_attr": "system_attr",
+    "set_trial_intermediate_value": "intermediate",
+    "record_heartbeat": "heartbeat",
+    "set_trial_state_values": "state",
+}
 # Everything else that reaches the database: the thread's pending writes first, then retried.
 _READS_AND_OTHER_WRITES = (
-    "create_new_study", "delete_study", "set_study_user_attr", "set_study_system_attr",
-    "get_study_id_from_name", "get_study_name_from_id", "get_study_directions",
-    "get_study_user_attrs", "get_study_system_attrs", "get_trial_user_attrs",
-    "get_trial_system_attrs", "get_all_studies", "create_new_trial", "get_trial_param",
-    "get_trial_id_from_study_id_trial_number", "get_trial", "get_all_trials", "get_best_trial",
+    "create_new_study",
+    "delete_study",
+    "set_study_user_attr",
+    "set_study_system_attr",
+    "get_study_id_from_name",
+    "get_study_name_from_id",
+    "get_study_directions",
+    "get_study_user_attrs",
+    "get_study_system_attrs",
+    "get_trial_user_attrs",
+    "get_trial_system_attrs",
+    "get_all_studies",
+    "create_new_trial",
+    "get_trial_param",
+    "get_trial_id_from_study_id_trial_number",
+    "get_trial",
+    "get_all_trials",
+    "get_best_trial",
     "get_n_trials",
     # what Optuna's _CachedStorage (which wraps every RDBStorage) calls directly:
-    "_create_new_trial", "_get_best_trial_id")
+    "_create_new_trial",
+    "_get_best_trial_id",
+)
 
 
 def _write(name: str, kind: str) -> Callable:
@@ -294,6 +331,7 @@ def _write(name: str, kind: str) -> Callable:
             return True if kind == "state" else None
         self._commit_pending()
         return method(self, *args)
+
     return _retrying(name, call)
 
 
@@ -304,6 +342,7 @@ def _first_writes_pending(name: str) -> Callable:
     def call(self: ResilientRDBStorage, *args, **kwargs):
         self._commit_pending()
         return method(self, *args, **kwargs)
+
     return _retrying(name, call)
 
 
@@ -327,16 +366,23 @@ def _stale_or_never_beat(storage: ResilientRDBStorage, study_id: int) -> list[in
     storage._commit_pending()
     stale = RDBStorage._get_stale_trial_ids(storage, study_id)
     with _create_scoped_session(storage.scoped_session) as session:
-        never_beat = {trial_id for (trial_id,) in session.query(models.TrialModel.trial_id)
-                      .outerjoin(models.TrialHeartbeatModel)
-                      .filter(models.TrialModel.study_id == study_id,
-                              models.TrialModel.state == TrialState.RUNNING,
-                              models.TrialHeartbeatModel.trial_heartbeat_id.is_(None))}
+        never_beat = {
+            trial_id
+            for (trial_id,) in session.query(models.TrialModel.trial_id)
+            .outerjoin(models.TrialHeartbeatModel)
+            .filter(
+                models.TrialModel.study_id == study_id,
+                models.TrialModel.state == TrialState.RUNNING,
+                models.TrialHeartbeatModel.trial_heartbeat_id.is_(None),
+            )
+        }
     grace = storage.grace_period or 2 * storage.heartbeat_interval
     now, seen = time.monotonic(), storage.first_seen_without_heartbeat
     for trial_id in set(seen) - never_beat:
         del seen[trial_id]
-    dead = [trial_id for trial_id in sorted(never_beat) if now - seen.setdefault(trial_id, now) > grace]
+    dead = [
+        trial_id for trial_id in sorted(never_beat) if now - seen.setdefault(trial_id, now) > grace
+    ]
     for trial_id in dead:  # failed now, by this process or another one
         del seen[trial_id]
     return stale + dead

@@ -10,8 +10,9 @@ from __future__ import annotations
 import logging
 import time
 import warnings
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any
 
 import optuna
 from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
@@ -27,7 +28,9 @@ from mnist_sweep.urls import not_sqlite, redact_reason, redact_uri, scheme_of
 # Heartbeat and the visualizations are marked experimental; they are what we rely on on purpose.
 warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
 # A population worker asks for trials itself and records their heartbeats itself.
-warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to be used with Study.optimize")
+warnings.filterwarnings(
+    "ignore", message="Heartbeat of storage is supposed to be used with Study.optimize"
+)
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 log = logging.getLogger("mnist_sweep")
 
@@ -36,30 +39,40 @@ PRUNERS = ("median", "hyperband", "successive_halving", "percentile", "none")
 DONE = (TrialState.COMPLETE, TrialState.PRUNED)  # what n_trials counts
 
 
-def open_storage(url: str, heartbeat_interval: int = 10, grace_period: int = 30,
-                 max_retry: int = 1,
-                 on_stale: Callable[[optuna.Study, FrozenTrial], None] | None = None,
-                 outage_seconds: float = 120):
+def open_storage(
+    url: str,
+    heartbeat_interval: int = 10,
+    grace_period: int = 30,
+    max_retry: int = 1,
+    on_stale: Callable[[optuna.Study, FrozenTrial], None] | None = None,
+    outage_seconds: float = 120,
+):
     """An Optuna RDB storage with heartbeat: a trial whose worker died is failed after
     `grace_period` seconds and retried (at most `max_retry` times). Calls that lose the database
     connection (a restart, a network blip) are retried for up to `outage_seconds`."""
     shown = redact_uri(url)
     scheme = scheme_of(url)
     if scheme not in ("sqlite", "postgresql", "mysql"):
-        raise ConfigError(f"sweep.storage={shown!r} is not an Optuna storage URL this tool opens: "
-                          "use sqlite:///path/optuna.db (the embedded default) or "
-                          "postgresql://user:password@host:port/db (also mysql://).")
+        raise ConfigError(
+            f"sweep.storage={shown!r} is not an Optuna storage URL this tool opens: "
+            "use sqlite:///path/optuna.db (the embedded default) or "
+            "postgresql://user:password@host:port/db (also mysql://)."
+        )
     engine_kwargs: dict[str, Any] = {}
     if scheme == "sqlite":
         path = Path(url.split("sqlite:///", 1)[-1])
         if not url.startswith("sqlite:///") or not path.name:
-            raise ConfigError(f"sweep.storage={shown!r} is malformed: use sqlite:///relative.db "
-                              "or sqlite:////absolute/path.db.")
+            raise ConfigError(
+                f"sweep.storage={shown!r} is malformed: use sqlite:///relative.db "
+                "or sqlite:////absolute/path.db."
+            )
         if not path.parent.resolve().is_dir():
             raise ConfigError(f"sweep.storage={shown!r}: the folder {path.parent} does not exist.")
         if not_sqlite(path):
-            raise ConfigError(f"sweep.storage={shown!r}: {path} exists but is not a SQLite "
-                              "database; move it away or use another file.")
+            raise ConfigError(
+                f"sweep.storage={shown!r}: {path} exists but is not a SQLite "
+                "database; move it away or use another file."
+            )
         engine_kwargs = {"connect_args": {"timeout": 60}}  # wait for a busy writer, don't fail
         sqlite_stores.install()
     else:
@@ -77,8 +90,12 @@ def open_storage(url: str, heartbeat_interval: int = 10, grace_period: int = 30,
     for attempt in range(3):
         try:
             storage = ResilientRDBStorage(
-                url, engine_kwargs=engine_kwargs, heartbeat_interval=heartbeat_interval,
-                grace_period=grace_period, heartbeat_stale_trial_callback=stale_trial_callback)
+                url,
+                engine_kwargs=engine_kwargs,
+                heartbeat_interval=heartbeat_interval,
+                grace_period=grace_period,
+                heartbeat_stale_trial_callback=stale_trial_callback,
+            )
             storage.outage_seconds = outage_seconds
             if scheme == "sqlite":
                 sqlite_stores.serialize_transactions(storage.engine)
@@ -86,16 +103,24 @@ def open_storage(url: str, heartbeat_interval: int = 10, grace_period: int = 30,
         except (sqlalchemy.exc.IntegrityError, sqlalchemy.exc.OperationalError) as error:
             # Two processes created the schema of a new storage at once and the other one won
             # (a table or the alembic_version row exists): open it again, now that it is there.
-            if isinstance(error, sqlalchemy.exc.OperationalError) and "already exists" not in str(error):
-                raise ConfigError(f"The Optuna storage sweep.storage={shown!r} cannot be opened: "
-                                  f"{redact_reason(' '.join(str(error).split()), url)[:300]}") from None
+            if isinstance(error, sqlalchemy.exc.OperationalError) and "already exists" not in str(
+                error
+            ):
+                raise ConfigError(
+                    f"The Optuna storage sweep.storage={shown!r} cannot be opened: "
+                    f"{redact_reason(' '.join(str(error).split()), url)[:300]}"
+                ) from None
             time.sleep(0.5 * (attempt + 1))
         except Exception as error:  # sqlalchemy/driver errors: unreachable host, bad password...
             reason = " ".join(str(error).split())
-            raise ConfigError(f"The Optuna storage sweep.storage={shown!r} cannot be opened: "
-                              f"{redact_reason(reason, url)[:300]}") from None
-    raise ConfigError(f"The Optuna storage sweep.storage={shown!r} could not be initialized: other "
-                      "processes kept creating its schema at the same time; run the command again.")
+            raise ConfigError(
+                f"The Optuna storage sweep.storage={shown!r} cannot be opened: "
+                f"{redact_reason(reason, url)[:300]}"
+            ) from None
+    raise ConfigError(
+        f"The Optuna storage sweep.storage={shown!r} could not be initialized: other "
+        "processes kept creating its schema at the same time; run the command again."
+    )
 
 
 def make_sampler(name: str, seed: int | None, space: SearchSpace, args: Mapping | None = None):
@@ -125,7 +150,9 @@ class TrialSeededSampler(optuna.samplers.BaseSampler):
     The samplers keep no state between trials that matters: TPE, GP and CMA-ES read the study's
     history from the storage every trial."""
 
-    def __init__(self, build: Callable[[int | None], optuna.samplers.BaseSampler], seed: int | None):
+    def __init__(
+        self, build: Callable[[int | None], optuna.samplers.BaseSampler], seed: int | None
+    ):
         self._build, self._seed = build, seed
         self._by_trial: dict[int, optuna.samplers.BaseSampler] = {}
 
@@ -171,15 +198,19 @@ def _one_sampler(name: str, seed: int | None, space: SearchSpace, args: Mapping 
             return optuna.samplers.QMCSampler(seed=seed, **args)
         return optuna.samplers.GridSampler(grid_of(space), seed=seed, **args)
     except TypeError as error:
-        raise ConfigError(f"sweep.sampler_args={args} do not fit the {name} sampler: {error}.") from None
+        raise ConfigError(
+            f"sweep.sampler_args={args} do not fit the {name} sampler: {error}."
+        ) from None
 
 
 def grid_of(space: SearchSpace) -> dict[str, list]:
     """GridSampler's grid: every parameter must be a choice or a stepped range."""
     if space.conditional:
-        raise ConfigError("sweep.sampler=grid cannot search conditional parameters (a grid "
-                          "fixes every parameter in every trial); use another sampler or move "
-                          "them under params.")
+        raise ConfigError(
+            "sweep.sampler=grid cannot search conditional parameters (a grid "
+            "fixes every parameter in every trial); use another sampler or move "
+            "them under params."
+        )
     grid = {}
     for p in space.params:
         d = p.distribution
@@ -191,8 +222,10 @@ def grid_of(space: SearchSpace) -> dict[str, list]:
             n = round((d.high - d.low) / d.step)
             grid[p.name] = [round(d.low + i * d.step, 12) for i in range(n + 1)]
         else:
-            raise ConfigError(f"sweep.sampler=grid needs every parameter to be a choice(...) or a "
-                              f"range(...); {p.name}={p.grammar} is continuous.")
+            raise ConfigError(
+                f"sweep.sampler=grid needs every parameter to be a choice(...) or a "
+                f"range(...); {p.name}={p.grammar} is continuous."
+            )
     return grid
 
 
@@ -205,17 +238,23 @@ def make_pruner(name: str, epochs: int, args: Mapping | None = None):
         # Optuna's own defaults: 5 startup trials, pruning from the first epoch on.
         "median": (optuna.pruners.MedianPruner, {}),
         "percentile": (optuna.pruners.PercentilePruner, {"percentile": 25.0}),
-        "hyperband": (optuna.pruners.HyperbandPruner,
-                      {"min_resource": 1, "max_resource": max(epochs, 1), "reduction_factor": 3}),
-        "successive_halving": (optuna.pruners.SuccessiveHalvingPruner,
-                               {"min_resource": 1, "reduction_factor": 3}),
+        "hyperband": (
+            optuna.pruners.HyperbandPruner,
+            {"min_resource": 1, "max_resource": max(epochs, 1), "reduction_factor": 3},
+        ),
+        "successive_halving": (
+            optuna.pruners.SuccessiveHalvingPruner,
+            {"min_resource": 1, "reduction_factor": 3},
+        ),
         "none": (optuna.pruners.NopPruner, {}),
     }
     cls, kwargs = defaults[name]
     try:
         return cls(**{**kwargs, **args})
     except (TypeError, ValueError) as error:
-        raise ConfigError(f"sweep.pruner_args={args} do not fit the {name} pruner: {error}.") from None
+        raise ConfigError(
+            f"sweep.pruner_args={args} do not fit the {name} pruner: {error}."
+        ) from None
 
 
 RETRY_WINDOW_SECONDS = 30  # how long a trial failed by heartbeat waits for its retry to appear
@@ -252,11 +291,16 @@ def awaiting_retry(trials: list[FrozenTrial], max_retry: int) -> set[int]:
         return set()
     retried = {n for t in trials for n in t.system_attrs.get("retry_history", [])}
     recent = time.time() - RETRY_WINDOW_SECONDS
-    return {t.number for t in trials
-            if t.state == TrialState.FAIL and t.number not in retried
-            and not {"excess", "fail_reason", "interrupted"} & set(t.user_attrs)
-            and len(t.system_attrs.get("retry_history", [])) < max_retry
-            and t.datetime_complete is not None and t.datetime_complete.timestamp() > recent}
+    return {
+        t.number
+        for t in trials
+        if t.state == TrialState.FAIL
+        and t.number not in retried
+        and not {"excess", "fail_reason", "interrupted"} & set(t.user_attrs)
+        and len(t.system_attrs.get("retry_history", [])) < max_retry
+        and t.datetime_complete is not None
+        and t.datetime_complete.timestamp() > recent
+    }
 
 
 def claimed_before(study: optuna.Study, number: int, max_retry: int = 0) -> int:
@@ -265,15 +309,19 @@ def claimed_before(study: optuna.Study, number: int, max_retry: int = 0) -> int:
     retry (its slot is the retry's)."""
     trials = study.get_trials(deepcopy=False)
     pending = awaiting_retry(trials, max_retry)
-    return sum(1 for t in trials
-               if t.number < number and (t.state != TrialState.FAIL or t.number in pending))
+    return sum(
+        1
+        for t in trials
+        if t.number < number and (t.state != TrialState.FAIL or t.number in pending)
+    )
 
 
 # ----------------------------------------------------------------------------- opening a study
 
 
-def open_study(spec, space: SearchSpace, base, on_stale=None,
-               create: bool = False) -> tuple[optuna.Study, bool]:
+def open_study(
+    spec, space: SearchSpace, base, on_stale=None, create: bool = False
+) -> tuple[optuna.Study, bool]:
     """The study of sweep `spec`, loaded; with create=True made if missing. Returns (study,
     made_here): of several drivers starting at once on a new study, exactly one makes it (the
     database's unique study name decides) and only that one makes the MLflow parent run.
@@ -286,21 +334,34 @@ def open_study(spec, space: SearchSpace, base, on_stale=None,
     s = spec.settings
     if not create:
         require_existing_file(s["storage"], spec.study_name)
-    storage = open_storage(s["storage"], s["heartbeat_interval"], s["grace_period"],
-                           s["max_retry"], on_stale, s["outage_seconds"])
+    storage = open_storage(
+        s["storage"],
+        s["heartbeat_interval"],
+        s["grace_period"],
+        s["max_retry"],
+        on_stale,
+        s["outage_seconds"],
+    )
     sampler = make_sampler(s["sampler"], s["seed"], space, s["sampler_args"])
     pruner = make_pruner(s["pruner"], max_epochs(space, base), s["pruner_args"])
     name, defined = spec.study_name, definition(spec, space, base)
     existing = {st.study_name: st for st in optuna.get_all_study_summaries(storage)}
     if name not in existing and not create:
         held = ", ".join(sorted(existing)) or "no study"
-        raise ConfigError(f"No study {name!r} in {redact_uri(s['storage'])} (it holds: {held}). "
-                          "A worker joins a study that `make sweep` started: start it there first, "
-                          "or give the study's name with sweep.study_name=<name>.")
+        raise ConfigError(
+            f"No study {name!r} in {redact_uri(s['storage'])} (it holds: {held}). "
+            "A worker joins a study that `make sweep` started: start it there first, "
+            "or give the study's name with sweep.study_name=<name>."
+        )
     if name not in existing:
         try:
-            study = optuna.create_study(study_name=name, storage=storage, sampler=sampler,
-                                        pruner=pruner, direction=s["direction"])
+            study = optuna.create_study(
+                study_name=name,
+                storage=storage,
+                sampler=sampler,
+                pruner=pruner,
+                direction=s["direction"],
+            )
             study.set_user_attr("metric", s["metric"])
             study.set_user_attr("sweep_file", spec.file)
             study.set_user_attr("definition", defined)
@@ -316,25 +377,31 @@ def open_study(spec, space: SearchSpace, base, on_stale=None,
             f"The study {name!r} in {redact_uri(s['storage'])} was made to {direction} "
             f"{metric}, but this sweep asks to {s['direction']} {s['metric']}: resume it with "
             f"sweep.direction={direction} sweep.metric={metric}, or start a new study with "
-            "sweep.study_name=<new name>.")
+            "sweep.study_name=<new name>."
+        )
     recorded = found.user_attrs.get("definition")
     if recorded is None:  # made before definitions were recorded (or by hand): wait for one
         deadline = time.time() + (10 if found.n_trials == 0 else 0)
         while recorded is None and time.time() < deadline:
             time.sleep(0.5)  # the driver that made it records its definition right after
-            recorded = optuna.load_study(study_name=name, storage=storage).user_attrs.get("definition")
+            recorded = optuna.load_study(study_name=name, storage=storage).user_attrs.get(
+                "definition"
+            )
     study = optuna.load_study(study_name=name, storage=storage, sampler=sampler, pruner=pruner)
     if recorded is None:  # adopt it: later resumes are checked against this definition
         study.set_user_attr("definition", defined)
     changed = differences(recorded, defined) if recorded is not None else []
     if changed:
-        shown = "; ".join(changed[:8]) + (f"; and {len(changed) - 8} more" if len(changed) > 8 else "")
+        shown = "; ".join(changed[:8]) + (
+            f"; and {len(changed) - 8} more" if len(changed) > 8 else ""
+        )
         raise ConfigError(
             f"The study {name!r} in {redact_uri(s['storage'])} was made by another sweep "
             f"definition, and its trials would not be comparable with this sweep's: {shown}. "
             "Resume it with the settings it was made with, or start a new study with "
             f"sweep.study_name=<new name> (or delete this one: optuna delete-study "
-            f"--study-name {name} --storage <the storage URL>).")
+            f"--study-name {name} --storage <the storage URL>)."
+        )
     return study, False
 
 
@@ -350,10 +417,12 @@ def max_epochs(space: SearchSpace, base) -> int:
 
 def require_existing_file(storage: str, study_name: str) -> None:
     """Joining must not create an empty SQLite file where the user mistyped a path."""
-    if storage.startswith("sqlite:///") and not Path(storage[len("sqlite:///"):]).exists():
-        raise ConfigError(f"No study {study_name!r}: the storage sweep.storage={storage!r} does not "
-                          "exist. A worker joins a study that `make sweep` started; point "
-                          "sweep.storage (or SWEEP_STORAGE) at that study's database.")
+    if storage.startswith("sqlite:///") and not Path(storage[len("sqlite:///") :]).exists():
+        raise ConfigError(
+            f"No study {study_name!r}: the storage sweep.storage={storage!r} does not "
+            "exist. A worker joins a study that `make sweep` started; point "
+            "sweep.storage (or SWEEP_STORAGE) at that study's database."
+        )
 
 
 def enqueue_known(study: optuna.Study, enqueue: list) -> None:

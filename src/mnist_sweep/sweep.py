@@ -26,14 +26,24 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         prog="python -m mnist_sweep.sweep",
         description="Run (or resume) an Optuna sweep of mnist-sweep trials tracked in MLflow. "
-                    "Overrides: sweep.<setting>=value, key=<sweep grammar> to search a key, "
-                    "key=value to fix it.")
-    parser.add_argument("--sweep", default="momentum_decay",
-                        help="a file in sweeps/ (name or path); default momentum_decay")
-    parser.add_argument("--show", action="store_true",
-                        help="print the resolved settings and search space, run nothing")
-    parser.add_argument("--join", action="store_true",
-                        help="join an existing study (make worker): fail if there is none")
+        "Overrides: sweep.<setting>=value, key=<sweep grammar> to search a key, "
+        "key=value to fix it.",
+    )
+    parser.add_argument(
+        "--sweep",
+        default="momentum_decay",
+        help="a file in sweeps/ (name or path); default momentum_decay",
+    )
+    parser.add_argument(
+        "--show",
+        action="store_true",
+        help="print the resolved settings and search space, run nothing",
+    )
+    parser.add_argument(
+        "--join",
+        action="store_true",
+        help="join an existing study (make worker): fail if there is none",
+    )
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_intermixed_args(argv)  # options and overrides in any order
     with user_errors_exit():

@@ -13,8 +13,15 @@ from typing import Any
 
 from omegaconf import OmegaConf
 
-from mnist_sweep.cli import (CONF_DIR, LOCAL_KEYS, check_overrides, compose, compose_trial,
-                             config_groups, shipped_folder)
+from mnist_sweep.cli import (
+    CONF_DIR,
+    LOCAL_KEYS,
+    check_overrides,
+    compose,
+    compose_trial,
+    config_groups,
+    shipped_folder,
+)
 from mnist_sweep.errors import ConfigError
 from mnist_sweep.space import SearchSpace, build_space, contains, to_overrides
 from mnist_sweep.study import PRUNERS, SAMPLERS
@@ -23,30 +30,38 @@ from mnist_sweep.validation import is_int
 
 SWEEPS_DIR = shipped_folder("mnist_sweep.sweeps")  # the repository's sweeps/, wherever installed
 FILE_SECTIONS = ("sweep", "params", "conditional", "fixed", "enqueue")
-METRICS = {"val_acc": "maximize", "val_loss": "minimize", "train_acc": "maximize",
-           "train_loss": "minimize"}
+METRICS = {
+    "val_acc": "maximize",
+    "val_loss": "minimize",
+    "train_acc": "maximize",
+    "train_loss": "minimize",
+}
 DEFAULT_SETTINGS: dict[str, Any] = {
-    "study_name": None,        # null = the sweep file's name
-    "direction": None,         # null = the metric's natural direction
-    "metric": "val_acc",       # reported every epoch; the final epoch's value is the objective
-    "n_trials": 20,            # finished (complete + pruned) trials of the study, across restarts
-    "timeout": None,           # seconds from the study's first start after which no trial starts
-    "sampler": "tpe", "sampler_args": {},
-    "pruner": "median", "pruner_args": {},
-    "seed": 0,                 # sampler seed: each trial draws from seed + its trial number
-    "storage": None,           # null = $SWEEP_STORAGE, else the embedded sqlite:///optuna.db
+    "study_name": None,  # null = the sweep file's name
+    "direction": None,  # null = the metric's natural direction
+    "metric": "val_acc",  # reported every epoch; the final epoch's value is the objective
+    "n_trials": 20,  # finished (complete + pruned) trials of the study, across restarts
+    "timeout": None,  # seconds from the study's first start after which no trial starts
+    "sampler": "tpe",
+    "sampler_args": {},
+    "pruner": "median",
+    "pruner_args": {},
+    "seed": 0,  # sampler seed: each trial draws from seed + its trial number
+    "storage": None,  # null = $SWEEP_STORAGE, else the embedded sqlite:///optuna.db
     "workers": 1,
     "quiet": False,
-    "report_every": 5,         # refresh the parent run's plots after this many finished trials
-    "heartbeat_interval": 10, "grace_period": 30, "max_retry": 1,
-    "outage_seconds": 120,     # how long workers wait for a restarted/unreachable database
+    "report_every": 5,  # refresh the parent run's plots after this many finished trials
+    "heartbeat_interval": 10,
+    "grace_period": 30,
+    "max_retry": 1,
+    "outage_seconds": 120,  # how long workers wait for a restarted/unreachable database
     "max_failures_in_a_row": 3,  # a worker whose trials fail this often in a row stops
-    "population": 1,           # trials a worker trains at once as one stacked model; auto: by device
+    "population": 1,  # trials a worker trains at once as one stacked model; auto: by device
     # A trial whose loss turns NaN or infinite: prune (told to Optuna as pruned at that epoch,
     # with NaN there: TPE and the pruners learn from it) or fail (FAIL: samplers ignore it).
     "diverged": "prune",
-    "final_report": "auto",    # background | wait | auto (background at a terminal)
-    "contour": None,           # [x, y] parameters of the contour plot; null = momentum vs decay
+    "final_report": "auto",  # background | wait | auto (background at a terminal)
+    "contour": None,  # [x, y] parameters of the contour plot; null = momentum vs decay
     # At the end, the best trial's model in MLflow's registry under this name with the alias
     # champion: auto = the study's name; false = not registered.
     "register_model": "auto",
@@ -75,8 +90,12 @@ class SweepSpec:
     def shown(self) -> dict:
         """The resolved sweep as printed (--show) and recorded: every URL's password masked."""
         masked = {**self.settings, "storage": mask_secrets(str(self.settings["storage"]))}
-        return {"sweep": masked, **self.space().describe(),
-                "fixed": [mask_secrets(f) for f in self.fixed], "enqueue": self.enqueue}
+        return {
+            "sweep": masked,
+            **self.space().describe(),
+            "fixed": [mask_secrets(f) for f in self.fixed],
+            "enqueue": self.enqueue,
+        }
 
 
 def sweep_path(name: str) -> Path:
@@ -84,8 +103,10 @@ def sweep_path(name: str) -> Path:
         if candidate.is_file():
             return candidate
     shipped = ", ".join(sorted(p.stem for p in SWEEPS_DIR.glob("*.yaml")))
-    raise ConfigError(f"No sweep file {name!r}: give a path or one of the shipped sweeps in "
-                      f"{SWEEPS_DIR}: {shipped}.")
+    raise ConfigError(
+        f"No sweep file {name!r}: give a path or one of the shipped sweeps in "
+        f"{SWEEPS_DIR}: {shipped}."
+    )
 
 
 def load_spec(name: str, overrides: list[str]) -> SweepSpec:
@@ -95,26 +116,38 @@ def load_spec(name: str, overrides: list[str]) -> SweepSpec:
     try:
         raw = OmegaConf.to_container(OmegaConf.load(path), resolve=True)
     except Exception as error:
-        raise ConfigError(f"The sweep file {path} is not valid YAML: "
-                          f"{mask_secrets(' '.join(str(error).split()))[:300]}") from None
+        raise ConfigError(
+            f"The sweep file {path} is not valid YAML: "
+            f"{mask_secrets(' '.join(str(error).split()))[:300]}"
+        ) from None
     if not isinstance(raw, dict):
-        raise ConfigError(f"The sweep file {path} must be a YAML mapping with the sections "
-                          f"{', '.join(FILE_SECTIONS)}; it holds a {type(raw).__name__}.")
+        raise ConfigError(
+            f"The sweep file {path} must be a YAML mapping with the sections "
+            f"{', '.join(FILE_SECTIONS)}; it holds a {type(raw).__name__}."
+        )
     unknown = set(raw) - set(FILE_SECTIONS)
     if unknown:
-        raise ConfigError(f"The sweep file {path} has unknown section(s) {', '.join(sorted(unknown))}; "
-                          f"allowed: {', '.join(FILE_SECTIONS)}.")
+        raise ConfigError(
+            f"The sweep file {path} has unknown section(s) {', '.join(sorted(unknown))}; "
+            f"allowed: {', '.join(FILE_SECTIONS)}."
+        )
     settings = {**DEFAULT_SETTINGS, **(raw.get("sweep") or {})}
     fixed = raw.get("fixed") or []
     if isinstance(fixed, dict):
         fixed = to_overrides(fixed)
-    spec = SweepSpec(str(path), settings, dict(raw.get("params") or {}),
-                     dict(raw.get("conditional") or {}), [str(f) for f in fixed],
-                     list(raw.get("enqueue") or []))
+    spec = SweepSpec(
+        str(path),
+        settings,
+        dict(raw.get("params") or {}),
+        dict(raw.get("conditional") or {}),
+        [str(f) for f in fixed],
+        list(raw.get("enqueue") or []),
+    )
     apply_overrides(spec, overrides)
     spec.settings["study_name"] = spec.settings["study_name"] or path.stem
-    spec.settings["storage"] = (spec.settings["storage"] or os.environ.get("SWEEP_STORAGE")
-                                or "sqlite:///optuna.db")
+    spec.settings["storage"] = (
+        spec.settings["storage"] or os.environ.get("SWEEP_STORAGE") or "sqlite:///optuna.db"
+    )
     check_settings(spec.settings)
     return spec
 
@@ -126,16 +159,20 @@ def apply_overrides(spec: SweepSpec, overrides: list[str]) -> None:
         try:
             override = OverridesParser.create().parse_override(line)
         except Exception as error:
-            raise ConfigError(f"Cannot parse the override {mask_secrets(line)}: "
-                              f"{mask_secrets(' '.join(str(error).split()))}. "
-                              "Sweep grammar: interval(a,b), int(interval(a,b)), range(a,b,step), "
-                              "choice(a,b) or a,b, tag(log, ...).") from None
+            raise ConfigError(
+                f"Cannot parse the override {mask_secrets(line)}: "
+                f"{mask_secrets(' '.join(str(error).split()))}. "
+                "Sweep grammar: interval(a,b), int(interval(a,b)), range(a,b,step), "
+                "choice(a,b) or a,b, tag(log, ...)."
+            ) from None
         key = override.key_or_group
         if key.startswith("sweep."):
             setting = key.removeprefix("sweep.")
             if setting not in DEFAULT_SETTINGS:
-                raise ConfigError(f"{mask_secrets(line)}: unknown sweep setting {setting!r}; "
-                                  f"allowed: {', '.join(DEFAULT_SETTINGS)}.")
+                raise ConfigError(
+                    f"{mask_secrets(line)}: unknown sweep setting {setting!r}; "
+                    f"allowed: {', '.join(DEFAULT_SETTINGS)}."
+                )
             spec.settings[setting] = override.value()  # Hydra parses lists and dicts too
         elif override.is_sweep_override():
             spec.params[key] = line.split("=", 1)[1]
@@ -145,46 +182,78 @@ def apply_overrides(spec: SweepSpec, overrides: list[str]) -> None:
 
 def check_settings(s: dict) -> None:
     if not is_int(s["n_trials"]) or s["n_trials"] <= 0:
-        raise ConfigError(f"sweep.n_trials={s['n_trials']!r} is not allowed: it must be an integer "
-                          "> 0 (finished trials of the study, counted across restarts).")
+        raise ConfigError(
+            f"sweep.n_trials={s['n_trials']!r} is not allowed: it must be an integer "
+            "> 0 (finished trials of the study, counted across restarts)."
+        )
     if not is_int(s["workers"]) or s["workers"] <= 0:
-        raise ConfigError(f"sweep.workers={s['workers']!r} is not allowed: it must be an integer "
-                          "> 0 (worker processes on this machine).")
+        raise ConfigError(
+            f"sweep.workers={s['workers']!r} is not allowed: it must be an integer "
+            "> 0 (worker processes on this machine)."
+        )
     if s["metric"] not in METRICS:
-        raise ConfigError(f"sweep.metric={s['metric']!r} is unknown; allowed: {', '.join(METRICS)}.")
+        raise ConfigError(
+            f"sweep.metric={s['metric']!r} is unknown; allowed: {', '.join(METRICS)}."
+        )
     s["direction"] = s["direction"] or METRICS[s["metric"]]
     if s["direction"] not in ("maximize", "minimize"):
-        raise ConfigError(f"sweep.direction={s['direction']!r} is not allowed: use maximize or minimize.")
+        raise ConfigError(
+            f"sweep.direction={s['direction']!r} is not allowed: use maximize or minimize."
+        )
     if s["sampler"] not in SAMPLERS:
-        raise ConfigError(f"sweep.sampler={s['sampler']!r} is unknown; allowed: {', '.join(SAMPLERS)}.")
+        raise ConfigError(
+            f"sweep.sampler={s['sampler']!r} is unknown; allowed: {', '.join(SAMPLERS)}."
+        )
     if s["pruner"] not in PRUNERS:
-        raise ConfigError(f"sweep.pruner={s['pruner']!r} is unknown; allowed: {', '.join(PRUNERS)}.")
-    if s["timeout"] is not None and (isinstance(s["timeout"], bool) or not isinstance(s["timeout"], (int, float))
-                                     or s["timeout"] <= 0):
+        raise ConfigError(
+            f"sweep.pruner={s['pruner']!r} is unknown; allowed: {', '.join(PRUNERS)}."
+        )
+    if s["timeout"] is not None and (
+        isinstance(s["timeout"], bool)
+        or not isinstance(s["timeout"], (int, float))
+        or s["timeout"] <= 0
+    ):
         raise ConfigError(f"sweep.timeout={s['timeout']!r} is not allowed: null or seconds > 0.")
-    for key in ("heartbeat_interval", "grace_period", "report_every", "outage_seconds",
-                "max_failures_in_a_row"):
+    for key in (
+        "heartbeat_interval",
+        "grace_period",
+        "report_every",
+        "outage_seconds",
+        "max_failures_in_a_row",
+    ):
         if not is_int(s[key]) or s[key] < 1:
             raise ConfigError(f"sweep.{key}={s[key]!r} is not allowed: it must be an integer >= 1.")
     if not is_int(s["max_retry"]) or s["max_retry"] < 0:
         raise ConfigError(f"sweep.max_retry={s['max_retry']!r} is not allowed: an integer >= 0.")
     if s["population"] != "auto" and (not is_int(s["population"]) or s["population"] < 1):
-        raise ConfigError(f"sweep.population={s['population']!r} is not allowed: an integer >= 1 "
-                          "(trials a worker trains at once; 1 = one at a time) or auto.")
+        raise ConfigError(
+            f"sweep.population={s['population']!r} is not allowed: an integer >= 1 "
+            "(trials a worker trains at once; 1 = one at a time) or auto."
+        )
     if s["diverged"] not in ("prune", "fail"):
-        raise ConfigError(f"sweep.diverged={s['diverged']!r} is not allowed: prune (the sampler "
-                          "learns from a diverged trial) or fail (it does not).")
+        raise ConfigError(
+            f"sweep.diverged={s['diverged']!r} is not allowed: prune (the sampler "
+            "learns from a diverged trial) or fail (it does not)."
+        )
     if s["final_report"] not in ("auto", "background", "wait"):
-        raise ConfigError(f"sweep.final_report={s['final_report']!r} is not allowed: auto, "
-                          "background or wait.")
+        raise ConfigError(
+            f"sweep.final_report={s['final_report']!r} is not allowed: auto, background or wait."
+        )
     if s["seed"] is not None and not is_int(s["seed"]):
-        raise ConfigError(f"sweep.seed={s['seed']!r} is not allowed: an integer, or null for a "
-                          "seed drawn by the operating system.")
+        raise ConfigError(
+            f"sweep.seed={s['seed']!r} is not allowed: an integer, or null for a "
+            "seed drawn by the operating system."
+        )
     name = s["register_model"]
-    if name is not False and name is not None and (not isinstance(name, str) or not name.strip()
-                                                   or "/" in name or ":" in name):
-        raise ConfigError(f"sweep.register_model={name!r} is not allowed: auto (the study's name), "
-                          "false (no registration) or a model name without '/' or ':'.")
+    if (
+        name is not False
+        and name is not None
+        and (not isinstance(name, str) or not name.strip() or "/" in name or ":" in name)
+    ):
+        raise ConfigError(
+            f"sweep.register_model={name!r} is not allowed: auto (the study's name), "
+            "false (no registration) or a model name without '/' or ':'."
+        )
     if not isinstance(s["study_name"], str) or not s["study_name"].strip():
         raise ConfigError(f"sweep.study_name={s['study_name']!r} is not allowed: a non-empty name.")
 
@@ -202,8 +271,10 @@ def check_space(spec: SweepSpec, space: SearchSpace) -> Any:
         context = list(spec.fixed) + ([f"{p.condition[0]}={p.condition[1]}"] if p.condition else [])
         d = p.distribution
         if p.key in groups and not isinstance(d, CategoricalDistribution):
-            raise ConfigError(f"{p.key}={p.grammar}: {p.key} is a config group, search it with "
-                              f"choice(...) of its options {', '.join(groups[p.key])}.")
+            raise ConfigError(
+                f"{p.key}={p.grammar}: {p.key} is a config group, search it with "
+                f"choice(...) of its options {', '.join(groups[p.key])}."
+            )
         values = list(d.choices) if isinstance(d, CategoricalDistribution) else [d.low, d.high]
         for value in values:
             lines = [*context, *to_overrides({p.key: value})]
@@ -211,12 +282,16 @@ def check_space(spec: SweepSpec, space: SearchSpace) -> Any:
                 check_overrides(lines)
                 check_trial_config(compose_trial(context, {p.key: value}))
             except ConfigError as error:
-                raise ConfigError(f"The search-space parameter {p.key}={p.grammar} can take "
-                                  f"{value!r}, which is not a valid trial: {error}") from None
+                raise ConfigError(
+                    f"The search-space parameter {p.key}={p.grammar} can take "
+                    f"{value!r}, which is not a valid trial: {error}"
+                ) from None
     check_population(spec, space)
     if spec.settings["metric"].startswith("val_") and base.data.val_size == 0:
-        raise ConfigError(f"sweep.metric={spec.settings['metric']} needs a validation split, but "
-                          "data.val_size=0; set data.val_size > 0 or use a train_ metric.")
+        raise ConfigError(
+            f"sweep.metric={spec.settings['metric']} needs a validation split, but "
+            "data.val_size=0; set data.val_size > 0 or use a train_ metric."
+        )
     check_enqueued(spec, space)
     return base
 
@@ -236,7 +311,8 @@ def check_population(spec: SweepSpec, space: SearchSpace) -> None:
             f"sweep.population={spec.settings['population']} trains trials together as one "
             f"stacked model, whose members must share {', '.join(SHARED_KEYS)}; this sweep searches "
             f"{', '.join(searched)}. Use sweep.population=1 (or auto), or fix those keys (e.g. "
-            "model=mlp train.batch_size=200) and search the others.")
+            "model=mlp train.batch_size=200) and search the others."
+        )
 
 
 def check_enqueued(spec: SweepSpec, space: SearchSpace) -> None:
@@ -248,20 +324,25 @@ def check_enqueued(spec: SweepSpec, space: SearchSpace) -> None:
     for i, entry in enumerate(spec.enqueue):
         if not isinstance(entry, dict) or not set(entry) <= set(by_name):
             extra = sorted(set(entry) - set(by_name)) if isinstance(entry, dict) else entry
-            raise ConfigError(f"enqueue[{i}] names {extra}, which are not parameters of the space "
-                              f"({', '.join(sorted(by_name))}).")
+            raise ConfigError(
+                f"enqueue[{i}] names {extra}, which are not parameters of the space "
+                f"({', '.join(sorted(by_name))})."
+            )
         for name, value in entry.items():
             p = by_name[name]
             if not contains(p.distribution, value):
-                raise ConfigError(f"enqueue[{i}] sets {name}={value!r}, outside its search space "
-                                  f"{p.grammar}: enqueue values the space can take.")
+                raise ConfigError(
+                    f"enqueue[{i}] sets {name}={value!r}, outside its search space "
+                    f"{p.grammar}: enqueue values the space can take."
+                )
         values = {by_name[name].key: value for name, value in entry.items()}
         overrides = to_overrides(values)
         try:
             check_trial_config(compose_trial(spec.fixed, values))
         except ConfigError as error:
-            raise ConfigError(f"enqueue[{i}] ({', '.join(overrides)}) is not a valid trial: "
-                              f"{error}") from None
+            raise ConfigError(
+                f"enqueue[{i}] ({', '.join(overrides)}) is not a valid trial: {error}"
+            ) from None
 
 
 # ----------------------------------------------------------------------------- the definition
@@ -275,14 +356,20 @@ def definition(spec: SweepSpec, space: SearchSpace, base) -> dict:
 
     s = spec.settings
     searched = [p.key for p in space.all_params()]
-    trial = {key: mask_secrets(value)
-             for key, value in flatten(OmegaConf.to_container(base, resolve=True)).items()
-             if not _under(key, LOCAL_KEYS) and not _under(key, searched)}
-    return {"sweep_file": Path(spec.file).stem,
-            "space": {p.name: f"{p.grammar} -> {p.distribution!r}" for p in space.all_params()},
-            "trial": trial, "sampler": f"{s['sampler']} {sorted(dict(s['sampler_args']).items())}",
-            "pruner": f"{s['pruner']} {sorted(dict(s['pruner_args']).items())}",
-            "metric": s["metric"], "direction": s["direction"]}
+    trial = {
+        key: mask_secrets(value)
+        for key, value in flatten(OmegaConf.to_container(base, resolve=True)).items()
+        if not _under(key, LOCAL_KEYS) and not _under(key, searched)
+    }
+    return {
+        "sweep_file": Path(spec.file).stem,
+        "space": {p.name: f"{p.grammar} -> {p.distribution!r}" for p in space.all_params()},
+        "trial": trial,
+        "sampler": f"{s['sampler']} {sorted(dict(s['sampler_args']).items())}",
+        "pruner": f"{s['pruner']} {sorted(dict(s['pruner_args']).items())}",
+        "metric": s["metric"],
+        "direction": s["direction"],
+    }
 
 
 def _under(key: str, prefixes) -> bool:
@@ -299,5 +386,7 @@ def differences(recorded: dict, current: dict) -> list[str]:
         old, new = recorded.get(part, {}), current.get(part, {})
         for key in sorted(set(old) | set(new)):
             if old.get(key) != new.get(key):
-                out.append(f"{label} {key}: {old.get(key, '(absent)')} -> {new.get(key, '(absent)')}")
+                out.append(
+                    f"{label} {key}: {old.get(key, '(absent)')} -> {new.get(key, '(absent)')}"
+                )
     return out

@@ -12,10 +12,11 @@ import logging
 import os
 import platform
 import time
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterator, Sequence
+from typing import TYPE_CHECKING
 
 from omegaconf import DictConfig, OmegaConf
 
@@ -43,16 +44,26 @@ def is_duplicate_key(error: Exception) -> bool:
     """A unique-key violation as the database (PostgreSQL, SQLite, MySQL), SQLAlchemy or an MLflow
     server reports it."""
     text = str(error)
-    return any(sign in text for sign in ("UniqueViolation", "duplicate key", "UNIQUE constraint failed",
-                                          "Duplicate entry", "IntegrityError"))
+    return any(
+        sign in text
+        for sign in (
+            "UniqueViolation",
+            "duplicate key",
+            "UNIQUE constraint failed",
+            "Duplicate entry",
+            "IntegrityError",
+        )
+    )
 
 
 # ----------------------------------------------------------------------------- URIs
 
 
 def _allowed_forms() -> str:
-    return ("sqlite:///path/to/mlflow.db, postgresql://user:password@host:port/db (also mysql, "
-            "mssql) or http(s)://host:port of an MLflow server")
+    return (
+        "sqlite:///path/to/mlflow.db, postgresql://user:password@host:port/db (also mysql, "
+        "mssql) or http(s)://host:port of an MLflow server"
+    )
 
 
 def check_tracking_uri(uri: str) -> None:
@@ -60,25 +71,37 @@ def check_tracking_uri(uri: str) -> None:
     shown = redact_uri(uri)
     scheme = scheme_of(uri)
     if scheme == "" or scheme == "file":
-        raise TrackingError(f"tracking.tracking_uri={shown!r} is a file store, which MLflow 3 no "
-                            f"longer supports for tracking; use {_allowed_forms()}.")
+        raise TrackingError(
+            f"tracking.tracking_uri={shown!r} is a file store, which MLflow 3 no "
+            f"longer supports for tracking; use {_allowed_forms()}."
+        )
     if scheme not in DB_SCHEMES + HTTP_SCHEMES:
-        raise TrackingError(f"tracking.tracking_uri={shown!r} has an unknown scheme {scheme!r}; "
-                            f"use {_allowed_forms()}.")
+        raise TrackingError(
+            f"tracking.tracking_uri={shown!r} has an unknown scheme {scheme!r}; "
+            f"use {_allowed_forms()}."
+        )
     if scheme == "sqlite":
         if not uri.startswith("sqlite:///"):
-            raise TrackingError(f"tracking.tracking_uri={shown!r} is malformed: a SQLite URI is "
-                                "sqlite:///relative/path.db or sqlite:////absolute/path.db.")
-        path = Path(uri[len("sqlite:///"):])
+            raise TrackingError(
+                f"tracking.tracking_uri={shown!r} is malformed: a SQLite URI is "
+                "sqlite:///relative/path.db or sqlite:////absolute/path.db."
+            )
+        path = Path(uri[len("sqlite:///") :])
         if path.name in ("", ":memory:") or str(path) == ".":
-            raise TrackingError(f"tracking.tracking_uri={shown!r} names no database file; use "
-                                "sqlite:///path/to/mlflow.db.")
+            raise TrackingError(
+                f"tracking.tracking_uri={shown!r} names no database file; use "
+                "sqlite:///path/to/mlflow.db."
+            )
         if not path.parent.resolve().is_dir():
-            raise TrackingError(f"tracking.tracking_uri={shown!r}: the folder {path.parent} does "
-                                "not exist; create it or point the URI at an existing folder.")
+            raise TrackingError(
+                f"tracking.tracking_uri={shown!r}: the folder {path.parent} does "
+                "not exist; create it or point the URI at an existing folder."
+            )
         if not_sqlite(path):
-            raise TrackingError(f"tracking.tracking_uri={shown!r}: {path} exists but is not a "
-                                "SQLite database; move it away or use another file name.")
+            raise TrackingError(
+                f"tracking.tracking_uri={shown!r}: {path} exists but is not a "
+                "SQLite database; move it away or use another file name."
+            )
         sqlite_stores.install()
         if not path.exists():
             new_sqlite_store(path)
@@ -94,8 +117,10 @@ def check_tracking_uri(uri: str) -> None:
                 pass
         except Exception as error:
             reason = redact_reason(" ".join(str(error).split()), uri)
-            raise TrackingError(f"The tracking database tracking.tracking_uri={shown!r} cannot be "
-                                f"opened: {reason[:300]}") from None
+            raise TrackingError(
+                f"The tracking database tracking.tracking_uri={shown!r} cannot be "
+                f"opened: {reason[:300]}"
+            ) from None
         finally:
             if engine is not None:
                 engine.dispose()
@@ -105,9 +130,11 @@ def check_tracking_uri(uri: str) -> None:
         try:
             requests.get(uri.rstrip("/") + "/health", timeout=5).raise_for_status()
         except requests.RequestException as error:
-            raise TrackingError(f"The MLflow server at tracking.tracking_uri={shown!r} cannot be "
-                                f"reached ({type(error).__name__}); start it (make server) or fix "
-                                f"the URI; allowed forms: {_allowed_forms()}.") from None
+            raise TrackingError(
+                f"The MLflow server at tracking.tracking_uri={shown!r} cannot be "
+                f"reached ({type(error).__name__}); start it (make server) or fix "
+                f"the URI; allowed forms: {_allowed_forms()}."
+            ) from None
 
 
 def new_sqlite_store(path: Path) -> None:
@@ -141,7 +168,9 @@ def new_sqlite_store(path: Path) -> None:
                 db.execute("PRAGMA journal_mode=DELETE")
                 db.close()
                 os.replace(clean, template)
-        with tempfile.NamedTemporaryFile(dir=path.parent, prefix=f".{path.name}.", delete=False) as tmp:
+        with tempfile.NamedTemporaryFile(
+            dir=path.parent, prefix=f".{path.name}.", delete=False
+        ) as tmp:
             tmp.write(template.read_bytes())
         try:
             os.link(tmp.name, path)  # fails if another process made the store meanwhile
@@ -181,11 +210,16 @@ def trial_tags(cfg: DictConfig, device: torch.device) -> dict[str, str]:
     """What a run's params leave out (where and how it ran) and what MLflow's columns show."""
     import torch
 
-    return {**context_tags(), "dataset": cfg.data.name,
-            "model": cfg.model._target_.rsplit(".", 1)[-1].lower(),
-            "schedule": cfg.schedule.get("name", "none"), "device": str(device),
-            "threads": str(cfg.train.get("threads") or torch.get_num_threads()),
-            "torch_version": torch.__version__, "python_version": platform.python_version()}
+    return {
+        **context_tags(),
+        "dataset": cfg.data.name,
+        "model": cfg.model._target_.rsplit(".", 1)[-1].lower(),
+        "schedule": cfg.schedule.get("name", "none"),
+        "device": str(device),
+        "threads": str(cfg.train.get("threads") or torch.get_num_threads()),
+        "torch_version": torch.__version__,
+        "python_version": platform.python_version(),
+    }
 
 
 def trial_params(resolved: dict) -> dict[str, str]:
@@ -193,16 +227,24 @@ def trial_params(resolved: dict) -> dict[str, str]:
     (tracking, device, threads, data folder, progress: tags, or nothing)."""
     from mnist_sweep.cli import LOCAL_KEYS
 
-    return {k: v for k, v in flatten(resolved).items()
-            if not any(k == p or k.startswith(p + ".") for p in LOCAL_KEYS)}
+    return {
+        k: v
+        for k, v in flatten(resolved).items()
+        if not any(k == p or k.startswith(p + ".") for p in LOCAL_KEYS)
+    }
 
 
-SHORT_NAMES = {"optim.lr": "lr", "optim.momentum": "m", "optim.weight_decay": "wd",
-               "train.batch_size": "bs"}
+SHORT_NAMES = {
+    "optim.lr": "lr",
+    "optim.momentum": "m",
+    "optim.weight_decay": "wd",
+    "train.batch_size": "bs",
+}
 
 
 def short_values(values: dict, limit: int = 4) -> str:
     """`cosine lr=0.18 m=0.65`: a few values in a narrow column (a group's option as itself)."""
+
     # group options first (the schedule, the model), then the optimizer, then the rest
     def rank(key: str) -> int:
         return 0 if "." not in key else 1 if key.startswith("optim.") else 2
@@ -210,8 +252,11 @@ def short_values(values: dict, limit: int = 4) -> str:
     parts = []
     for key, value in sorted(values.items(), key=lambda item: rank(item[0]))[:limit]:
         shown = f"{value:.2g}" if isinstance(value, float) else str(value)
-        parts.append(shown if "." not in key and isinstance(value, str) else
-                     f"{SHORT_NAMES.get(key, key.rsplit('.', 1)[-1])}={shown}")
+        parts.append(
+            shown
+            if "." not in key and isinstance(value, str)
+            else f"{SHORT_NAMES.get(key, key.rsplit('.', 1)[-1])}={shown}"
+        )
     return " ".join(parts)
 
 
@@ -220,28 +265,34 @@ def trial_run_name(number: int, values: dict, n_trials: int) -> str:
     return f"t{number:0{max(3, len(str(n_trials)))}d} {short_values(values)}".strip()
 
 
-def trial_end_tags(state: str, epochs: int, metric: str, value: float, pruner: str = "",
-                   reason: str = "") -> dict:
+def trial_end_tags(
+    state: str, epochs: int, metric: str, value: float, pruner: str = "", reason: str = ""
+) -> dict:
     """A trial run's final tags: its state, the epochs it trained and, for a pruned or diverged
     one, a description that says so (MLflow shows every ended run as a green "Finished")."""
     tags = {"state": state, "epochs_trained": str(epochs)}
     if state == "pruned":
-        tags["mlflow.note.content"] = (f"**Pruned** by the {pruner} pruner after epoch {epochs}: "
-                                       f"{metric} {value:.4f} was behind the other trials' at that "
-                                       "epoch. Its curves stop there; it has no test metrics.")
+        tags["mlflow.note.content"] = (
+            f"**Pruned** by the {pruner} pruner after epoch {epochs}: "
+            f"{metric} {value:.4f} was behind the other trials' at that "
+            "epoch. Its curves stop there; it has no test metrics."
+        )
     if state == "diverged":
         tags["mlflow.note.content"] = (
             f"**Diverged** in epoch {epochs}: {reason.removeprefix('TrainingDiverged: ')} Told to "
             f"Optuna as pruned at epoch {epochs} with {metric} NaN there, so that the sampler "
-            "learns that this region of the space does not train. It has no test metrics.")
+            "learns that this region of the space does not train. It has no test metrics."
+        )
     return tags
 
 
 def single_run_name(cfg: DictConfig) -> str:
     """`mlp none lr=0.01 m=0.78`: a standalone run's model, schedule and optimizer."""
     model = cfg.model._target_.rsplit(".", 1)[-1].lower()
-    return (f"{model} {cfg.schedule.get('name', 'none')} lr={float(cfg.optim.lr):.2g} "
-            f"m={float(cfg.optim.momentum):.2g}")
+    return (
+        f"{model} {cfg.schedule.get('name', 'none')} lr={float(cfg.optim.lr):.2g} "
+        f"m={float(cfg.optim.momentum):.2g}"
+    )
 
 
 def lr_change_points(lrs: Sequence[float]) -> list[int]:
@@ -289,12 +340,20 @@ def log_torch_model(client, run_id: str, model: torch.nn.Module) -> str:
     import torch
 
     example = np.zeros((2, 1, 28, 28), dtype=np.float32)
-    requirements = [f"mlflow=={mlflow.__version__}", f"torch=={torch.__version__.split('+')[0]}",
-                    f"numpy=={np.__version__}"]
+    requirements = [
+        f"mlflow=={mlflow.__version__}",
+        f"torch=={torch.__version__.split('+')[0]}",
+        f"numpy=={np.__version__}",
+    ]
     experiment_id = client.get_run(run_id).info.experiment_id
     with fluent_target(client.tracking_uri, experiment_id):
-        info = mlflow.pytorch.log_model(model.cpu().eval(), name="model", run_id=run_id,
-                                        input_example=example, pip_requirements=requirements)
+        info = mlflow.pytorch.log_model(
+            model.cpu().eval(),
+            name="model",
+            run_id=run_id,
+            input_example=example,
+            pip_requirements=requirements,
+        )
     return info.model_uri
 
 
@@ -316,10 +375,11 @@ class TrialRun:
 
     def _log_metrics(self, metrics: Sequence) -> None:
         for start in range(0, len(metrics), MAX_METRICS_PER_BATCH):
-            chunk = metrics[start:start + MAX_METRICS_PER_BATCH]
+            chunk = metrics[start : start + MAX_METRICS_PER_BATCH]
             if self.async_logging:  # MLflow's queue writes it while the next epoch trains
-                self.pending.append(self.client.log_batch(self.run_id, metrics=chunk,
-                                                          synchronous=False))
+                self.pending.append(
+                    self.client.log_batch(self.run_id, metrics=chunk, synchronous=False)
+                )
             else:
                 self.client.log_batch(self.run_id, metrics=chunk)
 
@@ -335,8 +395,10 @@ class TrialRun:
 
         now = int(time.time() * 1000)
         every = self.batch_curve_every
-        metrics = [Metric(BATCH_LOSS, r.batch_loss[i], now, r.first_step + i)
-                   for i in range(0, len(r.batch_loss), every)]
+        metrics = [
+            Metric(BATCH_LOSS, r.batch_loss[i], now, r.first_step + i)
+            for i in range(0, len(r.batch_loss), every)
+        ]
         points = lr_change_points(r.batch_lr)
         if self.max_lr_points is not None and len(points) > self.max_lr_points:
             points = range(0, len(r.batch_lr), every)  # a smooth schedule: sampled like the loss
@@ -352,9 +414,14 @@ class TrialRun:
 
         now, step = int(time.time() * 1000), len(result.epochs)
         self.flush()
-        self.client.log_batch(self.run_id, metrics=[Metric("test_loss", result.test_loss, now, step),
-                                                    Metric("test_acc", result.test_acc, now, step)],
-                              tags=[RunTag(k, str(v)) for k, v in (end_tags or {}).items()])
+        self.client.log_batch(
+            self.run_id,
+            metrics=[
+                Metric("test_loss", result.test_loss, now, step),
+                Metric("test_acc", result.test_acc, now, step),
+            ],
+            tags=[RunTag(k, str(v)) for k, v in (end_tags or {}).items()],
+        )
         if self.log_model and result.model is not None:
             log_torch_model(self.client, self.run_id, result.model)
 
@@ -385,8 +452,14 @@ class NullTracker:
 
 
 class MlflowTracker:
-    def __init__(self, tracking_uri: str, experiment: str, log_model: bool = False,
-                 async_logging: bool = False, batch_curve_every: int = 1):
+    def __init__(
+        self,
+        tracking_uri: str,
+        experiment: str,
+        log_model: bool = False,
+        async_logging: bool = False,
+        batch_curve_every: int = 1,
+    ):
         check_tracking_uri(tracking_uri)
         from mlflow.tracking import MlflowClient
 
@@ -405,19 +478,28 @@ class MlflowTracker:
             found = self.client.get_experiment_by_name(name)
             if found is not None:
                 if found.lifecycle_stage == "deleted":
-                    raise TrackingError(f"tracking.experiment={name!r} was deleted in MLflow; "
-                                        "restore it (mlflow experiments restore) or use another name.")
+                    raise TrackingError(
+                        f"tracking.experiment={name!r} was deleted in MLflow; "
+                        "restore it (mlflow experiments restore) or use another name."
+                    )
                 return found.experiment_id
             try:
                 return self.client.create_experiment(name)
             except MlflowException:  # another worker created it a moment ago
                 return self.client.get_experiment_by_name(name).experiment_id
         except MlflowException as error:
-            raise TrackingError(f"The MLflow store at {redact_uri(self.uri)} cannot be used: "
-                                f"{str(error).splitlines()[0][:300]}") from None
+            raise TrackingError(
+                f"The MLflow store at {redact_uri(self.uri)} cannot be used: "
+                f"{str(error).splitlines()[0][:300]}"
+            ) from None
 
-    def start_run(self, run_name: str | None = None, tags: dict | None = None,
-                  params: dict[str, str] | None = None, parent_run_id: str | None = None) -> str:
+    def start_run(
+        self,
+        run_name: str | None = None,
+        tags: dict | None = None,
+        params: dict[str, str] | None = None,
+        parent_run_id: str | None = None,
+    ) -> str:
         tags = dict(tags or {})
         if parent_run_id:
             tags["mlflow.parentRunId"] = parent_run_id
@@ -430,29 +512,51 @@ class MlflowTracker:
 
         items = [Param(k, v) for k, v in params.items()]
         for start in range(0, len(items), MAX_PARAMS_PER_BATCH):
-            self.client.log_batch(run_id, params=items[start:start + MAX_PARAMS_PER_BATCH])
+            self.client.log_batch(run_id, params=items[start : start + MAX_PARAMS_PER_BATCH])
 
-    def begin(self, cfg: DictConfig, device: torch.device, run_name: str | None = None,
-              parent_run_id: str | None = None, extra_tags: dict | None = None,
-              batch_curve_every: int | None = None, max_lr_points: int | None = None) -> TrialRun:
+    def begin(
+        self,
+        cfg: DictConfig,
+        device: torch.device,
+        run_name: str | None = None,
+        parent_run_id: str | None = None,
+        extra_tags: dict | None = None,
+        batch_curve_every: int | None = None,
+        max_lr_points: int | None = None,
+    ) -> TrialRun:
         """Start a trial's run: params (what defines the trial, passwords masked), tags (MLflow's
         context, where it ran), the datasets it trains, validates and tests on, config.yaml (the
         whole resolved config). Whoever begins it ends it (trial_run does; a population's
         writer does). A run not of a sweep is tagged sweep_role=single."""
         run_id, description = self.create(cfg, device, run_name, parent_run_id, extra_tags)
         self.describe(run_id, description)
-        return TrialRun(self.client, run_id, self.log_model, self.async_logging,
-                        batch_curve_every or self.batch_curve_every, max_lr_points=max_lr_points)
+        return TrialRun(
+            self.client,
+            run_id,
+            self.log_model,
+            self.async_logging,
+            batch_curve_every or self.batch_curve_every,
+            max_lr_points=max_lr_points,
+        )
 
-    def create(self, cfg: DictConfig, device: torch.device, run_name: str | None = None,
-               parent_run_id: str | None = None, extra_tags: dict | None = None) -> tuple[str, dict]:
+    def create(
+        self,
+        cfg: DictConfig,
+        device: torch.device,
+        run_name: str | None = None,
+        parent_run_id: str | None = None,
+        extra_tags: dict | None = None,
+    ) -> tuple[str, dict]:
         """The run with its tags (one write), and what `describe` adds to it: plain data, so
         that a population's writer process adds it while its worker goes on."""
         resolved = redact_passwords(OmegaConf.to_container(cfg, resolve=True))
         resolved.pop("hydra", None)
         tags = {"sweep_role": "single", **trial_tags(cfg, device), **(extra_tags or {})}
-        run_id = self.start_run(run_name or cfg.tracking.get("run_name") or single_run_name(cfg),
-                                tags=tags, parent_run_id=parent_run_id)
+        run_id = self.start_run(
+            run_name or cfg.tracking.get("run_name") or single_run_name(cfg),
+            tags=tags,
+            parent_run_id=parent_run_id,
+        )
         return run_id, resolved
 
     def describe(self, run_id: str, resolved: dict) -> None:
@@ -465,13 +569,14 @@ class MlflowTracker:
         """The run's train, val and test splits as MLflow datasets (its Dataset column): name,
         the files' content digest, sizes, split seed, the folder they were read from."""
         from mlflow.entities import DatasetInput, InputTag
+        from mlflow.exceptions import MlflowException
 
         from mnist_sweep.datasets import split_datasets
 
-        from mlflow.exceptions import MlflowException
-
-        inputs = [DatasetInput(dataset, [InputTag("mlflow.data.context", context)])
-                  for context, dataset in split_datasets(data_cfg)]
+        inputs = [
+            DatasetInput(dataset, [InputTag("mlflow.data.context", context)])
+            for context, dataset in split_datasets(data_cfg)
+        ]
         # MLflow stores a dataset once per experiment: it looks for it, then inserts it. Workers
         # whose trials start together all insert, and all but one fail on the unique key. The
         # call is one transaction, rolled back on that failure, and the row is there once the
@@ -485,9 +590,15 @@ class MlflowTracker:
                     raise
 
     @contextmanager
-    def trial_run(self, cfg: DictConfig, device: torch.device, run_name: str | None = None,
-                  parent_run_id: str | None = None, extra_tags: dict | None = None,
-                  normal_ends: tuple[type[BaseException], ...] = ()) -> Iterator[TrialRun]:
+    def trial_run(
+        self,
+        cfg: DictConfig,
+        device: torch.device,
+        run_name: str | None = None,
+        parent_run_id: str | None = None,
+        extra_tags: dict | None = None,
+        normal_ends: tuple[type[BaseException], ...] = (),
+    ) -> Iterator[TrialRun]:
         """A run for one trial. Ends FINISHED (also on a `normal_ends` exception, such as a
         pruned trial), KILLED on Ctrl-C or a kill signal, FAILED on any other exception."""
         run = self.begin(cfg, device, run_name, parent_run_id, extra_tags)
@@ -517,8 +628,9 @@ class MlflowTracker:
         conditions = [f"tags.`{k}` = '{v}'" for k, v in tags.items()]
         if status:
             conditions.append(f"attributes.status = '{status}'")
-        runs = self.client.search_runs([self.experiment_id], " and ".join(conditions),
-                                       max_results=5000)
+        runs = self.client.search_runs(
+            [self.experiment_id], " and ".join(conditions), max_results=5000
+        )
         return [r.info.run_id for r in runs]
 
     def end_run(self, run_id: str, status: str, tags: dict[str, str] | None = None) -> None:
@@ -539,8 +651,14 @@ def open_tracker(tracking_cfg: DictConfig) -> MlflowTracker | NullTracker:
 
     every = tracking_cfg.get("batch_curve_every", 1)
     if not is_int(every) or every < 1:
-        raise TrackingError(f"tracking.batch_curve_every={every!r} is not allowed: it must be an "
-                            "integer >= 1 (1 = log the loss of every batch).")
-    return MlflowTracker(tracking_cfg.tracking_uri, tracking_cfg.experiment,
-                         bool(tracking_cfg.get("log_model", False)),
-                         bool(tracking_cfg.get("async_logging", False)), every)
+        raise TrackingError(
+            f"tracking.batch_curve_every={every!r} is not allowed: it must be an "
+            "integer >= 1 (1 = log the loss of every batch)."
+        )
+    return MlflowTracker(
+        tracking_cfg.tracking_uri,
+        tracking_cfg.experiment,
+        bool(tracking_cfg.get("log_model", False)),
+        bool(tracking_cfg.get("async_logging", False)),
+        every,
+    )

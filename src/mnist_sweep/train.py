@@ -12,8 +12,8 @@ from __future__ import annotations
 import logging
 import math
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -32,23 +32,28 @@ EVAL_CHUNK = 2000  # images per forward pass when evaluating: bounds the CNN's a
 
 @dataclass
 class EpochResult:
-    epoch: int                 # 1-based
-    epochs: int                # of the trial
-    first_step: int            # global index of this epoch's first batch
-    batch_loss: list[float]    # per batch, in order
-    batch_lr: list[float]      # LR each batch was trained with
+    epoch: int  # 1-based
+    epochs: int  # of the trial
+    first_step: int  # global index of this epoch's first batch
+    batch_loss: list[float]  # per batch, in order
+    batch_lr: list[float]  # LR each batch was trained with
     train_loss: float
     train_acc: float
     val_loss: float | None
     val_acc: float | None
-    lr: float                  # LR after this epoch's scheduler steps: the next epoch's
+    lr: float  # LR after this epoch's scheduler steps: the next epoch's
     seconds: float
 
     def metrics(self) -> dict[str, float]:
         """Per-epoch scalars by MLflow metric name (validation ones only when there is a split)."""
-        values = {"train_loss": self.train_loss, "train_acc": self.train_acc,
-                  "val_loss": self.val_loss, "val_acc": self.val_acc, "lr": self.lr,
-                  "epoch_seconds": self.seconds}
+        values = {
+            "train_loss": self.train_loss,
+            "train_acc": self.train_acc,
+            "val_loss": self.val_loss,
+            "val_acc": self.val_acc,
+            "lr": self.lr,
+            "epoch_seconds": self.seconds,
+        }
         return {k: v for k, v in values.items() if v is not None}
 
 
@@ -78,9 +83,12 @@ class TrainingDiverged(UserError):
         self.epoch = epoch
 
     @classmethod
-    def at(cls, train_loss: float, epoch: int, lr) -> "TrainingDiverged":
-        return cls(f"The training loss became {train_loss} in epoch {epoch} (optim.lr={lr}): the "
-                   "trial diverged; a smaller learning rate or momentum trains.", epoch)
+    def at(cls, train_loss: float, epoch: int, lr) -> TrainingDiverged:
+        return cls(
+            f"The training loss became {train_loss} in epoch {epoch} (optim.lr={lr}): the "
+            "trial diverged; a smaller learning rate or momentum trains.",
+            epoch,
+        )
 
 
 @torch.inference_mode()
@@ -106,8 +114,11 @@ def prepare(cfg: DictConfig) -> tuple[torch.device, data.Splits]:
     return device, data.load_splits(cfg.data, device)
 
 
-def run_trial(cfg: DictConfig, callbacks: Sequence[EpochCallback] = (),
-              batch_order: torch.Generator | None = None) -> TrialResult:
+def run_trial(
+    cfg: DictConfig,
+    callbacks: Sequence[EpochCallback] = (),
+    batch_order: torch.Generator | None = None,
+) -> TrialResult:
     """Train one trial. `batch_order`: the generator that shuffles each epoch (default: one
     seeded with train.seed), for a reference run that must see another run's batches."""
     device, splits = prepare(cfg)
@@ -142,11 +153,14 @@ def run_trial(cfg: DictConfig, callbacks: Sequence[EpochCallback] = (),
             schedule.after_batch(loss)
             batch_loss.append(loss.detach())
             predicted.append(logits.detach().argmax(1))
-        train_acc = (torch.cat(predicted) == train.labels.index_select(0, order)).sum().item() / len(train)
+        train_acc = (
+            torch.cat(predicted) == train.labels.index_select(0, order)
+        ).sum().item() / len(train)
 
         losses = torch.stack(batch_loss).tolist()
-        sizes = [batch_size] * (steps_per_epoch - 1) + [len(train) - batch_size * (steps_per_epoch - 1)]
-        train_loss = sum(l * n for l, n in zip(losses, sizes)) / len(train)
+        last_batch = len(train) - batch_size * (steps_per_epoch - 1)
+        sizes = [batch_size] * (steps_per_epoch - 1) + [last_batch]
+        train_loss = sum(loss * n for loss, n in zip(losses, sizes)) / len(train)
         if not math.isfinite(train_loss):
             raise TrainingDiverged.at(train_loss, epoch, cfg.optim.lr)
         val_loss, val_acc, _ = evaluate(model, splits.val) if splits.val else (None, None, 0)
@@ -154,10 +168,18 @@ def run_trial(cfg: DictConfig, callbacks: Sequence[EpochCallback] = (),
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         epoch_result = EpochResult(
-            epoch=epoch, epochs=epochs, first_step=(epoch - 1) * steps_per_epoch,
-            batch_loss=losses, batch_lr=batch_lr, train_loss=train_loss,
-            train_acc=train_acc, val_loss=val_loss, val_acc=val_acc,
-            lr=optimizer.param_groups[0]["lr"], seconds=time.perf_counter() - started)
+            epoch=epoch,
+            epochs=epochs,
+            first_step=(epoch - 1) * steps_per_epoch,
+            batch_loss=losses,
+            batch_lr=batch_lr,
+            train_loss=train_loss,
+            train_acc=train_acc,
+            val_loss=val_loss,
+            val_acc=val_acc,
+            lr=optimizer.param_groups[0]["lr"],
+            seconds=time.perf_counter() - started,
+        )
         result.epochs.append(epoch_result)
         for callback in callbacks:
             callback(epoch_result)
@@ -178,9 +200,11 @@ class EpochProgress:
         self.seconds.append(r.seconds)
         eta = sum(self.seconds) / len(self.seconds) * (r.epochs - r.epoch)
         val = f" | val loss {r.val_loss:.4f} acc {r.val_acc:6.2%}" if r.val_acc is not None else ""
-        log.info(f"{self.prefix}epoch {r.epoch:>{len(str(r.epochs))}}/{r.epochs} | "
-                 f"train loss {r.train_loss:.4f} acc {r.train_acc:6.2%}{val} | lr {r.lr:.3g} | "
-                 f"{r.seconds:.2f}s | ETA {eta:.0f}s")
+        log.info(
+            f"{self.prefix}epoch {r.epoch:>{len(str(r.epochs))}}/{r.epochs} | "
+            f"train loss {r.train_loss:.4f} acc {r.train_acc:6.2%}{val} | lr {r.lr:.3g} | "
+            f"{r.seconds:.2f}s | ETA {eta:.0f}s"
+        )
 
 
 def main() -> None:
@@ -191,9 +215,8 @@ def main() -> None:
 
 def train_and_track(cfg: DictConfig) -> TrialResult:
     """The `make train` job: one trial, recorded in MLflow unless tracking.enabled=false."""
-    from mnist_sweep.tracking import open_tracker
-
     from mnist_sweep.interrupts import INTERRUPTS
+    from mnist_sweep.tracking import open_tracker
 
     callbacks: list[EpochCallback] = [EpochProgress()] if cfg.train.get("progress", True) else []
     device, _ = prepare(cfg)  # config and data errors surface before the store is touched
@@ -202,8 +225,10 @@ def train_and_track(cfg: DictConfig) -> TrialResult:
         with INTERRUPTS.allowed():  # Ctrl-C stops training at once, but not an epoch's logging
             result = run_trial(cfg, callbacks=[*callbacks, INTERRUPTS.shielded(run.log_epoch)])
         run.log_result(result)
-    log.info(f"test accuracy {result.test_acc:.2%} ({result.test_correct}/{result.test_size}), "
-             f"test loss {result.test_loss:.4f}" + (f" | MLflow run {run.run_id}" if run.run_id else ""))
+    log.info(
+        f"test accuracy {result.test_acc:.2%} ({result.test_correct}/{result.test_size}), "
+        f"test loss {result.test_loss:.4f}" + (f" | MLflow run {run.run_id}" if run.run_id else "")
+    )
     return result
 
 

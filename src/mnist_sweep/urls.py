@@ -16,17 +16,22 @@ MASK = "***"
 SECRET_QUERY_KEYS = ("password", "passwd", "pwd", "secret", "token", "access_token")
 # user:password@ in any text: a URL in a YAML file, a log line, an error message. The password
 # part is greedy (up to the token's last '@'), so an unencoded '@' or '/' in it is masked too.
-_USERINFO = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.\-]*://)(?P<user>[^\s:/@'\"]*):(?P<password>[^\s'\"]*)@")
-_QUERY_SECRET = re.compile(r"(?P<key>[?&;](?:%s)=)(?P<value>[^&#\s'\"]*)" % "|".join(SECRET_QUERY_KEYS),
-                           re.IGNORECASE)
+_USERINFO = re.compile(
+    r"(?P<scheme>[A-Za-z][A-Za-z0-9+.\-]*://)(?P<user>[^\s:/@'\"]*):(?P<password>[^\s'\"]*)@"
+)
+_QUERY_SECRET = re.compile(
+    r"(?P<key>[?&;](?:" + "|".join(SECRET_QUERY_KEYS) + r")=)(?P<value>[^&#\s'\"]*)", re.IGNORECASE
+)
 
 
-def with_password(scheme: str, user: str, password: str, host: str, port: int, path: str = "") -> str:
+def with_password(
+    scheme: str, user: str, password: str, host: str, port: int, path: str = ""
+) -> str:
     """scheme://user:password@host:port/path with user and password percent-encoded, so that a
     password holding '/', '@', ':' or '#' neither breaks the URL nor escapes the masking."""
-    quote = lambda text: urllib.parse.quote(text, safe="")  # noqa: E731
+    user, password = urllib.parse.quote(user, safe=""), urllib.parse.quote(password, safe="")
     host = f"[{host}]" if ":" in host else host
-    return f"{scheme}://{quote(user)}:{quote(password)}@{host}:{port}/{path.lstrip('/')}"
+    return f"{scheme}://{user}:{password}@{host}:{port}/{path.lstrip('/')}"
 
 
 def redact_uri(uri: str) -> str:
@@ -90,7 +95,9 @@ def not_sqlite(path: Path) -> bool:
     if not path.exists():
         return False
     try:
-        with sqlite3.connect(f"file:{urllib.parse.quote(str(path.resolve()))}?mode=ro", uri=True) as db:
+        with sqlite3.connect(
+            f"file:{urllib.parse.quote(str(path.resolve()))}?mode=ro", uri=True
+        ) as db:
             db.execute("PRAGMA schema_version").fetchone()
         db.close()
     except sqlite3.DatabaseError as error:  # "file is not a database"

@@ -44,7 +44,9 @@ def worker_threads_and_device(base_cfg, index: int, n_workers: int) -> list[str]
         overrides.append(f"train.device=cuda:{index % torch.cuda.device_count()}")
     elif device == "auto":
         overrides.append("train.device=cpu")
-    if base_cfg.train.threads is None and not (overrides and overrides[0].startswith("train.device=cuda")):
+    if base_cfg.train.threads is None and not (
+        overrides and overrides[0].startswith("train.device=cuda")
+    ):
         overrides.append(f"train.threads={max(1, (os.cpu_count() or 1) // n_workers)}")
     return overrides
 
@@ -53,17 +55,22 @@ def configure_output(spec: SweepSpec) -> None:
     """A worker's output: its progress lines on stdout (none with sweep.quiet), Optuna's only
     for warnings, and no "View run at" line per run (the progress says enough)."""
     os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
-    logging.basicConfig(level=logging.WARNING if spec.settings["quiet"] else logging.INFO,
-                        format="%(message)s", stream=sys.stdout, force=True)
+    logging.basicConfig(
+        level=logging.WARNING if spec.settings["quiet"] else logging.INFO,
+        format="%(message)s",
+        stream=sys.stdout,
+        force=True,
+    )
     optuna.logging.set_verbosity(optuna.logging.WARNING)
 
 
-def make_worker(spec: SweepSpec, index: int, n_workers: int, monitor=None) -> "Worker":
+def make_worker(spec: SweepSpec, index: int, n_workers: int, monitor=None) -> Worker:
     """A solo worker, or a population worker when sweep.population resolves to more than 1."""
     from mnist_sweep.population_worker import PopulationWorker, resolve_population
 
-    size = resolve_population(spec.settings["population"], compose(spec.fixed),
-                              spec.settings["n_trials"])
+    size = resolve_population(
+        spec.settings["population"], compose(spec.fixed), spec.settings["n_trials"]
+    )
     if size > 1:
         return PopulationWorker(spec, index, n_workers, size, monitor)
     return Worker(spec, index, n_workers, monitor)
@@ -106,13 +113,19 @@ class Worker:
         """A trial whose worker died (heartbeat stale): its MLflow run ends FAILED too, found by
         the trial's tags even when the worker died before recording the run's id."""
         try:
-            for run_id in self.tracker.runs_tagged({"study_name": self.spec.study_name,
-                                                    "optuna_trial_id": str(trial._trial_id)}):
-                self.tracker.end_run(run_id, "FAILED", {
-                    "state": "failed", "fail_reason": "its worker stopped sending heartbeats"})
+            for run_id in self.tracker.runs_tagged(
+                {"study_name": self.spec.study_name, "optuna_trial_id": str(trial._trial_id)}
+            ):
+                self.tracker.end_run(
+                    run_id,
+                    "FAILED",
+                    {"state": "failed", "fail_reason": "its worker stopped sending heartbeats"},
+                )
         except Exception as error:  # the driver's last look (close_orphan_runs) ends it then
-            log.warning(f"[w{self.index}] the run of stale trial {trial.number} could not be "
-                        f"ended now: {failure_reason(error)}")
+            log.warning(
+                f"[w{self.index}] the run of stale trial {trial.number} could not be "
+                f"ended now: {failure_reason(error)}"
+            )
 
     def loop(self) -> None:
         with Heartbeats(self.book, self.spec.settings["heartbeat_interval"]):
@@ -163,9 +176,13 @@ class Worker:
         metric, number = self.spec.settings["metric"], trial.number
         callbacks = [] if self.spec.settings["quiet"] else [EpochProgress(prefix)]
         run_name = trial_run_name(number, values, self.spec.settings["n_trials"])
-        with self.tracker.trial_run(cfg, device=torch.device(cfg.train.device), run_name=run_name,
-                                    parent_run_id=self.spec.parent_run_id,
-                                    extra_tags=run_tags(self.spec, trial)) as run:
+        with self.tracker.trial_run(
+            cfg,
+            device=torch.device(cfg.train.device),
+            run_name=run_name,
+            parent_run_id=self.spec.parent_run_id,
+            extra_tags=run_tags(self.spec, trial),
+        ) as run:
             if run.run_id:
                 trial.set_user_attr("mlflow_run_id", run.run_id)
 
@@ -178,18 +195,27 @@ class Worker:
                 # A signal stops training at once, but never an epoch's MLflow write or Optuna
                 # report midway: the run must still be ended KILLED, the trial told FAIL.
                 with INTERRUPTS.allowed():
-                    result = run_trial(cfg, callbacks=[INTERRUPTS.shielded(c)
-                                                       for c in (*callbacks, run.log_epoch, report)])
+                    result = run_trial(
+                        cfg,
+                        callbacks=[
+                            INTERRUPTS.shielded(c) for c in (*callbacks, run.log_epoch, report)
+                        ],
+                    )
             except Pruned as pruned:
-                run.set_tags(trial_end_tags("pruned", pruned.epoch, metric, pruned.value,
-                                            self.spec.settings["pruner"]))
+                run.set_tags(
+                    trial_end_tags(
+                        "pruned", pruned.epoch, metric, pruned.value, self.spec.settings["pruner"]
+                    )
+                )
                 return Ending("pruned", pruned.epoch, pruned.value)
             except TrainingDiverged as error:
                 if self.spec.settings["diverged"] != "prune":
                     run.set_tags({"state": "failed"})
                     raise
                 reason = failure_reason(error)
-                run.set_tags(trial_end_tags("diverged", error.epoch, metric, math.nan, reason=reason))
+                run.set_tags(
+                    trial_end_tags("diverged", error.epoch, metric, math.nan, reason=reason)
+                )
                 run.end_status = "FAILED"
                 return Ending("diverged", error.epoch, reason=reason)
             except KeyboardInterrupt:
@@ -199,7 +225,9 @@ class Worker:
                 run.set_tags({"state": "failed"})
                 raise
             value = result.epochs[-1].metrics()[metric]
-            run.log_result(result, end_tags=trial_end_tags("complete", len(result.epochs), metric, value))
+            run.log_result(
+                result, end_tags=trial_end_tags("complete", len(result.epochs), metric, value)
+            )
             if self.log_champions and self.book.beats_the_best(value):
                 from mnist_sweep.tracking import log_torch_model
 
@@ -217,16 +245,25 @@ class Pruned(Exception):
 
 def run_tags(spec: SweepSpec, trial: optuna.Trial, **more: str) -> dict[str, str]:
     """A trial run's tags: what finds it (study, trial number and id) and its state."""
-    return {"sweep_role": "trial", "study_name": spec.study_name, "trial_number": str(trial.number),
-            "optuna_trial_id": str(trial._trial_id), "state": "running", **more}
+    return {
+        "sweep_role": "trial",
+        "study_name": spec.study_name,
+        "trial_number": str(trial.number),
+        "optuna_trial_id": str(trial._trial_id),
+        "state": "running",
+        **more,
+    }
 
 
 def log_ending(prefix: str, ending: Ending, metric: str, trial: optuna.Trial) -> None:
     """The line a trial's end prints."""
     if ending.state == "complete":
-        shown = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
-                          for k, v in trial.params.items())
-        log.info(f"{prefix}complete: {metric} {ending.value:.4f}, test_acc {ending.test_acc:.4f} | {shown}")
+        shown = ", ".join(
+            f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in trial.params.items()
+        )
+        log.info(
+            f"{prefix}complete: {metric} {ending.value:.4f}, test_acc {ending.test_acc:.4f} | {shown}"
+        )
     elif ending.state == "pruned":
         log.info(f"{prefix}pruned after epoch {ending.epochs}: {metric} {ending.value:.4f}")
     elif ending.state == "diverged":

@@ -5,7 +5,9 @@ their class is defined in, hence a subclass here rather than a re-export. Hydra'
 (hydra-optuna-sweeper) needs optuna < 3 and cannot be installed beside this project's optuna 5,
 so the two never meet."""
 
-from hydra_plugins.mnist_sweep_optuna.optuna_sweeper import OptunaSweeper as _MnistSweepOptunaSweeper
+from hydra_plugins.mnist_sweep_optuna.optuna_sweeper import (
+    OptunaSweeper as _MnistSweepOptunaSweeper,
+)
 
 
 class OptunaSweeper(_MnistSweepOptunaSweeper):

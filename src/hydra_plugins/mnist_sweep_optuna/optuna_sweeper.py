@@ -16,10 +16,9 @@ sweep grammar; the other command-line overrides are fixed for every trial.
 from __future__ import annotations
 
 import logging
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any
 
 from hydra.core.config_store import ConfigStore
 from hydra.plugins.sweeper import Sweeper
@@ -29,76 +28,122 @@ from omegaconf import MISSING, DictConfig, OmegaConf
 log = logging.getLogger(__name__)
 
 # Optuna's samplers and pruners by class, as our sweep settings name them.
-SAMPLERS = {"TPESampler": "tpe", "RandomSampler": "random", "GPSampler": "gp",
-            "CmaEsSampler": "cmaes", "QMCSampler": "qmc", "GridSampler": "grid"}
-PRUNERS = {"MedianPruner": "median", "HyperbandPruner": "hyperband", "NopPruner": "none",
-           "SuccessiveHalvingPruner": "successive_halving", "PercentilePruner": "percentile"}
+SAMPLERS = {
+    "TPESampler": "tpe",
+    "RandomSampler": "random",
+    "GPSampler": "gp",
+    "CmaEsSampler": "cmaes",
+    "QMCSampler": "qmc",
+    "GridSampler": "grid",
+}
+PRUNERS = {
+    "MedianPruner": "median",
+    "HyperbandPruner": "hyperband",
+    "NopPruner": "none",
+    "SuccessiveHalvingPruner": "successive_halving",
+    "PercentilePruner": "percentile",
+}
 
 
 @dataclass
 class OptunaSweeperConf:
     _target_: str = "hydra_plugins.mnist_sweep_optuna.optuna_sweeper.OptunaSweeper"
     _recursive_: bool = False  # the sampler's and pruner's configs reach us as configs, not objects
-    defaults: List[Any] = field(default_factory=lambda: [{"sampler": "tpe"}])
+    defaults: list[Any] = field(default_factory=lambda: [{"sampler": "tpe"}])
     # the keys of Hydra's Optuna sweeper
     sampler: Any = MISSING
     direction: Any = "maximize"
-    storage: Optional[Any] = None
-    study_name: Optional[str] = None
+    storage: Any | None = None
+    study_name: str | None = None
     n_trials: int = 20
     n_jobs: int = 1
-    params: Optional[Dict[str, str]] = None
-    search_space: Optional[Dict[str, Any]] = None        # Hydra's deprecated form: refused
-    custom_search_space: Optional[str] = None            # a Python hook: refused
-    max_failure_rate: float = 0.0                        # ours: sweep.max_failures_in_a_row
+    params: dict[str, str] | None = None
+    search_space: dict[str, Any] | None = None  # Hydra's deprecated form: refused
+    custom_search_space: str | None = None  # a Python hook: refused
+    max_failure_rate: float = 0.0  # ours: sweep.max_failures_in_a_row
     # ours
     metric: str = "val_acc"
     pruner: Any = "median"
     population: Any = 1
-    seed: Optional[int] = None
-    sweep: Dict[str, Any] = field(default_factory=dict)
+    seed: int | None = None
+    sweep: dict[str, Any] = field(default_factory=dict)
 
 
-ConfigStore.instance().store(group="hydra/sweeper", name="optuna", node=OptunaSweeperConf,
-                             provider="mnist_sweep")
+ConfigStore.instance().store(
+    group="hydra/sweeper", name="optuna", node=OptunaSweeperConf, provider="mnist_sweep"
+)
 for _class, _name in SAMPLERS.items():
     if _name != "grid":  # a grid is given by its values: choice(...) / range(...) params
-        ConfigStore.instance().store(group="hydra/sweeper/sampler", name=_name, provider="mnist_sweep",
-                                     node={"_target_": f"optuna.samplers.{_class}", "seed": None})
+        ConfigStore.instance().store(
+            group="hydra/sweeper/sampler",
+            name=_name,
+            provider="mnist_sweep",
+            node={"_target_": f"optuna.samplers.{_class}", "seed": None},
+        )
 
 
 class OptunaSweeper(Sweeper):
-    def __init__(self, sampler: Any, direction: Any, storage: Any, study_name: Optional[str],
-                 n_trials: int, n_jobs: int, params: Optional[Dict[str, str]] = None,
-                 search_space: Any = None, custom_search_space: Optional[str] = None,
-                 max_failure_rate: float = 0.0, metric: str = "val_acc", pruner: Any = "median",
-                 population: Any = 1, seed: Optional[int] = None,
-                 sweep: Optional[Dict[str, Any]] = None) -> None:
+    def __init__(
+        self,
+        sampler: Any,
+        direction: Any,
+        storage: Any,
+        study_name: str | None,
+        n_trials: int,
+        n_jobs: int,
+        params: dict[str, str] | None = None,
+        search_space: Any = None,
+        custom_search_space: str | None = None,
+        max_failure_rate: float = 0.0,
+        metric: str = "val_acc",
+        pruner: Any = "median",
+        population: Any = 1,
+        seed: int | None = None,
+        sweep: dict[str, Any] | None = None,
+    ) -> None:
         from mnist_sweep.errors import ConfigError
 
         if search_space or custom_search_space:
-            raise ConfigError("hydra.sweeper.search_space and custom_search_space are not "
-                              "supported: give the search space as hydra.sweeper.params "
-                              "(key: sweep grammar such as interval(0.5, 0.99)).")
+            raise ConfigError(
+                "hydra.sweeper.search_space and custom_search_space are not "
+                "supported: give the search space as hydra.sweeper.params "
+                "(key: sweep grammar such as interval(0.5, 0.99))."
+            )
         if not isinstance(direction, str):
-            raise ConfigError(f"hydra.sweeper.direction={direction!r}: one direction (maximize or "
-                              "minimize); this sweep optimizes one metric.")
-        self.settings = {"n_trials": n_trials, "direction": direction, "storage": storage,
-                         "study_name": study_name or "multirun", "workers": n_jobs,
-                         "metric": metric, "population": population,
-                         **sampler_settings(OmegaConf.to_container(sampler, resolve=True)
-                                            if isinstance(sampler, DictConfig) else sampler, seed),
-                         **pruner_settings(OmegaConf.to_container(pruner, resolve=True)
-                                           if isinstance(pruner, DictConfig) else pruner),
-                         **(OmegaConf.to_container(sweep) if isinstance(sweep, DictConfig) else sweep or {})}
+            raise ConfigError(
+                f"hydra.sweeper.direction={direction!r}: one direction (maximize or "
+                "minimize); this sweep optimizes one metric."
+            )
+        self.settings = {
+            "n_trials": n_trials,
+            "direction": direction,
+            "storage": storage,
+            "study_name": study_name or "multirun",
+            "workers": n_jobs,
+            "metric": metric,
+            "population": population,
+            **sampler_settings(
+                OmegaConf.to_container(sampler, resolve=True)
+                if isinstance(sampler, DictConfig)
+                else sampler,
+                seed,
+            ),
+            **pruner_settings(
+                OmegaConf.to_container(pruner, resolve=True)
+                if isinstance(pruner, DictConfig)
+                else pruner
+            ),
+            **(OmegaConf.to_container(sweep) if isinstance(sweep, DictConfig) else sweep or {}),
+        }
         self.params = dict(params or {})
-        self.config: Optional[DictConfig] = None
+        self.config: DictConfig | None = None
 
-    def setup(self, *, hydra_context: HydraContext, task_function: TaskFunction,
-              config: DictConfig) -> None:
+    def setup(
+        self, *, hydra_context: HydraContext, task_function: TaskFunction, config: DictConfig
+    ) -> None:
         self.hydra_context, self.config = hydra_context, config
 
-    def sweep(self, arguments: List[str]) -> Any:
+    def sweep(self, arguments: list[str]) -> Any:
         from hydra.core.override_parser.overrides_parser import OverridesParser
 
         from mnist_sweep.driver import run_sweep
@@ -120,7 +165,7 @@ class OptunaSweeper(Sweeper):
             return run_sweep(spec)
 
 
-def sampler_settings(sampler: Any, seed: Optional[int]) -> dict:
+def sampler_settings(sampler: Any, seed: int | None) -> dict:
     """sampler: {_target_: optuna.samplers.XSampler, seed: ..., other kwargs} or our name."""
     from mnist_sweep.errors import ConfigError
 
@@ -130,12 +175,17 @@ def sampler_settings(sampler: Any, seed: Optional[int]) -> dict:
     target = str(sampler.pop("_target_", "optuna.samplers.TPESampler"))
     name = SAMPLERS.get(target.rsplit(".", 1)[-1])
     if name is None:
-        raise ConfigError(f"hydra.sweeper.sampler._target_={target} is not a sampler this sweep "
-                          f"runs; use one of {', '.join(f'optuna.samplers.{c}' for c in SAMPLERS)}.")
+        raise ConfigError(
+            f"hydra.sweeper.sampler._target_={target} is not a sampler this sweep "
+            f"runs; use one of {', '.join(f'optuna.samplers.{c}' for c in SAMPLERS)}."
+        )
     sampler_seed = sampler.pop("seed", None)
     sampler.pop("search_space", None)  # a grid is given by the params' values
-    return {"sampler": name, "sampler_args": sampler,
-            "seed": seed if seed is not None else (sampler_seed if sampler_seed is not None else 0)}
+    return {
+        "sampler": name,
+        "sampler_args": sampler,
+        "seed": seed if seed is not None else (sampler_seed if sampler_seed is not None else 0),
+    }
 
 
 def pruner_settings(pruner: Any) -> dict:
@@ -147,6 +197,8 @@ def pruner_settings(pruner: Any) -> dict:
     target = str(pruner.pop("_target_", ""))
     name = PRUNERS.get(target.rsplit(".", 1)[-1])
     if name is None:
-        raise ConfigError(f"hydra.sweeper.pruner._target_={target} is not a pruner this sweep "
-                          f"runs; use one of {', '.join(f'optuna.pruners.{c}' for c in PRUNERS)}.")
+        raise ConfigError(
+            f"hydra.sweeper.pruner._target_={target} is not a pruner this sweep "
+            f"runs; use one of {', '.join(f'optuna.pruners.{c}' for c in PRUNERS)}."
+        )
     return {"pruner": name, "pruner_args": pruner}
