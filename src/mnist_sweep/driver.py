@@ -25,7 +25,7 @@ from mnist_sweep.interrupts import INTERRUPTS
 from mnist_sweep.study import counts, deadline, enqueue_known, open_study
 from mnist_sweep.sweepfile import SweepSpec, check_space
 from mnist_sweep.urls import redact_uri
-from mnist_sweep.worker import run_worker
+from mnist_sweep.worker_process import run_worker
 
 log = logging.getLogger("mnist_sweep")
 
@@ -167,7 +167,8 @@ def run_sweep(spec: SweepSpec, join: bool = False) -> optuna.Study:
     already (started by `make sweep` elsewhere); nothing is created."""
     from mnist_sweep.report import Reporter
     from mnist_sweep.tracking import open_tracker
-    from mnist_sweep.worker import configure_output, make_worker
+    from mnist_sweep.worker import configure_output
+    from mnist_sweep.worker_process import make_worker
 
     INTERRUPTS.install()  # SIGTERM to the driver alone: like Ctrl-C (interrupts.py)
     configure_output(spec)
@@ -262,6 +263,7 @@ WORKER_MODULES = [
     "mnist_sweep.train",
     "mnist_sweep.tracking",
     "mnist_sweep.population_worker",
+    "mnist_sweep.worker_process",
 ]
 
 

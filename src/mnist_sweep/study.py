@@ -23,7 +23,7 @@ from mnist_sweep import sqlite_stores
 from mnist_sweep.errors import ConfigError
 from mnist_sweep.space import SearchSpace
 from mnist_sweep.storage import ResilientRDBStorage, StorageUnavailable  # noqa: F401 (re-exported)
-from mnist_sweep.urls import not_sqlite, redact_reason, redact_uri, scheme_of
+from mnist_sweep.urls import mask_secrets, not_sqlite, redact_reason, redact_uri, scheme_of
 
 # Heartbeat and the visualizations are marked experimental; they are what we rely on on purpose.
 warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
@@ -326,11 +326,9 @@ def open_study(
     made_here): of several drivers starting at once on a new study, exactly one makes it (the
     database's unique study name decides) and only that one makes the MLflow parent run.
 
-    A new study records its definition (sweepfile.definition); an existing one is joined only
+    A new study records its definition (`definition`); an existing one is joined only
     if this sweep's definition is the same, so that a resume never mixes trials of different
     spaces, trial configs, samplers or pruners."""
-    from mnist_sweep.sweepfile import definition, differences
-
     s = spec.settings
     if not create:
         require_existing_file(s["storage"], spec.study_name)
@@ -441,3 +439,54 @@ def deadline(study: optuna.Study, timeout: float | None) -> float | None:
         started = time.time()
         study.set_user_attr("started_at", started)
     return float(started) + float(timeout)
+
+
+# ----------------------------------------------------------------------------- the definition
+
+
+def definition(spec, space: SearchSpace, base) -> dict:
+    """What makes a study's trials comparable, recorded when the study is created: the search
+    space, the trial config every trial shares (not where it runs), the sampler, the pruner,
+    the metric and its direction, and the sweep file's name."""
+    from omegaconf import OmegaConf
+
+    from mnist_sweep.cli import LOCAL_KEYS
+    from mnist_sweep.tracking import flatten
+
+    s = spec.settings
+    searched = [p.key for p in space.all_params()]
+    trial = {
+        key: mask_secrets(value)
+        for key, value in flatten(OmegaConf.to_container(base, resolve=True)).items()
+        if not is_under(key, LOCAL_KEYS) and not is_under(key, searched)
+    }
+    return {
+        "sweep_file": Path(spec.file).stem,
+        "space": {p.name: f"{p.grammar} -> {p.distribution!r}" for p in space.all_params()},
+        "trial": trial,
+        "sampler": f"{s['sampler']} {sorted(dict(s['sampler_args']).items())}",
+        "pruner": f"{s['pruner']} {sorted(dict(s['pruner_args']).items())}",
+        "metric": s["metric"],
+        "direction": s["direction"],
+    }
+
+
+def is_under(key: str, prefixes) -> bool:
+    """`key` is one of `prefixes` or a key under one (dotted)."""
+    return any(key == p or key.startswith(p + ".") for p in prefixes)
+
+
+def differences(recorded: dict, current: dict) -> list[str]:
+    """'what: recorded -> now' for every part of the definition that changed."""
+    out = []
+    for part in ("sweep_file", "metric", "direction", "sampler", "pruner"):
+        if recorded.get(part) != current.get(part):
+            out.append(f"{part} {recorded.get(part)} -> {current.get(part)}")
+    for part, label in (("space", "search space"), ("trial", "trial config")):
+        old, new = recorded.get(part, {}), current.get(part, {})
+        for key in sorted(set(old) | set(new)):
+            if old.get(key) != new.get(key):
+                out.append(
+                    f"{label} {key}: {old.get(key, '(absent)')} -> {new.get(key, '(absent)')}"
+                )
+    return out

@@ -15,7 +15,6 @@ from omegaconf import OmegaConf
 
 from mnist_sweep.cli import (
     CONF_DIR,
-    LOCAL_KEYS,
     check_overrides,
     compose,
     compose_trial,
@@ -24,7 +23,7 @@ from mnist_sweep.cli import (
 )
 from mnist_sweep.errors import ConfigError
 from mnist_sweep.space import SearchSpace, build_space, contains, to_overrides
-from mnist_sweep.study import PRUNERS, SAMPLERS
+from mnist_sweep.study import PRUNERS, SAMPLERS, is_under
 from mnist_sweep.urls import mask_secrets
 from mnist_sweep.validation import is_int
 
@@ -301,7 +300,7 @@ def check_population(spec: SweepSpec, space: SearchSpace) -> None:
     searches one of them trains one trial at a time (population=auto) or is refused."""
     from mnist_sweep.population import SHARED_KEYS
 
-    searched = [p.key for p in space.all_params() if _under(p.key, SHARED_KEYS)]
+    searched = [p.key for p in space.all_params() if is_under(p.key, SHARED_KEYS)]
     if not searched:
         return
     if spec.settings["population"] == "auto":
@@ -343,50 +342,3 @@ def check_enqueued(spec: SweepSpec, space: SearchSpace) -> None:
             raise ConfigError(
                 f"enqueue[{i}] ({', '.join(overrides)}) is not a valid trial: {error}"
             ) from None
-
-
-# ----------------------------------------------------------------------------- the definition
-
-
-def definition(spec: SweepSpec, space: SearchSpace, base) -> dict:
-    """What makes a study's trials comparable, recorded when the study is created: the search
-    space, the trial config every trial shares (not where it runs), the sampler, the pruner,
-    the metric and its direction, and the sweep file's name."""
-    from mnist_sweep.tracking import flatten
-
-    s = spec.settings
-    searched = [p.key for p in space.all_params()]
-    trial = {
-        key: mask_secrets(value)
-        for key, value in flatten(OmegaConf.to_container(base, resolve=True)).items()
-        if not _under(key, LOCAL_KEYS) and not _under(key, searched)
-    }
-    return {
-        "sweep_file": Path(spec.file).stem,
-        "space": {p.name: f"{p.grammar} -> {p.distribution!r}" for p in space.all_params()},
-        "trial": trial,
-        "sampler": f"{s['sampler']} {sorted(dict(s['sampler_args']).items())}",
-        "pruner": f"{s['pruner']} {sorted(dict(s['pruner_args']).items())}",
-        "metric": s["metric"],
-        "direction": s["direction"],
-    }
-
-
-def _under(key: str, prefixes) -> bool:
-    return any(key == p or key.startswith(p + ".") for p in prefixes)
-
-
-def differences(recorded: dict, current: dict) -> list[str]:
-    """'what: recorded -> now' for every part of the definition that changed."""
-    out = []
-    for part in ("sweep_file", "metric", "direction", "sampler", "pruner"):
-        if recorded.get(part) != current.get(part):
-            out.append(f"{part} {recorded.get(part)} -> {current.get(part)}")
-    for part, label in (("space", "search space"), ("trial", "trial config")):
-        old, new = recorded.get(part, {}), current.get(part, {})
-        for key in sorted(set(old) | set(new)):
-            if old.get(key) != new.get(key):
-                out.append(
-                    f"{label} {key}: {old.get(key, '(absent)')} -> {new.get(key, '(absent)')}"
-                )
-    return out

@@ -22,8 +22,8 @@ import optuna
 from optuna.trial import FrozenTrial
 
 from mnist_sweep.bookkeeping import Bookkeeper, Ending, Heartbeats, TooManyFailures  # noqa: F401
-from mnist_sweep.cli import compose, compose_trial, exit_now
-from mnist_sweep.errors import failure_reason, user_errors_exit
+from mnist_sweep.cli import compose, compose_trial
+from mnist_sweep.errors import failure_reason
 from mnist_sweep.interrupts import INTERRUPTS
 from mnist_sweep.study import StorageUnavailable, open_study
 from mnist_sweep.sweepfile import SweepSpec
@@ -62,31 +62,6 @@ def configure_output(spec: SweepSpec) -> None:
         force=True,
     )
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-
-
-def make_worker(spec: SweepSpec, index: int, n_workers: int, monitor=None) -> Worker:
-    """A solo worker, or a population worker when sweep.population resolves to more than 1."""
-    from mnist_sweep.population_worker import PopulationWorker, resolve_population
-
-    size = resolve_population(
-        spec.settings["population"], compose(spec.fixed), spec.settings["n_trials"]
-    )
-    if size > 1:
-        return PopulationWorker(spec, index, n_workers, size, monitor)
-    return Worker(spec, index, n_workers, monitor)
-
-
-def run_worker(spec_dict: dict, index: int, n_workers: int) -> None:
-    """A worker process (the driver starts `sweep.workers` of them when there are several)."""
-    INTERRUPTS.install()  # SIGTERM and Ctrl-C: the running trial's run ends KILLED
-    spec = SweepSpec(**spec_dict)
-    configure_output(spec)
-    try:
-        with user_errors_exit():
-            make_worker(spec, index, n_workers).loop()
-    except KeyboardInterrupt:  # its trial is FAIL, its run KILLED
-        raise SystemExit(130) from None
-    exit_now(0)  # everything is written: the driver need not wait for the teardown of torch & co.
 
 
 class Worker:
