@@ -27,10 +27,11 @@ import math
 import queue
 import threading
 import time
+from dataclasses import dataclass
 from typing import Any
 
 import optuna
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf
 
 from mnist_sweep.bookkeeping import Ending, Heartbeats, record_ending
 from mnist_sweep.cli import compose, compose_trial
@@ -43,6 +44,41 @@ from mnist_sweep.worker import Worker, empty_cuda_cache, log_ending, run_tags
 log = logging.getLogger("mnist_sweep")
 LAST_STATS: dict = {}  # the last population worker's figures in this process (the benchmark's)
 WAIT = 0.5  # seconds between checks while waiting (for the bookkeeper, for trials elsewhere)
+
+
+# The messages between the trainer thread and the bookkeeper thread.
+
+
+@dataclass(frozen=True)
+class Join:  # bookkeeper -> trainer: new members, (trial number, its composed config) each
+    members: list[tuple[int, DictConfig]]
+
+
+@dataclass(frozen=True)
+class Leave:  # bookkeeper -> trainer: a member pruned (or ended) between epochs
+    number: int
+
+
+@dataclass(frozen=True)
+class Done:  # bookkeeper -> trainer: no more members will come (budget spent, or it failed)
+    pass
+
+
+@dataclass(frozen=True)
+class EpochDone:  # trainer -> bookkeeper: every member's epoch; tests of those that finished
+    results: dict[int, Any]  # number -> EpochResult
+    tests: dict[int, Any]  # number -> TrialResult (the test pass) of the members that finished
+    diverged: dict[int, Exception]  # number -> TrainingDiverged
+
+
+@dataclass(frozen=True)
+class MembersFailed:  # trainer -> bookkeeper: members the stack could not take, or all of them
+    reasons: dict[int, str]
+
+
+@dataclass(frozen=True)
+class Interrupted:  # trainer -> bookkeeper: Ctrl-C or SIGTERM; fail the live trials, runs KILLED
+    pass
 
 
 class PopulationWorker(Worker):
@@ -103,14 +139,14 @@ class PopulationWorker(Worker):
                     keys = [m.key for m in population.members]
                     for key in keys:
                         population.leave(key)
-                    self.events.put(("failed", {key: reason for key in keys}))
+                    self.events.put(MembersFailed({key: reason for key in keys}))
                     empty_cuda_cache()
                     continue
                 trained += time.perf_counter() - epoch_started
                 epoch_seconds.append(next(iter(results.values())).seconds)
                 for key in [*done, *diverged]:
                     population.leave(key)
-                self.events.put(("epoch", results, tests, diverged))
+                self.events.put(EpochDone(results, tests, diverged))
                 sent += 1
                 if not self.spec.settings["quiet"]:
                     seconds = next(iter(results.values())).seconds
@@ -119,7 +155,7 @@ class PopulationWorker(Worker):
                         f"{seconds:.2f}s ({seconds / len(results):.3f}s a member-epoch)"
                     )
         except KeyboardInterrupt:
-            self.events.put(("interrupt",))  # the bookkeeper fails the live trials, kills runs
+            self.events.put(Interrupted())  # the bookkeeper fails the live trials, kills runs
             raise
         except BaseException as error:  # the bookkeeper stops at once and fails the live trials
             self.stop_reason = f"its worker stopped: {failure_reason(error)}"
@@ -173,20 +209,19 @@ class PopulationWorker(Worker):
                     return population, True
                 self.raise_bookkeeper_error()
                 continue
-            kind = change[0]
-            if kind == "done":  # the bookkeeper's end: the budget is spent, or it failed
+            if isinstance(change, Done):  # the bookkeeper's end: the budget is spent, or it failed
                 self.raise_bookkeeper_error()
                 return population, False
-            if kind == "leave" and population is not None:
-                population.leave(change[1])
-            elif kind == "join":
-                for number, cfg in change[1]:
+            if isinstance(change, Leave) and population is not None:
+                population.leave(change.number)
+            elif isinstance(change, Join):
+                for number, cfg in change.members:
                     try:
                         if population is None:
                             population = Population(cfg)
                         population.join(number, cfg)
                     except Exception as error:  # a trial the population cannot hold fails alone
-                        self.events.put(("failed", {number: failure_reason(error)}))
+                        self.events.put(MembersFailed({number: failure_reason(error)}))
 
     def raise_bookkeeper_error(self) -> None:
         if self.error is not None:
@@ -203,26 +238,25 @@ class PopulationWorker(Worker):
                 self.check_writer()
                 more = self.fill()
                 if not self.book.open and not more:
-                    self.changes.put(("done",))
+                    self.changes.put(Done())
                     return
                 try:
                     event = self.events.get(timeout=WAIT)
                 except queue.Empty:
                     continue
-                if event[0] == "interrupt":
+                if isinstance(event, Interrupted):
                     self.close_all(None, "KILLED")
                     return
-                if event[0] == "failed":  # members the stack could not take, or the whole stack
+                if isinstance(event, MembersFailed):  # the stack could not take them, or failed
                     self.end(
                         {
                             n: Ending("failed", reason=r)
-                            for n, r in event[1].items()
+                            for n, r in event.reasons.items()
                             if n in self.book.open
                         }
                     )
                     continue
-                _, results, tests, diverged = event
-                self.handle_epoch(results, tests, diverged)
+                self.handle_epoch(event.results, event.tests, event.diverged)
                 with self.progress:
                     self.epochs_handled += 1
                     self.progress.notify_all()
@@ -237,7 +271,7 @@ class PopulationWorker(Worker):
             self.error = error
             with self.progress:
                 self.progress.notify_all()
-            self.changes.put(("done",))
+            self.changes.put(Done())
 
     def fill(self) -> bool:
         """Ask the study for trials until the population is full. Returns whether more trials may
@@ -258,7 +292,7 @@ class PopulationWorker(Worker):
             return True
         finally:  # the new members join together, so that an epoch starts with all of them
             if joins:
-                self.changes.put(("join", joins))
+                self.changes.put(Join(joins))
 
     def add_member(self, trial: optuna.Trial, joins: list) -> None:
         import torch
@@ -379,7 +413,7 @@ class PopulationWorker(Worker):
                         },
                     )
                 if not (tests and number in tests):
-                    self.changes.put(("leave", number))
+                    self.changes.put(Leave(number))
                 log_ending(prefix, ending, metric, trial)
 
     def fail(self, number: int, reason: str) -> None:
