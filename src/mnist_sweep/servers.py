@@ -442,7 +442,8 @@ class LocalServers:
         self.pg.stop()
 
 
-def main(argv: list[str] | None = None) -> None:
+def command_line() -> argparse.ArgumentParser:
+    """`make server`'s options."""
     parser = argparse.ArgumentParser(
         prog="python -m mnist_sweep.servers",
         description=__doc__,
@@ -480,8 +481,11 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--pg-port", type=int, default=5433)
     parser.add_argument("--mlflow-port", type=int, default=5001)
-    args = parser.parse_args(argv)
+    return parser
 
+
+def main(argv: list[str] | None = None) -> None:
+    args = command_line().parse_args(argv)
     INTERRUPTS.install()  # Ctrl-C and `kill` stop both servers
     with user_errors_exit():
         folder = Path(args.dir).resolve()
