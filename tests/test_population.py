@@ -116,11 +116,11 @@ CYCLED = len(SGD_SETTINGS) - 1
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("fused", [True, False])
-@pytest.mark.parametrize("path", ["shortcuts", "general", "plain"])
+@pytest.mark.parametrize("path", ["shortcuts", "no_shortcuts", "plain"])
 def test_stacked_sgd_is_torchs_sgd_for_each_member(path, fused, dtype):
     """Every member's update is torch.optim.SGD's (fused, as trials run it, and torch's default),
     over several steps: the first (buffers start as d), then the shortcuts taken once all members
-    started, or the general path a CUDA graph replays (every step), or the plain case (momentum
+    started, or the no-shortcuts path a CUDA graph replays (every step), or the plain case (momentum
     only). One member's momentum is cycled by its schedule although its configured momentum is 0:
     its dampening must hold (torch ignores dampening only without momentum)."""
     from mnist_sweep.stacked import StackedSGD
@@ -150,10 +150,10 @@ def test_stacked_sgd_is_torchs_sgd_for_each_member(path, fused, dtype):
         for i in range(k):
             alone[i].grad = grad[i].clone()
             optimizers[i].step()
-        sgd.step(flat, grad, lr, momentum, general=path == "general")
+        sgd.step(flat, grad, lr, momentum, no_shortcuts=path == "no_shortcuts")
         for i in range(k):
             torch.testing.assert_close(flat[i], alone[i].detach(), rtol=tolerance, atol=tolerance)
-    assert sgd.all_started == (path != "general")
+    assert sgd.all_started == (path != "no_shortcuts")
 
 
 MEMBERS = {  # one population: different seeds, optimizers and every kind of schedule at once
@@ -181,13 +181,13 @@ MODELS = {"mlp": ["model=mlp", "model.hidden=[32,16]"],
           "cnn": ["model=cnn", "model.channels=[4,6]", "model.hidden=16"]}
 
 
-def run_population(cfgs: dict, passes, general: bool = False):
+def run_population(cfgs: dict, passes, no_shortcuts: bool = False):
     """The population through `passes`: per member its epoch results, its weights after its
     last pass, its test result, and the state of the batch order where it joined."""
     from mnist_sweep.population import Population
 
     population = Population(next(iter(cfgs.values())))
-    population.general_step = general
+    population.no_shortcuts = no_shortcuts
     epochs, weights, tests, order_at_join = {}, {}, {}, {}
     for joining, leaving in passes:
         for key in sorted(leaving):
@@ -246,11 +246,11 @@ def test_members_joining_and_leaving_train_as_they_would_alone(model, cfg_factor
             assert tests[key].test_correct == solo.test_correct
 
 
-def test_the_general_update_path_trains_as_a_member_would_alone(cfg_factory, float64):
-    """The update a CUDA graph replays (every step through the general path), run on the CPU
+def test_the_no_shortcuts_update_path_trains_as_a_member_would_alone(cfg_factory, float64):
+    """The update a CUDA graph replays (every step through the no-shortcuts path), run on the CPU
     over whole epochs with members joining and leaving."""
     cfgs = {key: cfg_factory(*MODELS["mlp"], *overrides) for key, overrides in MEMBERS.items()}
-    epochs, _, _, order_at_join = run_population(cfgs, PASSES, general=True)
+    epochs, _, _, order_at_join = run_population(cfgs, PASSES, no_shortcuts=True)
     for key, cfg in cfgs.items():
         assert_same_epochs(epochs[key], alone(cfg, order_at_join[key]).epochs, tolerance=1e-9)
 

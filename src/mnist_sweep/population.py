@@ -97,7 +97,7 @@ class Population:
         )
         # SGD's update through the path that holds every step (what a CUDA graph replays), not
         # the shortcuts taken once every member has started; tests run it on a CPU too
-        self.general_step = self.graphs is not None
+        self.no_shortcuts = self.graphs is not None
 
     def __len__(self) -> int:
         """Members after the pending joins and leaves."""
@@ -322,7 +322,7 @@ class Population:
         losses = self._losses(logits, y)
         (grad,) = torch.autograd.grad(losses.sum(), weights)
         self.sgd.step(
-            self.model.flat, grad, lr.to(weights.dtype), momentum, general=self.general_step
+            self.model.flat, grad, lr.to(weights.dtype), momentum, no_shortcuts=self.no_shortcuts
         )
         if self.any_plateau:
             self.plateaus.step(losses.detach(), batch_plateau)
@@ -353,7 +353,7 @@ class Population:
                     "the population trains without it"
                 )
                 self.graphs = None
-                self.general_step = False
+                self.no_shortcuts = False
                 return eager
         g = self.graphs
 

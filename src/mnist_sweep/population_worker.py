@@ -301,7 +301,7 @@ class PopulationWorker(Worker):
         try:
             with self.book.storage.coalesced():  # its params: one transaction
                 member.values = self.space.suggest(trial)
-            member.cfg = compose_trial([*self.spec.fixed, *self.share], member.values)
+            member.cfg = compose_trial([*self.spec.fixed, *self.placement], member.values)
         except Exception as error:
             self.fail(trial.number, failure_reason(error))
             return

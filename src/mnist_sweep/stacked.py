@@ -148,22 +148,22 @@ class StackedSGD:
         grad: torch.Tensor,
         lr: torch.Tensor,
         momentum: torch.Tensor,
-        general: bool = False,
+        no_shortcuts: bool = False,
     ) -> None:
         """One update of every member; lr and momentum [K] are this batch's (schedules move them),
-        in the parameters' dtype. general: the path that holds for every member and every step
+        in the parameters' dtype. no_shortcuts: the path that holds for every member and every step
         (a CUDA graph replays it), never the shortcuts taken once every member has started."""
         lr, momentum = lr.view(-1, 1), momentum.view(-1, 1)
-        if self.plain and self.all_started and not general:
+        if self.plain and self.all_started and not no_shortcuts:
             self.buf.mul_(momentum).add_(grad)
             flat.addcmul_(lr, self.buf, value=-1)
             return
         d = grad.addcmul(self.weight_decay, flat)
-        if self.all_started and not general:
+        if self.all_started and not no_shortcuts:
             self.buf.mul_(momentum).addcmul_(d, self.keep)
         else:
             self.buf.copy_(torch.where(self.started, self.buf * momentum + self.keep * d, d))
             self.started.fill_(True)
-            self.all_started = not general
+            self.all_started = not no_shortcuts
         direction = torch.where(self.nesterov, d.addcmul(momentum, self.buf), self.buf)
         flat.addcmul_(lr, direction, value=-1)

@@ -76,7 +76,8 @@ class Worker:
         base = compose(spec.fixed)
         self.tracker = open_tracker(base.tracking)
         self.study, _ = open_study(spec, self.space, base, on_stale=self.end_stale_run)
-        self.share = worker_threads_and_device(base, index, n_workers)
+        # where its trials run: overrides of train.device and train.threads
+        self.placement = worker_threads_and_device(base, index, n_workers)
         self.book = Bookkeeper(spec, self.study, index, monitor)
         # a trial that becomes the best so far logs its model as it ends (~0.1 s): the sweep's
         # end registers the best one without training it again
@@ -127,7 +128,7 @@ class Worker:
             with self.book.storage.coalesced():  # its params: one transaction
                 values = self.space.suggest(trial)
             # the space was checked against the config tree before the workers started
-            cfg = compose_trial([*self.spec.fixed, *self.share], values)
+            cfg = compose_trial([*self.spec.fixed, *self.placement], values)
             ending = self.train(trial, values, cfg, prefix)
         except StorageUnavailable:
             raise

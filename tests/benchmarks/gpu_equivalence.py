@@ -36,7 +36,7 @@ def main() -> int:
             base = [f"data.root={data}", "tracking.enabled=false", *FAST, f"train.device={device}",
                     *MODELS[model], f"train.cuda_graphs={str(graphs).lower()}"]
             cfgs = {key: compose([*base, *overrides]) for key, overrides in MEMBERS.items()}
-            epochs, weights, tests, order_at_join = run_population(cfgs, PASSES, general=graphs)
+            epochs, weights, tests, order_at_join = run_population(cfgs, PASSES, no_shortcuts=graphs)
             for key, cfg in cfgs.items():
                 solo = alone(cfg, order_at_join[key])
                 diffs = [abs(a - b) for mine, theirs in zip(epochs[key], solo.epochs)
