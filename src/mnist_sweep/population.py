@@ -57,7 +57,7 @@ class Member:
     cfg: DictConfig
     row: torch.Tensor  # initial parameters, flat
     curve: Curve
-    plateau: dict
+    plateau_state: dict  # its ReduceLROnPlateau state (Plateaus.member)
     hyper: dict
     momentum: float
     interval: str  # when a plateau schedule steps: batch | epoch
@@ -120,7 +120,7 @@ class Population:
             torch.default_generator.manual_seed(int(cfg.train.seed))
             row = StackedModel.row(instantiate(cfg.model))
         schedule = cfg.schedule
-        plateau = is_plateau(schedule)
+        on_plateau = is_plateau(schedule)
         lr0 = float(cfg.optim.lr)
         self.joining.append(
             Member(
@@ -128,10 +128,10 @@ class Population:
                 cfg=cfg,
                 row=row,
                 curve=Curve(torch.full((1,), lr0, dtype=torch.float64), None)
-                if plateau
+                if on_plateau
                 else curve(schedule, cfg.optim, self.steps, self.epochs),
-                plateau=self.plateaus.member(
-                    schedule if plateau else None, lr0, self.steps, self.epochs
+                plateau_state=self.plateaus.member(
+                    schedule if on_plateau else None, lr0, self.steps, self.epochs
                 ),
                 hyper={
                     "dampening": float(cfg.optim.get("dampening", 0.0)),
@@ -140,7 +140,7 @@ class Population:
                 },
                 momentum=float(cfg.optim.momentum),
                 interval=schedule.get("interval", "epoch"),
-                monitor=schedule.get("monitor", "train_loss") if plateau else None,
+                monitor=schedule.get("monitor", "train_loss") if on_plateau else None,
             )
         )
 
@@ -184,7 +184,7 @@ class Population:
                 torch.zeros(len(new_rows), dtype=torch.bool, device=self.device),
             ]
         )
-        self.plateaus.restack(index, [m.plateau for m in self.joining])
+        self.plateaus.restack(index, [m.plateau_state for m in self.joining])
         self.members = [self.members[i] for i in keep] + self.joining
         self.joining, self.leaving = [], set()
         self.model.set_rows(rows)
@@ -235,12 +235,12 @@ class Population:
         started = time.perf_counter()
         train, k = self.splits.train, len(self.members)
         lr_table, momentum_table, momentum = self._schedules_for_epoch()
-        plateau = self.plateaus.active > 0
-        batch_plateau = plateau & torch.tensor(
+        plateau_mask = self.plateaus.active > 0
+        batch_plateau_mask = plateau_mask & torch.tensor(
             [m.interval == "batch" for m in self.members], device=self.device
         )
         self.any_plateau = any(m.monitor is not None for m in self.members)
-        step = self._stepper(changed, plateau, batch_plateau)
+        step = self._stepper(changed, plateau_mask, batch_plateau_mask)
         batch_losses, lrs = [], []
         correct = torch.zeros(k, dtype=torch.long, device=self.device)
         order = data.shuffled_order(len(train), self.shuffle, self.device)
@@ -269,10 +269,8 @@ class Population:
         any_plateau = self.any_plateau
         losses = torch.stack(batch_losses).T.tolist()  # [K][steps]: one host sync
         batch_lr = torch.stack(lrs).T.tolist()
-        per_batch_plateau = batch_plateau
-        sizes = [self.batch_size] * (self.steps - 1) + [
-            len(train) - self.batch_size * (self.steps - 1)
-        ]
+        last_batch = len(train) - self.batch_size * (self.steps - 1)
+        sizes = [self.batch_size] * (self.steps - 1) + [last_batch]
         train_loss = [
             sum(loss * n for loss, n in zip(member, sizes)) / len(train) for member in losses
         ]
@@ -286,7 +284,7 @@ class Population:
             # float64, as torch's ReduceLROnPlateau compares the Python float it is given
             self.plateaus.step(
                 torch.tensor(watched, dtype=torch.float64, device=self.device),
-                plateau & ~per_batch_plateau,
+                plateau_mask & ~batch_plateau_mask,  # the members whose plateau steps per epoch
             )
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
@@ -310,11 +308,11 @@ class Population:
             m.results.append(results[m.key])
         return results
 
-    def _step(self, x, y, lr, momentum, plateau, batch_plateau):
+    def _step(self, x, y, lr, momentum, plateau_mask, batch_plateau_mask):
         """One batch for every member: forward, the members' summed losses, their gradients,
         the SGD update, per-batch plateaus. Returns (losses [K], correct [K], LR used [K])."""
         if self.any_plateau:  # a plateau member's LR is its own state
-            lr = torch.where(plateau, self.plateaus.lr, lr)
+            lr = torch.where(plateau_mask, self.plateaus.lr, lr)
         # A leaf of this step's own (the same storage): a leaf kept across steps keeps its
         # AccumulateGrad node, created on another stream than a CUDA graph's capture.
         weights = self.model.flat.detach().requires_grad_()
@@ -325,10 +323,10 @@ class Population:
             self.model.flat, grad, lr.to(weights.dtype), momentum, no_shortcuts=self.no_shortcuts
         )
         if self.any_plateau:
-            self.plateaus.step(losses.detach(), batch_plateau)
+            self.plateaus.step(losses.detach(), batch_plateau_mask)
         return losses.detach(), (logits.detach().argmax(-1) == y).sum(1), lr
 
-    def _stepper(self, changed: bool, plateau, batch_plateau):
+    def _stepper(self, changed: bool, plateau_mask, batch_plateau_mask):
         """The per-batch step: eager, or with train.cuda_graphs=true on a GPU replayed from a
         CUDA graph of it (one launch for the whole forward, backward and update instead of ~35
         kernels launched from Python; measured 0.25 s against 0.57 s for an epoch of 64 members
@@ -340,13 +338,13 @@ class Population:
 
         def eager(idx, lr, momentum):
             x, y = train.images.index_select(0, idx), train.labels.index_select(0, idx)
-            return self._step(x, y, lr, momentum, plateau, batch_plateau)
+            return self._step(x, y, lr, momentum, plateau_mask, batch_plateau_mask)
 
         if self.graphs is None:
             return eager
         if changed or self.graphs.get("k") != len(self.members):
             try:
-                self._capture(plateau, batch_plateau)
+                self._capture(plateau_mask, batch_plateau_mask)
             except Exception as error:  # an op the graph cannot hold: train eagerly from now on
                 log.warning(
                     f"CUDA graph capture failed ({type(error).__name__}: {error}); "
@@ -369,7 +367,7 @@ class Population:
 
         return graphed
 
-    def _capture(self, plateau, batch_plateau) -> None:
+    def _capture(self, plateau_mask, batch_plateau_mask) -> None:
         k, train = len(self.members), self.splits.train
         g = {
             "k": k,
@@ -390,10 +388,10 @@ class Population:
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
             g["losses"], g["correct"], g["used_lr"] = self._step(
-                g["x"], g["y"], g["lr"], g["momentum"], plateau, batch_plateau
+                g["x"], g["y"], g["lr"], g["momentum"], plateau_mask, batch_plateau_mask
             )
         g["graph"] = graph
-        g["masks"] = (plateau, batch_plateau)  # read by the graph: kept alive with it
+        g["masks"] = (plateau_mask, batch_plateau_mask)  # read by the graph: kept alive with it
         self.graphs = g
 
     def lr_of(self, key: Hashable):
