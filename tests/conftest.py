@@ -73,7 +73,7 @@ def store(tmp_path) -> str:
 @pytest.fixture()
 def cfg_factory(mnist_dir, store):
     """compose(*overrides) -> a trial config on the synthetic data, tracked in a temp store."""
-    from mnist_sweep.cli import compose
+    from mnist_sweep.hydra_config import compose
 
     def make(*overrides: str):
         return compose([f"data.root={mnist_dir}", f"tracking.tracking_uri={store}", *FAST,

@@ -15,7 +15,7 @@ LAYERS = [
     # foundations: errors, URLs and masking, signals, the SQLite stores, deep links
     {"__init__", "errors", "urls", "interrupts", "sqlite_stores", "review"},
     # a trial's parts and Hydra's glue; the servers for other machines
-    {"cli", "space", "data", "models", "schedules", "validation", "datasets", "member_schedules",
+    {"hydra_config", "space", "data", "models", "schedules", "validation", "datasets", "member_schedules",
      "stacked", "servers"},
     # the two stores: MLflow runs, Optuna's storage
     {"tracking", "storage"},

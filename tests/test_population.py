@@ -10,7 +10,7 @@ import os
 import pytest
 import torch
 
-from mnist_sweep.cli import compose
+from mnist_sweep.hydra_config import compose
 from mnist_sweep.member_schedules import Plateaus, curve, reference_curve
 
 STEPS, EPOCHS = 7, 4  # small runs: every branch of every schedule is reached

@@ -5,7 +5,7 @@ from __future__ import annotations
 import optuna
 import pytest
 
-from mnist_sweep.cli import compose
+from mnist_sweep.hydra_config import compose
 from mnist_sweep.errors import ConfigError
 from mnist_sweep.space import build_space, contains, to_distribution, to_overrides
 

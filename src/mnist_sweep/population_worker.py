@@ -34,8 +34,8 @@ import optuna
 from omegaconf import DictConfig, OmegaConf
 
 from mnist_sweep.bookkeeping import Ending, Heartbeats, record_ending
-from mnist_sweep.cli import compose, compose_trial
 from mnist_sweep.errors import failure_reason
+from mnist_sweep.hydra_config import compose, compose_trial
 from mnist_sweep.interrupts import INTERRUPTS
 from mnist_sweep.tracking import trial_end_tags, trial_run_name
 from mnist_sweep.train import TrainingDiverged

@@ -238,7 +238,7 @@ def write_report(
         return
     from mlflow.tracking import MlflowClient
 
-    from mnist_sweep.cli import compose
+    from mnist_sweep.hydra_config import compose
 
     client = MlflowClient(compose(spec.fixed).tracking.tracking_uri)
     run_id = spec.parent_run_id
@@ -390,7 +390,7 @@ def serve() -> None:
 
 
 if __name__ == "__main__":
-    from mnist_sweep.cli import exit_now
+    from mnist_sweep.hydra_config import exit_now
 
     serve()
     exit_now(0)  # the report is written: a sweep that waits for it need not wait for teardown

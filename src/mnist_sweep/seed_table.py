@@ -12,8 +12,8 @@ import statistics
 
 import optuna
 
-from mnist_sweep.cli import compose
 from mnist_sweep.errors import ConfigError, user_errors_exit
+from mnist_sweep.hydra_config import compose
 from mnist_sweep.space import to_overrides
 from mnist_sweep.sweepfile import load_spec
 

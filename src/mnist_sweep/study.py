@@ -450,7 +450,7 @@ def definition(spec, space: SearchSpace, base) -> dict:
     the metric and its direction, and the sweep file's name."""
     from omegaconf import OmegaConf
 
-    from mnist_sweep.cli import LOCAL_KEYS
+    from mnist_sweep.hydra_config import LOCAL_KEYS
     from mnist_sweep.tracking import flatten
 
     s = spec.settings

@@ -17,8 +17,8 @@ import sys
 
 from omegaconf import OmegaConf
 
-from mnist_sweep.cli import exit_now
 from mnist_sweep.errors import user_errors_exit
+from mnist_sweep.hydra_config import exit_now
 from mnist_sweep.sweepfile import check_space, load_spec
 
 

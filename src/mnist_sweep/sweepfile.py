@@ -13,7 +13,8 @@ from typing import Any
 
 from omegaconf import OmegaConf
 
-from mnist_sweep.cli import (
+from mnist_sweep.errors import ConfigError
+from mnist_sweep.hydra_config import (
     CONF_DIR,
     check_overrides,
     compose,
@@ -21,7 +22,6 @@ from mnist_sweep.cli import (
     config_groups,
     shipped_folder,
 )
-from mnist_sweep.errors import ConfigError
 from mnist_sweep.space import SearchSpace, build_space, contains, to_overrides
 from mnist_sweep.study import PRUNERS, SAMPLERS, is_under
 from mnist_sweep.urls import mask_secrets

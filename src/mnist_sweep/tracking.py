@@ -225,7 +225,7 @@ def trial_tags(cfg: DictConfig, device: torch.device) -> dict[str, str]:
 def trial_params(resolved: dict) -> dict[str, str]:
     """A run's params: what defines the trial (the flattened config), not where or how it ran
     (tracking, device, threads, data folder, progress: tags, or nothing)."""
-    from mnist_sweep.cli import LOCAL_KEYS
+    from mnist_sweep.hydra_config import LOCAL_KEYS
 
     return {
         k: v

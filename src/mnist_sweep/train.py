@@ -208,7 +208,7 @@ class EpochProgress:
 
 
 def main() -> None:
-    from mnist_sweep.cli import run_hydra_app  # the command line wraps this module's loop
+    from mnist_sweep.hydra_config import run_hydra_app  # the command line wraps this module's loop
 
     run_hydra_app(train_and_track)
 

@@ -22,8 +22,8 @@ import optuna
 from optuna.trial import FrozenTrial
 
 from mnist_sweep.bookkeeping import Bookkeeper, Ending, Heartbeats, TooManyFailures  # noqa: F401
-from mnist_sweep.cli import compose, compose_trial
 from mnist_sweep.errors import failure_reason
+from mnist_sweep.hydra_config import compose, compose_trial
 from mnist_sweep.interrupts import INTERRUPTS
 from mnist_sweep.study import StorageUnavailable, open_study
 from mnist_sweep.sweepfile import SweepSpec

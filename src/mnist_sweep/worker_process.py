@@ -4,8 +4,8 @@ worker's parts, is not imported back by it."""
 
 from __future__ import annotations
 
-from mnist_sweep.cli import compose, exit_now
 from mnist_sweep.errors import user_errors_exit
+from mnist_sweep.hydra_config import compose, exit_now
 from mnist_sweep.interrupts import INTERRUPTS
 from mnist_sweep.sweepfile import SweepSpec
 from mnist_sweep.worker import Worker, configure_output

@@ -184,7 +184,7 @@ def main() -> None:
             f"sweep.storage=sqlite:///{folder / 'default.db'}",
             f"tracking.tracking_uri=sqlite:///{folder / 'mlflow.db'}", f"train.device={device}",
             f"data.root={args.data}"])
-        from mnist_sweep.cli import compose
+        from mnist_sweep.hydra_config import compose
         from mnist_sweep.population_worker import resolve_population
 
         size = resolve_population("auto", compose(spec.fixed), spec.settings["n_trials"])

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from mnist_sweep import data
-from mnist_sweep.cli import compose
+from mnist_sweep.hydra_config import compose
 from mnist_sweep.models import MLP
 from mnist_sweep.train import run_trial, train_and_track
 

@@ -1,4 +1,5 @@
-"""Command-line glue shared by the entry points: Hydra app, config location, error handling."""
+"""Hydra glue shared by the entry points: where the config tree is, composing a trial's config
+(cached), checking overrides, the Hydra app wrapper, one-paragraph errors and a quick exit."""
 
 from __future__ import annotations
 
