@@ -234,7 +234,7 @@ def tell(
     storage (study.tell does, which would end the caller's coalesced transaction): what the tell
     does otherwise is the same (optuna/study/_tell.py, Optuna 5.0): a pruned trial takes its last
     finite intermediate value as its value, the sampler's after_trial hook runs, then the state
-    is written. tests/test_bookkeeping.py compares the two."""
+    is written. tests/test_storage.py (test_our_tell_is_optunas) compares the two."""
     from optuna import pruners
 
     study._thread_local.cached_all_trials = None  # only valid within a trial: as tell does

@@ -199,10 +199,10 @@ class ResilientRDBStorage(RDBStorage):
             raise ValueError(kind)
 
     def _apply_alone(self, kind: str, *args) -> None:
-        if kind == "param":
-            RDBStorage._set_trial_param(self, *args) if len(
-                args
-            ) == 5 else RDBStorage.set_trial_param(self, *args)
+        if kind == "param" and len(args) == 5:  # queued by _set_trial_param (cached distribution)
+            RDBStorage._set_trial_param(self, *args)
+        elif kind == "param":
+            RDBStorage.set_trial_param(self, *args)
         elif kind == "user_attr":
             RDBStorage.set_trial_user_attr(self, *args)
         elif kind == "system_attr":
