@@ -37,7 +37,7 @@ from mnist_sweep.bookkeeping import Ending, Heartbeats, record_ending
 from mnist_sweep.errors import failure_reason
 from mnist_sweep.hydra_config import compose, compose_trial
 from mnist_sweep.interrupts import INTERRUPTS
-from mnist_sweep.tracking import trial_end_tags, trial_run_name
+from mnist_sweep.tracking import failed_tags, trial_end_tags, trial_run_name
 from mnist_sweep.train import TrainingDiverged
 from mnist_sweep.worker import Worker, empty_cuda_cache, log_ending, run_tags
 
@@ -403,15 +403,7 @@ class PopulationWorker(Worker):
                         ),
                     )
                 else:
-                    self.writer.end(
-                        number,
-                        "FAILED",
-                        {
-                            "state": "failed",
-                            "fail_reason": ending.reason,
-                            "mlflow.note.content": f"**Failed**: {ending.reason}",
-                        },
-                    )
+                    self.writer.end(number, "FAILED", failed_tags(ending.reason))
                 if not (tests and number in tests):
                     self.changes.put(Leave(number))
                 log_ending(prefix, ending, metric, trial)
@@ -438,13 +430,7 @@ class PopulationWorker(Worker):
             self.writer.end(
                 number,
                 status,
-                {"state": "killed"}
-                if reason is None
-                else {
-                    "state": "failed",
-                    "fail_reason": reason,
-                    "mlflow.note.content": f"**Failed**: {reason}",
-                },
+                {"state": "killed"} if reason is None else failed_tags(reason),
             )
         if reason is None:
             log.warning(

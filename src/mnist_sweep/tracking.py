@@ -286,6 +286,15 @@ def trial_end_tags(
     return tags
 
 
+def failed_tags(reason: str) -> dict:
+    """A failed trial run's final tags: its state, why, and a description that says so."""
+    return {
+        "state": "failed",
+        "fail_reason": reason,
+        "mlflow.note.content": f"**Failed**: {reason}",
+    }
+
+
 def single_run_name(cfg: DictConfig) -> str:
     """`mlp none lr=0.01 m=0.78`: a standalone run's model, schedule and optimizer."""
     model = cfg.model._target_.rsplit(".", 1)[-1].lower()
