@@ -14,7 +14,7 @@ DATA ?= $(if $(wildcard ../shared/data/mnist),../shared/data/mnist,./data)
 export MNIST_SWEEP_DATA ?= $(DATA)
 
 .DEFAULT_GOAL := help
-.PHONY: help install test test-slow test-full test-docker train ui sweep server worker sweep-show seed-table bench bench-sweep bench-population bench-scale bench-diverged bench-bookkeeping lint docs docs-build clean dashboard readme-images
+.PHONY: help install test test-slow test-full test-docker train ui sweep server worker sweep-show seed-table bench bench-sweep bench-population bench-scale bench-scale-out bench-diverged bench-bookkeeping lint docs docs-build clean dashboard readme-images
 
 help: ## list the targets
 	@grep -hE '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  \033[36m%-12s\033[0m %s\n", $$1, $$2}'
@@ -64,7 +64,7 @@ readme-images: ## remake docs/images/*.png from a real default sweep on real MNI
 dashboard: ## optuna-dashboard on http://127.0.0.1:8080 over the study storage ($$SWEEP_STORAGE, else sqlite:///optuna.db): a live view of a running study
 	$(VENV)/bin/optuna-dashboard $${SWEEP_STORAGE:-sqlite:///optuna.db} --host 127.0.0.1 --port $${DASHBOARD_PORT:-8080}
 
-server: ## start PostgreSQL + an MLflow server on 127.0.0.1 for many workers (data in SERVER_DIR)
+server: ## start PostgreSQL, PgBouncer and an MLflow server on 127.0.0.1 for many workers (data in SERVER_DIR; needs pgbouncer)
 	$(PY) -m mnist_sweep.servers --dir $(SERVER_DIR) $(ARGS)
 
 worker: ## join a running SWEEP's study on the shared servers: `source $(SERVER_DIR)/urls.env` first (sets SWEEP_STORAGE, MLFLOW_TRACKING_URI)
@@ -85,6 +85,9 @@ bench-population: ## populations of 4, 16, 64 against one trial at a time on thi
 
 bench-scale: ## load: 8 workers x 200 tiny trials on PostgreSQL + MLflow server, 4 x 100 on SQLite; errors, duplicates, wall time
 	$(PY) tests/benchmarks/bench_scale.py $(ARGS)
+
+bench-scale-out: ## 8, 64, 256, 1000 simulated workers through PgBouncer: trials/min, latencies, connections, errors (~25 min; ARGS="--faults")
+	$(PY) tests/benchmarks/bench_scale_out.py $(ARGS)
 
 bench-diverged: ## diverged trials told to Optuna as FAIL vs pruned with NaN: the share diverged per 20 trials, same space and seed (real MNIST)
 	$(PY) tests/benchmarks/bench_diverged.py $(ARGS)

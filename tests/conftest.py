@@ -213,8 +213,9 @@ def hides_password(text: str, password: str = PG_PASSWORD) -> bool:
     from urllib.parse import quote
 
     return password not in text and quote(password, safe="") not in text
-needs_postgres = pytest.mark.skipif(shutil.which("initdb") is None or shutil.which("pg_ctl") is None,
-                                    reason="PostgreSQL (initdb, pg_ctl) is not installed")
+needs_postgres = pytest.mark.skipif(
+    shutil.which("initdb") is None or shutil.which("pg_ctl") is None or shutil.which("pgbouncer") is None,
+    reason="PostgreSQL (initdb, pg_ctl) or PgBouncer is not installed (.ci/run installs pgbouncer)")
 
 
 @pytest.fixture(scope="session")
@@ -225,10 +226,11 @@ def servers():
 
     folder = Path(tempfile.mkdtemp(prefix="mnist-sweep-servers-"))  # /tmp: reachable by postgres
     folder.chmod(0o755)
-    running = LocalServers(folder, PG_PASSWORD, free_port(), free_port())
+    running = LocalServers(folder, PG_PASSWORD, free_port(), free_port(), pooler_port=free_port())
     # A test that restarts a server starts it for the session: not one of the test's processes
     running.start_mlflow = outside_the_test(running.start_mlflow)
     running.pg.start = outside_the_test(running.pg.start)
+    running.pooler.start = outside_the_test(running.pooler.start)
     running.start()
     try:
         yield running

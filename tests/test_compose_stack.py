@@ -1,5 +1,6 @@
 """The compose stack, for real (`make test-docker`, its own tier): the images are built, PostgreSQL,
-the MLflow server and 3 sweep workers come up from docker/compose.yaml, a small sweep runs to
+PgBouncer (every database connection goes through it), the MLflow server and 3 sweep workers come
+up from docker/compose.yaml, a small sweep runs to
 exactly n_trials with one FINISHED child run per trial read back from this machine through the
 MLflow API, a worker container killed mid-trial has its trial retried, and `down -v` leaves no
 container or volume behind.
@@ -70,11 +71,13 @@ def available(image: str) -> bool:
 @pytest.fixture(scope="module")
 def images(engine) -> dict[str, str]:
     """The official bases where a registry serves them, else the stand-ins; then our image."""
-    names = {"POSTGRES_IMAGE": "postgres:15", "PYTHON_IMAGE": "python:3.11-slim"}
+    names = {"POSTGRES_IMAGE": "postgres:15", "PYTHON_IMAGE": "python:3.11-slim",
+             "PGBOUNCER_BASE_IMAGE": "debian:bookworm-slim"}
     if not all(available(image) for image in names.values()):
         sh(str(DOCKER / "standin" / "build.sh"))
         names = {"POSTGRES_IMAGE": "mnist-sweep-standin/postgres:15",
-                 "PYTHON_IMAGE": "mnist-sweep-standin/python:3.11-slim"}
+                 "PYTHON_IMAGE": "mnist-sweep-standin/python:3.11-slim",
+                 "PGBOUNCER_BASE_IMAGE": "mnist-sweep-standin/debian:bookworm-pgbouncer"}
     cpu_index = sh("python3", "-c", "import urllib.request; urllib.request.urlopen("
                    "'https://download.pytorch.org/whl/cpu/torch/', timeout=10)", check=False)
     torch_index = "https://download.pytorch.org/whl/cpu" if cpu_index.returncode == 0 else ""
@@ -82,7 +85,11 @@ def images(engine) -> dict[str, str]:
     if bundle.exists():  # what this machine's pip trusts (a TLS-inspecting proxy's CA, here)
         shutil.copy(bundle, extra)
     names["MNIST_SWEEP_IMAGE"] = "mnist-sweep:test"
+    names["PGBOUNCER_IMAGE"] = "mnist-sweep-pgbouncer:test"
     started = time.time()
+    sh("docker", "build", "--network", "host", "-q", "--build-arg",
+       f"BASE={names['PGBOUNCER_BASE_IMAGE']}", "-t", names["PGBOUNCER_IMAGE"],
+       str(DOCKER / "pgbouncer"), timeout=900)
     try:
         sh("docker", "build", "--network", "host", "-q", "-f", str(DOCKER / "Dockerfile"),
            "--build-arg", f"BASE={names['PYTHON_IMAGE']}", "--build-arg", f"TORCH_INDEX={torch_index}",
@@ -142,6 +149,18 @@ services:
         victim = wait_for(lambda: next((t for t in study().trials if t.state == TrialState.RUNNING
                                         and t.intermediate_values and "mlflow_run_id" in t.user_attrs), None),
                           "a trial mid-way in a worker container", 300)
+        # every connection to the study's and the runs' databases comes from PgBouncer
+        (pooler,) = sh(*compose, "ps", "-q", "pgbouncer", env=env).stdout.split()
+        pooler_address = inspect(pooler, "{{range .NetworkSettings.Networks}}{{.IPAddress}}{{end}}")
+        import psycopg
+
+        with psycopg.connect(storage) as c:
+            # (this test's own connections come from the host's side of the compose network)
+            clients = c.execute(
+                "select distinct host(client_addr) from pg_stat_activity where datname in "
+                "('optuna', 'mlflow') and client_addr is distinct from (select client_addr "
+                "from pg_stat_activity where pid = pg_backend_pid())").fetchall()
+        assert clients == [(pooler_address,)], (clients, pooler_address)
         container = victim.user_attrs["worker"].split(":")[0]  # the container's host name: its id
         sh("docker", "kill", container)  # SIGKILL: no cleanup in that container
         killed_at = time.time() - started
@@ -182,7 +201,7 @@ services:
         for c in sh(*compose, "ps", "-q", env=env).stdout.split():  # no password shown anywhere
             shown = sh("docker", "inspect", c).stdout
             assert PASSWORD not in shown and "pg_password" in shown
-        for c in sh(*compose, "ps", "-q", "mlflow", "postgres", env=env).stdout.split():
+        for c in sh(*compose, "ps", "-q", "mlflow", "postgres", "pgbouncer", env=env).stdout.split():
             processes = sh("docker", "top", c, "-eo", "pid,user,args").stdout
             assert PASSWORD not in processes
             users = {line.split()[1] for line in processes.splitlines()[1:]}

@@ -1,6 +1,6 @@
-"""Faults a sweep on the shared servers survives (real PostgreSQL + `mlflow server`):
+"""Faults a sweep on the shared servers survives (real PostgreSQL, PgBouncer + `mlflow server`):
 the whole sweep killed with kill -9 and started again; the MLflow server restarted mid-sweep;
-PostgreSQL restarted mid-sweep. (kill -9 of one worker: test_servers.py / test_sweep.py.)
+PostgreSQL restarted mid-sweep; PgBouncer restarted mid-sweep. (kill -9 of one worker: test_servers.py / test_sweep.py.)
 
 What holds (README, "Faults"): the MLflow client retries every request that meets a refused
 connection or a 5xx with backoff (MLflow's own retry, ~4 min in all), and our Optuna storage
@@ -147,7 +147,7 @@ def test_kill_9_of_the_whole_sweep_then_the_same_command_resumes(servers, tmp_pa
             assert client.get_run(t.user_attrs["mlflow_run_id"]).info.status == "FAILED"
 
 
-@pytest.mark.parametrize("restart", ["mlflow server", "postgresql"])
+@pytest.mark.parametrize("restart", ["mlflow server", "postgresql", "pgbouncer"])
 def test_a_server_restarted_mid_sweep_loses_nothing(restart, servers, tmp_path, mnist_dir):
     name = f"restart-{restart.split()[0]}-{tmp_path.name}"
     epochs = 8
@@ -159,10 +159,14 @@ def test_a_server_restarted_mid_sweep_loses_nothing(restart, servers, tmp_path, 
         servers.stop_mlflow()
         time.sleep(3)
         servers.start_mlflow()
-    else:
+    elif restart == "postgresql":
         servers.pg.stop()  # fast shutdown: cuts the storage's and the MLflow server's connections
         time.sleep(3)
         servers.pg.start()
+    else:  # the pooler the workers and the MLflow server go through
+        servers.pooler.stop()
+        time.sleep(3)
+        servers.pooler.start()
     out, err = finish(process, 300)
     assert process.returncode == 0, err[-3000:]
     assert "Traceback" not in err, err[-3000:]
@@ -172,6 +176,61 @@ def test_a_server_restarted_mid_sweep_loses_nothing(restart, servers, tmp_path, 
     # failed. (Not "fewer than 8 done once the server was back": the trials blocked on the
     # outage, tiny, could all finish before the test read the study again. CI saw it.)
     assert {t.number for t in cut} <= {t.number for t in finished(study)}
-    if restart == "postgresql":
+    if restart != "mlflow server":
         assert "Optuna storage unreachable" in out + err  # the retry did happen
     assert_every_trial_recorded_once_in_full(study, MlflowClient(servers.tracking_url), name, epochs)
+
+
+def test_a_storage_too_busy_to_answer_at_opening_is_waited_for_not_refused(servers, caplog):
+    """A fleet of workers that starts together keeps PgBouncer and PostgreSQL too busy to accept
+    every connection in time (1,000 simulated workers at once: "connection timeout expired" at
+    opening, and the workers died). Provoked: a port that accepts connections and says nothing
+    for 12 s (longer than the 10-s connect timeout), then passes them on to PgBouncer. The
+    storage opens once it answers; nothing listening at all is still refused at once."""
+    import socket
+    import threading
+
+    from mnist_sweep.errors import ConfigError
+    from mnist_sweep.servers import free_port
+    from mnist_sweep.study import open_storage
+
+    listener = socket.create_server(("127.0.0.1", 0))
+    port, silent_until, held = listener.getsockname()[1], time.monotonic() + 12, []
+
+    def pipe(source, target) -> None:
+        try:
+            while data := source.recv(65536):
+                target.sendall(data)
+        except OSError:
+            pass
+        finally:
+            target.close()
+
+    def serve() -> None:
+        while True:
+            try:
+                client, _ = listener.accept()
+            except OSError:
+                return
+            if time.monotonic() < silent_until:
+                held.append(client)  # accepted, never answered
+                continue
+            upstream = socket.create_connection(("127.0.0.1", servers.pooler_port))
+            for ends in ((client, upstream), (upstream, client)):
+                threading.Thread(target=pipe, args=ends, daemon=True).start()
+
+    threading.Thread(target=serve, daemon=True).start()
+    try:
+        storage = open_storage(servers.storage_url.replace(f":{servers.pooler_port}/", f":{port}/"),
+                               outage_seconds=120)
+        # it waited out the silence (a connect timed out, and was tried again) ...
+        assert "busy at opening" in caplog.text and "timeout expired" in caplog.text
+        storage.get_all_studies()  # ... and then works
+        caplog.clear()
+        with pytest.raises(ConfigError, match="refused"):
+            open_storage(servers.storage_url.replace(f":{servers.pooler_port}/", f":{free_port()}/"))
+        assert "busy" not in caplog.text  # refused at once, not waited for
+    finally:
+        listener.close()
+        for client in held:
+            client.close()

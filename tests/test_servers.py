@@ -113,7 +113,7 @@ def test_postgresql_admits_only_the_allowed_networks():
     """pg_hba.conf: this machine and --allow-net; a worker elsewhere is refused, by name."""
     import psycopg
 
-    from mnist_sweep.servers import Postgres, free_port, machine_interfaces
+    from mnist_sweep.servers import PgBouncer, Postgres, free_port, machine_interfaces
     from mnist_sweep.urls import with_password
 
     import shutil
@@ -127,14 +127,22 @@ def test_postgresql_admits_only_the_allowed_networks():
     for networks, admitted in ((["10.255.0.0/16"], False), ([network], True)):
         pg = Postgres(folder, free_port(), PG_PASSWORD, "0.0.0.0", address, networks)
         pg.start()
+        pg.create_databases("optuna")
+        pooler = PgBouncer(folder / "pgbouncer", free_port(), PG_PASSWORD, pg)
+        pooler.start()
         try:
             url = with_password("postgresql", "mnist", PG_PASSWORD, address, pg.port, "postgres")
+            pooled = pooler.url("optuna")  # PgBouncer admits what PostgreSQL admits
             if admitted:
                 assert connect_from_outside(url) == address
+                assert connect_from_outside(pooled) == "127.0.0.1"  # PgBouncer's connection
             else:
                 with pytest.raises(psycopg.OperationalError, match=f'no pg_hba.conf entry for host "{address}"'):
                     connect_from_outside(url)
+                with pytest.raises(psycopg.OperationalError):
+                    connect_from_outside(pooled)
         finally:
+            pooler.stop()
             pg.stop()
     shutil.rmtree(folder, ignore_errors=True)
 
@@ -163,10 +171,10 @@ def test_make_server_for_other_machines_then_a_sweep_and_a_worker_reach_it_by_na
     address, name = this_machines_address(), socket.gethostname()
     folder = Path(tempfile.mkdtemp(prefix="mnist-sweep-make-server-"))
     folder.chmod(0o755)
-    pg_port, mlflow_port = free_port(), free_port()
+    pg_port, mlflow_port, pooler_port = free_port(), free_port(), free_port()
     server = subprocess.Popen([sys.executable, "-m", "mnist_sweep.servers", "--dir", str(folder / "srv"),
                                "--host", "0.0.0.0", "--pg-port", str(pg_port),
-                               "--mlflow-port", str(mlflow_port)],
+                               "--mlflow-port", str(mlflow_port), "--pooler-port", str(pooler_port)],
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                               env={**os.environ, "PYTHONUNBUFFERED": "1",
                                    "MNIST_SWEEP_PG_PASSWORD": PG_PASSWORD})
@@ -179,16 +187,20 @@ def test_make_server_for_other_machines_then_a_sweep_and_a_worker_reach_it_by_na
         printed = "".join(lines)
         assert hides_password(printed)
         assert f"postgresql://mnist:***@{name}:{pg_port}/optuna" in printed
+        assert f"postgresql://mnist:***@{name}:{pooler_port}/optuna" in printed  # PgBouncer
         assert f"http://{name}:{mlflow_port}" in printed and address in printed
         urls = folder / "srv" / "urls.env"
         for secret in (urls, folder / "srv" / "password"):
             assert stat.S_IMODE(secret.stat().st_mode) == 0o600
         env = dict(line.removeprefix("export ").split("=", 1) for line in urls.read_text().split("\n") if line)
         env = {k: v.strip("'") for k, v in env.items()}
-        assert env["SWEEP_STORAGE"].endswith(f"@{name}:{pg_port}/optuna")
+        # workers reach the study through PgBouncer, which connects to PostgreSQL from here
+        assert env["SWEEP_STORAGE"].endswith(f"@{name}:{pooler_port}/optuna")
         assert env["MLFLOW_TRACKING_URI"] == f"http://{name}:{mlflow_port}"
         by_address = {k: v.replace(f"{name}:", f"{address}:") for k, v in env.items()}
-        assert connect_from_outside(by_address["SWEEP_STORAGE"]) == address
+        assert connect_from_outside(by_address["SWEEP_STORAGE"]) == "127.0.0.1"
+        direct = by_address["SWEEP_STORAGE"].replace(f":{pooler_port}/", f":{pg_port}/")
+        assert connect_from_outside(direct) == address
 
         search = f"http://{address}:{mlflow_port}/api/2.0/mlflow/experiments/search?max_results=1"
         for host, code in ((f"{name}:{mlflow_port}", 200), (f"{address}:{mlflow_port}", 200),
@@ -212,7 +224,7 @@ def test_make_server_for_other_machines_then_a_sweep_and_a_worker_reach_it_by_na
         server.send_signal(signal.SIGTERM)
         server.wait(timeout=60)
     assert server.returncode == 0, server.stderr.read()[-2000:]
-    for port in (pg_port, mlflow_port):  # both stopped: nothing listens any more
+    for port in (pg_port, mlflow_port, pooler_port):  # all stopped: nothing listens any more
         with socket.socket() as s:
             assert s.connect_ex(("127.0.0.1", port)) != 0
     assert not (folder / "srv" / "postgres" / "data" / "postmaster.pid").exists()

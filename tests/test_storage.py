@@ -125,7 +125,8 @@ def test_a_snapshot_reads_the_study_once_then_only_trials_made_since(study, tmp_
     event.listen(models.TrialModel, "load", lambda trial, context: loaded.append(trial.trial_id))
     with storage.snapshot():
         assert len(study.get_trials(deepcopy=False)) == 3
-        assert len(loaded) == 3
+        # the asks read the first two already, unchanged since: only the last one is read
+        assert loaded == [running[-1]._trial_id]
         other.tell(running[0].number, 1.0)  # finished by another process: the snapshot keeps its moment
         made_since = other.ask()             # made by another process: seen at the next read
         before = len(loaded)  # (the other study's own reads load trials too)
@@ -135,6 +136,53 @@ def test_a_snapshot_reads_the_study_once_then_only_trials_made_since(study, tmp_
         assert trials[-1].number == made_since.number
         assert loaded[before:] == [made_since._trial_id]  # the unfinished trials were not read again
     assert [t.state for t in study.get_trials(deepcopy=False)] == [TrialState.COMPLETE] + [TrialState.RUNNING] * 3
+
+
+def test_unfinished_trials_are_read_again_only_when_it_matters_and_then_as_optuna_reads_them(study, tmp_path):
+    """Optuna's cache reads every unfinished trial in full at every read (W workers: W trials per
+    ask and per prune check). Ours reads one light row per unfinished trial and, in full, only
+    the trials whose state, params or attributes changed, and those it wrote to itself; what the
+    study then holds is what a fresh Optuna storage reads, but for another process's intermediate
+    values of a running trial (which no sampler or pruner reads)."""
+    from optuna.storages._rdb import models
+
+    url = f"sqlite:///{tmp_path / 'optuna.db'}"
+    running = [study.ask() for _ in range(7)]
+    elsewhere = optuna.load_study(study_name="s", storage=url)._storage._backend
+    study.get_trials(deepcopy=False)  # all seven read
+    loaded: list = []
+
+    def on_load(trial, context) -> None:
+        loaded.append(trial.trial_id)
+
+    def state(trials, others_values=True):
+        return [(t.number, t.state, t.params, t.user_attrs, t.system_attrs, t.values,
+                 t.intermediate_values if others_values or t.number == 6 else None) for t in trials]
+
+    changes = [  # (what another process, or this one, does; is the trial read again)
+        (lambda: elsewhere.set_trial_param(running[0]._trial_id, "x", 0.5, FloatDistribution(0, 1)), True),
+        (lambda: elsewhere.set_trial_intermediate_value(running[1]._trial_id, 1, 0.3), False),
+        (lambda: elsewhere.set_trial_user_attr(running[2]._trial_id, "worker", "elsewhere"), True),
+        (lambda: elsewhere.set_trial_system_attr(running[3]._trial_id, "completed_rung_0", 0.3), True),
+        (lambda: elsewhere.set_trial_state_values(running[4]._trial_id, TrialState.COMPLETE, [0.9]), True),
+        (lambda: running[6].report(0.7, step=1), True),  # this process's own trial
+    ]
+    event.listen(models.TrialModel, "load", on_load)
+    try:
+        for (change, read_again), trial in zip(changes, [*running[:5], running[6]]):
+            change()
+            before = len(loaded)
+            ours = study.get_trials(deepcopy=False)
+            assert loaded[before:] == ([trial._trial_id] if read_again else [])
+            fresh = optuna.load_study(study_name="s", storage=url).get_trials(deepcopy=False)
+            assert state(ours, others_values=False) == state(fresh, others_values=False)
+        before = len(loaded)
+        study.get_trials(deepcopy=False)
+        assert loaded[before:] == []  # nothing changed: nothing read in full
+        assert study.trials[1].intermediate_values == {}  # another's running trial: as last read
+        assert study.trials[6].intermediate_values == {1: 0.7}  # its own: current
+    finally:
+        event.remove(models.TrialModel, "load", on_load)
 
 
 @pytest.mark.parametrize("how", ["complete", "pruned", "pruned at NaN", "failed"])

@@ -7,6 +7,7 @@ import copy
 import functools
 import os
 import sys
+import threading
 from collections.abc import Callable
 from pathlib import Path
 
@@ -103,7 +104,13 @@ def compose(
     `check=False` skips the friendly override check (for overrides already checked)."""
     if check:
         check_overrides(overrides, conf_dir, config_name)
-    return copy.deepcopy(_composed(tuple(overrides), conf_dir, config_name))
+    with _COMPOSING:
+        return copy.deepcopy(_composed(tuple(overrides), conf_dir, config_name))
+
+
+# Hydra's compose API is one global per process; threads that compose (the scale-out
+# benchmark's simulated workers) take turns.
+_COMPOSING = threading.RLock()
 
 
 @functools.lru_cache(maxsize=256)

@@ -24,7 +24,9 @@ from __future__ import annotations
 
 import argparse
 import errno
+import functools
 import ipaddress
+import itertools
 import os
 import secrets
 import shutil
@@ -46,6 +48,30 @@ UNPRIVILEGED = "postgres"  # the Debian package's system user; PostgreSQL will n
 
 
 LOOPBACK_HOSTS = ("localhost", "127.0.0.1", "::1")
+
+# PgBouncer in front of PostgreSQL: each worker process keeps its own SQLAlchemy pool (storage
+# calls, heartbeats), so 1,000 workers would need ~2,000 server connections; PostgreSQL admits
+# 100 (max_connections). In transaction mode a server connection is lent for one transaction
+# only (milliseconds for Optuna's), so a few carry any number of workers: a client waits in
+# PgBouncer's queue for one.
+STUDY_CONNECTIONS = 15  # PostgreSQL connections PgBouncer lends the workers' study, at most
+MAX_CLIENTS = 5000  # client connections the pooler admits (~1-3 per worker process)
+# The MLflow server (uvicorn) runs up to 40 requests at once per process (anyio's thread limit),
+# and MLflow's log_batch holds a database session (a transaction open) while it opens a second
+# one for the metrics. With fewer connections than 40 x processes + 1 all of them can end up
+# held by requests that wait for their second: a deadlock, which SQLAlchemy breaks after 30 s
+# with "QueuePool limit reached" (a failed request). So each process gets 2 x 40 + 1 client
+# connections to PgBouncer, and PgBouncer 40 x processes + 1 PostgreSQL connections for MLflow.
+MLFLOW_REQUEST_THREADS = 40
+MLFLOW_WORKERS = 2  # 2 x 40 + 1 = 81, + 15 for the study: 96 of PostgreSQL's 100 connections
+# Without the pooler the MLflow server reaches PostgreSQL directly with 20 connections a process
+# (the deadlock above is then possible under a heavy load: `--no-pooler` is for small sweeps).
+MLFLOW_DIRECT_POOL = 20
+
+
+def mlflow_pooled_connections(workers: int) -> int:
+    """PostgreSQL connections PgBouncer lends the MLflow server's `workers` processes."""
+    return MLFLOW_REQUEST_THREADS * workers + 1
 
 
 def write_private(path: Path, text: str) -> None:
@@ -175,8 +201,18 @@ def check_port(host: str, port: int, flag: str) -> None:
             ) from None
 
 
-def _as_unprivileged(cmd: list[str]) -> list[str]:
-    return ["runuser", "-u", UNPRIVILEGED, "--", *cmd] if os.geteuid() == 0 else cmd
+def _as_unprivileged(cmd: list[str], keep_limits: bool = False) -> list[str]:
+    if os.geteuid() != 0:
+        return cmd
+    if keep_limits:
+        return [
+            "setpriv",
+            f"--reuid={UNPRIVILEGED}",
+            f"--regid={UNPRIVILEGED}",
+            "--init-groups",
+            *cmd,
+        ]
+    return ["runuser", "-u", UNPRIVILEGED, "--", *cmd]
 
 
 @dataclass
@@ -200,6 +236,9 @@ class Postgres:
     def write_hba(self) -> None:
         """pg_hba.conf: this machine (socket and loopback) and the allowed networks, each with
         a scram-sha-256 password; nothing else is admitted."""
+        (self.data / "pg_hba.conf").write_text("\n".join(self.hba_lines()) + "\n")
+
+    def hba_lines(self) -> list[str]:
         lines = [
             "# Written by mnist-sweep at every start (python -m mnist_sweep.servers --allow-net).",
             "local all all scram-sha-256",
@@ -207,7 +246,7 @@ class Postgres:
             "host all all ::1/128 scram-sha-256",
         ]
         lines += [f"host all {PG_USER} {net} scram-sha-256" for net in self.networks]
-        (self.data / "pg_hba.conf").write_text("\n".join(lines) + "\n")
+        return lines
 
     def _run(self, *cmd: str, env: dict | None = None) -> subprocess.CompletedProcess:
         out = subprocess.run(
@@ -287,6 +326,125 @@ class Postgres:
                 self._run("createdb", *at, "-U", PG_USER, name, env=env)
 
 
+@dataclass
+class PgBouncer:
+    """PgBouncer (Debian's `pgbouncer`, 1.18+) in transaction mode on `port`, lending at most
+    `pools[database]` PostgreSQL connections to any number of clients of each database: `optuna`
+    (the workers) and `mlflow` (the MLflow server's processes).
+    It admits what PostgreSQL admits (the same pg_hba lines, scram-sha-256) and logs in to
+    PostgreSQL with the same user and password; it runs as the unprivileged user, as PostgreSQL."""
+
+    folder: Path
+    port: int
+    password: str
+    upstream: Postgres
+    pools: dict[str, int] = field(default_factory=lambda: {"optuna": STUDY_CONNECTIONS})
+    process: subprocess.Popen | None = None
+
+    @property
+    def config(self) -> Path:
+        return self.folder / "pgbouncer.ini"
+
+    def write_config(self) -> None:
+        self.folder.mkdir(parents=True, exist_ok=True)
+        if os.geteuid() == 0:
+            shutil.chown(self.folder, UNPRIVILEGED, UNPRIVILEGED)
+        users = self.folder / "userlist.txt"  # the password: mode 600, the server user's
+        write_private(users, f'"{PG_USER}" "{self.password}"\n')
+        hba = self.folder / "hba.conf"
+        hba.write_text("\n".join(self.upstream.hba_lines()) + "\n")
+        host = self.upstream.host
+        listen = "*" if host in ("0.0.0.0", "::") else host
+        self.config.write_text(
+            "\n".join(
+                [
+                    "; Written by mnist-sweep at every start (python -m mnist_sweep.servers).",
+                    "[databases]",
+                    *(
+                        f"{name} = host=127.0.0.1 port={self.upstream.port} dbname={name} "
+                        f"pool_size={size} max_db_connections={size}"
+                        for name, size in self.pools.items()
+                    ),
+                    "[pgbouncer]",
+                    f"listen_addr = {listen}",
+                    f"listen_port = {self.port}",
+                    f"unix_socket_dir = {self.folder}",
+                    "auth_type = hba",
+                    f"auth_hba_file = {hba}",
+                    f"auth_file = {users}",
+                    "pool_mode = transaction",
+                    "reserve_pool_size = 0",
+                    f"max_client_conn = {MAX_CLIENTS}",
+                    # a client waits for a free server connection rather than failing: the
+                    # queue is the pooler's back-pressure under load
+                    "query_wait_timeout = 300",
+                    f"logfile = {self.folder / 'pgbouncer.log'}",
+                    "log_connections = 0",
+                    "log_disconnections = 0",
+                    "stats_period = 60",
+                    f"admin_users = {PG_USER}",
+                ]
+            )
+            + "\n"
+        )
+        for path in (users, hba, self.config):
+            if os.geteuid() == 0:
+                shutil.chown(path, UNPRIVILEGED, UNPRIVILEGED)
+
+    @property
+    def address(self) -> str:
+        host = self.upstream.host
+        return "127.0.0.1" if host in ("0.0.0.0", "::") else host
+
+    def url(self, database: str, scheme: str = "postgresql") -> str:
+        host = self.upstream.advertise or self.upstream.host
+        return with_password(scheme, PG_USER, self.password, host, self.port, database)
+
+    def start(self) -> None:
+        if shutil.which("pgbouncer") is None:
+            raise UserError(
+                "pgbouncer is not installed: the shared servers put it in front of PostgreSQL so "
+                "that many workers share a bounded number of connections. Install it "
+                "(apt-get install pgbouncer) or start the servers with --no-pooler."
+            )
+        self.write_config()
+        log = open(self.folder / "pgbouncer.out", "ab")
+        self.process = subprocess.Popen(
+            # setpriv, not runuser: runuser's PAM session would set the open-files limit back
+            # to 1,024, and PgBouncer needs one file per client
+            _as_unprivileged(["pgbouncer", str(self.config)], keep_limits=True),
+            stdout=log,
+            stderr=log,
+            start_new_session=True,
+            preexec_fn=functools.partial(_enough_file_descriptors, sum(self.pools.values())),
+        )
+        deadline = time.time() + 30
+        while time.time() < deadline:
+            if self.process.poll() is not None:
+                tail = (self.folder / "pgbouncer.log").read_text(errors="replace")[-400:]
+                raise UserError(f"pgbouncer exited at start: {' '.join(tail.split())}")
+            with socket.socket() as probe:
+                if probe.connect_ex((self.address, self.port)) == 0:
+                    return
+            time.sleep(0.1)
+        raise UserError(f"pgbouncer did not listen on port {self.port} within 30 s.")
+
+    def stop(self) -> None:
+        if self.process is not None:
+            stop_process(self.process)
+            self.process = None
+
+
+def _enough_file_descriptors(server_connections: int) -> None:
+    """The pooler holds one socket per client: raise the soft limit to the hard one."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    wanted = MAX_CLIENTS + server_connections + 100
+    if soft < wanted:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (min(wanted, hard), hard))
+
+
 def start_mlflow_server(
     backend_url: str,
     artifacts: Path,
@@ -294,10 +452,15 @@ def start_mlflow_server(
     host: str = "127.0.0.1",
     log_file: Path | None = None,
     allowed_hosts: list[str] | None = None,
+    workers: int = MLFLOW_WORKERS,
+    pool: int = MLFLOW_DIRECT_POOL,
 ) -> subprocess.Popen:
     """`mlflow server` as a child process; the backend URL (with its password) goes through the
     environment, not the command line. It answers Host headers naming `allowed_hosts` (and this
-    machine's loopback names), any port; a browser's UI is allowed from the same names."""
+    machine's loopback names), any port; a browser's UI is allowed from the same names.
+
+    `workers` server processes, each with a backend pool of `pool` connections, whatever the
+    number of sweep workers (they talk HTTP to the server, never to the database)."""
     artifacts.mkdir(parents=True, exist_ok=True)
     # No GenAI job runner: MLflow 3 starts 6 huey consumer processes for it (~250 MB and an MLflow
     # import each) that tracking never uses
@@ -305,6 +468,8 @@ def start_mlflow_server(
         **os.environ,
         "MLFLOW_BACKEND_STORE_URI": backend_url,
         "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",
+        "MLFLOW_SQLALCHEMYSTORE_POOL_SIZE": str(pool // 2),
+        "MLFLOW_SQLALCHEMYSTORE_MAX_OVERFLOW": str(pool - pool // 2),
     }
     names = list(dict.fromkeys([*LOOPBACK_HOSTS, *(allowed_hosts or [])]))
     origins = [f"http://{f'[{n}]' if ':' in n else n}:{port}" for n in names]
@@ -322,7 +487,7 @@ def start_mlflow_server(
             "--artifacts-destination",
             str(artifacts),
             "--workers",
-            "2",
+            str(workers),
             "--allowed-hosts",
             ",".join(mlflow_host_patterns(names)),
             "--cors-allowed-origins",
@@ -388,6 +553,8 @@ class LocalServers:
     advertise: str | None = None
     networks: list[str] = field(default_factory=list)
     allowed_hosts: list[str] = field(default_factory=list)
+    pooler_port: int | None = 6432  # None: no pooler, workers connect to PostgreSQL directly
+    mlflow_workers: int = MLFLOW_WORKERS
     mlflow: subprocess.Popen | None = None
 
     def __post_init__(self) -> None:
@@ -399,9 +566,24 @@ class LocalServers:
             self.advertise,
             self.networks,
         )
+        pools = {
+            "optuna": STUDY_CONNECTIONS,
+            "mlflow": mlflow_pooled_connections(self.mlflow_workers),
+        }
+        self.pooler = (
+            PgBouncer(self.folder / "pgbouncer", self.pooler_port, self.password, self.pg, pools)
+            if self.pooler_port is not None
+            else None
+        )
 
     @property
     def storage_url(self) -> str:
+        """The study's URL for workers: through the pooler when there is one."""
+        return self.pooler.url("optuna") if self.pooler else self.pg.url("optuna")
+
+    @property
+    def direct_storage_url(self) -> str:
+        """The study's database without the pooler (administration, `pg_stat_activity`)."""
         return self.pg.url("optuna")
 
     @property
@@ -417,6 +599,8 @@ class LocalServers:
         self.pg.start()
         try:
             self.pg.create_databases("optuna", "mlflow")
+            if self.pooler:
+                self.pooler.start()
             self.start_mlflow()
         except BaseException:
             self.stop()
@@ -424,12 +608,18 @@ class LocalServers:
 
     def start_mlflow(self) -> None:
         self.mlflow = start_mlflow_server(
-            self.pg.url("mlflow"),
+            # through the pooler with psycopg2: psycopg 3 prepares a statement run 5 times on the
+            # server, which transaction pooling cannot keep (the next one may run on another)
+            self.pooler.url("mlflow", "postgresql+psycopg2")
+            if self.pooler
+            else self.pg.url("mlflow"),
             self.folder / "artifacts",
             self.mlflow_port,
             self.host,
             self.mlflow_log,
             [self.host, self.advertise or self.host, *self.allowed_hosts],
+            self.mlflow_workers,
+            2 * MLFLOW_REQUEST_THREADS + 1 if self.pooler else MLFLOW_DIRECT_POOL,
         )
 
     def stop_mlflow(self) -> None:
@@ -439,6 +629,8 @@ class LocalServers:
 
     def stop(self) -> None:
         self.stop_mlflow()
+        if self.pooler:
+            self.pooler.stop()
         self.pg.stop()
 
 
@@ -480,7 +672,28 @@ def command_line() -> argparse.ArgumentParser:
         "addresses are always allowed",
     )
     parser.add_argument("--pg-port", type=int, default=5433)
+    parser.add_argument(
+        "--pooler-port",
+        type=int,
+        default=6432,
+        help="port of PgBouncer, which workers use (default 6432): any number of workers share "
+        f"at most {STUDY_CONNECTIONS} PostgreSQL connections",
+    )
+    parser.add_argument(
+        "--no-pooler",
+        action="store_true",
+        help="no PgBouncer: workers connect to PostgreSQL directly (about 2 connections a "
+        "worker process; PostgreSQL admits 100)",
+    )
     parser.add_argument("--mlflow-port", type=int, default=5001)
+    parser.add_argument(
+        "--mlflow-workers",
+        type=int,
+        default=MLFLOW_WORKERS,
+        help=f"MLflow server processes (default {MLFLOW_WORKERS}), each running up to "
+        f"{MLFLOW_REQUEST_THREADS} requests at once with up to {2 * MLFLOW_REQUEST_THREADS + 1} "
+        "connections to PgBouncer",
+    )
     return parser
 
 
@@ -494,12 +707,22 @@ def main(argv: list[str] | None = None) -> None:
                 f"--dir {args.dir} is a file; give a folder (it is created if "
                 "missing) for the database, artifacts and logs."
             )
-        if args.pg_port == args.mlflow_port:
+        ports = {"--pg-port": args.pg_port, "--mlflow-port": args.mlflow_port}
+        if not args.no_pooler:
+            ports["--pooler-port"] = args.pooler_port
+        for (flag, port), (other, other_port) in itertools.combinations(ports.items(), 2):
+            if port == other_port:
+                raise ConfigError(
+                    f"{flag} and {other} are both {port}; give each server its own port."
+                )
+        if not 1 <= args.mlflow_workers <= MLFLOW_WORKERS:
             raise ConfigError(
-                f"--pg-port and --mlflow-port are both {args.pg_port}; give two different ports."
+                f"--mlflow-workers {args.mlflow_workers} is not allowed: use 1-{MLFLOW_WORKERS}. "
+                f"Each server process takes {MLFLOW_REQUEST_THREADS} of PostgreSQL's 100 "
+                f"connections, the workers' study {STUDY_CONNECTIONS}."
             )
-        check_port(args.host, args.pg_port, "--pg-port")
-        check_port(args.host, args.mlflow_port, "--mlflow-port")
+        for flag, port in ports.items():
+            check_port(args.host, port, flag)
         networks = check_networks(
             args.allow_net if args.allow_net is not None else default_networks(args.host)
         )
@@ -534,18 +757,36 @@ def main(argv: list[str] | None = None) -> None:
             advertise,
             networks,
             [advertise, *names],
+            None if args.no_pooler else args.pooler_port,
+            args.mlflow_workers,
         )
         servers.start()
         try:
             urls = folder / "urls.env"
+            why = (
+                f"# Workers: the study through PgBouncer (port {args.pooler_port}), which lends them"
+                f" at most {STUDY_CONNECTIONS} PostgreSQL connections\n# however many they are."
+                if servers.pooler
+                else "# Workers: the study on PostgreSQL directly (no pooler: ~2 connections a "
+                "worker,\n# 100 in all)."
+            )
             write_private(
                 urls,
-                f"export SWEEP_STORAGE='{servers.storage_url}'\n"
+                f"{why}\nexport SWEEP_STORAGE='{servers.storage_url}'\n"
+                "# Runs: through the MLflow server (HTTP), never the database.\n"
                 f"export MLFLOW_TRACKING_URI='{servers.tracking_url}'\n",
             )
             admitted = ", ".join(["this machine", *networks])
+            pooled = (
+                f"PgBouncer (workers' study URL): {redact_uri(servers.storage_url)}\n"
+                f"  listens on {args.host}:{args.pooler_port}; transaction pooling, at most "
+                f"{STUDY_CONNECTIONS} PostgreSQL connections for any number of workers "
+                "(and the MLflow server's)\n"
+                if servers.pooler
+                else ""
+            )
             print(
-                f"PostgreSQL (Optuna storage): {redact_uri(servers.storage_url)}\n"
+                pooled + f"PostgreSQL (Optuna storage): {redact_uri(servers.direct_storage_url)}\n"
                 f"  listens on {args.host}:{args.pg_port}; admits user {PG_USER} with its "
                 f"password (scram-sha-256) from: {admitted}\n"
                 f"MLflow tracking server:      {servers.tracking_url}\n"

@@ -9,7 +9,17 @@
   ends or before the thread's next read (so that it reads its own writes);
 - snapshots: inside `storage.snapshot()` a thread reads a study's trials from the database once,
   then only the trials made since (Optuna's cache re-reads every unfinished trial on each read:
-  a population's prune checks and refills read them K times an epoch).
+  a population's prune checks and refills read them K times an epoch);
+- unfinished trials read again only when it matters: Optuna's cache reads every unfinished
+  trial in full (params, values, attributes, intermediate values) at every read: with W workers
+  that is W trials per ask and per prune check, W^2 for the study (`make bench-scale-out`).
+  Here one light query first reads each unfinished trial's state and counts of params and
+  attributes; read in full are the new trials, those whose state or counts moved, and those this
+  storage wrote to since it last read them (`_changed_since_read`). So another worker's running
+  trial keeps the intermediate values it had when last read in full: no sampler or pruner of
+  Optuna reads them (median and percentile compare complete trials, successive halving and
+  hyperband their rung attributes, TPE and GP complete and pruned trials, and the params of
+  running ones with constant_liar); a trial's own values are always current.
 
 Optuna's public API has no batch writes, so the coalesced transaction is built from RDBStorage's
 own `*_without_commit` helpers, its models and `_create_scoped_session`: private calls, whose
@@ -21,6 +31,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import itertools
 import logging
 import threading
 import time
@@ -104,6 +115,9 @@ class ResilientRDBStorage(RDBStorage):
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.first_seen_without_heartbeat: dict[int, float] = {}  # trial id -> time.monotonic()
+        self.read_versions: dict[int, tuple] = {}  # unfinished trial id -> version when read
+        self.writes = itertools.count()
+        self.written: dict[int, int] = {}  # trial id -> the last write committed here to it
         self._local = threading.local()  # a thread's pending writes and snapshot
         self.transactions = 0  # coalesced transactions committed (for the benchmark)
 
@@ -168,6 +182,7 @@ class ResilientRDBStorage(RDBStorage):
                         # is dropped, as Optuna's own write would have been refused
                         log.debug(f"dropped a write to a finished trial: {error}")
             self.transactions += 1
+            self._mark_written(operations)
         except sqlalchemy.exc.IntegrityError:
             # another process wrote a row with the same key meanwhile: each write on its own,
             # as Optuna makes them (which ignores such a race)
@@ -176,6 +191,12 @@ class ResilientRDBStorage(RDBStorage):
                     self._apply_alone(*operation)
                 except optuna.exceptions.UpdateFinishedTrialError:
                     pass
+
+    def _mark_written(self, operations) -> None:
+        """Trials written to (committed): read in full at this storage's next read."""
+        for kind, trial_id, *_ in operations:
+            if kind != "heartbeat":
+                self.written[trial_id] = next(self.writes)
 
     def _apply(self, session, kind: str, *args) -> None:
         from optuna.storages._rdb import models
@@ -267,13 +288,32 @@ class ResilientRDBStorage(RDBStorage):
         self, study_id: int, states, included_trial_ids: set[int], trial_id_greater_than: int
     ):
         snapshot = getattr(self._local, "snapshot", None)
+        written: dict[int, int] = {}
         if snapshot is not None and study_id in snapshot:
             included_trial_ids = set()
             trial_id_greater_than = max(trial_id_greater_than, snapshot[study_id])
+        elif states is None and included_trial_ids:  # the cache's refresh of unfinished trials
+            # The cache asks for its unfinished trials and every trial after the last finished
+            # one: nearly all running trials are after it (they finish in about the order they
+            # started). Every trial up to the newest it holds is in the cache, finished or in
+            # `included_trial_ids`: read in full the new ones and the unfinished that changed.
+            written = dict(self.written)
+            changed = _retrying("_changed_since_read", _changed_since_read)(
+                self, included_trial_ids
+            )
+            trial_id_greater_than = max(trial_id_greater_than, *included_trial_ids)
+            included_trial_ids = changed | (included_trial_ids & written.keys())
         self._commit_pending()
         trials = _retrying("_get_trials", RDBStorage._get_trials)(
             self, study_id, states, included_trial_ids, trial_id_greater_than
         )
+        for trial in trials:
+            if trial.state.is_finished():
+                self.read_versions.pop(trial._trial_id, None)
+            else:
+                self.read_versions[trial._trial_id] = _version(trial)
+            if written.get(trial._trial_id, -1) == self.written.get(trial._trial_id):
+                del self.written[trial._trial_id]  # read since its last write (none during)
         if snapshot is not None:
             snapshot[study_id] = max(
                 [trial_id_greater_than, snapshot.get(study_id, -1), *(t._trial_id for t in trials)]
@@ -330,7 +370,10 @@ def _write(name: str, kind: str) -> Callable:
         if not claims and self._queued((kind, *args)):
             return True if kind == "state" else None
         self._commit_pending()
-        return method(self, *args)
+        try:
+            return method(self, *args)
+        finally:
+            self._mark_written([(kind, *args)])
 
     return _retrying(name, call)
 
@@ -350,6 +393,46 @@ for _name, _kind in _WRITES.items():
     setattr(ResilientRDBStorage, _name, _write(_name, _kind))
 for _name in _READS_AND_OTHER_WRITES:
     setattr(ResilientRDBStorage, _name, _first_writes_pending(_name))
+
+
+def _version(trial: optuna.trial.FrozenTrial) -> tuple:
+    """What a light read of a trial tells apart: its state and how many params and attributes it
+    has. Optuna never rewrites a param or a finished trial; this tool sets each user and system
+    attribute once (Optuna's rungs too); so a change adds a row or moves the state."""
+    return (trial.state.name, len(trial.params), len(trial.user_attrs), len(trial.system_attrs))
+
+
+def _changed_since_read(storage: ResilientRDBStorage, trial_ids: set[int]) -> set[int]:
+    """Of the unfinished trials the cache holds (`trial_ids`), those whose state or counts differ
+    from when this storage last read them: one query of W small rows instead of W trials with
+    all their rows."""
+    import sqlalchemy
+    from optuna.storages._rdb import models
+    from optuna.storages._rdb.storage import _create_scoped_session
+
+    unknown = {i for i in trial_ids if i not in storage.read_versions}
+    known = trial_ids - unknown
+    if not known:
+        return trial_ids
+    trial = models.TrialModel
+
+    def rows_of(model) -> Any:
+        return (
+            sqlalchemy.select(sqlalchemy.func.count())
+            .where(model.trial_id == trial.trial_id)
+            .scalar_subquery()
+        )
+
+    query = sqlalchemy.select(
+        trial.trial_id,
+        trial.state,
+        rows_of(models.TrialParamModel),
+        rows_of(models.TrialUserAttributeModel),
+        rows_of(models.TrialSystemAttributeModel),
+    ).where(trial.trial_id.in_(known))
+    with _create_scoped_session(storage.scoped_session) as session:
+        now = {row[0]: (row[1].name, *row[2:]) for row in session.execute(query)}
+    return unknown | {i for i in known if now.get(i) != storage.read_versions[i]}
 
 
 def _stale_or_never_beat(storage: ResilientRDBStorage, study_id: int) -> list[int]:

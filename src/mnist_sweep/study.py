@@ -8,6 +8,7 @@ local worker processes share it safely (a 60 s busy timeout, Optuna's RDB heartb
 from __future__ import annotations
 
 import logging
+import random
 import time
 import warnings
 from collections.abc import Callable, Mapping
@@ -76,8 +77,19 @@ def open_storage(
         engine_kwargs = {"connect_args": {"timeout": 60}}  # wait for a busy writer, don't fail
         sqlite_stores.install()
     else:
-        # pre-ping: a pooled connection that died with a database restart is replaced, not used
-        engine_kwargs = {"connect_args": {"connect_timeout": 10}, "pool_pre_ping": True}
+        engine_kwargs = {
+            # no server-side prepared statements: through PgBouncer in transaction mode (make
+            # server), the next statement may run on another server connection
+            "connect_args": {"connect_timeout": 10}
+            | ({"prepare_threshold": None} if scheme == "postgresql" else {}),
+            # pre-ping: a pooled connection that died with a database or pooler restart is
+            # replaced, not used
+            "pool_pre_ping": True,
+            # a worker's threads (trials, heartbeats, bookkeeper) use at most 3 at once; keep
+            # 1,000 workers' connections bounded even without a pooler
+            "pool_size": 2,
+            "max_overflow": 2,
+        }
     retry = RetryHeartbeatStaleTrialCallback(max_retry=max_retry)
 
     def stale_trial_callback(study: optuna.Study, trial: FrozenTrial) -> None:
@@ -87,7 +99,8 @@ def open_storage(
 
     import sqlalchemy.exc
 
-    for attempt in range(3):
+    schema_races, busy_until = 0, time.monotonic() + outage_seconds
+    while True:
         try:
             storage = ResilientRDBStorage(
                 url,
@@ -100,27 +113,51 @@ def open_storage(
             if scheme == "sqlite":
                 sqlite_stores.serialize_transactions(storage.engine)
             return storage
-        except (sqlalchemy.exc.IntegrityError, sqlalchemy.exc.OperationalError) as error:
-            # Two processes created the schema of a new storage at once and the other one won
-            # (a table or the alembic_version row exists): open it again, now that it is there.
-            if isinstance(error, sqlalchemy.exc.OperationalError) and "already exists" not in str(
-                error
-            ):
+        except Exception as error:
+            reason = " ".join(str(error.__cause__ or error).split())
+            if isinstance(error, sqlalchemy.exc.IntegrityError) or "already exists" in reason:
+                # Two processes created the schema of a new storage at once and the other one
+                # won (a table or the alembic_version row exists): open it again, now it is there.
+                schema_races += 1
+                if schema_races < 3:
+                    time.sleep(0.5 * schema_races)
+                    continue
                 raise ConfigError(
-                    f"The Optuna storage sweep.storage={shown!r} cannot be opened: "
-                    f"{redact_reason(' '.join(str(error).split()), url)[:300]}"
+                    f"The Optuna storage sweep.storage={shown!r} could not be initialized: other "
+                    "processes kept creating its schema at the same time; run the command again."
                 ) from None
-            time.sleep(0.5 * (attempt + 1))
-        except Exception as error:  # sqlalchemy/driver errors: unreachable host, bad password...
-            reason = " ".join(str(error).split())
+            if busy(error, reason) and time.monotonic() < busy_until:
+                # a server (or pooler) that a fleet of workers starting together keeps busy: a
+                # connection or a commit timed out; wait, as for an outage
+                log.warning(f"Optuna storage busy at opening ({reason[:120]}): retrying")
+                time.sleep(1 + random.random() * 2)
+                continue
+            # unreachable host, refused connection, bad password: say so at once
             raise ConfigError(
                 f"The Optuna storage sweep.storage={shown!r} cannot be opened: "
                 f"{redact_reason(reason, url)[:300]}"
             ) from None
-    raise ConfigError(
-        f"The Optuna storage sweep.storage={shown!r} could not be initialized: other "
-        "processes kept creating its schema at the same time; run the command again."
+
+
+def busy(error: BaseException, reason: str) -> bool:
+    """An error from opening a storage that a busy server gives, and a retry cures: a connection
+    that timed out or was closed meanwhile, a full pooler, a commit that lost its connection."""
+    import sqlalchemy.exc
+
+    transient = (
+        "timeout expired",
+        "server closed the connection",
+        "terminating connection",
+        "no more connections allowed",
+        "too many clients",
+        "the database system is starting up",
+        "query_wait_timeout",
+        "during the commit",
     )
+    database_error = isinstance(
+        error, (optuna.exceptions.StorageInternalError, sqlalchemy.exc.DBAPIError)
+    ) or isinstance(error.__cause__, sqlalchemy.exc.DBAPIError)
+    return database_error and any(words in reason.lower() for words in transient)
 
 
 def make_sampler(name: str, seed: int | None, space: SearchSpace, args: Mapping | None = None):

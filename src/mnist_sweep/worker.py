@@ -147,7 +147,7 @@ class Worker:
         import torch
 
         from mnist_sweep.tracking import trial_end_tags, trial_run_name
-        from mnist_sweep.train import EpochProgress, TrainingDiverged, run_trial
+        from mnist_sweep.train import EpochProgress, TrainingDiverged
 
         metric, number = self.spec.settings["metric"], trial.number
         callbacks = [] if self.spec.settings["quiet"] else [EpochProgress(prefix)]
@@ -171,7 +171,7 @@ class Worker:
                 # A signal stops training at once, but never an epoch's MLflow write or Optuna
                 # report midway: the run must still be ended KILLED, the trial told FAIL.
                 with INTERRUPTS.allowed():
-                    result = run_trial(
+                    result = self.run_trial(
                         cfg,
                         callbacks=[
                             INTERRUPTS.shielded(c) for c in (*callbacks, run.log_epoch, report)
@@ -209,6 +209,13 @@ class Worker:
 
                 log_torch_model(run.client, run.run_id, result.model)
         return Ending("complete", len(result.epochs), value, result.test_acc, result.test_loss)
+
+    def run_trial(self, cfg, callbacks):
+        """The training itself: `run_trial` (the scale-out benchmark's simulated workers sleep
+        instead and make the same store calls: tests/benchmarks/bench_scale_out.py)."""
+        from mnist_sweep.train import run_trial
+
+        return run_trial(cfg, callbacks=callbacks)
 
 
 class Pruned(Exception):
