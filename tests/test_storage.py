@@ -125,8 +125,8 @@ def test_a_snapshot_reads_the_study_once_then_only_trials_made_since(study, tmp_
     event.listen(models.TrialModel, "load", lambda trial, context: loaded.append(trial.trial_id))
     with storage.snapshot():
         assert len(study.get_trials(deepcopy=False)) == 3
-        # the asks read the first two already, unchanged since: only the last one is read
-        assert loaded == [running[-1]._trial_id]
+        # running, never written to here: read light (see the next test), none in full
+        assert loaded == []
         other.tell(running[0].number, 1.0)  # finished by another process: the snapshot keeps its moment
         made_since = other.ask()             # made by another process: seen at the next read
         before = len(loaded)  # (the other study's own reads load trials too)
@@ -134,53 +134,66 @@ def test_a_snapshot_reads_the_study_once_then_only_trials_made_since(study, tmp_
             trials = study.get_trials(deepcopy=False)
             assert [t.state for t in trials] == [TrialState.RUNNING] * 4
         assert trials[-1].number == made_since.number
-        assert loaded[before:] == [made_since._trial_id]  # the unfinished trials were not read again
+        assert loaded[before:] == []  # the unfinished trials were not read again, the new one light
     assert [t.state for t in study.get_trials(deepcopy=False)] == [TrialState.COMPLETE] + [TrialState.RUNNING] * 3
 
 
-def test_unfinished_trials_are_read_again_only_when_it_matters_and_then_as_optuna_reads_them(study, tmp_path):
-    """Optuna's cache reads every unfinished trial in full at every read (W workers: W trials per
-    ask and per prune check). Ours reads one light row per unfinished trial and, in full, only
-    the trials whose state, params or attributes changed, and those it wrote to itself; what the
-    study then holds is what a fresh Optuna storage reads, but for another process's intermediate
-    values of a running trial (which no sampler or pruner reads)."""
+def test_other_workers_running_trials_are_read_light_and_in_full_once_finished(study, tmp_path):
+    """Optuna's cache reads every unfinished trial in full at every read: with W workers, W trials
+    per ask and per prune check, and every worker reads every other's trial again at each of its
+    writes. Ours reads one light row per trial; another worker's running trial is kept as a light
+    copy (number, state, start), and read in full once it has finished, or when it holds system
+    attributes (a retry's history, a rung); this worker's own trials are read in full after each
+    of its writes. What a full read gives is what a fresh Optuna storage reads."""
     from optuna.storages._rdb import models
 
     url = f"sqlite:///{tmp_path / 'optuna.db'}"
-    running = [study.ask() for _ in range(7)]
-    elsewhere = optuna.load_study(study_name="s", storage=url)._storage._backend
-    study.get_trials(deepcopy=False)  # all seven read
+    other = optuna.load_study(study_name="s", storage=url)
+    theirs = [other.ask() for _ in range(4)]
+    mine = study.ask()
+    mine.set_user_attr("worker", "here")  # written here: this worker's own
+    elsewhere = other._storage._backend
     loaded: list = []
 
     def on_load(trial, context) -> None:
         loaded.append(trial.trial_id)
 
-    def state(trials, others_values=True):
-        return [(t.number, t.state, t.params, t.user_attrs, t.system_attrs, t.values,
-                 t.intermediate_values if others_values or t.number == 6 else None) for t in trials]
-
-    changes = [  # (what another process, or this one, does; is the trial read again)
-        (lambda: elsewhere.set_trial_param(running[0]._trial_id, "x", 0.5, FloatDistribution(0, 1)), True),
-        (lambda: elsewhere.set_trial_intermediate_value(running[1]._trial_id, 1, 0.3), False),
-        (lambda: elsewhere.set_trial_user_attr(running[2]._trial_id, "worker", "elsewhere"), True),
-        (lambda: elsewhere.set_trial_system_attr(running[3]._trial_id, "completed_rung_0", 0.3), True),
-        (lambda: elsewhere.set_trial_state_values(running[4]._trial_id, TrialState.COMPLETE, [0.9]), True),
-        (lambda: running[6].report(0.7, step=1), True),  # this process's own trial
-    ]
-    event.listen(models.TrialModel, "load", on_load)
-    try:
-        for (change, read_again), trial in zip(changes, [*running[:5], running[6]]):
-            change()
-            before = len(loaded)
-            ours = study.get_trials(deepcopy=False)
-            assert loaded[before:] == ([trial._trial_id] if read_again else [])
-            fresh = optuna.load_study(study_name="s", storage=url).get_trials(deepcopy=False)
-            assert state(ours, others_values=False) == state(fresh, others_values=False)
+    def reads(action) -> list:
+        action()
         before = len(loaded)
         study.get_trials(deepcopy=False)
-        assert loaded[before:] == []  # nothing changed: nothing read in full
-        assert study.trials[1].intermediate_values == {}  # another's running trial: as last read
-        assert study.trials[6].intermediate_values == {1: 0.7}  # its own: current
+        return loaded[before:]
+
+    def as_optuna_reads(number: int) -> bool:
+        fresh = optuna.load_study(study_name="s", storage=url).trials[number]
+        ours = study.trials[number]
+        return (ours.state, ours.params, ours.user_attrs, ours.system_attrs, ours.values,
+                ours.intermediate_values) == (fresh.state, fresh.params, fresh.user_attrs,
+                                              fresh.system_attrs, fresh.values, fresh.intermediate_values)
+
+    event.listen(models.TrialModel, "load", on_load)
+    try:
+        assert reads(lambda: None) == [mine._trial_id]  # the others' four: light copies
+        assert [t.state for t in study.trials] == [TrialState.RUNNING] * 5
+        assert reads(lambda: elsewhere.set_trial_param(
+            theirs[0]._trial_id, "x", 0.5, FloatDistribution(0, 1))) == []
+        assert study.trials[0].params == {}  # running elsewhere: no sampler or pruner reads it
+        assert reads(lambda: elsewhere.set_trial_intermediate_value(theirs[1]._trial_id, 1, 0.3)) == []
+        assert reads(lambda: elsewhere.set_trial_system_attr(
+            theirs[2]._trial_id, "completed_rung_0", 0.3)) == [theirs[2]._trial_id]
+        assert as_optuna_reads(2)  # a rung: the pruners of successive halving read it
+        assert reads(lambda: other.tell(theirs[0].number, 0.9)) == [theirs[0]._trial_id]
+        assert as_optuna_reads(0)  # finished: in full, params and all
+        assert reads(lambda: mine.report(0.7, step=1)) == [mine._trial_id]
+        assert as_optuna_reads(mine.number)  # this worker's own: current
+        assert reads(lambda: None) == []  # nothing changed: nothing read in full
+        study._storage._backend.light_running = False  # constant_liar: running trials in full
+        running = sorted(t._trial_id for t in (*theirs[1:], mine))
+        assert sorted(reads(lambda: elsewhere.set_trial_user_attr(
+            theirs[3]._trial_id, "worker", "elsewhere"))) == running
+        assert as_optuna_reads(1) and as_optuna_reads(3)
+        assert reads(lambda: elsewhere.set_trial_param(
+            theirs[1]._trial_id, "x", 0.5, FloatDistribution(0, 1))) == [theirs[1]._trial_id]
     finally:
         event.remove(models.TrialModel, "load", on_load)
 

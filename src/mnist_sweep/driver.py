@@ -320,7 +320,8 @@ def fail_trials_of_dead_worker(study: optuna.Study, spec: SweepSpec, tracker, wo
     )
     storage = study._storage
     for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-        if trial.user_attrs.get("worker") != who:
+        # read in full: the study holds other workers' running trials as light copies
+        if storage.get_trial(trial._trial_id).user_attrs.get("worker") != who:
             continue
         try:
             if not storage.set_trial_state_values(trial._trial_id, state=TrialState.FAIL):

@@ -10,16 +10,16 @@
 - snapshots: inside `storage.snapshot()` a thread reads a study's trials from the database once,
   then only the trials made since (Optuna's cache re-reads every unfinished trial on each read:
   a population's prune checks and refills read them K times an epoch);
-- unfinished trials read again only when it matters: Optuna's cache reads every unfinished
-  trial in full (params, values, attributes, intermediate values) at every read: with W workers
-  that is W trials per ask and per prune check, W^2 for the study (`make bench-scale-out`).
-  Here one light query first reads each unfinished trial's state and counts of params and
-  attributes; read in full are the new trials, those whose state or counts moved, and those this
-  storage wrote to since it last read them (`_changed_since_read`). So another worker's running
-  trial keeps the intermediate values it had when last read in full: no sampler or pruner of
-  Optuna reads them (median and percentile compare complete trials, successive halving and
-  hyperband their rung attributes, TPE and GP complete and pruned trials, and the params of
-  running ones with constant_liar); a trial's own values are always current.
+- other workers' running trials read light: Optuna's cache reads every unfinished trial in full
+  (params, values, attributes, intermediate values) at every read, so with W workers each ask and
+  each prune check reads W trials, and every write anywhere makes every worker read that trial
+  again (`make bench-scale-out`: 1,000 workers never got past their first trials). Here a read
+  is one light row per trial (state and counts); another worker's running trial is kept as a
+  light copy (number, state, start) and read in full once it has finished, or when it holds
+  system attributes (a retry's history, a rung); this worker's own trials are read in full
+  after its writes (`_refresh`). No Optuna sampler or pruner reads other workers' running
+  trials' params or values, except a constant liar (`sampler_args: {constant_liar: true}`), for
+  which they are read in full; the reads outside any transaction (`read_sessions`).
 
 Optuna's public API has no batch writes, so the coalesced transaction is built from RDBStorage's
 own `*_without_commit` helpers, its models and `_create_scoped_session`: private calls, whose
@@ -29,6 +29,7 @@ private calls differ).
 
 from __future__ import annotations
 
+import datetime
 import functools
 import inspect
 import itertools
@@ -41,7 +42,7 @@ from typing import Any
 
 import optuna
 from optuna.storages import RDBStorage
-from optuna.trial import TrialState
+from optuna.trial import FrozenTrial, TrialState
 
 from mnist_sweep.errors import UserError
 from mnist_sweep.urls import redact_reason, redact_uri
@@ -116,19 +117,38 @@ class ResilientRDBStorage(RDBStorage):
         super().__init__(*args, **kwargs)
         self.first_seen_without_heartbeat: dict[int, float] = {}  # trial id -> time.monotonic()
         self.read_versions: dict[int, tuple] = {}  # unfinished trial id -> version when read
+        self.light_running = True  # others' running trials read light (see _refresh)
         self.writes = itertools.count()
         self.written: dict[int, int] = {}  # trial id -> the last write committed here to it
         self._local = threading.local()  # a thread's pending writes and snapshot
         self.transactions = 0  # coalesced transactions committed (for the benchmark)
+        self._open_read_sessions()
+
+    def _open_read_sessions(self) -> None:
+        """Sessions for the large reads (a study's trials), outside any transaction on
+        PostgreSQL. Optuna's read is 6 statements (trials, then their params, values, attributes
+        and intermediate values) with the building of Python objects in between; inside one
+        transaction a busy worker holds a server connection for all of it, and through
+        PgBouncer's transaction pooling 15 connections then serve few workers. PostgreSQL's READ
+        COMMITTED gives each statement its own snapshot anyway, so nothing changes but that."""
+        import sqlalchemy.orm
+
+        if self.engine.dialect.name != "postgresql":
+            self.read_sessions = self.scoped_session
+            return
+        reads = self.engine.execution_options(isolation_level="AUTOCOMMIT")
+        self.read_sessions = sqlalchemy.orm.scoped_session(sqlalchemy.orm.sessionmaker(bind=reads))
 
     def __getstate__(self) -> dict[str, Any]:
         state = super().__getstate__()
         state.pop("_local", None)
+        state.pop("read_sessions", None)
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
         self._local = threading.local()
+        self._open_read_sessions()
 
     # ------------------------------------------------------------------------- coalesced writes
 
@@ -288,32 +308,18 @@ class ResilientRDBStorage(RDBStorage):
         self, study_id: int, states, included_trial_ids: set[int], trial_id_greater_than: int
     ):
         snapshot = getattr(self._local, "snapshot", None)
-        written: dict[int, int] = {}
         if snapshot is not None and study_id in snapshot:
             included_trial_ids = set()
             trial_id_greater_than = max(trial_id_greater_than, snapshot[study_id])
-        elif states is None and included_trial_ids:  # the cache's refresh of unfinished trials
-            # The cache asks for its unfinished trials and every trial after the last finished
-            # one: nearly all running trials are after it (they finish in about the order they
-            # started). Every trial up to the newest it holds is in the cache, finished or in
-            # `included_trial_ids`: read in full the new ones and the unfinished that changed.
-            written = dict(self.written)
-            changed = _retrying("_changed_since_read", _changed_since_read)(
-                self, included_trial_ids
-            )
-            trial_id_greater_than = max(trial_id_greater_than, *included_trial_ids)
-            included_trial_ids = changed | (included_trial_ids & written.keys())
         self._commit_pending()
-        trials = _retrying("_get_trials", RDBStorage._get_trials)(
-            self, study_id, states, included_trial_ids, trial_id_greater_than
-        )
-        for trial in trials:
-            if trial.state.is_finished():
-                self.read_versions.pop(trial._trial_id, None)
-            else:
-                self.read_versions[trial._trial_id] = _version(trial)
-            if written.get(trial._trial_id, -1) == self.written.get(trial._trial_id):
-                del self.written[trial._trial_id]  # read since its last write (none during)
+        if states is None:  # the cache's refresh: the trials it holds unfinished, and new ones
+            trials = _retrying("_refresh", _refresh)(
+                self, study_id, included_trial_ids, trial_id_greater_than
+            )
+        else:
+            trials = _retrying("_get_trials", _read_trials)(
+                self, study_id, states, included_trial_ids, trial_id_greater_than
+            )
         if snapshot is not None:
             snapshot[study_id] = max(
                 [trial_id_greater_than, snapshot.get(study_id, -1), *(t._trial_id for t in trials)]
@@ -395,44 +401,112 @@ for _name in _READS_AND_OTHER_WRITES:
     setattr(ResilientRDBStorage, _name, _first_writes_pending(_name))
 
 
-def _version(trial: optuna.trial.FrozenTrial) -> tuple:
-    """What a light read of a trial tells apart: its state and how many params and attributes it
-    has. Optuna never rewrites a param or a finished trial; this tool sets each user and system
-    attribute once (Optuna's rungs too); so a change adds a row or moves the state."""
-    return (trial.state.name, len(trial.params), len(trial.user_attrs), len(trial.system_attrs))
+class _ReadView:
+    """A storage as RDBStorage's read methods see it, with the read sessions as its sessions."""
+
+    def __init__(self, storage: ResilientRDBStorage) -> None:
+        self._storage, self.scoped_session = storage, storage.read_sessions
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._storage, name)
 
 
-def _changed_since_read(storage: ResilientRDBStorage, trial_ids: set[int]) -> set[int]:
-    """Of the unfinished trials the cache holds (`trial_ids`), those whose state or counts differ
-    from when this storage last read them: one query of W small rows instead of W trials with
-    all their rows."""
+def _read_trials(storage: ResilientRDBStorage, *args) -> list:
+    """RDBStorage._get_trials, in the read sessions."""
+    return RDBStorage._get_trials(_ReadView(storage), *args)
+
+
+def _version(trial: FrozenTrial, light_running: bool) -> tuple:
+    """What the light read of a trial tells apart (see `_refresh`): its state and how many
+    system attributes it has, and (constant liar) params and user attributes. Optuna never
+    rewrites a param or a finished trial; this tool sets each attribute once (Optuna's rungs
+    too); so a change adds a row or moves the state."""
+    counts = [len(trial.system_attrs)]
+    if not light_running:
+        counts += [len(trial.params), len(trial.user_attrs)]
+    return (trial.state.name, *counts)
+
+
+def _refresh(
+    storage: ResilientRDBStorage, study_id: int, unfinished: set[int], last_finished: int
+) -> list[FrozenTrial]:
+    """What Optuna's cache asks for (its unfinished trials, and every trial after the last
+    finished one), read light first: one row per trial with its state and counts. Then:
+    unchanged since this storage last read it: not returned (the cache keeps it); finished,
+    holding system attributes (a retry's history, a rung), or written by this storage since it
+    last read it: read in full; another worker's running trial: a light copy (state, number,
+    start; no params or attributes), unless `storage.light_running` is off (constant_liar).
+    So each worker reads each other worker's trial in full once, when it has finished."""
     import sqlalchemy
     from optuna.storages._rdb import models
     from optuna.storages._rdb.storage import _create_scoped_session
 
-    unknown = {i for i in trial_ids if i not in storage.read_versions}
-    known = trial_ids - unknown
-    if not known:
-        return trial_ids
     trial = models.TrialModel
 
-    def rows_of(model) -> Any:
+    def count(model) -> Any:
         return (
             sqlalchemy.select(sqlalchemy.func.count())
             .where(model.trial_id == trial.trial_id)
             .scalar_subquery()
         )
 
+    # a change that matters: the state, system attributes, and (constant liar) params and user
+    # attributes; this storage's own writes it knows
+    counted = [models.TrialSystemAttributeModel]
+    if not storage.light_running:
+        counted += [models.TrialParamModel, models.TrialUserAttributeModel]
     query = sqlalchemy.select(
         trial.trial_id,
+        trial.number,
         trial.state,
-        rows_of(models.TrialParamModel),
-        rows_of(models.TrialUserAttributeModel),
-        rows_of(models.TrialSystemAttributeModel),
-    ).where(trial.trial_id.in_(known))
-    with _create_scoped_session(storage.scoped_session) as session:
-        now = {row[0]: (row[1].name, *row[2:]) for row in session.execute(query)}
-    return unknown | {i for i in known if now.get(i) != storage.read_versions[i]}
+        trial._datetime_start_utc,  # as Optuna stores it: UTC
+        *(count(model) for model in counted),
+    ).where(trial.study_id == study_id)
+    known = {i for i in unfinished if i <= last_finished}
+    after = sqlalchemy.or_(trial.trial_id.in_(known), trial.trial_id > last_finished)
+    written = dict(storage.written)
+    with _create_scoped_session(storage.read_sessions) as session:
+        rows = session.execute(query.where(after if known else trial.trial_id > last_finished))
+        rows = rows.all()
+    full, light = set(), []
+    newest = max((row[0] for row in rows), default=last_finished)
+    for trial_id, number, state, started, *counts in rows:
+        version = (state.name, *counts)
+        if storage.read_versions.get(trial_id) == version and trial_id not in written:
+            continue  # as the cache holds it
+        if state.is_finished() or counts[0] or trial_id in written or not storage.light_running:
+            full.add(trial_id)
+        else:
+            storage.read_versions[trial_id] = version
+            light.append(
+                FrozenTrial(
+                    number=number,
+                    state=state,
+                    value=None,
+                    # what TrialModel.datetime_start gives: the local time
+                    datetime_start=started
+                    and started.replace(tzinfo=datetime.UTC).astimezone().replace(tzinfo=None),
+                    datetime_complete=None,
+                    params={},
+                    distributions={},
+                    user_attrs={},
+                    system_attrs={},
+                    intermediate_values={},
+                    trial_id=trial_id,
+                )
+            )
+    trials = []
+    if full:
+        trials = _read_trials(storage, study_id, None, full, newest)
+        trials = [t for t in trials if t._trial_id in full]  # not those made since the light read
+    for t in trials:
+        if t.state.is_finished():
+            storage.read_versions.pop(t._trial_id, None)
+        else:
+            storage.read_versions[t._trial_id] = _version(t, storage.light_running)
+        if written.get(t._trial_id, -1) == storage.written.get(t._trial_id):
+            del storage.written[t._trial_id]  # read since its last write (none during)
+    return sorted([*trials, *light], key=lambda t: t._trial_id)
 
 
 def _stale_or_never_beat(storage: ResilientRDBStorage, study_id: int) -> list[int]:

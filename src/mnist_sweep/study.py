@@ -378,6 +378,8 @@ def open_study(
         s["outage_seconds"],
     )
     sampler = make_sampler(s["sampler"], s["seed"], space, s["sampler_args"])
+    # a constant liar reads the params of the trials running elsewhere: read them in full
+    storage.light_running = not (s["sampler_args"] or {}).get("constant_liar", False)
     pruner = make_pruner(s["pruner"], max_epochs(space, base), s["pruner_args"])
     name, defined = spec.study_name, definition(spec, space, base)
     existing = {st.study_name: st for st in optuna.get_all_study_summaries(storage)}

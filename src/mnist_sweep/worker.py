@@ -125,7 +125,8 @@ class Worker:
         """Train one trial and tell how it ended (TooManyFailures after too many failures)."""
         prefix = f"[w{self.index} #{trial.number}] "
         try:
-            with self.book.storage.coalesced():  # its params: one transaction
+            # its params: one transaction; the sampler's reads: one moment of the study
+            with self.book.storage.snapshot(), self.book.storage.coalesced():
                 values = self.space.suggest(trial)
             # the space was checked against the config tree before the workers started
             cfg = compose_trial([*self.spec.fixed, *self.placement], values)
