@@ -554,8 +554,9 @@ def show(f: dict) -> None:
           f"{f['warnings']} | CPU s in the window: {f['cpu_s']} | largest worker process "
           f"{f['process_rss_mb']} MB", flush=True)
     per_trial = max(1, f["finished"])
-    print(f"      per finished trial: {f['study_transactions'] / per_trial:.0f} study transactions "
-          f"(heartbeats included), {f['study_rows_read'] / per_trial:.0f} rows read by "
+    print(f"      per finished trial: {f['study_transactions'] / per_trial:.0f} commits in the study's "
+          f"database (heartbeats and each read statement included), "
+          f"{f['study_rows_read'] / per_trial:.0f} rows read by "
           f"PostgreSQL, {f['mlflow_requests'] / per_trial:.1f} MLflow requests, "
           f"{sum(f['cpu_s'].values()) / per_trial:.2f} CPU s", flush=True)
     if f["faults"]:
