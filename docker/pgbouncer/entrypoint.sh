@@ -1,14 +1,17 @@
 #!/bin/sh
 # Entry point of the compose stack's PgBouncer: the password from the compose secret into its
 # auth file (mode 600, readable by `postgres` alone), then PgBouncer as `postgres` (it refuses
-# root), in transaction mode, in front of $UPSTREAM_HOST:$UPSTREAM_PORT's databases optuna and
-# mlflow, each with at most $POOL_SIZE PostgreSQL connections.
+# root), in transaction mode, in front of $UPSTREAM_HOST:$UPSTREAM_PORT's databases optuna (at most
+# $STUDY_POOL_SIZE PostgreSQL connections, for any number of workers) and mlflow (at most
+# $MLFLOW_POOL_SIZE: 40 request threads per MLflow server process, x processes, + 1, so that
+# MLflow's log_batch, which holds one connection while it waits for a second, cannot deadlock).
 set -eu
 : "${PGPASSWORD_FILE:?set PGPASSWORD_FILE to the secret holding the PostgreSQL password}"
 PGUSER=${PGUSER:-mnist}
 UPSTREAM_HOST=${UPSTREAM_HOST:-postgres}
 UPSTREAM_PORT=${UPSTREAM_PORT:-5432}
-POOL_SIZE=${POOL_SIZE:-40}
+STUDY_POOL_SIZE=${STUDY_POOL_SIZE:-15}
+MLFLOW_POOL_SIZE=${MLFLOW_POOL_SIZE:-81}
 run=/run/pgbouncer
 mkdir -p "$run"
 chown postgres "$run"
@@ -18,8 +21,8 @@ printf '"%s" "%s"\n' "$PGUSER" "$(sed 's/"/""/g' "$PGPASSWORD_FILE")" > "$run/us
 unset PGPASSWORD_FILE
 cat > "$run/pgbouncer.ini" <<INI
 [databases]
-optuna = host=$UPSTREAM_HOST port=$UPSTREAM_PORT dbname=optuna pool_size=$POOL_SIZE max_db_connections=$POOL_SIZE
-mlflow = host=$UPSTREAM_HOST port=$UPSTREAM_PORT dbname=mlflow pool_size=$POOL_SIZE max_db_connections=$POOL_SIZE
+optuna = host=$UPSTREAM_HOST port=$UPSTREAM_PORT dbname=optuna pool_size=$STUDY_POOL_SIZE max_db_connections=$STUDY_POOL_SIZE
+mlflow = host=$UPSTREAM_HOST port=$UPSTREAM_PORT dbname=mlflow pool_size=$MLFLOW_POOL_SIZE max_db_connections=$MLFLOW_POOL_SIZE
 [pgbouncer]
 listen_addr = *
 listen_port = 6432
