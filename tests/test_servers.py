@@ -190,8 +190,9 @@ def test_make_server_for_other_machines_then_a_sweep_and_a_worker_reach_it_by_na
         assert f"postgresql://mnist:***@{name}:{pooler_port}/optuna" in printed  # PgBouncer
         assert f"http://{name}:{mlflow_port}" in printed and address in printed
         urls = folder / "srv" / "urls.env"
-        for secret in (urls, folder / "srv" / "password"):
+        for secret in (urls, folder / "srv" / "password", folder / "srv" / "pgbouncer" / "userlist.txt"):
             assert stat.S_IMODE(secret.stat().st_mode) == 0o600
+        assert PG_PASSWORD not in (folder / "srv" / "pgbouncer" / "pgbouncer.ini").read_text()
         env = dict(line.removeprefix("export ").split("=", 1) for line in urls.read_text().split("\n") if line)
         env = {k: v.strip("'") for k, v in env.items()}
         # workers reach the study through PgBouncer, which connects to PostgreSQL from here
