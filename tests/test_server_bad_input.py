@@ -72,7 +72,7 @@ CASES = {
     "server: the same port twice": ("server", lambda s: ["--pg-port", "6001", "--mlflow-port", "6001"],
                                     ["6001", "its own port"]),
     "server: pooler on the MLflow port": ("server", lambda s: ["--pooler-port", "6002", "--mlflow-port", "6002"],
-                                          ["--pooler-port and --mlflow-port are both 6002"]),
+                                          ["--mlflow-port and --pooler-port are both 6002", "its own port"]),
     "server: no MLflow server process": ("server", lambda s: ["--mlflow-workers", "0"],
                                          ["--mlflow-workers 0", "1-2"]),
     "server: host that does not resolve": ("server", lambda s: ["--host", "no-such-host.invalid"],

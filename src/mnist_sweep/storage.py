@@ -29,6 +29,7 @@ private calls differ).
 
 from __future__ import annotations
 
+import copy
 import datetime
 import functools
 import inspect
@@ -116,7 +117,8 @@ class ResilientRDBStorage(RDBStorage):
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.first_seen_without_heartbeat: dict[int, float] = {}  # trial id -> time.monotonic()
-        self.read_versions: dict[int, tuple] = {}  # unfinished trial id -> version when read
+        # a cache's id -> {unfinished trial id: its version when read} (see _refresh)
+        self.read_versions: dict[int, dict[int, tuple]] = {}
         self.light_running = True  # others' running trials read light (see _refresh)
         self.writes = itertools.count()
         self.written: dict[int, int] = {}  # trial id -> the last write committed here to it
@@ -304,6 +306,13 @@ class ResilientRDBStorage(RDBStorage):
         finally:
             self._local.snapshot = None
 
+    def get_all_trials(self, study_id: int, deepcopy: bool = True, states=None) -> list:
+        """Every trial in full, for callers without Optuna's cache (study summaries, a plain
+        load): never the cache's light refresh, whose record of what was read is the cache's."""
+        self._commit_pending()
+        trials = _retrying("get_all_trials", _read_trials)(self, study_id, states, set(), -1)
+        return copy.deepcopy(trials) if deepcopy else trials
+
     def _get_trials(
         self, study_id: int, states, included_trial_ids: set[int], trial_id_greater_than: int
     ):
@@ -355,7 +364,6 @@ _READS_AND_OTHER_WRITES = (
     "get_trial_param",
     "get_trial_id_from_study_id_trial_number",
     "get_trial",
-    "get_all_trials",
     "get_best_trial",
     "get_n_trials",
     # what Optuna's _CachedStorage (which wraps every RDBStorage) calls directly:
@@ -468,16 +476,23 @@ def _refresh(
     with _create_scoped_session(storage.read_sessions) as session:
         rows = session.execute(query.where(after if known else trial.trial_id > last_finished))
         rows = rows.all()
+    # What each cache holds, by the cache (its set of unfinished trials): Optuna makes more than
+    # one over a storage (a study's, and a passing one for study summaries).
+    if len(storage.read_versions) > 16:
+        storage.read_versions = {
+            k: v for k, v in storage.read_versions.items() if k == id(unfinished)
+        }
+    versions = storage.read_versions.setdefault(id(unfinished), {})
     full, light = set(), []
     newest = max((row[0] for row in rows), default=last_finished)
     for trial_id, number, state, started, *counts in rows:
-        version = (state.name, *counts)
-        if storage.read_versions.get(trial_id) == version and trial_id not in written:
-            continue  # as the cache holds it
+        version = (state.name, *counts, written.get(trial_id, -1))
+        if trial_id in unfinished and versions.get(trial_id) == version:
+            continue  # the cache holds it as it is
         if state.is_finished() or counts[0] or trial_id in written or not storage.light_running:
             full.add(trial_id)
         else:
-            storage.read_versions[trial_id] = version
+            versions[trial_id] = version
             light.append(
                 FrozenTrial(
                     number=number,
@@ -501,11 +516,12 @@ def _refresh(
         trials = [t for t in trials if t._trial_id in full]  # not those made since the light read
     for t in trials:
         if t.state.is_finished():
-            storage.read_versions.pop(t._trial_id, None)
-        else:
-            storage.read_versions[t._trial_id] = _version(t, storage.light_running)
-        if written.get(t._trial_id, -1) == storage.written.get(t._trial_id):
-            del storage.written[t._trial_id]  # read since its last write (none during)
+            versions.pop(t._trial_id, None)
+        else:  # the write counter as it was before the read: a write during it reads it again
+            versions[t._trial_id] = (
+                *_version(t, storage.light_running),
+                written.get(t._trial_id, -1),
+            )
     return sorted([*trials, *light], key=lambda t: t._trial_id)
 
 
