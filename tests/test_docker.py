@@ -61,9 +61,12 @@ def test_the_compose_tool_accepts_the_file(tmp_path):
 def test_services_health_checks_volumes_and_loopback_ports():
     compose = compose_file()
     services = compose["services"]
-    assert set(services) == {"postgres", "mlflow", "worker"}
-    for name in ("postgres", "mlflow"):
+    assert set(services) == {"postgres", "pgbouncer", "mlflow", "worker"}
+    for name in ("postgres", "pgbouncer", "mlflow"):
         assert "test" in services[name]["healthcheck"]
+    for name in ("mlflow", "worker"):  # the database only through the pooler
+        assert "pgbouncer" in services[name]["depends_on"] and "postgres" not in services[name]["depends_on"]
+        assert "@pgbouncer:6432/" in str(services[name]["environment"])
     for dependency in services["worker"]["depends_on"].values():
         assert dependency == {"condition": "service_healthy"}
     for name, service in services.items():
@@ -121,4 +124,4 @@ def test_the_worker_command_is_one_our_cli_accepts(tmp_path):
     out = run_cli("mnist_sweep.sweep", *command[3:], "--show", cwd=tmp_path,
                   env={"SWEEP_STORAGE": storage})
     assert out.returncode == 0, out.stderr
-    assert "storage: postgresql://mnist@postgres:5432/optuna" in out.stdout
+    assert "storage: postgresql://mnist@pgbouncer:6432/optuna" in out.stdout

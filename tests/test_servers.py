@@ -193,7 +193,8 @@ def test_make_server_for_other_machines_then_a_sweep_and_a_worker_reach_it_by_na
         for secret in (urls, folder / "srv" / "password", folder / "srv" / "pgbouncer" / "userlist.txt"):
             assert stat.S_IMODE(secret.stat().st_mode) == 0o600
         assert PG_PASSWORD not in (folder / "srv" / "pgbouncer" / "pgbouncer.ini").read_text()
-        env = dict(line.removeprefix("export ").split("=", 1) for line in urls.read_text().split("\n") if line)
+        env = dict(line.removeprefix("export ").split("=", 1) for line in urls.read_text().split("\n")
+                   if line and not line.startswith("#"))  # what `source` reads: comments say why
         env = {k: v.strip("'") for k, v in env.items()}
         # workers reach the study through PgBouncer, which connects to PostgreSQL from here
         assert env["SWEEP_STORAGE"].endswith(f"@{name}:{pooler_port}/optuna")
