@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import functools
 import signal
+import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
@@ -30,13 +31,27 @@ class Interrupts:
         signal.signal(signal.SIGINT, self._handler)
         signal.signal(signal.SIGTERM, self._handler)
         dump_stacks_on_sigusr1()
+        sys.unraisablehook = self._unraisable_hook(sys.unraisablehook)
 
     def _handler(self, signum, frame) -> None:
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        self.pending = signum  # until it is seen raised (`allowed`)
         if self.open:
             raise KeyboardInterrupt(f"signal {signum}")
-        self.pending = signum
+
+    def _unraisable_hook(self, previous: Callable) -> Callable:
+        """A signal can land while Python runs a weakref callback or a __del__ (the garbage
+        collector's), where an exception cannot propagate: Python prints it ("Exception
+        ignored") and goes on. Our interrupt raised there is kept pending instead, quietly, and
+        `allowed` raises it again when its region ends."""
+
+        def hook(unraisable) -> None:
+            if isinstance(unraisable.exc_value, KeyboardInterrupt) and self.pending is not None:
+                return
+            previous(unraisable)
+
+        return hook
 
     def check(self) -> None:
         """Raise the interrupt that arrived during a store call, if one did."""
@@ -51,8 +66,12 @@ class Interrupts:
         was, self.open = self.open, True
         try:
             yield
+        except KeyboardInterrupt:
+            self.pending = None  # raised here, as it should be
+            raise
         finally:
             self.open = was
+        self.check()  # one that was swallowed where it landed (see _unraisable_hook)
 
     def shielded(self, function: Callable) -> Callable:
         """`function` (an epoch callback that writes to a store) runs to its end whatever
