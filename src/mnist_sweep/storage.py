@@ -60,11 +60,16 @@ def _lost_connection(error: BaseException) -> bool:
     down or starting up, SQLite busy. Not: bad SQL, constraint violations, wrong data."""
     import sqlalchemy.exc
 
-    for e in (error, error.__cause__):
+    # down the chain of causes: Optuna wraps errors in StorageInternalError, and a read it
+    # tries again in the same session after a dropped connection raises PendingRollbackError,
+    # whose context is the OperationalError
+    e, seen = error, 0
+    while e is not None and seen < 5:
         if isinstance(e, (sqlalchemy.exc.OperationalError, sqlalchemy.exc.InterfaceError)):
             return True
         if isinstance(e, sqlalchemy.exc.DBAPIError) and e.connection_invalidated:
             return True
+        e, seen = e.__cause__ or e.__context__, seen + 1
     return False
 
 
@@ -86,6 +91,15 @@ def _retrying(name: str, method: Callable) -> Callable:
             except Exception as error:
                 if not _lost_connection(error):
                     raise
+                # this thread's sessions may hold the dead connection in a transaction (the next
+                # use would raise PendingRollbackError): the retry starts from fresh ones
+                for sessions in {
+                    id(s): s for s in (self.scoped_session, self.read_sessions)
+                }.values():
+                    try:
+                        sessions.remove()
+                    except Exception:  # closing over a dead connection: it is dropped anyway
+                        pass
                 now = time.monotonic()
                 if deadline is None:
                     deadline = now + self.outage_seconds
@@ -215,7 +229,7 @@ class ResilientRDBStorage(RDBStorage):
                     pass
 
     def _mark_written(self, operations) -> None:
-        """Trials written to (committed): read in full at this storage's next read."""
+        """Trials written to (committed): each cache reads them in full at its next read."""
         for kind, trial_id, *_ in operations:
             if kind != "heartbeat":
                 self.written[trial_id] = next(self.writes)
@@ -439,12 +453,12 @@ def _refresh(
     storage: ResilientRDBStorage, study_id: int, unfinished: set[int], last_finished: int
 ) -> list[FrozenTrial]:
     """What Optuna's cache asks for (its unfinished trials, and every trial after the last
-    finished one), read light first: one row per trial with its state and counts. Then:
-    unchanged since this storage last read it: not returned (the cache keeps it); finished,
-    holding system attributes (a retry's history, a rung), or written by this storage since it
-    last read it: read in full; another worker's running trial: a light copy (state, number,
-    start; no params or attributes), unless `storage.light_running` is off (constant_liar).
-    So each worker reads each other worker's trial in full once, when it has finished."""
+    finished one), read light first: one row per trial with its state and counts. Then: held
+    by this cache and unchanged since it read it (state, counts, this storage's last write to
+    it): not returned; finished, holding system attributes (a retry's history, a rung), or
+    written by this storage: read in full; another worker's running trial: a light copy (state,
+    number, start; no params or attributes), unless `storage.light_running` is off (constant
+    liar). So each worker reads each other worker's trial in full once, when it has finished."""
     import sqlalchemy
     from optuna.storages._rdb import models
     from optuna.storages._rdb.storage import _create_scoped_session

@@ -51,6 +51,7 @@ import sys
 import tempfile
 import threading
 import time
+import traceback
 from dataclasses import asdict
 from pathlib import Path
 
@@ -185,6 +186,7 @@ def simulate(config: dict) -> None:
             worker.loop()
         except BaseException as error:  # a worker that stops on an error: counted
             crashed.append(f"w{worker.index}: {type(error).__name__}: {error}"[:300])
+            traceback.print_exc()  # into the process's log, with the cause
 
     threads = [threading.Thread(target=run, args=(w,), name=f"sim-{w.index}") for w in workers]
     for thread in threads:
