@@ -23,7 +23,11 @@ from optuna.trial import FrozenTrial, TrialState
 from mnist_sweep import sqlite_stores
 from mnist_sweep.errors import ConfigError
 from mnist_sweep.space import SearchSpace
-from mnist_sweep.storage import ResilientRDBStorage, StorageUnavailable  # noqa: F401 (re-exported)
+from mnist_sweep.storage import (  # noqa: F401 (StorageUnavailable: re-exported)
+    ResilientRDBStorage,
+    StorageUnavailable,
+    _lost_connection,
+)
 from mnist_sweep.urls import mask_secrets, not_sqlite, redact_reason, redact_uri, scheme_of
 
 # Heartbeat and the visualizations are marked experimental; they are what we rely on on purpose.
@@ -140,10 +144,9 @@ def open_storage(
 
 
 def busy(error: BaseException, reason: str) -> bool:
-    """An error from opening a storage that a busy server gives, and a retry cures: a connection
-    that timed out or was closed meanwhile, a full pooler, a commit that lost its connection."""
-    import sqlalchemy.exc
-
+    """An error from opening a storage that a busy server gives, and a retry cures: a lost
+    connection (what the storage's calls retry) that timed out or was closed meanwhile, or a
+    full pooler; not one refused, nor a bad password."""
     transient = (
         "timeout expired",
         "server closed the connection",
@@ -152,12 +155,8 @@ def busy(error: BaseException, reason: str) -> bool:
         "too many clients",
         "the database system is starting up",
         "query_wait_timeout",
-        "during the commit",
     )
-    database_error = isinstance(
-        error, (optuna.exceptions.StorageInternalError, sqlalchemy.exc.DBAPIError)
-    ) or isinstance(error.__cause__, sqlalchemy.exc.DBAPIError)
-    return database_error and any(words in reason.lower() for words in transient)
+    return _lost_connection(error) and any(words in reason.lower() for words in transient)
 
 
 def make_sampler(name: str, seed: int | None, space: SearchSpace, args: Mapping | None = None):
