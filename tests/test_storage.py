@@ -152,7 +152,7 @@ def test_other_workers_running_trials_are_read_light_and_in_full_once_finished(s
     theirs = [other.ask() for _ in range(4)]
     mine = study.ask()
     mine.set_user_attr("worker", "here")  # written here: this worker's own
-    elsewhere = other._storage._backend
+    elsewhere, ours = other._storage._backend, study._storage._backend
     loaded: list = []
 
     def on_load(trial, context) -> None:
@@ -187,6 +187,11 @@ def test_other_workers_running_trials_are_read_light_and_in_full_once_finished(s
         assert reads(lambda: mine.report(0.7, step=1)) == [mine._trial_id]
         assert as_optuna_reads(mine.number)  # this worker's own: current
         assert reads(lambda: None) == []  # nothing changed: nothing read in full
+        rows = ours.light_rows
+        study.get_trials(deepcopy=False)
+        # and the database returned one row: the running trial with a rung (a system attribute);
+        # the unchanged others are left out by the query, not read and skipped
+        assert ours.light_rows - rows == 1
         study._storage._backend.light_running = False  # constant_liar: running trials in full
         running = sorted(t._trial_id for t in (*theirs[1:], mine))
         assert sorted(reads(lambda: elsewhere.set_trial_user_attr(

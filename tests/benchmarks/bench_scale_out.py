@@ -423,7 +423,7 @@ def run_point(servers, work: Path, data_root: Path, workers: int, seconds: float
         crashed += result["crashed"]
         workers_cpu += result["cpu_s"]
         max_rss = max(max_rss, result["max_rss_mb"])
-    checked = check_study(servers, study_name, start, seconds, killed)
+    checked = check_study(servers, study_name, start, seconds, killed, workers)
     figures = {
         "workers": workers, "processes": len(processes), "window_s": seconds,
         "setup_s": round(setup_s, 1), "wall_s": round(wall, 1),
@@ -459,7 +459,7 @@ def run_point(servers, work: Path, data_root: Path, workers: int, seconds: float
 
 
 def check_study(servers, study_name: str, start: float, seconds: float,
-                killed_pids: list[int]) -> dict:
+                killed_pids: list[int], workers: int) -> dict:
     """What the stores hold after the load: every trial finished or failed-and-retried once,
     every finished trial with one FINISHED run and its whole curves, nothing left RUNNING."""
     import optuna
@@ -474,6 +474,14 @@ def check_study(servers, study_name: str, start: float, seconds: float,
     # is asks and the first epochs, which would make a short window's rate look worse than it is
     first = min((t.datetime_complete.timestamp() for t in finished), default=start + seconds)
     steady_s = max(1.0, start + seconds - first)
+    # the steady rate: from the moment as many trials have finished as there are workers (the
+    # first round, all started at once, done) to the window's end; none if that leaves < 60 s
+    ends = sorted(t.datetime_complete.timestamp() for t in finished)
+    round_done = ends[workers - 1] if len(ends) >= workers else None
+    steady = None
+    if round_done is not None and start + seconds - round_done >= 60:
+        after = sum(1 for end in ends if round_done < end <= start + seconds)
+        steady = round(after / (start + seconds - round_done) * 60, 1)
     import socket
 
     killed = {f"{socket.gethostname()}:{pid}" for pid in killed_pids}
@@ -527,6 +535,8 @@ def check_study(servers, study_name: str, start: float, seconds: float,
         "finished_in_window": len(in_window),
         "trials_per_min": round(len(in_window) / steady_s * 60, 1),
         "first_finished_s": round(first - start, 1),
+        "steady_trials_per_min": steady,
+        "first_round_s": round_done and round(round_done - start, 1),
         "failed_trials": len(stale_failed), "trials_left_open": len(open_trials),
         "runs": len(runs), "runs_left_running": sum(1 for r in runs if r[1] == "RUNNING"),
         "trials_without_complete_run": incomplete,
@@ -539,10 +549,16 @@ def check_study(servers, study_name: str, start: float, seconds: float,
     }
 
 
+def steady_rate(f: dict) -> str:
+    rate = f["steady_trials_per_min"]
+    return "n/a (window too short)" if rate is None else f"{rate:.1f}"
+
+
 def show(f: dict) -> None:
     print(f"{f['workers']:5d} workers ({f['processes']} processes, set up in {f['setup_s']} s, first "
           f"trial done at {f['first_finished_s']} s): {f['trials_per_min']:7.1f} trials/min in the "
-          f"window after it, {f['job_trials_per_min']:.1f} over the whole run ({f['wall_s']} s) | ask p50/p99 {f['ask_p50_ms']:.0f}/"
+          f"window after it, {f['job_trials_per_min']:.1f} over the whole run ({f['wall_s']} s), "
+          f"{steady_rate(f)} after the first round (done at {f['first_round_s']} s) | ask p50/p99 {f['ask_p50_ms']:.0f}/"
           f"{f['ask_p99_ms']:.0f} ms, tell {f['tell_p50_ms']:.0f}/{f['tell_p99_ms']:.0f} ms | "
           f"MLflow {f['mlflow_p50_ms']:.0f}/{f['mlflow_p99_ms']:.0f} ms over "
           f"{f['mlflow_requests']} requests | PostgreSQL connections max "
@@ -627,11 +643,12 @@ def main() -> None:
                                overrides=beats))
         finally:
             servers.stop()
-        print("\n| workers | trials/min (window) | trials/min (whole run) | ask p50/p99 ms | tell p50/p99 ms | MLflow p50/p99 ms "
+        print("\n| workers | trials/min (window) | trials/min (whole run) | trials/min (after the first round) | ask p50/p99 ms | tell p50/p99 ms | MLflow p50/p99 ms "
               "| PostgreSQL connections | errors | duplicates | left RUNNING |")
-        print("|---|---|---|---|---|---|---|---|---|---|")
+        print("|---|---|---|---|---|---|---|---|---|---|---|")
         for f in curve:
             print(f"| {f['workers']} | {f['trials_per_min']:.0f} | {f['job_trials_per_min']:.0f} | "
+                  f"{steady_rate(f)} | "
                   f"{f['ask_p50_ms']:.0f}/"
                   f"{f['ask_p99_ms']:.0f} | {f['tell_p50_ms']:.0f}/{f['tell_p99_ms']:.0f} | "
                   f"{f['mlflow_p50_ms']:.0f}/{f['mlflow_p99_ms']:.0f} | "
