@@ -38,9 +38,10 @@ test-full: ## run the fast suite and the slow tier
 test-docker: ## build the images and run the compose stack for real (root, Docker; ~3 min, ~10 on the first build)
 	$(PY) -m pytest -q -s -m docker tests/test_compose_stack.py
 
-lint: ## ruff: lint and format check of src/ (the rules: pyproject.toml)
+lint: ## ruff (lint and format check) and mypy (types) on src/ (their settings: pyproject.toml)
 	$(PY) -m ruff check src/
 	$(PY) -m ruff format --check src/
+	$(PY) -m mypy
 
 docs: ## serve the documentation site (docs/, mkdocs-material) on http://127.0.0.1:8000
 	NO_MKDOCS_2_WARNING=1 $(PY) -m mkdocs serve
@@ -52,7 +53,7 @@ train: ## train one trial of the seed note's configuration (ARGS="optim.momentum
 	$(PY) -m mnist_sweep.train $(ARGS)
 
 ui: ## open the MLflow UI on http://127.0.0.1:5000 over the local store; prints each study's deep link (its trials, best first)
-	@$(PY) -m mnist_sweep.review --tracking-uri $${MLFLOW_TRACKING_URI:-sqlite:///mlflow.db}
+	@$(PY) -m mnist_sweep.tracking.review --tracking-uri $${MLFLOW_TRACKING_URI:-sqlite:///mlflow.db}
 	$(VENV)/bin/mlflow ui --backend-store-uri $${MLFLOW_TRACKING_URI:-sqlite:///mlflow.db} --host 127.0.0.1 --port 5000
 
 sweep: ## run or resume a sweep (SWEEP=momentum_decay|momentum|seed_note|wide, WORKERS=N, ARGS="sweep.n_trials=60 train.epochs=5")
@@ -65,7 +66,7 @@ dashboard: ## optuna-dashboard on http://127.0.0.1:8080 over the study storage (
 	$(VENV)/bin/optuna-dashboard $${SWEEP_STORAGE:-sqlite:///optuna.db} --host 127.0.0.1 --port $${DASHBOARD_PORT:-8080}
 
 server: ## start PostgreSQL, PgBouncer and an MLflow server on 127.0.0.1 for many workers (data in SERVER_DIR; needs pgbouncer)
-	$(PY) -m mnist_sweep.servers --dir $(SERVER_DIR) $(ARGS)
+	$(PY) -m mnist_sweep.server --dir $(SERVER_DIR) $(ARGS)
 
 worker: ## join a running SWEEP's study on the shared servers: `source $(SERVER_DIR)/urls.env` first (sets SWEEP_STORAGE, MLFLOW_TRACKING_URI)
 	@test -n "$$SWEEP_STORAGE" || { echo "error: SWEEP_STORAGE is not set: run 'source $(SERVER_DIR)/urls.env' (written by make server) first." >&2; exit 2; }

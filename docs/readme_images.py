@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 from typing import Iterator
 
-from mnist_sweep.servers import free_port, wait_for_http
+from mnist_sweep.servers.local import free_port, wait_for_http
 
 REPO = Path(__file__).resolve().parents[1]
 IMAGES = REPO / "docs" / "images"
@@ -143,7 +143,7 @@ def small_png(source: Path, target: Path, width: int) -> None:
 def make_images(data: Path, workdir: Path, reuse: bool) -> list[Path]:
     from mlflow.tracking import MlflowClient
 
-    from mnist_sweep.review import run_view, trials_view
+    from mnist_sweep.tracking.review import run_view, trials_view
 
     workdir.mkdir(parents=True, exist_ok=True)
     run_default_sweep(data, workdir, reuse)

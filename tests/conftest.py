@@ -73,7 +73,7 @@ def store(tmp_path) -> str:
 @pytest.fixture()
 def cfg_factory(mnist_dir, store):
     """compose(*overrides) -> a trial config on the synthetic data, tracked in a temp store."""
-    from mnist_sweep.hydra_config import compose
+    from mnist_sweep.base.hydra_config import compose
 
     def make(*overrides: str):
         return compose([f"data.root={mnist_dir}", f"tracking.tracking_uri={store}", *FAST,
@@ -222,7 +222,7 @@ needs_postgres = pytest.mark.skipif(
 def servers():
     """A real PostgreSQL (as an unprivileged user, 127.0.0.1) and `mlflow server` backed by it,
     shared by the tests of one pytest process; a test that restarts one leaves it running."""
-    from mnist_sweep.servers import LocalServers, free_port
+    from mnist_sweep.servers.local import LocalServers, free_port
 
     folder = Path(tempfile.mkdtemp(prefix="mnist-sweep-servers-"))  # /tmp: reachable by postgres
     folder.chmod(0o755)
@@ -251,7 +251,7 @@ def study_runs(client, study_name: str) -> tuple[list, list]:
 
 def pg_dump(servers, database: str = "optuna") -> str:
     """The database's content as SQL, to compare before and after a command."""
-    from mnist_sweep.servers import PG_USER
+    from mnist_sweep.servers.local import PG_USER
 
     out = subprocess.run(["pg_dump", "-h", "127.0.0.1", "-p", str(servers.pg_port), "-U", PG_USER,
                           "--data-only", "--inserts", "--no-owner", "--no-comments",

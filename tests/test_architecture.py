@@ -1,92 +1,89 @@
-"""Imports run one way: from the command lines down to the foundations, never back up and never
-in a circle. Every import counts, those inside functions too (a lazy import hides a cycle from
-Python, not from the next reader). A module added to the package must be given its layer here."""
+"""Imports run one way: from the command lines down through the packages by job to the
+foundations, never back up and never in a circle. Every import counts, those inside functions
+too (a lazy import hides a cycle from Python, not from the next reader). A package added to
+mnist_sweep must be given its layer here; a module inside a package gets its package's."""
 
 from __future__ import annotations
 
 import ast
 import graphlib
+import shutil
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "src" / "mnist_sweep"
 
-# Lowest first. A module may import modules of its own layer or below.
+# Lowest first. A module may import modules of its own package or of packages below.
 LAYERS = [
-    # foundations: errors, URLs and masking, signals, the SQLite stores, deep links
-    {"__init__", "errors", "urls", "interrupts", "sqlite_stores", "review"},
-    # a trial's parts and Hydra's glue; the servers for other machines
-    {"hydra_config", "space", "data", "models", "schedules", "validation", "datasets", "member_schedules",
-     "stacked", "servers"},
-    # the two stores: MLflow runs, Optuna's storage
-    {"tracking", "storage"},
-    # training: one trial, a population, the model registry, the population's MLflow writer
-    {"train", "registry", "run_writer", "population"},
-    # the study and a worker's Optuna work
-    {"study", "bookkeeping"},
-    # what the user wrote, checked
-    {"sweepfile"},
-    # the solo worker
-    {"worker"},
-    # the population worker (built on the solo worker's parts), the report, the note's table
-    {"population_worker", "report", "seed_table"},
-    # what a worker process runs
-    {"worker_process"},
-    # the sweep's driver
-    {"driver"},
-    # the command line
-    {"sweep"},
+    "base",        # errors, URLs and masking, signals, Hydra's glue
+    "servers",     # the stores: SQLite files; PostgreSQL, PgBouncer, the MLflow server
+    "trial",       # data, models, schedules, config checks, the training loop
+    "population",  # many trials stacked into one model, and its trainer
+    "tracking",    # MLflow: runs, the members' run writer, deep links, registry, datasets
+    "search",      # the sweep: space, sweep file, study, storage, driver, workers, report
+    "",            # the command lines at the top: train, sweep, server, seed_table
 ]
 
 
-def imports_of(path: Path) -> set[str]:
+def module_name(path: Path, root: Path) -> str:
+    """'search.driver' for search/driver.py, 'train' for train.py, 'search' for its __init__."""
+    parts = path.relative_to(root).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def package_of(module: str) -> str:
+    return module.split(".")[0] if "." in module or module in LAYERS else ""
+
+
+def imports_of(path: Path, root: Path) -> set[str]:
     """The package's modules that `path` imports, anywhere in it."""
     found = set()
     for node in ast.walk(ast.parse(path.read_text())):
         if isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] == "mnist_sweep":
-            parts = node.module.split(".")
-            found |= {parts[1]} if len(parts) > 1 else {alias.name for alias in node.names}
+            target = node.module.split(".", 1)[1] if "." in node.module else ""
+            for alias in node.names:  # `from mnist_sweep.trial import data`: the module data
+                name = f"{target}.{alias.name}".strip(".")
+                found.add(name if (root / (name.replace(".", "/") + ".py")).exists() else target)
         elif isinstance(node, ast.Import):
-            found |= {a.name.split(".")[1] for a in node.names if a.name.startswith("mnist_sweep.")}
-    return found - {path.stem}
+            found |= {a.name.split(".", 1)[1] for a in node.names if a.name.startswith("mnist_sweep.")}
+    return found - {module_name(path, root), ""}
 
 
-def graph() -> dict[str, set[str]]:
-    return {path.stem: imports_of(path) for path in sorted(PACKAGE.glob("*.py"))}
+def graph(root: Path | None = None) -> dict[str, set[str]]:
+    root = root or PACKAGE
+    return {module_name(path, root): imports_of(path, root) for path in sorted(root.rglob("*.py"))}
 
 
-def test_every_module_has_a_layer():
-    placed = set().union(*LAYERS)
-    assert set(graph()) - placed == set(), "give the new module its layer in LAYERS"
-    assert placed - set(graph()) == set(), "a module in LAYERS no longer exists"
+def test_every_package_has_a_layer():
+    packages = {p.name for p in PACKAGE.iterdir() if (p / "__init__.py").exists()}
+    assert packages - set(LAYERS) == set(), "give the new package its layer in LAYERS"
+    assert set(LAYERS) - {""} - packages == set(), "a package in LAYERS no longer exists"
+
+
+def upward_imports(root: Path | None = None) -> list[str]:
+    layer = {package: i for i, package in enumerate(LAYERS)}
+    return [f"{module} ({package_of(module) or 'top'}) imports {target} ({package_of(target) or 'top'})"
+            for module, targets in graph(root).items() for target in targets
+            if layer[package_of(target)] > layer[package_of(module)]]
 
 
 def test_no_import_runs_upwards():
-    layer = {module: i for i, modules in enumerate(LAYERS) for module in modules}
-    upwards = [f"{module} (layer {layer[module]}) imports {target} (layer {layer[target]})"
-               for module, targets in graph().items() for target in targets
-               if layer.get(target, -1) > layer.get(module, len(LAYERS))]
-    assert upwards == []
+    assert upward_imports() == []
 
 
 def test_no_import_cycles():
     graphlib.TopologicalSorter(graph()).prepare()  # raises CycleError naming the cycle
 
 
-def test_the_checks_see_an_upward_and_a_circular_import(tmp_path, monkeypatch):
-    """The checks themselves: a lazy import of the driver from the trial's module is caught."""
-    for path in PACKAGE.glob("*.py"):
-        (tmp_path / path.name).write_text(path.read_text())
-    train = tmp_path / "train.py"
-    train.write_text(train.read_text() + "\n\ndef _late():\n    from mnist_sweep.driver import run_sweep\n")
-    monkeypatch.setattr(f"{__name__}.PACKAGE", tmp_path)
+def test_the_checks_see_an_upward_and_a_circular_import(tmp_path):
+    """The checks themselves: a lazy import of the driver from the training loop is caught."""
+    root = tmp_path / "mnist_sweep"
+    shutil.copytree(PACKAGE, root, ignore=shutil.ignore_patterns("__pycache__"))
+    assert upward_imports(root) == []
+    loop = root / "trial" / "loop.py"
+    loop.write_text(loop.read_text() + "\n\ndef _late():\n    from mnist_sweep.search.driver import run_sweep\n")
+    assert "trial.loop (trial) imports search.driver (search)" in upward_imports(root)
     try:
-        test_no_import_runs_upwards()
-    except AssertionError as error:
-        assert "train (layer 3) imports driver (layer 9)" in str(error)
-    else:
-        raise AssertionError("an upward import was not caught")
-    try:
-        test_no_import_cycles()
+        graphlib.TopologicalSorter(graph(root)).prepare()
     except graphlib.CycleError:
         pass
     else:

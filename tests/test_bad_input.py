@@ -95,8 +95,8 @@ def test_debug_flag_shows_the_traceback(tmp_path, mnist_dir):
 def test_failed_download_names_the_folder_and_files(tmp_path, monkeypatch):
     import torchvision.datasets
 
-    from mnist_sweep import data
-    from mnist_sweep.errors import DataError
+    from mnist_sweep.trial import data
+    from mnist_sweep.base.errors import DataError
 
     # Point torchvision at a closed local port: the same failure as no network, without one.
     monkeypatch.setattr(torchvision.datasets.MNIST, "mirrors", ["http://127.0.0.1:9/"])

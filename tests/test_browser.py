@@ -11,7 +11,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from conftest import REPO, run_cli
-from mnist_sweep.review import run_view
+from mnist_sweep.tracking.review import run_view
 
 pytestmark = [pytest.mark.slow,
               pytest.mark.skipif(shutil.which("chromedriver") is None,

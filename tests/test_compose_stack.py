@@ -101,7 +101,7 @@ def images(engine) -> dict[str, str]:
 
 
 def free_port() -> int:
-    from mnist_sweep.servers import free_port as port
+    from mnist_sweep.servers.local import free_port as port
 
     return port()
 
@@ -111,7 +111,7 @@ def test_the_compose_stack_runs_a_sweep_survives_a_killed_worker_and_tears_down(
     from mlflow.tracking import MlflowClient
     from optuna.trial import TrialState
 
-    from mnist_sweep.urls import with_password
+    from mnist_sweep.base.urls import with_password
 
     project = f"mnist-sweep-test-{os.getpid()}"
     folder = Path(tempfile.mkdtemp(prefix="mnist-sweep-compose-"))

@@ -3,7 +3,7 @@
 import pytest
 from hydra.utils import instantiate
 
-from mnist_sweep.hydra_config import CONF_DIR, compose, config_groups
+from mnist_sweep.base.hydra_config import CONF_DIR, compose, config_groups
 from conftest import REPO, run_cli
 
 # experiment and hparams_search are added (+experiment=...), not chosen: tested below.
@@ -91,8 +91,8 @@ def test_cfg_job_prints_the_composed_config(tmp_path):
 def test_a_trials_config_is_what_hydra_composes_for_its_overrides(values):
     """compose_trial (one compose per choice of group options, the rest set on a copy) gives
     the config Hydra composes for the same overrides, types included."""
-    from mnist_sweep.hydra_config import compose_trial
-    from mnist_sweep.space import to_overrides
+    from mnist_sweep.base.hydra_config import compose_trial
+    from mnist_sweep.base.hydra_config import to_overrides
     from omegaconf import OmegaConf
 
     fixed = ["train.epochs=3", "schedule.interval=epoch"] if "schedule" in values else ["train.epochs=3"]

@@ -10,7 +10,7 @@ import optuna
 import requests
 
 from conftest import REPO
-from mnist_sweep.servers import free_port, wait_for_http
+from mnist_sweep.servers.local import free_port, wait_for_http
 
 
 def test_make_dashboard_serves_the_studys_trials(tmp_path):

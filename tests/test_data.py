@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from mnist_sweep import data
-from mnist_sweep.errors import DataError
+from mnist_sweep.trial import data
+from mnist_sweep.base.errors import DataError
 from conftest import N_TEST, N_TRAIN, make_synthetic_mnist, write_idx
 
 

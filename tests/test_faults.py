@@ -190,9 +190,9 @@ def test_a_storage_too_busy_to_answer_at_opening_is_waited_for_not_refused(serve
     import socket
     import threading
 
-    from mnist_sweep.errors import ConfigError
-    from mnist_sweep.servers import free_port
-    from mnist_sweep.study import open_storage
+    from mnist_sweep.base.errors import ConfigError
+    from mnist_sweep.servers.local import free_port
+    from mnist_sweep.search.study import open_storage
 
     listener = socket.create_server(("127.0.0.1", 0))
     port, silent_until, held = listener.getsockname()[1], time.monotonic() + 12, []

@@ -108,7 +108,7 @@ def test_a_signal_during_a_store_call_waits_for_it_then_interrupts(tmp_path):
     before the interrupt, and a second signal must not cut what follows."""
     code = f"""
 import os, signal, time
-from mnist_sweep.interrupts import INTERRUPTS
+from mnist_sweep.base.interrupts import INTERRUPTS
 INTERRUPTS.install()
 log = open({str(tmp_path / 'log')!r}, "w")
 def store_write():
@@ -140,7 +140,7 @@ except KeyboardInterrupt:
 def test_a_signal_during_training_interrupts_at_once(tmp_path):
     code = """
 import os, signal, threading, time
-from mnist_sweep.interrupts import INTERRUPTS
+from mnist_sweep.base.interrupts import INTERRUPTS
 INTERRUPTS.install()
 threading.Timer(0.5, os.kill, (os.getpid(), signal.SIGTERM)).start()
 started = time.time()

@@ -29,8 +29,8 @@ def test_a_wheel_installed_elsewhere_runs_a_sweep_without_the_source_tree(tmp_pa
     env = {**os.environ, "PYTHONPATH": str(target), "PYTHONUNBUFFERED": "1"}
     env.pop("MNIST_SWEEP_CONF", None)
     where = subprocess.run([sys.executable, "-c", "import sys; sys.path[:] = [p for p in sys.path "
-                            f"if not p.startswith({SOURCE!r})]; import mnist_sweep.hydra_config as c, "
-                            "mnist_sweep.sweepfile as s; print(c.__file__, c.CONF_DIR, s.SWEEPS_DIR)"],
+                            f"if not p.startswith({SOURCE!r})]; import mnist_sweep.base.hydra_config as c, "
+                            "mnist_sweep.search.sweepfile as s; print(c.__file__, c.CONF_DIR, s.SWEEPS_DIR)"],
                            cwd=elsewhere, env=env, capture_output=True, text=True)
     assert where.returncode == 0, where.stderr
     assert all(part.startswith(str(target)) for part in where.stdout.split()), where.stdout

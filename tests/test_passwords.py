@@ -32,7 +32,7 @@ def test_show_masks_passwords_in_fixed_values_and_query_strings(tmp_path):
     ("mysql://u:p4ss@h/db and http://x:y@z:1", "p4ss"),
 ])
 def test_every_form_of_a_url_password_is_masked(url, password):
-    from mnist_sweep.urls import redact_reason, redact_uri
+    from mnist_sweep.base.urls import redact_reason, redact_uri
 
     assert hides_password(redact_uri(url), password)
     assert hides_password(redact_reason(f"FATAL: {password} rejected for {url}", url), password)
@@ -41,7 +41,7 @@ def test_every_form_of_a_url_password_is_masked(url, password):
 def test_a_password_that_needs_encoding_round_trips_through_the_url():
     from urllib.parse import unquote, urlsplit
 
-    from mnist_sweep.urls import with_password
+    from mnist_sweep.base.urls import with_password
 
     url = with_password("postgresql", "mnist", "p/w@x:y#z%", "192.0.2.2", 5433, "optuna")
     parts = urlsplit(url)
@@ -52,7 +52,7 @@ def test_a_password_that_needs_encoding_round_trips_through_the_url():
 def test_secret_files_are_private_from_their_first_byte(tmp_path, monkeypatch):
     """Not written world-readable and chmod'ed after: created mode 600 whatever the umask (here
     000), and never chmod'ed at all."""
-    from mnist_sweep.servers import write_private
+    from mnist_sweep.servers.local import write_private
 
     monkeypatch.setattr(os, "chmod", lambda *a, **k: pytest.fail("chmod after writing"))
     old = os.umask(0)

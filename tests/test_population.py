@@ -10,8 +10,8 @@ import os
 import pytest
 import torch
 
-from mnist_sweep.hydra_config import compose
-from mnist_sweep.member_schedules import Plateaus, curve, reference_curve
+from mnist_sweep.base.hydra_config import compose
+from mnist_sweep.population.member_schedules import Plateaus, curve, reference_curve
 
 STEPS, EPOCHS = 7, 4  # small runs: every branch of every schedule is reached
 
@@ -123,7 +123,7 @@ def test_stacked_sgd_is_torchs_sgd_for_each_member(path, fused, dtype):
     started, or the no-shortcuts path a CUDA graph replays (every step), or the plain case (momentum
     only). One member's momentum is cycled by its schedule although its configured momentum is 0:
     its dampening must hold (torch ignores dampening only without momentum)."""
-    from mnist_sweep.stacked import StackedSGD
+    from mnist_sweep.population.stacked import StackedSGD
 
     settings = SGD_SETTINGS if path != "plain" else [(lr, m, 0.0, False, 0.0)
                                                       for lr, m, *_ in SGD_SETTINGS]
@@ -184,7 +184,7 @@ MODELS = {"mlp": ["model=mlp", "model.hidden=[32,16]"],
 def run_population(cfgs: dict, passes, no_shortcuts: bool = False):
     """The population through `passes`: per member its epoch results, its weights after its
     last pass, its test result, and the state of the batch order where it joined."""
-    from mnist_sweep.population import Population
+    from mnist_sweep.population.population import Population
 
     population = Population(next(iter(cfgs.values())))
     population.no_shortcuts = no_shortcuts
@@ -206,7 +206,7 @@ def run_population(cfgs: dict, passes, no_shortcuts: bool = False):
 
 def alone(cfg, order_state):
     """The same trial trained alone by run_trial, on the batches the population gave it."""
-    from mnist_sweep.train import run_trial
+    from mnist_sweep.trial.loop import run_trial
 
     batch_order = torch.Generator(device=str(cfg.train.device))
     batch_order.set_state(order_state)
@@ -258,7 +258,7 @@ def test_the_no_shortcuts_update_path_trains_as_a_member_would_alone(cfg_factory
 def test_an_epoch_plateau_watches_the_loss_in_float64_as_torch_does(cfg_factory):
     """torch's ReduceLROnPlateau compares the Python float it is given: the best loss kept for
     a member is the epoch's loss itself, not its float32 rounding."""
-    from mnist_sweep.population import Population
+    from mnist_sweep.population.population import Population
 
     cfg = cfg_factory("schedule=plateau", "schedule.interval=epoch")
     population = Population(cfg)
@@ -272,8 +272,8 @@ def test_dropout_is_off_when_members_are_evaluated(cfg_factory):
     metrics are its own model's alone, and the same every time."""
     from hydra.utils import instantiate
 
-    from mnist_sweep.population import Population
-    from mnist_sweep.train import evaluate
+    from mnist_sweep.population.population import Population
+    from mnist_sweep.trial.loop import evaluate
 
     cfgs = [cfg_factory(*MODELS["cnn"], "model.dropout=0.5", f"train.seed={seed}") for seed in (0, 1)]
     population = Population(cfgs[0])
@@ -291,7 +291,7 @@ def test_dropout_is_off_when_members_are_evaluated(cfg_factory):
 def test_training_dropout_does_not_depend_on_who_joined_last(cfg_factory):
     """Dropout masks come from the population's own seed, pass by pass: a member that joined
     and left again before training changes nothing (each join seeds its initial weights)."""
-    from mnist_sweep.population import Population
+    from mnist_sweep.population.population import Population
 
     cfgs = [cfg_factory(*MODELS["cnn"], "model.dropout=0.5", f"train.seed={seed}") for seed in (0, 1, 2)]
 
@@ -309,8 +309,8 @@ def test_training_dropout_does_not_depend_on_who_joined_last(cfg_factory):
 
 def test_a_member_torch_would_refuse_is_refused_when_it_joins(cfg_factory):
     """run_trial refuses nesterov without momentum (torch's SGD does); so does a population."""
-    from mnist_sweep.errors import ConfigError
-    from mnist_sweep.population import Population
+    from mnist_sweep.base.errors import ConfigError
+    from mnist_sweep.population.population import Population
 
     population = Population(cfg_factory())
     with pytest.raises(ConfigError, match="nesterov"):
@@ -322,7 +322,7 @@ def test_each_member_starts_from_the_weights_its_own_seed_gives_a_solo_trial(cfg
     order is the population's (its first member's seed), shared by all members."""
     from hydra.utils import instantiate
 
-    from mnist_sweep.population import Population
+    from mnist_sweep.population.population import Population
 
     cfgs = [cfg_factory(f"train.seed={seed}") for seed in (0, 3, 5)]
     population = Population(cfgs[0])
@@ -337,8 +337,8 @@ def test_each_member_starts_from_the_weights_its_own_seed_gives_a_solo_trial(cfg
 
 
 def test_members_must_share_the_model_batch_size_epochs_and_data(cfg_factory):
-    from mnist_sweep.errors import ConfigError
-    from mnist_sweep.population import Population
+    from mnist_sweep.base.errors import ConfigError
+    from mnist_sweep.population.population import Population
 
     population = Population(cfg_factory())
     population.join(0, cfg_factory("optim.lr=0.3", "schedule=step"))  # may differ

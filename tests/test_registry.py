@@ -40,7 +40,7 @@ def assert_the_model_is_the_trials(client, uri: str, run, folder, images_apart: 
     import mlflow.pyfunc
     from omegaconf import OmegaConf
 
-    from mnist_sweep.data import load_splits
+    from mnist_sweep.trial.data import load_splits
 
     cfg = OmegaConf.load(client.download_artifacts(run.info.run_id, "config.yaml", str(folder)))
     mlflow.set_tracking_uri(client.tracking_uri)

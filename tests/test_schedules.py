@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch.optim import lr_scheduler as S
 
-from mnist_sweep.train import run_trial
+from mnist_sweep.trial.loop import run_trial
 
 EPOCHS, STEPS = 3, 10  # synthetic: 500 training images / batch 50
 

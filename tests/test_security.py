@@ -25,15 +25,16 @@ def test_torch_load_only_with_weights_only():
 
 
 def test_servers_listen_on_loopback_unless_asked():
-    from mnist_sweep import servers
+    from mnist_sweep import server
+    from mnist_sweep.servers import local
 
-    assert inspect.signature(servers.LocalServers).parameters["host"].default == "127.0.0.1"
-    assert inspect.signature(servers.start_mlflow_server).parameters["host"].default == "127.0.0.1"
-    assert servers.command_line().parse_args(["--dir", "x"]).host == "127.0.0.1"
+    assert inspect.signature(local.LocalServers).parameters["host"].default == "127.0.0.1"
+    assert inspect.signature(local.start_mlflow_server).parameters["host"].default == "127.0.0.1"
+    assert server.command_line().parse_args(["--dir", "x"]).host == "127.0.0.1"
 
 
 def test_passwords_are_masked_in_what_we_show():
-    from mnist_sweep.tracking import redact_reason, redact_uri
+    from mnist_sweep.tracking.runs import redact_reason, redact_uri
 
     url = "postgresql://mnist:pa55word@db:5432/optuna"
     assert redact_uri(url) == "postgresql://mnist:***@db:5432/optuna"

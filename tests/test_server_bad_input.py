@@ -10,7 +10,7 @@ import subprocess
 import pytest
 
 from conftest import FAST, PG_PASSWORD, REPO, hides_password, needs_postgres, pg_dump, run_cli
-from mnist_sweep.servers import free_port
+from mnist_sweep.servers.local import free_port
 from test_bad_input import assert_one_paragraph_error
 from test_sweep import TINY
 
@@ -30,7 +30,7 @@ def recorded(servers, tmp_path_factory, mnist_dir):
 
 
 def pg(servers, password=PG_PASSWORD, port=None, database="optuna", host="127.0.0.1"):
-    from mnist_sweep.urls import with_password
+    from mnist_sweep.base.urls import with_password
 
     return with_password("postgresql", "mnist", password, host, port or servers.pg_port, database)
 
@@ -106,7 +106,7 @@ def test_bad_input_leaves_both_databases_unchanged(case, recorded, tmp_path, mni
         folder = tmp_path / "server"
         if command == "server-file":
             folder.write_text("not a folder")
-        out = run_cli("mnist_sweep.servers", "--dir", str(folder), *args, cwd=tmp_path, timeout=60)
+        out = run_cli("mnist_sweep.server", "--dir", str(folder), *args, cwd=tmp_path, timeout=60)
     assert_one_paragraph_error(out, expected)
     assert hides_password(out.stdout + out.stderr) and WRONG not in out.stdout + out.stderr
     assert (pg_dump(servers, "optuna"), pg_dump(servers, "mlflow")) == before

@@ -94,7 +94,7 @@ def test_a_password_in_the_tracking_uri_is_not_recorded(servers, tmp_path, mnist
 
 def this_machines_address() -> str | None:
     """A non-loopback IPv4 address of this machine: what another machine would connect to."""
-    from mnist_sweep.servers import machine_interfaces
+    from mnist_sweep.servers.local import machine_interfaces
 
     found = [str(i.ip) for i in machine_interfaces() if i.version == 4 and not i.ip.is_loopback]
     return found[0] if found else None
@@ -113,8 +113,8 @@ def test_postgresql_admits_only_the_allowed_networks():
     """pg_hba.conf: this machine and --allow-net; a worker elsewhere is refused, by name."""
     import psycopg
 
-    from mnist_sweep.servers import PgBouncer, Postgres, free_port, machine_interfaces
-    from mnist_sweep.urls import with_password
+    from mnist_sweep.servers.local import PgBouncer, Postgres, free_port, machine_interfaces
+    from mnist_sweep.base.urls import with_password
 
     import shutil
     import tempfile
@@ -166,13 +166,13 @@ def test_make_server_for_other_machines_then_a_sweep_and_a_worker_reach_it_by_na
 
     import requests
 
-    from mnist_sweep.servers import free_port
+    from mnist_sweep.servers.local import free_port
 
     address, name = this_machines_address(), socket.gethostname()
     folder = Path(tempfile.mkdtemp(prefix="mnist-sweep-make-server-"))
     folder.chmod(0o755)
     pg_port, mlflow_port, pooler_port = free_port(), free_port(), free_port()
-    server = subprocess.Popen([sys.executable, "-m", "mnist_sweep.servers", "--dir", str(folder / "srv"),
+    server = subprocess.Popen([sys.executable, "-m", "mnist_sweep.server", "--dir", str(folder / "srv"),
                                "--host", "0.0.0.0", "--pg-port", str(pg_port),
                                "--mlflow-port", str(mlflow_port), "--pooler-port", str(pooler_port)],
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
@@ -239,7 +239,7 @@ def test_workers_logging_the_same_new_datasets_at_once_all_get_them(servers, cfg
     8 threads released together, for several new datasets in turn."""
     import threading
 
-    from mnist_sweep.tracking import MlflowTracker
+    from mnist_sweep.tracking.runs import MlflowTracker
 
     trackers = [MlflowTracker(servers.tracking_url, f"datasets-race-{tmp_path.name}") for _ in range(8)]
     errors, runs = [], []

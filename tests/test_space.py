@@ -5,9 +5,10 @@ from __future__ import annotations
 import optuna
 import pytest
 
-from mnist_sweep.hydra_config import compose
-from mnist_sweep.errors import ConfigError
-from mnist_sweep.space import build_space, contains, to_distribution, to_overrides
+from mnist_sweep.base.hydra_config import compose
+from mnist_sweep.base.errors import ConfigError
+from mnist_sweep.base.hydra_config import to_overrides
+from mnist_sweep.search.space import build_space, contains, to_distribution
 
 
 def test_int_of_an_interval_with_fractional_bounds_is_refused():

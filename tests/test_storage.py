@@ -18,8 +18,8 @@ from optuna.distributions import CategoricalDistribution, FloatDistribution, Int
 from optuna.trial import TrialState
 from sqlalchemy import event
 
-from mnist_sweep.bookkeeping import tell
-from mnist_sweep.study import open_storage
+from mnist_sweep.search.bookkeeping import tell
+from mnist_sweep.search.study import open_storage
 
 DISTRIBUTIONS = {"lr": FloatDistribution(1e-3, 1.0, log=True), "steps": IntDistribution(1, 9),
                  "schedule": CategoricalDistribution(["none", "step", "cosine"])}
@@ -239,7 +239,7 @@ def test_our_tell_is_optunas(how, study):
 def _write_rows(path: str, worker: int, rows: int, start_at: float) -> None:
     from sqlalchemy import create_engine, text
 
-    from mnist_sweep import sqlite_stores
+    from mnist_sweep.servers import sqlite_stores
 
     sqlite_stores.install()
     engine = create_engine(f"sqlite:///{path}", connect_args={"timeout": 60})
@@ -252,7 +252,7 @@ def _write_rows(path: str, worker: int, rows: int, start_at: float) -> None:
 
 
 def test_four_processes_write_one_wal_database_at_once_and_every_row_is_there(tmp_path):
-    from mnist_sweep import sqlite_stores
+    from mnist_sweep.servers import sqlite_stores
 
     path = tmp_path / "shared.db"
     with sqlite3.connect(path) as db:
@@ -277,7 +277,7 @@ def test_four_processes_write_one_wal_database_at_once_and_every_row_is_there(tm
 def test_without_wal_the_store_keeps_a_rollback_journal_and_says_so_once(caplog):
     """Where a file system cannot hold WAL (SQLite answers with another journal mode), the store
     goes on in a rollback journal with one line. (An in-memory database answers "memory".)"""
-    from mnist_sweep import sqlite_stores
+    from mnist_sweep.servers import sqlite_stores
 
     caplog.set_level("INFO", logger="mnist_sweep")
     for _ in range(2):
@@ -323,8 +323,8 @@ def test_checking_a_store_keeps_this_processs_sqlite_locks(tmp_path):
     import subprocess
     import sys
 
-    from mnist_sweep import sqlite_stores
-    from mnist_sweep.urls import not_sqlite
+    from mnist_sweep.servers import sqlite_stores
+    from mnist_sweep.base.urls import not_sqlite
 
     path = tmp_path / "store.db"
     mine = sqlite3.connect(path, isolation_level=None)

@@ -162,8 +162,8 @@ def test_the_timeout_counts_from_the_studys_first_start(tmp_path, mnist_dir):
 
 
 def test_hyperbands_max_resource_is_the_most_epochs_a_trial_can_train(tmp_path):
-    from mnist_sweep.study import open_study
-    from mnist_sweep.sweepfile import check_space, load_spec
+    from mnist_sweep.search.study import open_study
+    from mnist_sweep.search.sweepfile import check_space, load_spec
 
     spec = load_spec("momentum", ["sweep.pruner=hyperband", "train.epochs=int(interval(2, 12))",
                                   f"sweep.storage=sqlite:///{tmp_path / 'optuna.db'}"])
@@ -179,7 +179,7 @@ def test_a_trial_failed_by_heartbeat_keeps_its_slot_until_its_retry_appears(tmp_
     slot: the dead trial is never retried). Replayed step by step with Optuna's own calls."""
     from optuna.storages import RetryHeartbeatStaleTrialCallback
 
-    from mnist_sweep.study import claimed_before, counts, open_storage
+    from mnist_sweep.search.study import claimed_before, counts, open_storage
 
     storage = open_storage(f"sqlite:///{tmp_path / 'optuna.db'}", heartbeat_interval=1, grace_period=1)
     study = optuna.create_study(study_name="s", storage=storage)
@@ -210,7 +210,7 @@ def test_a_trial_failed_by_heartbeat_keeps_its_slot_until_its_retry_appears(tmp_
 
 
 def _pop_waiting_trials(url: str, start_at: float, count: int, out) -> None:
-    from mnist_sweep.study import open_storage
+    from mnist_sweep.search.study import open_storage
 
     optuna.logging.set_verbosity(optuna.logging.ERROR)
     study = optuna.load_study(study_name="pop", storage=open_storage(url, outage_seconds=60))
@@ -268,7 +268,7 @@ def test_a_trial_that_never_beat_is_failed_a_grace_period_after_it_was_seen_and_
     """Ours fails it once it has gone a grace period without a heartbeat, measured from when this
     process first saw it (another machine's clock may differ), and the retry callback runs, as
     for any stale trial. A trial whose heartbeat comes in time is left alone."""
-    from mnist_sweep.study import open_storage
+    from mnist_sweep.search.study import open_storage
 
     storage = open_storage(f"sqlite:///{tmp_path / 'optuna.db'}", heartbeat_interval=1,
                            grace_period=2, max_retry=1)

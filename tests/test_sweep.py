@@ -139,8 +139,8 @@ def test_the_parents_params_are_written_once_the_sweep_ends_not_when_an_early_tr
     report writes the best trial's. Here on a second parent run of the finished study."""
     from dataclasses import replace
 
-    from mnist_sweep.report import write_report
-    from mnist_sweep.sweepfile import load_spec
+    from mnist_sweep.search.report import write_report
+    from mnist_sweep.search.sweepfile import load_spec
 
     folder, _ = two_worker_sweep
     monkeypatch.chdir(folder)  # the sweep's relative stores
@@ -331,7 +331,7 @@ def kill_a_worker_mid_trial(tmp_path, mnist_dir, storage: str, tracking: str) ->
 def test_processes_creating_a_new_storage_at_once_all_open_it(tmp_path):
     """Workers (or a second `make sweep`) starting together on a fresh SQLite file race to
     create its schema; the losers open what the winner made instead of failing."""
-    code = ("import optuna, sys; from mnist_sweep.study import open_storage; "
+    code = ("import optuna, sys; from mnist_sweep.search.study import open_storage; "
             "optuna.create_study(study_name='s', load_if_exists=True, "
             "storage=open_storage(sys.argv[1]))")
     for attempt in range(3):

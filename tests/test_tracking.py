@@ -6,8 +6,9 @@ import os
 import pytest
 from mlflow.tracking import MlflowClient
 
-from mnist_sweep.tracking import fluent_target, open_tracker, redact_uri
-from mnist_sweep.train import run_trial, train_and_track
+from mnist_sweep.tracking.runs import fluent_target, open_tracker, redact_uri
+from mnist_sweep.train import train_and_track
+from mnist_sweep.trial.loop import run_trial
 
 STEPS = 10  # 500 training images / batch 50
 
@@ -111,7 +112,7 @@ def test_tracking_disabled_writes_no_store(cfg_factory, tmp_path):
 
 
 def test_lr_change_points_keep_the_curve_exact():
-    from mnist_sweep.tracking import lr_change_points
+    from mnist_sweep.tracking.runs import lr_change_points
 
     lrs = [1.0] * 4 + [0.5] * 3 + [0.25]
     kept = lr_change_points(lrs)
@@ -131,7 +132,7 @@ def test_not_sqlite_refuses_other_files_but_not_a_database_being_created(tmp_pat
     creating the same new database leaves for a moment (CI saw workers race on it)."""
     import sqlite3
 
-    from mnist_sweep.tracking import not_sqlite
+    from mnist_sweep.tracking.runs import not_sqlite
 
     (tmp_path / "notes.db").write_text("my notes")
     (tmp_path / "new.db").write_bytes(b"")

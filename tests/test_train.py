@@ -2,7 +2,7 @@
 
 import pytest
 
-from mnist_sweep.train import run_trial
+from mnist_sweep.trial.loop import run_trial
 
 
 def test_two_epochs_on_synthetic_data_beat_chance_by_far(cfg_factory):

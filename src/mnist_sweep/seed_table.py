@@ -12,10 +12,9 @@ import statistics
 
 import optuna
 
-from mnist_sweep.errors import ConfigError, user_errors_exit
-from mnist_sweep.hydra_config import compose
-from mnist_sweep.space import to_overrides
-from mnist_sweep.sweepfile import load_spec
+from mnist_sweep.base.errors import ConfigError, user_errors_exit
+from mnist_sweep.base.hydra_config import compose, to_overrides
+from mnist_sweep.search.sweepfile import load_spec
 
 # The note's reported test accuracies, by the seed_note sweep's schedule choice.
 NOTE = {
@@ -78,7 +77,7 @@ def main(argv: list[str] | None = None) -> None:
             )
             print(rows[-1], flush=True)
         best = best_of_study(args.study, args.storage)
-        if best is not None:
+        if best is not None and best.value is not None:
             params = ", ".join(
                 f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
                 for k, v in best.params.items()

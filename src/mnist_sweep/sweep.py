@@ -17,9 +17,9 @@ import sys
 
 from omegaconf import OmegaConf
 
-from mnist_sweep.errors import user_errors_exit
-from mnist_sweep.hydra_config import exit_now
-from mnist_sweep.sweepfile import check_space, load_spec
+from mnist_sweep.base.errors import user_errors_exit
+from mnist_sweep.base.hydra_config import exit_now
+from mnist_sweep.search.sweepfile import check_space, load_spec
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -52,7 +52,7 @@ def main(argv: list[str] | None = None) -> None:
             check_space(spec, spec.space())
             print(OmegaConf.to_yaml(spec.shown()))
             return
-        from mnist_sweep.driver import run_sweep
+        from mnist_sweep.search.driver import run_sweep
 
         try:
             run_sweep(spec, join=args.join)

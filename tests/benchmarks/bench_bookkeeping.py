@@ -136,7 +136,7 @@ def cpu_parts(raw: Path, rate: int) -> dict[str, float]:
         if not count.isdigit():
             continue
         part = "other"
-        if "mnist_sweep.report" in stack.split(";", 1)[0] or "report.py" in stack and "serve" in stack:
+        if "mnist_sweep.search.report" in stack.split(";", 1)[0] or "report.py" in stack and "serve" in stack:
             part = "report"
         else:
             frames = stack.split(";")

@@ -26,6 +26,7 @@ import os
 import sys
 import tempfile
 import threading
+import logging
 import time
 from pathlib import Path
 
@@ -68,7 +69,7 @@ def configurations(n: int, seed: int = 0) -> list[dict]:
     """n configurations of the default space, drawn at random once (the same for every run)."""
     import optuna
 
-    from mnist_sweep.sweepfile import load_spec
+    from mnist_sweep.search.sweepfile import load_spec
 
     space = load_spec("momentum_decay", []).space()
     study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=seed))
@@ -85,12 +86,23 @@ REPORT = ["sweep.final_report=wait"]
 OVERRIDES: list[str] = []
 
 
+class PopulationFigures(logging.Handler):
+    """The population worker's closing figures, which ride on its last log record."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.last: dict = {}
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if hasattr(record, "population_figures"):
+            self.last = record.population_figures
+
+
 def run(folder: Path, name: str, trials: list[dict], epochs: int, population: int, device: str,
         data: str, extra: tuple = ()) -> dict:
     """One sweep in this process over exactly `trials`; its figures."""
-    from mnist_sweep import population_worker
-    from mnist_sweep.driver import run_sweep
-    from mnist_sweep.sweepfile import load_spec
+    from mnist_sweep.search.driver import run_sweep
+    from mnist_sweep.search.sweepfile import load_spec
 
     spec = load_spec("momentum_decay", [
         f"sweep.study_name={name}", f"sweep.n_trials={len(trials)}", "sweep.pruner=none",
@@ -100,16 +112,20 @@ def run(folder: Path, name: str, trials: list[dict], epochs: int, population: in
         f"train.device={device}", f"data.root={data}", *OVERRIDES, *extra])
     spec.enqueue = trials
     SPENT.update(optuna=0.0, mlflow=0.0)
-    population_worker.LAST_STATS.clear()
-    started = time.perf_counter()
-    study = run_sweep(spec)
-    total = time.perf_counter() - started
+    figures = PopulationFigures()
+    logging.getLogger("mnist_sweep").addHandler(figures)
+    try:
+        started = time.perf_counter()
+        study = run_sweep(spec)
+        total = time.perf_counter() - started
+    finally:
+        logging.getLogger("mnist_sweep").removeHandler(figures)
     done = [t for t in study.trials if t.state.is_finished() and t.value is not None]
     # The rate counts from the first trial's start to the last one's end: what a sweep of any
     # length spends per trial (a sweep's fixed start-up and final report are measured apart,
     # by make bench-sweep, and are the same for both modes).
     wall = (max(t.datetime_complete for t in done) - min(t.datetime_start for t in done)).total_seconds()
-    stats = dict(population_worker.LAST_STATS)
+    stats = figures.last
     return {"wall": wall, "total": total, "member_epochs": len(done) * epochs, "trials": len(done),
             "epoch_seconds": stats.get("epoch_seconds", []),
             "optuna": stats.get("optuna_seconds", SPENT["optuna"]),
@@ -140,7 +156,7 @@ def main() -> None:
 
     import torch
 
-    from mnist_sweep.validation import resolve_device
+    from mnist_sweep.trial.validation import resolve_device
 
     device = str(resolve_device(args.device))
     instrument()
@@ -175,8 +191,8 @@ def main() -> None:
             if device.startswith("cuda"):
                 print(f"    peak device memory {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB")
     if args.default_sweep:
-        from mnist_sweep.driver import run_sweep
-        from mnist_sweep.sweepfile import load_spec
+        from mnist_sweep.search.driver import run_sweep
+        from mnist_sweep.search.sweepfile import load_spec
 
         print("\n(3) the default sweep with population mode (momentum_decay, sweep.population=auto)")
         spec = load_spec("momentum_decay", [
@@ -184,8 +200,8 @@ def main() -> None:
             f"sweep.storage=sqlite:///{folder / 'default.db'}",
             f"tracking.tracking_uri=sqlite:///{folder / 'mlflow.db'}", f"train.device={device}",
             f"data.root={args.data}"])
-        from mnist_sweep.hydra_config import compose
-        from mnist_sweep.population_worker import resolve_population
+        from mnist_sweep.base.hydra_config import compose
+        from mnist_sweep.search.population_worker import resolve_population
 
         size = resolve_population("auto", compose(spec.fixed), spec.settings["n_trials"])
         started = time.perf_counter()

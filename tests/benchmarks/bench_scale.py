@@ -109,7 +109,7 @@ def main() -> None:
     args = parser.parse_args()
 
     from conftest import make_synthetic_mnist
-    from mnist_sweep.servers import LocalServers, free_port
+    from mnist_sweep.servers.local import LocalServers, free_port
 
     work = Path(tempfile.mkdtemp(prefix="mnist-sweep-bench-scale-"))
     work.chmod(0o755)  # PostgreSQL runs as another user and must reach its folder

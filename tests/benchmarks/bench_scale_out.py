@@ -69,8 +69,8 @@ STUDY_SWEEP = "momentum_decay"  # the default sweep: TPE, median pruner, conditi
 def simulated_worker_class():
     """The real Worker, its training replaced by sleeps (imported here: the driver of the bench
     does not import torch)."""
-    from mnist_sweep.train import EpochResult, TrialResult
-    from mnist_sweep.worker import Worker
+    from mnist_sweep.trial.loop import EpochResult, TrialResult
+    from mnist_sweep.search.worker import Worker
 
     class SimulatedWorker(Worker):
         epoch_seconds = 5.0
@@ -151,7 +151,7 @@ def simulate(config: dict) -> None:
     os.environ["MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT"] = "true"
     import mlflow.utils.rest_utils as rest_utils
 
-    from mnist_sweep.sweepfile import SweepSpec
+    from mnist_sweep.search.sweepfile import SweepSpec
 
     latencies, problems = Latencies(), Problems()
     rest_utils.http_request = latencies.timed("mlflow", rest_utils.http_request)
@@ -299,7 +299,7 @@ def database_counters(servers) -> dict[str, int]:
 
 
 def make_spec(servers, study_name: str, data_root: Path, seconds: float, more: list[str]):
-    from mnist_sweep.sweepfile import load_spec
+    from mnist_sweep.search.sweepfile import load_spec
 
     return load_spec(
         STUDY_SWEEP,
@@ -320,10 +320,10 @@ def make_spec(servers, study_name: str, data_root: Path, seconds: float, more: l
 
 def create_study(spec) -> None:
     """What `make sweep` does before its workers start: the study and the MLflow parent run."""
-    from mnist_sweep.driver import start_parent_run
-    from mnist_sweep.hydra_config import compose
-    from mnist_sweep.study import open_study
-    from mnist_sweep.tracking import open_tracker
+    from mnist_sweep.search.driver import start_parent_run
+    from mnist_sweep.base.hydra_config import compose
+    from mnist_sweep.search.study import open_study
+    from mnist_sweep.tracking.runs import open_tracker
 
     space, base = spec.space(), compose(spec.fixed)
     study, made_here = open_study(spec, space, base, create=True)
@@ -352,7 +352,7 @@ def run_point(servers, work: Path, data_root: Path, workers: int, seconds: float
         }
         log = open(folder / f"process-{first}.log", "wb")
         # in a file of mode 600, not on the command line: the storage URL holds the password
-        from mnist_sweep.servers import write_private
+        from mnist_sweep.servers.local import write_private
 
         config_file = folder / f"process-{first}.config.json"
         write_private(config_file, json.dumps(config))
@@ -613,7 +613,7 @@ def main() -> None:
              f"sweep.grace_period={3 * args.heartbeat}"]
 
     from conftest import make_synthetic_mnist
-    from mnist_sweep.servers import LocalServers, free_port
+    from mnist_sweep.servers.local import LocalServers, free_port
 
     work = Path(tempfile.mkdtemp(prefix="mnist-sweep-bench-scale-out-"))
     work.chmod(0o755)  # PostgreSQL runs as another user and must reach its folder

@@ -24,10 +24,11 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from mnist_sweep import data
-from mnist_sweep.hydra_config import compose
-from mnist_sweep.models import MLP
-from mnist_sweep.train import run_trial, train_and_track
+from mnist_sweep.trial import data
+from mnist_sweep.base.hydra_config import compose
+from mnist_sweep.trial.models import MLP
+from mnist_sweep.train import train_and_track
+from mnist_sweep.trial.loop import run_trial
 
 REPO = Path(__file__).resolve().parents[2]
 BATCH = 200
@@ -84,7 +85,7 @@ def time_tracking_calls() -> list[float]:
     durations go to (the wall-time difference on vs off is noisy on a shared 2-core machine)."""
     import functools
 
-    from mnist_sweep import tracking
+    from mnist_sweep.tracking import runs as tracking
 
     spent: list[float] = []
 

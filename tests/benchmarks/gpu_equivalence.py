@@ -25,7 +25,7 @@ from test_population import MEMBERS, MODELS, PASSES, alone, run_population  # no
 
 
 def main() -> int:
-    from mnist_sweep.hydra_config import compose
+    from mnist_sweep.base.hydra_config import compose
 
     torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
     device = os.environ.get("MNIST_SWEEP_DEVICE", "cuda" if torch.cuda.is_available() else "cpu")

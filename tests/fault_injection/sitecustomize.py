@@ -71,10 +71,10 @@ def _patch_join(module):
 
 
 INJECTIONS = {  # (variable, value) -> (module, patch)
-    ("MNIST_SWEEP_KILL_AT", "trial_run_created"): ("mnist_sweep.tracking", _patch_start_run),
+    ("MNIST_SWEEP_KILL_AT", "trial_run_created"): ("mnist_sweep.tracking.runs", _patch_start_run),
     ("MNIST_SWEEP_KILL_AT", "trial_asked"): ("optuna.study.study", _patch_ask),
-    ("MNIST_SWEEP_FAIL_AT", "population_test_pass"): ("mnist_sweep.population", _patch_finish),
-    ("MNIST_SWEEP_FAIL_AT", "first_member_join"): ("mnist_sweep.population", _patch_join),
+    ("MNIST_SWEEP_FAIL_AT", "population_test_pass"): ("mnist_sweep.population.population", _patch_finish),
+    ("MNIST_SWEEP_FAIL_AT", "first_member_join"): ("mnist_sweep.population.population", _patch_join),
 }
 
 

@@ -101,7 +101,7 @@ class OptunaSweeper(Sweeper):
         seed: int | None = None,
         sweep: dict[str, Any] | None = None,
     ) -> None:
-        from mnist_sweep.errors import ConfigError
+        from mnist_sweep.base.errors import ConfigError
 
         if search_space or custom_search_space:
             raise ConfigError(
@@ -146,9 +146,9 @@ class OptunaSweeper(Sweeper):
     def sweep(self, arguments: list[str]) -> Any:
         from hydra.core.override_parser.overrides_parser import OverridesParser
 
-        from mnist_sweep.driver import run_sweep
-        from mnist_sweep.errors import user_errors_exit
-        from mnist_sweep.sweepfile import load_spec
+        from mnist_sweep.base.errors import user_errors_exit
+        from mnist_sweep.search.driver import run_sweep
+        from mnist_sweep.search.sweepfile import load_spec
 
         params, fixed = dict(self.params), []
         for override in OverridesParser.create().parse_overrides(arguments):
@@ -167,7 +167,7 @@ class OptunaSweeper(Sweeper):
 
 def sampler_settings(sampler: Any, seed: int | None) -> dict:
     """sampler: {_target_: optuna.samplers.XSampler, seed: ..., other kwargs} or our name."""
-    from mnist_sweep.errors import ConfigError
+    from mnist_sweep.base.errors import ConfigError
 
     if isinstance(sampler, str):
         return {"sampler": sampler, **({"seed": seed} if seed is not None else {})}
@@ -189,7 +189,7 @@ def sampler_settings(sampler: Any, seed: int | None) -> dict:
 
 
 def pruner_settings(pruner: Any) -> dict:
-    from mnist_sweep.errors import ConfigError
+    from mnist_sweep.base.errors import ConfigError
 
     if pruner is None or isinstance(pruner, str):
         return {"pruner": pruner or "none"}

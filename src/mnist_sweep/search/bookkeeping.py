@@ -1,0 +1,284 @@
+"""A worker's bookkeeping: what its trials tell Optuna, the same for a trial trained alone
+(worker.py) and for the members of a population (population_worker.py): the budget, asking for
+a trial, each epoch's reports and the pruner's decisions, how a trial ended, failures in a row,
+and the heartbeats of the open trials.
+
+In few transactions (storage.py's coalesced writes and snapshots), whatever the number of trials
+open at once: a trial is opened in ~3 (Optuna creates it; its first heartbeat and worker; its
+params, its run's id), an epoch of all open trials is one write (their reports) and one read
+(the pruner's decisions from one snapshot), the trials that end together are told in one, and a
+heartbeat round of all open trials is one. A kill -9 loses at most what was not yet committed:
+the epoch in flight (its reports, or the tells of the trials it finished); those trials are still
+RUNNING in Optuna, and the heartbeat check fails and retries them as any cut trial.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import socket
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import optuna
+from optuna.trial import TrialState
+
+from mnist_sweep.base.errors import UserError
+from mnist_sweep.search.study import claimed_before, counts, deadline, our_storage
+
+log = logging.getLogger("mnist_sweep")
+
+
+class TooManyFailures(UserError):
+    """Trials failed sweep.max_failures_in_a_row times in a row in one worker."""
+
+
+@dataclass
+class OpenTrial:
+    """A trial this worker asked for and has not told yet."""
+
+    trial: optuna.Trial
+    values: dict = field(default_factory=dict)  # the sampled parameters
+    cfg: Any = None  # its trial config
+    run_id: str | None = None  # its MLflow run
+
+    @property
+    def number(self) -> int:
+        return self.trial.number
+
+
+@dataclass
+class Ending:
+    """How a trial ended: complete (value, test metrics), pruned (value at `epochs`), diverged
+    (told PRUNED with NaN at `epochs`), failed (reason), or interrupted (Ctrl-C, SIGTERM)."""
+
+    state: str
+    epochs: int = 0
+    value: float | None = None
+    test_acc: float | None = None
+    test_loss: float | None = None
+    reason: str = ""
+
+
+class Bookkeeper:
+    def __init__(self, spec, study: optuna.Study, index: int, monitor=None):
+        self.spec, self.study, self.index, self.monitor = spec, study, index, monitor
+        self.storage = our_storage(study)  # coalesced writes, snapshots
+        s = spec.settings
+        self.n_trials, self.max_retry, self.metric = s["n_trials"], s["max_retry"], s["metric"]
+        self.deadline = deadline(study, s["timeout"])
+        self.worker = f"{socket.gethostname()}:{os.getpid()}"
+        self.open: dict[int, OpenTrial] = {}
+        self.failures_in_a_row: list[str] = []
+        self.lock = threading.Lock()  # self.open, between the bookkeeping and the heartbeats
+        self.seconds = 0.0  # inside Optuna (the population's log line, the benchmark)
+
+    # ------------------------------------------------------------------------- the budget
+
+    def room(self) -> int | None:
+        """How many trials may be asked for now: None when the budget is spent or sweep.timeout
+        has passed; 0 when the last trials run elsewhere (a dead one's retry would appear as
+        WAITING: keep watching, failing stale trials). Each ask checks the budget again, by
+        trial number, so that workers asking at once never overshoot."""
+        started = time.perf_counter()
+        try:
+            if self.deadline and time.time() > self.deadline:
+                return None
+            c = counts(self.study, self.max_retry)
+            if c["done"] >= self.n_trials:
+                return None
+            free = self.n_trials - c["done"] - c["running"] - c["awaiting_retry"] - c["waiting"]
+            if free <= 0 and c["waiting"] == 0:
+                self.fail_stale_trials(every=0)
+                return 0
+            return max(free, 0) + c["waiting"]
+        finally:
+            self.seconds += time.perf_counter() - started
+
+    def fail_stale_trials(self, every: float | None = None) -> None:
+        """Optuna's check of the heartbeats (what its optimize does before each trial), at most
+        once a heartbeat interval (`every` seconds): a trial cannot go stale faster."""
+        every = self.spec.settings["heartbeat_interval"] if every is None else every
+        now = time.monotonic()
+        if now - getattr(self, "_stale_checked", -math.inf) >= every:
+            self._stale_checked = now
+            optuna.storages.fail_stale_trials(self.study)
+
+    def ask(self) -> optuna.Trial | None:
+        """A new trial for this worker, its first heartbeat and worker name recorded with it.
+        None: another worker filled the last slot meanwhile (closed untrained, user attribute
+        `excess`, not counted as a failure)."""
+        started = time.perf_counter()
+        try:
+            self.fail_stale_trials()
+            trial = self.study.ask()
+            with self.storage.coalesced():
+                # its first heartbeat at once: the never-beat window is one transaction wide
+                self.storage.record_heartbeat(trial._trial_id)
+                trial.set_user_attr("worker", self.worker)
+            if claimed_before(self.study, trial.number, self.max_retry) >= self.n_trials:
+                with self.storage.coalesced():
+                    trial.set_user_attr("excess", True)
+                    tell(self.study, trial, TrialState.FAIL)
+                return None
+            with self.lock:
+                self.open[trial.number] = OpenTrial(trial)
+            return trial
+        finally:
+            self.seconds += time.perf_counter() - started
+
+    # ------------------------------------------------------------------------- epochs
+
+    def report(self, values: dict[int, tuple[int, float]], prune: bool = True) -> set[int]:
+        """Each open trial's value at its epoch ({number: (epoch, value)}) in one transaction;
+        the pruner's decisions for all of them from one snapshot of the study. The numbers that
+        are to be pruned (none with sweep.pruner=none)."""
+        started = time.perf_counter()
+        try:
+            with self.storage.coalesced():
+                for number, (epoch, value) in values.items():
+                    self.open[number].trial.report(value, step=epoch)
+            if not prune or self.spec.settings["pruner"] == "none":
+                return set()
+            with self.storage.snapshot():
+                trials = {t.number: t for t in self.study.get_trials(deepcopy=False)}
+                return {n for n in values if self.study.pruner.prune(self.study, trials[n])}
+        finally:
+            self.seconds += time.perf_counter() - started
+
+    def beats_the_best(self, value: float) -> bool:
+        """Whether `value` beats every complete trial of the study so far: such a trial logs its
+        model when it ends, so that the sweep's end registers the best one without training it
+        again."""
+        complete = self.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+        values = [t.value for t in complete if t.value is not None]
+        if not values:
+            return True
+        return (
+            value > max(values)
+            if self.spec.settings["direction"] == "maximize"
+            else value < min(values)
+        )
+
+    # ------------------------------------------------------------------------- endings
+
+    def end(self, endings: dict[int, Ending]) -> None:
+        """Tell Optuna how these trials ended, in one transaction; count failures in a row
+        (TooManyFailures once sweep.max_failures_in_a_row is reached)."""
+        started = time.perf_counter()
+        try:
+            with self.storage.coalesced():
+                for number, ending in endings.items():
+                    with self.lock:
+                        trial = self.open.pop(number).trial
+                    record_ending(self.study, trial, ending)
+        finally:
+            self.seconds += time.perf_counter() - started
+        for ending in endings.values():
+            if ending.state == "failed" and not ending.reason.startswith("TrainingDiverged"):
+                self.failures_in_a_row.append(ending.reason)
+            elif ending.state in ("complete", "pruned", "diverged"):
+                self.failures_in_a_row.clear()
+            if self.monitor is not None:
+                self.monitor.trial_done()
+        limit = self.spec.settings["max_failures_in_a_row"]
+        if len(self.failures_in_a_row) >= limit:
+            reason = self.failures_in_a_row[-1]
+            hint = (
+                " (the whole population at once: a smaller sweep.population may fit)"
+                if "out of memory" in reason.lower() and self.spec.settings["population"] != 1
+                else ""
+            )
+            raise TooManyFailures(
+                f"Worker {self.index} stopped: its last {len(self.failures_in_a_row)} trials "
+                f"failed in a row (sweep.max_failures_in_a_row={limit}){hint}; the last one with "
+                f"{reason}. Each failed trial is FAIL in Optuna with its reason (user attribute "
+                "fail_reason) and its MLflow run FAILED; the study is kept, and the same command "
+                "resumes it once the cause is fixed."
+            )
+
+
+def record_ending(study: optuna.Study, trial: optuna.Trial, ending: Ending) -> None:
+    """The trial's completion attributes and its state (inside the caller's coalesced block)."""
+    if ending.state == "complete":
+        trial.set_user_attr("test_acc", ending.test_acc)
+        trial.set_user_attr("test_loss", ending.test_loss)
+        trial.set_user_attr("epochs_trained", ending.epochs)
+        tell(study, trial, TrialState.COMPLETE, ending.value)
+    elif ending.state == "pruned":
+        trial.set_user_attr("epochs_trained", ending.epochs)
+        tell(study, trial, TrialState.PRUNED)
+    elif ending.state == "diverged":
+        # a result: the sampler learns from a pruned trial with NaN at the epoch it diverged
+        # (TPE ranks it below every trial that reached that epoch), not from a FAIL
+        trial.report(math.nan, step=ending.epochs)
+        trial.set_user_attr("diverged", ending.reason)
+        trial.set_user_attr("epochs_trained", ending.epochs)
+        tell(study, trial, TrialState.PRUNED)
+    elif ending.state == "interrupted":  # not retried (study.awaiting_retry)
+        trial.set_user_attr("interrupted", True)
+        tell(study, trial, TrialState.FAIL)
+    else:
+        trial.set_user_attr("fail_reason", ending.reason)
+        tell(study, trial, TrialState.FAIL)
+
+
+def tell(
+    study: optuna.Study, trial: optuna.Trial, state: TrialState, value: float | None = None
+) -> None:
+    """Optuna's study.tell for a trial this process asked for, without reading it back from the
+    storage (study.tell does, which would end the caller's coalesced transaction): what the tell
+    does otherwise is the same (optuna/study/_tell.py, Optuna 5.0): a pruned trial takes its last
+    finite intermediate value as its value, the sampler's after_trial hook runs, then the state
+    is written. tests/test_storage.py (test_our_tell_is_optunas) compares the two."""
+    from optuna import pruners
+
+    study._thread_local.cached_all_trials = None  # only valid within a trial: as tell does
+    frozen = trial._cached_frozen_trial
+    values = None
+    if state == TrialState.COMPLETE:
+        assert value is not None, "a complete trial has a value"
+        values = [float(value)]
+    elif state == TrialState.PRUNED and frozen.intermediate_values:
+        last = frozen.intermediate_values[max(frozen.intermediate_values)]
+        values = None if math.isnan(last) else [float(last)]
+    try:
+        study.sampler.after_trial(pruners._filter_study(study, frozen), frozen, state, values)
+    finally:
+        study._storage.set_trial_state_values(trial._trial_id, state, values)
+
+
+class Heartbeats:
+    """A thread that records the heartbeat of every open trial of a bookkeeper, every
+    sweep.heartbeat_interval seconds, in one transaction a round: a worker that dies has them all
+    failed by heartbeat and retried (its driver, when it sees the exit, fails them sooner)."""
+
+    def __init__(self, book: Bookkeeper, interval: float):
+        self.book, self.interval = book, interval
+        self.stopping = threading.Event()
+        self.thread = threading.Thread(target=self.run, name="heartbeat", daemon=True)
+
+    def __enter__(self) -> Heartbeats:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stopping.set()
+        self.thread.join(timeout=60)
+
+    def run(self) -> None:
+        from mnist_sweep.base.errors import failure_reason
+
+        storage = self.book.storage
+        while not self.stopping.wait(self.interval):
+            with self.book.lock:
+                ids = [t.trial._trial_id for t in self.book.open.values()]
+            try:
+                with storage.coalesced():
+                    for trial_id in ids:
+                        storage.record_heartbeat(trial_id)
+            except Exception as error:  # a round lost; the next one comes
+                log.warning(f"[w{self.book.index}] heartbeat: {failure_reason(error)}")

@@ -1,0 +1,416 @@
+"""The sweep's driver: checks the sweep, opens (or resumes) the study and its MLflow parent run,
+starts `sweep.workers` worker processes and watches them: progress, and the parent run's report
+refreshed as trials finish. It never reaches inside a trial.
+
+Signals: Ctrl-C reaches the driver and its workers together; a SIGTERM sent to the driver alone
+(what Kubernetes and SLURM send) is passed on to its workers. Either way each worker ends its
+running trial's run KILLED, and the driver ends the parent run KILLED. A failing report refresh
+(the MLflow server away, the parent run deleted) is a warning, never the end of the sweep.
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import multiprocessing.connection
+import socket
+import time
+from dataclasses import asdict
+
+import optuna
+from optuna.trial import TrialState
+
+from mnist_sweep.base.errors import UserError, failure_reason
+from mnist_sweep.base.interrupts import INTERRUPTS
+from mnist_sweep.base.urls import redact_uri
+from mnist_sweep.search.study import counts, deadline, enqueue_known, open_study, our_storage
+from mnist_sweep.search.sweepfile import SweepSpec, check_space
+from mnist_sweep.search.worker_process import run_worker
+
+log = logging.getLogger("mnist_sweep")
+
+WORKER_STOP_SECONDS = 30  # a worker's time to end its run KILLED after SIGTERM
+TRIAL_STATE_TAGS = {
+    TrialState.COMPLETE: "complete",
+    TrialState.PRUNED: "pruned",
+    TrialState.FAIL: "failed",
+}  # a trial run's `state` tag
+
+
+def start_parent_run(spec: SweepSpec, study: optuna.Study, tracker, made_here: bool) -> str | None:
+    """One MLflow parent run per study, found again on resume (its id is a study attribute).
+
+    Drivers that start together on a new study (a cluster array, `docker compose --scale`):
+    the one that made the study makes the parent; the others wait for its id."""
+    client = tracker.client
+    if client is None:
+        return None
+    brand_new = not any(t.state.is_finished() for t in study.get_trials(deepcopy=False))
+    deadline = time.time() + (30 if brand_new and not made_here else 0)
+    while True:
+        run_id = study.user_attrs.get("mlflow_parent_run_id")
+        if run_id:
+            try:
+                run = client.get_run(run_id)
+                if run.info.lifecycle_stage == "active":
+                    client.update_run(run_id, status="RUNNING")
+                    return run_id
+            except Exception:
+                pass  # the tracking store changed: make a new parent
+            break
+        if time.time() >= deadline:
+            break
+        time.sleep(0.5)  # study.user_attrs reads the storage again
+    from mnist_sweep.tracking.runs import context_tags
+
+    s = spec.settings
+    tags = {
+        "sweep_file": spec.file,
+        "study_name": spec.study_name,
+        "sampler": s["sampler"],
+        "pruner": s["pruner"],
+        "storage": redact_uri(s["storage"]),
+        "metric": s["metric"],
+        "direction": s["direction"],
+        "sweep_role": "parent",
+        **context_tags(),
+    }
+    run_id = tracker.start_run(run_name=spec.study_name, tags=tags)
+    study.set_user_attr("mlflow_parent_run_id", run_id)
+    from mnist_sweep.tracking.review import describe_experiment
+
+    describe_experiment(client, tracker.experiment_id)
+    return run_id
+
+
+class Progress:
+    """The study's progress line: done/total, pruned, failed, running, best so far, ETA."""
+
+    def __init__(self, spec: SweepSpec, study: optuna.Study):
+        self.spec, self.study = spec, study
+        self.started = time.time()
+        self.done_at_start = counts(study)["done"]
+        self.last: list[str] | None = None
+
+    def line(self) -> str:
+        c = counts(self.study)
+        n = self.spec.settings["n_trials"]
+        try:
+            best = self.study.best_trial
+            best_text = f"best {self.spec.settings['metric']} {best.value:.4f} (#{best.number})"
+        except ValueError:
+            best_text = "no complete trial yet"
+        elapsed = time.time() - self.started
+        new = c["done"] - self.done_at_start
+        eta = f"ETA {fmt_seconds(elapsed / new * max(n - c['done'], 0))}" if new else "ETA ?"
+        diverged = f" of which {c['diverged']} diverged" if c["diverged"] else ""
+        return (
+            f"[{self.spec.study_name}] {min(c['done'], n)}/{n} done (pruned {c['pruned']}"
+            f"{diverged}, failed {c['fail']}, running {c['running']}) | {best_text} | "
+            f"{fmt_seconds(elapsed)} elapsed, {eta}"
+        )
+
+    def show(self, force: bool = False) -> None:
+        line = self.line()
+        key = line.split(" | ")[0:2]
+        if force or key != self.last:
+            self.last = key
+            print(line, flush=True)
+
+
+def fmt_seconds(seconds: float) -> str:
+    seconds = int(seconds)
+    return f"{seconds // 60}m{seconds % 60:02d}s" if seconds >= 60 else f"{seconds}s"
+
+
+class Monitor:
+    """After each finished trial: the progress line, and every sweep.report_every finished
+    trials a refresh of the parent run's report (by the report process: nobody waits for it).
+    Called by the worker when it runs in the driver's process, else by the driver's watch."""
+
+    def __init__(self, spec: SweepSpec, study: optuna.Study, reporter):
+        self.spec, self.study, self.reporter = spec, study, reporter
+        self.progress = Progress(spec, study)
+        self.reported_at = counts(study)["done"]
+
+    def trial_done(self) -> None:
+        if not self.spec.settings["quiet"]:
+            self.progress.show()
+        done = counts(self.study)["done"]
+        if done - self.reported_at >= self.spec.settings["report_every"]:
+            self.reporter.refresh()
+            self.reported_at = done
+
+
+def close_orphan_runs(study: optuna.Study, spec: SweepSpec, tracker) -> int:
+    """End the trial runs still RUNNING in MLflow whose trial is over in Optuna (a worker killed
+    at a moment no heartbeat callback saw: between creating its run and recording its id, say).
+    Trials still running (on other machines) are left alone. Returns how many were ended."""
+    if tracker.client is None:
+        return 0
+    states = {str(t.number): t.state for t in study.get_trials(deepcopy=False)}
+    ended = 0
+    for run_id in tracker.runs_tagged({"study_name": spec.study_name}, status="RUNNING"):
+        number = tracker.client.get_run(run_id).data.tags.get("trial_number")
+        state = states.get(number)
+        if number is None or state in (TrialState.RUNNING, TrialState.WAITING):
+            continue
+        status = "FINISHED" if state in (TrialState.COMPLETE, TrialState.PRUNED) else "FAILED"
+        tag = TRIAL_STATE_TAGS.get(state, "failed") if state is not None else "failed"
+        tracker.end_run(run_id, status, {"state": tag})
+        ended += 1
+    return ended
+
+
+def run_sweep(spec: SweepSpec, join: bool = False) -> optuna.Study:
+    """Run the study to n_trials with sweep.workers workers here: in this process when there is
+    one (no second start-up), else as processes. join=True (make worker): the study must exist
+    already (started by `make sweep` elsewhere); nothing is created."""
+    from mnist_sweep.search.report import Reporter
+    from mnist_sweep.search.worker import configure_output
+    from mnist_sweep.search.worker_process import make_worker
+    from mnist_sweep.tracking.runs import open_tracker
+
+    INTERRUPTS.install()  # SIGTERM to the driver alone: like Ctrl-C (interrupts.py)
+    configure_output(spec)
+    if spec.settings["workers"] > 1:  # the fork server imports while this process sets up
+        start_fork_server()
+    space = spec.space()
+    base = check_space(spec, space)
+    tracker = open_tracker(
+        base.tracking
+    )  # a bad tracking store is refused before the study is made
+    study, made_here = open_study(spec, space, base, create=not join)  # nothing written before
+    just_made_elsewhere = time.time() - study.user_attrs.get("started_at", 0) < 60
+    if made_here or not (join or just_made_elsewhere):
+        # Of drivers started together on a new study only its maker enqueues (the others would
+        # race it and enqueue twice); a resume adds entries the file gained since.
+        enqueue_known(study, spec.enqueue)
+    spec.parent_run_id = start_parent_run(spec, study, tracker, made_here)
+    quiet, n_workers = spec.settings["quiet"], spec.settings["workers"]
+    if not quiet:
+        print(
+            f"sweep {spec.study_name}: {spec.settings['n_trials']} trials, {n_workers} worker(s), "
+            f"sampler {spec.settings['sampler']}, pruner {spec.settings['pruner']}, storage "
+            f"{redact_uri(spec.settings['storage'])}",
+            flush=True,
+        )
+    reporter = Reporter(spec)
+    reporter.start()
+    monitor = Monitor(spec, study, reporter)
+    workers: list = []
+    status = "FAILED"
+    try:
+        if n_workers == 1:
+            make_worker(spec, 0, 1, monitor).loop()
+            codes = [0]
+        else:
+            ctx = worker_context()
+            workers = [
+                ctx.Process(
+                    target=run_worker, args=(asdict(spec), i, n_workers), name=f"worker-{i}"
+                )
+                for i in range(n_workers)
+            ]
+            codes = watch(workers, monitor, tracker)
+        status = outcome(study, spec, codes)
+    except KeyboardInterrupt:
+        status = "KILLED"
+        raise
+    finally:
+        stop_workers(workers)
+        try:
+            close_orphan_runs(study, spec, tracker)
+        except Exception as error:
+            log.warning(
+                f"[{spec.study_name}] runs left open could not be closed: {failure_reason(error)}"
+            )
+        background = final_report_in_background(spec)
+        reporter.final(status, background)
+        if not quiet:
+            monitor.progress.show(force=True)
+            if background and reporter.process is not None:
+                print(
+                    f"[{spec.study_name}] the parent run's report (plots, trials.csv) is being "
+                    "written in the background",
+                    flush=True,
+                )
+    summarize(study, spec)
+    if tracker.client is not None and not quiet:
+        from mnist_sweep.tracking.review import trials_link
+
+        link = trials_link(
+            tracker.uri,
+            tracker.experiment_id,
+            spec.study_name,
+            spec.settings["metric"],
+            spec.settings["direction"] == "maximize",
+        )
+        hint = " (after `make ui`)" if not tracker.uri.startswith("http") else ""
+        print(
+            f"[{spec.study_name}] review the trials, best first, in MLflow{hint}: {link}",
+            flush=True,
+        )
+    return study
+
+
+# What a worker imports (~3.5 s of CPU here): done once, by the fork server, not by each worker.
+WORKER_MODULES = [
+    "torch",
+    "mlflow.tracking",
+    "optuna",
+    "hydra",
+    "mnist_sweep.search.worker",
+    "mnist_sweep.trial.loop",
+    "mnist_sweep.tracking.runs",
+    "mnist_sweep.search.population_worker",
+    "mnist_sweep.search.worker_process",
+]
+
+
+def worker_context():
+    """Worker processes forked from a fork server that has imported what a worker needs: not
+    forked from the driver (its threads, its open database connections), not spawned afresh (each
+    importing torch and MLflow again: ~3.5 s of CPU a worker, 28 s for 8 workers on 2 cores)."""
+    ctx = multiprocessing.get_context("forkserver")
+    ctx.set_forkserver_preload(WORKER_MODULES)
+    return ctx
+
+
+def start_fork_server() -> None:
+    """Start the workers' fork server now: it imports their modules while the driver checks the
+    sweep and opens the study, instead of after."""
+    from multiprocessing import forkserver
+
+    worker_context()
+    forkserver.ensure_running()
+
+
+def watch(workers: list, monitor: Monitor, tracker) -> list[int]:
+    """Start the worker processes and watch them: progress, report refreshes, and a worker that
+    died (killed, out of memory) has its trials failed and retried at once. Their exit codes."""
+    for w in workers:
+        w.start()
+    done = counts(monitor.study)["done"]
+    ended: set[int] = set()
+    while any(w.is_alive() for w in workers):
+        with INTERRUPTS.allowed():  # a second at most, less when a worker exits
+            multiprocessing.connection.wait(
+                [w.sentinel for w in workers if w.is_alive()], timeout=1
+            )
+        for w in workers:
+            if w.exitcode is not None and w.pid not in ended:
+                ended.add(w.pid)
+                if w.exitcode != 0:
+                    fail_trials_of_dead_worker(monitor.study, monitor.spec, tracker, w)
+        now = counts(monitor.study)["done"]
+        if now != done:
+            done = now
+            monitor.trial_done()
+    return [w.exitcode for w in workers]
+
+
+def fail_trials_of_dead_worker(study: optuna.Study, spec: SweepSpec, tracker, worker) -> None:
+    """The trials a worker of this driver was running when it died: failed now and retried (the
+    storage's stale-trial callback), their runs ended FAILED, as the heartbeat would have done a
+    grace period later; the other workers take the retries at once. (Trials of workers elsewhere,
+    and of a worker killed before it recorded its name on its trial, are the heartbeat's.)"""
+    who, reason = (
+        f"{socket.gethostname()}:{worker.pid}",
+        f"its worker process died (exit code {worker.exitcode})",
+    )
+    storage = study._storage
+    for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        # read in full: the study holds other workers' running trials as light copies
+        if storage.get_trial(trial._trial_id).user_attrs.get("worker") != who:
+            continue
+        try:
+            if not storage.set_trial_state_values(trial._trial_id, state=TrialState.FAIL):
+                continue
+        except optuna.exceptions.UpdateFinishedTrialError:  # it ended meanwhile
+            continue
+        log.warning(f"[{spec.study_name}] trial {trial.number}: {reason}; failed and retried now")
+        retry = our_storage(study).get_heartbeat_stale_trial_callback()
+        if retry is not None:
+            retry(study, storage.get_trial(trial._trial_id))
+        try:
+            for run_id in tracker.runs_tagged(
+                {"study_name": spec.study_name, "optuna_trial_id": str(trial._trial_id)}
+            ):
+                tracker.end_run(run_id, "FAILED", {"state": "failed", "fail_reason": reason})
+        except Exception as error:  # the driver's last look (close_orphan_runs) ends it then
+            log.warning(
+                f"[{spec.study_name}] the run of trial {trial.number} could not be "
+                f"ended now: {failure_reason(error)}"
+            )
+
+
+def outcome(study: optuna.Study, spec: SweepSpec, codes: list[int]) -> str:
+    """The parent run's status; a paragraph when workers failed before the study was done."""
+    complete = counts(study)["done"] >= spec.settings["n_trials"]
+    limit = deadline(study, spec.settings["timeout"])
+    timed_out = limit is not None and time.time() >= limit
+    if timed_out and not complete:
+        print(
+            f"[{spec.study_name}] sweep.timeout={spec.settings['timeout']} s from the "
+            "study's first start has passed: no new trial was started; raise sweep.timeout "
+            "to go on.",
+            flush=True,
+        )
+    if any(code != 0 for code in codes):
+        message = (
+            f"Worker(s) exited with status {codes} (negative: killed by that signal); "
+            f"{'the others finished the study' if complete else 'the study is kept, and the same command resumes it'}."
+        )
+        if not complete:
+            raise UserError(message)
+        log.warning(message)
+    return "FINISHED" if complete or timed_out else "FAILED"
+
+
+def final_report_in_background(spec: SweepSpec) -> bool:
+    """sweep.final_report: background (the command returns as soon as the last trial is done),
+    wait, or auto: background for a person at a terminal, wait for scripts and schedulers
+    (a job's end could cut a report still being written)."""
+    import sys
+
+    setting = spec.settings["final_report"]
+    return setting == "background" or (setting == "auto" and sys.stdout.isatty())
+
+
+def stop_workers(workers: list) -> None:
+    """Workers still alive (the driver was interrupted or failed): SIGTERM, which each turns into
+    its run ending KILLED, then SIGKILL for any that did not stop in time."""
+    for w in workers:
+        if w.is_alive():
+            try:
+                w.terminate()  # SIGTERM; ignored by a worker already stopping after Ctrl-C
+            except OSError:
+                pass
+    stop_by = time.time() + WORKER_STOP_SECONDS
+    for w in workers:
+        if w.pid is not None:
+            w.join(timeout=max(stop_by - time.time(), 0.1))
+        if w.is_alive():
+            w.kill()
+            w.join()
+
+
+def summarize(study: optuna.Study, spec: SweepSpec) -> None:
+    c = counts(study)
+    try:
+        best = study.best_trial
+    except ValueError:
+        print(f"[{spec.study_name}] no complete trial ({c['pruned']} pruned, {c['fail']} failed).")
+        return
+    params = ", ".join(
+        f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in best.params.items()
+    )
+    test = best.user_attrs.get("test_acc")
+    print(
+        f"[{spec.study_name}] best trial #{best.number}: {spec.settings['metric']} "
+        f"{best.value:.4f}"
+        + (f", test_acc {test:.4f}" if test is not None else "")
+        + f" | {params} | {c['done']} finished ({c['pruned']} pruned)",
+        flush=True,
+    )

@@ -1,0 +1,97 @@
+"""A sweep worker in population mode (sweep.population=K > 1): K trials trained at once as one
+stacked model, refilled from the study as members leave.
+
+Two threads, so that the device never waits for the stores, each with one job, talking through
+small typed messages (population.messages):
+  - the trainer (population.trainer, on the main thread) trains epoch after epoch and hands each
+    epoch's results over; between epochs it applies the joins and leaves it was sent;
+  - the bookkeeper (population_bookkeeper.py, a thread) asks Optuna for trials, reports every
+    member's epoch, decides pruning and tells how members ended; the members' MLflow runs are
+    written by a process of their own (tracking.run_writer).
+This module starts them, with a heartbeat round of all live members every interval (one write),
+so that a killed worker's members are all failed by heartbeat and retried as solo trials are.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from typing import Any
+
+from omegaconf import OmegaConf
+
+from mnist_sweep.base.hydra_config import compose
+from mnist_sweep.population.messages import Channel
+from mnist_sweep.population.trainer import PopulationTrainer
+from mnist_sweep.search.bookkeeping import Heartbeats
+from mnist_sweep.search.population_bookkeeper import PopulationBookkeeper
+from mnist_sweep.search.worker import WorkerSetup
+
+log = logging.getLogger("mnist_sweep")
+
+
+class PopulationWorker(WorkerSetup):
+    def __init__(self, spec, index: int, n_workers: int, size: int, monitor=None):
+        super().__init__(spec, index, n_workers, monitor)
+        self.size = size
+
+    def loop(self) -> None:
+        from mnist_sweep.tracking.run_writer import NullWriter, RunWriter
+
+        base = compose(self.spec.fixed)
+        writer = (
+            RunWriter(OmegaConf.to_yaml(base.tracking)) if base.tracking.enabled else NullWriter()
+        )
+        channel = Channel()
+        bookkeeper = PopulationBookkeeper(self, self.size, writer, channel)
+        trainer = PopulationTrainer(channel, f"[w{self.index}] ", self.spec.settings["quiet"])
+        thread = threading.Thread(target=bookkeeper.run, name="bookkeeper", daemon=True)
+        started = time.perf_counter()
+        with Heartbeats(self.book, self.spec.settings["heartbeat_interval"]):
+            thread.start()
+            try:
+                trainer.run()
+            finally:
+                thread.join(timeout=60)
+                channel.stopping.set()  # the bookkeeper, if still running, stops
+                self.log_figures(bookkeeper, trainer, writer.close(), started)
+        channel.raise_bookkeeper_error()
+
+    def log_figures(self, bookkeeper, trainer, written, started: float) -> None:
+        """Where the time went, in one line; the figures also ride on the log record
+        (`record.population_figures`), which bench-population reads."""
+        loop_seconds = time.perf_counter() - started
+        waited = loop_seconds - trainer.figures.trained_seconds
+        figures = {
+            "optuna_seconds": self.book.seconds,
+            "runs": written.runs,
+            "epoch_seconds": trainer.figures.epoch_seconds,
+            "loop_seconds": loop_seconds,
+            "mlflow_seconds": bookkeeper.mlflow_seconds + written.seconds_in_mlflow,
+            "waited_seconds": waited,
+        }
+        log.info(
+            f"[w{self.index}] population of {self.size}: {written.runs} runs, "
+            f"{bookkeeper.mlflow_seconds:.1f} s inside MLflow making them (bookkeeper) and "
+            f"{written.seconds_in_mlflow:.1f} s writing them (writer process), "
+            f"{self.book.seconds:.1f} s inside Optuna (bookkeeper), training waited "
+            f"{waited:.1f} s for them",
+            extra={"population_figures": figures},
+        )
+
+
+def resolve_population(setting: Any, base_cfg, n_trials: int | None = None) -> int:
+    """sweep.population as a number. `auto`: 1 on a CPU (GEMM-bound either way: a population
+    gains little there); on a GPU 64 members of the MLP (16 of the CNN), but no more than a
+    quarter of the study's trials, so that the sampler and the pruner learn from several
+    generations rather than drawing every trial blind at once."""
+    if setting != "auto":
+        return int(setting)
+    import torch
+
+    device = str(base_cfg.train.device)
+    if device == "cpu" or not torch.cuda.is_available():
+        return 1
+    size = 64 if "MLP" in str(base_cfg.model._target_) else 16
+    return max(1, min(size, n_trials // 4)) if n_trials else size

@@ -1,0 +1,403 @@
+"""The parent run's report: best value and params, the sweep file and resolved space, a CSV of all
+trials, and summary plots (Optuna's matplotlib visualizations plus the top trials' curves).
+
+Written by a process of its own (`Reporter`, `python -m mnist_sweep.search.report`), started with the
+sweep at a lower priority so that its imports are done before the last trial ends: training never
+waits for the report. A refresh (every sweep.report_every finished trials) writes the description,
+the sweep metrics and trials.csv; the plots are drawn at the end, and by a refresh at most every 5
+minutes. At the end of a sweep run from a terminal the command returns at once while the report
+is finished in the background.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import warnings
+from collections.abc import Callable
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import optuna
+from omegaconf import OmegaConf
+
+from mnist_sweep.base.urls import mask_secrets
+
+log = logging.getLogger("mnist_sweep")
+PLOTS_EVERY_SECONDS = 300
+
+# In order of preference; the schedule's type itself is the fallback "decay parameter".
+DECAY_PARAMS = (
+    "schedule.gamma",
+    "schedule.factor",
+    "schedule.step_size",
+    "schedule.patience",
+    "schedule.max_lr",
+    "schedule.eta_min",
+    "schedule",
+)
+
+
+def contour_pair(spec, space, study) -> list[str] | None:
+    """Momentum against the decay parameter (the first one some complete trial has sampled),
+    unless the sweep names its own pair."""
+    if spec.settings.get("contour"):
+        return list(spec.settings["contour"])
+    # A contour needs two parameters that took at least two values each (else Optuna draws
+    # an empty frame).
+    distinct: dict[str, set] = {}
+    for t in complete_trials(study):
+        for name, value in t.params.items():
+            distinct.setdefault(name, set()).add(repr(value))
+    names = [p.name for p in space.all_params() if len(distinct.get(p.name, ())) >= 2]
+    decay = next((n for n in DECAY_PARAMS if n in names), None)
+    others = [n for n in names if n != "optim.momentum"]
+    if "optim.momentum" in names and (decay or others):
+        return ["optim.momentum", decay or others[0]]
+    return names[:2] if len(names) >= 2 else None
+
+
+def complete_trials(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
+    trials = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
+    reverse = study.direction == optuna.study.StudyDirection.MAXIMIZE
+    valued = [(t.value, t) for t in trials if t.value is not None]  # every complete trial's
+    return [t for _, t in sorted(valued, key=lambda pair: pair[0], reverse=reverse)]
+
+
+def save_optuna_plots(study, spec, space, folder: Path) -> dict[str, str]:
+    """PNG files from optuna.visualization.matplotlib, the objective named by its metric;
+    {name: why skipped} for those it can't draw."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure
+    from optuna.visualization import matplotlib as ov
+
+    skipped = {}
+    pair = contour_pair(spec, space, study)
+    metric = spec.settings["metric"]
+    plots: dict[str, Callable[[], Any]] = {
+        "optimization_history": lambda: ov.plot_optimization_history(study, target_name=metric),
+        "param_importances": lambda: ov.plot_param_importances(study, target_name=metric),
+        "parallel_coordinate": lambda: ov.plot_parallel_coordinate(study, target_name=metric),
+    }
+    if pair:
+        plots[f"contour_{pair[0]}_vs_{pair[1]}"] = lambda: ov.plot_contour(
+            study, params=pair, target_name=metric
+        )
+    verbosity = optuna.logging.get_verbosity()
+    optuna.logging.set_verbosity(optuna.logging.ERROR)  # e.g. "unique value length < 2" notes
+    for name, draw in plots.items():
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                axes = draw()
+            figure = (axes.flat[0] if hasattr(axes, "flat") else axes).figure
+            assert isinstance(figure, Figure)  # a plot's own figure, not a subfigure
+            figure.set_size_inches(
+                max(figure.get_size_inches()[0], 8), max(figure.get_size_inches()[1], 6)
+            )
+            figure.tight_layout()
+            figure.savefig(folder / f"{name}.png", dpi=90)
+        except Exception as error:  # e.g. importances need 2+ complete trials with varying params
+            skipped[name] = " ".join(str(error).split())[:160] or type(error).__name__
+        finally:
+            plt.close("all")
+    optuna.logging.set_verbosity(verbosity)
+    return skipped
+
+
+def save_top_curves(study, client, folder: Path, top: int = 5) -> bool:
+    """The LR (per batch) and validation-accuracy (per epoch) curves of the best trials, overlaid."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    best = [t for t in complete_trials(study) if t.user_attrs.get("mlflow_run_id")][:top]
+    if not best:
+        return False
+    figure, (lr_ax, acc_ax) = plt.subplots(1, 2, figsize=(13, 5))
+    for t in best:
+        run_id = t.user_attrs["mlflow_run_id"]
+        label = f"#{t.number} ({t.value:.4f})"
+        lr = sorted(client.get_metric_history(run_id, "batch_lr"), key=lambda m: m.step)
+        acc = sorted(client.get_metric_history(run_id, "val_acc"), key=lambda m: m.step)
+        # batch_lr is stored by change points: a step plot draws it exactly
+        lr_ax.step([m.step for m in lr], [m.value for m in lr], where="post", label=label)
+        acc_ax.plot([m.step for m in acc], [m.value for m in acc], marker="o", label=label)
+    lr_ax.set(title="learning rate per batch", xlabel="batch", ylabel="lr", yscale="log")
+    acc_ax.set(title="validation accuracy per epoch", xlabel="epoch", ylabel="val_acc")
+    for ax in (lr_ax, acc_ax):
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    figure.suptitle(f"top {len(best)} trials of {study.study_name}")
+    figure.tight_layout()
+    figure.savefig(folder / "top_trials_curves.png", dpi=90)
+    plt.close(figure)
+    return True
+
+
+def set_best_tags(client, run_id: str, params: dict) -> None:
+    """best.<param> tags: exactly the current best trial's parameters. A parameter only an
+    earlier best trial had (schedule.max_lr of a onecycle trial, say) loses its tag."""
+    from mlflow.entities import RunTag
+
+    stale = [
+        k
+        for k in client.get_run(run_id).data.tags
+        if k.startswith("best.") and k.removeprefix("best.") not in params
+    ]
+    for key in stale:
+        client.delete_tag(run_id, key)
+    client.log_batch(run_id, tags=[RunTag(f"best.{k}", str(v)) for k, v in params.items()])
+
+
+def register_champion(client, study: optuna.Study, spec) -> None:
+    """The best trial's model registered with the alias champion (registry.py); the parent's
+    tag registered_model says where. A failure is a warning: the sweep's result stands."""
+    from mnist_sweep.base.errors import failure_reason
+    from mnist_sweep.tracking.registry import register_best
+
+    trials = [t for t in complete_trials(study) if t.user_attrs.get("mlflow_run_id")]
+    if not trials:
+        return
+    try:
+        best_run = client.get_run(trials[0].user_attrs["mlflow_run_id"])
+        uri = register_best(client, spec, best_run, trials[0].number)
+        if uri:
+            client.set_tag(spec.parent_run_id, "registered_model", uri)
+    except Exception as error:
+        log.warning(
+            f"[{spec.study_name}] the best trial's model was not registered "
+            f"({failure_reason(error)})"
+        )
+
+
+def describe_parent(client, study: optuna.Study, spec, final: bool = False) -> None:
+    """The parent's sweep metrics (sweep_*: apart from the trials' metrics in the runs table),
+    its best.* tags, best_run_id, markdown description and, once the sweep has ended (`final`),
+    its params: the best configuration. MLflow params cannot change, so they are written once,
+    when they are the sweep's answer, not when an early trial leads."""
+    from mlflow.entities import Metric, RunTag
+
+    from mnist_sweep.search.study import counts
+    from mnist_sweep.tracking.review import log_best_params, parent_description
+
+    run_id, metric = spec.parent_run_id, spec.settings["metric"]
+    parent = client.get_run(run_id)  # read once: its experiment and the registered model's tag
+    c = counts(study)
+    now, step = int(time.time() * 1000), c["done"]
+    metrics = [
+        Metric("sweep_trials_finished", c["done"], now, step),
+        Metric("sweep_trials_pruned", c["pruned"], now, step),
+    ]
+    trials = complete_trials(study)
+    best = trials[0] if trials else None
+    best_run, test_acc, params_trial = None, None, None
+    if best is not None:
+        assert best.value is not None  # complete
+        metrics.append(Metric(f"sweep_best_{metric}", best.value, now, step))
+        test_acc = best.user_attrs.get("test_acc")
+        if test_acc is not None:
+            metrics.append(Metric("sweep_best_test_acc", test_acc, now, step))
+        set_best_tags(client, run_id, best.params)
+        tags = [RunTag("best_trial", str(best.number))]
+        if best.user_attrs.get("mlflow_run_id"):
+            best_run = client.get_run(best.user_attrs["mlflow_run_id"])
+            tags.append(RunTag("best_run_id", best_run.info.run_id))
+            params_trial = (
+                log_best_params(client, run_id, best_run)
+                if final
+                else parent.data.tags.get("params_trial")
+            )
+        client.log_batch(run_id, tags=tags)
+    client.log_batch(run_id, metrics=metrics)
+    note = parent_description(
+        spec.study_name,
+        parent.info.experiment_id,
+        spec.settings,
+        c,
+        best,
+        best_run,
+        test_acc,
+        params_trial,
+        parent.data.tags.get("registered_model"),
+    )
+    client.set_tag(run_id, "mlflow.note.content", note)
+
+
+def write_report(
+    study: optuna.Study, spec, space, plots: bool = True, status: str | None = None
+) -> None:
+    """Refresh the parent run: best value/params, artifacts, plots; end it with `status`."""
+    if not spec.parent_run_id:
+        return
+    from mlflow.tracking import MlflowClient
+
+    from mnist_sweep.base.hydra_config import compose
+
+    client = MlflowClient(compose(spec.fixed).tracking.tracking_uri)
+    run_id = spec.parent_run_id
+    folder = Path(tempfile.mkdtemp(prefix="sweep-report-"))
+    try:
+        if status == "FINISHED":
+            register_champion(client, study, spec)
+        describe_parent(client, study, spec, final=status == "FINISHED")
+        (folder / "sweep").mkdir()
+        # The file as written, but with any password in it masked (a storage URL, say).
+        (folder / "sweep" / Path(spec.file).name).write_text(
+            mask_secrets(Path(spec.file).read_text())
+        )
+        (folder / "sweep" / "resolved_space.yaml").write_text(OmegaConf.to_yaml(spec.shown()))
+        study.trials_dataframe().to_csv(folder / "trials.csv", index=False)
+        if plots:
+            (folder / "plots").mkdir()
+            skipped = save_optuna_plots(study, spec, space, folder / "plots")
+            save_top_curves(study, client, folder / "plots")
+            if skipped:
+                (folder / "plots" / "skipped.txt").write_text(
+                    "".join(f"{k}: {v}\n" for k, v in skipped.items())
+                )
+        client.log_artifacts(run_id, str(folder))
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+        if status:
+            client.set_terminated(run_id, status)
+
+
+class Reporter:
+    """The driver's handle on the report process. refresh() returns at once (refreshes the
+    process has not started yet are merged into one); final() ends the parent run with the
+    sweep's status, and waits for the report unless `background`."""
+
+    def __init__(self, spec) -> None:
+        self.spec = spec
+        self.process: subprocess.Popen | None = None
+
+    def start(self) -> None:
+        """The report process, started as the sweep starts: its imports (~7 s here: MLflow,
+        matplotlib, scikit-learn for the importances) are done while the first trials train, not
+        after the last one, where a sweep that waits for its report would wait for them."""
+        if self.spec.parent_run_id is None or self.process is not None:
+            return
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "mnist_sweep.search.report"],
+            stdin=subprocess.PIPE,
+            text=True,
+            start_new_session=True,  # Ctrl-C or the end of the command do not cut it
+            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        )
+        self._send_raw(json.dumps(asdict(self.spec)))
+
+    def _send(self, line: str) -> None:
+        if self.spec.parent_run_id is None:
+            return
+        self.start()
+        self._send_raw(line)
+
+    def _send_raw(self, line: str) -> None:
+        assert self.process is not None and self.process.stdin is not None  # started, piped
+        try:
+            self.process.stdin.write(line + "\n")
+            self.process.stdin.flush()
+        except (BrokenPipeError, OSError):  # the report process died: its error went to stderr
+            pass
+
+    def refresh(self) -> None:
+        self._send("refresh")
+
+    def final(self, status: str, background: bool) -> None:
+        self._send(f"final {status}")
+        if self.process is None or self.process.stdin is None:
+            return
+        try:
+            self.process.stdin.close()
+        except OSError:
+            pass
+        if not background:
+            self.process.wait()
+
+
+def import_what_a_report_needs() -> None:
+    """Imported up front, while the sweep trains: the first report then takes ~0.6 s, not ~7 s."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot  # noqa: F401
+    import mlflow.tracking  # noqa: F401
+    import optuna.importance  # noqa: F401  (scikit-learn, for the importances plot)
+    import optuna.visualization.matplotlib  # noqa: F401
+
+
+def serve() -> None:
+    """The report process: the spec on the first line of stdin, then `refresh` and `final
+    STATUS` requests; refreshes that queued up while one was written are done once."""
+    import select
+
+    from mnist_sweep.base.errors import failure_reason
+    from mnist_sweep.base.interrupts import dump_stacks_on_sigusr1
+    from mnist_sweep.search.study import open_storage
+    from mnist_sweep.search.sweepfile import SweepSpec
+
+    dump_stacks_on_sigusr1()
+    logging.basicConfig(level=logging.WARNING, format="%(message)s", force=True)
+    os.environ["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] = "false"  # config.yaml's download
+    optuna.logging.set_verbosity(optuna.logging.ERROR)
+    spec = SweepSpec(**json.loads(sys.stdin.readline()))
+    with contextlib.suppress(OSError):
+        os.nice(10)  # background work: the workers' start-up and training come first
+    import_what_a_report_needs()
+    space = spec.space()
+    s = spec.settings
+    study = optuna.load_study(
+        study_name=spec.study_name,
+        storage=open_storage(
+            s["storage"],
+            s["heartbeat_interval"],
+            s["grace_period"],
+            s["max_retry"],
+            outage_seconds=s["outage_seconds"],
+        ),
+    )
+    plotted = time.monotonic()  # a refresh redraws the plots once they are this old
+    while True:
+        line = sys.stdin.readline()
+        if not line:
+            return  # the driver is gone without a final request
+        request = line.split()
+        while request[0] == "refresh" and select.select([sys.stdin], [], [], 0)[0]:
+            more = sys.stdin.readline()  # a later request supersedes this refresh
+            if not more:
+                break
+            request = more.split()
+        final = request[0] == "final"
+        # The plots (~0.5-1 s of CPU beside training) at the end, and at a refresh only every
+        # PLOTS_EVERY_SECONDS; the description, metrics and trials.csv at every refresh.
+        plots = final or time.monotonic() - plotted >= PLOTS_EVERY_SECONDS
+        plotted = time.monotonic() if plots else plotted
+        try:
+            write_report(study, spec, space, plots=plots, status=request[1] if final else None)
+        except Exception as error:
+            log.warning(
+                f"[{spec.study_name}] the parent run's report could not be written "
+                f"({failure_reason(error)})"
+            )
+        if final:
+            return
+
+
+if __name__ == "__main__":
+    from mnist_sweep.base.hydra_config import exit_now
+
+    serve()
+    exit_now(0)  # the report is written: a sweep that waits for it need not wait for teardown

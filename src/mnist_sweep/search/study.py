@@ -1,0 +1,542 @@
+"""Optuna plumbing: storage (with heartbeat), samplers and pruners by name, the study itself.
+
+Kept apart from the sweep's driver and workers so that they, the report and the seed table open
+the same study the same way. The embedded default storage is SQLite (`sqlite:///optuna.db`): no server, and several
+local worker processes share it safely (a 60 s busy timeout, Optuna's RDB heartbeat).
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+import warnings
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import optuna
+from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
+from optuna.storages import RetryHeartbeatStaleTrialCallback
+from optuna.trial import FrozenTrial, TrialState
+
+from mnist_sweep.base.errors import ConfigError
+from mnist_sweep.base.urls import mask_secrets, not_sqlite, redact_reason, redact_uri, scheme_of
+from mnist_sweep.search.space import SearchSpace
+from mnist_sweep.search.storage import (  # noqa: F401 (StorageUnavailable: re-exported)
+    ResilientRDBStorage,
+    StorageUnavailable,
+    _lost_connection,
+)
+from mnist_sweep.servers import sqlite_stores
+
+# Heartbeat and the visualizations are marked experimental; they are what we rely on on purpose.
+warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+# A population worker asks for trials itself and records their heartbeats itself.
+warnings.filterwarnings(
+    "ignore", message="Heartbeat of storage is supposed to be used with Study.optimize"
+)
+optuna.logging.set_verbosity(optuna.logging.WARNING)
+log = logging.getLogger("mnist_sweep")
+
+SAMPLERS = ("tpe", "random", "gp", "cmaes", "qmc", "grid")
+PRUNERS = ("median", "hyperband", "successive_halving", "percentile", "none")
+DONE = (TrialState.COMPLETE, TrialState.PRUNED)  # what n_trials counts
+
+
+def our_storage(study: optuna.Study) -> ResilientRDBStorage:
+    """The storage under the study's Optuna cache: ours (coalesced writes, snapshots, light
+    reads), as open_storage made it."""
+    from optuna.storages._cached_storage import _CachedStorage
+
+    cached = study._storage
+    assert isinstance(cached, _CachedStorage) and isinstance(cached._backend, ResilientRDBStorage)
+    return cached._backend
+
+
+def open_storage(
+    url: str,
+    heartbeat_interval: int = 10,
+    grace_period: int = 30,
+    max_retry: int = 1,
+    on_stale: Callable[[optuna.Study, FrozenTrial], None] | None = None,
+    outage_seconds: float = 120,
+):
+    """An Optuna RDB storage with heartbeat: a trial whose worker died is failed after
+    `grace_period` seconds and retried (at most `max_retry` times). Calls that lose the database
+    connection (a restart, a network blip) are retried for up to `outage_seconds`."""
+    shown = redact_uri(url)
+    scheme = scheme_of(url)
+    if scheme not in ("sqlite", "postgresql", "mysql"):
+        raise ConfigError(
+            f"sweep.storage={shown!r} is not an Optuna storage URL this tool opens: "
+            "use sqlite:///path/optuna.db (the embedded default) or "
+            "postgresql://user:password@host:port/db (also mysql://)."
+        )
+    engine_kwargs: dict[str, Any] = {}
+    if scheme == "sqlite":
+        path = Path(url.split("sqlite:///", 1)[-1])
+        if not url.startswith("sqlite:///") or not path.name:
+            raise ConfigError(
+                f"sweep.storage={shown!r} is malformed: use sqlite:///relative.db "
+                "or sqlite:////absolute/path.db."
+            )
+        if not path.parent.resolve().is_dir():
+            raise ConfigError(f"sweep.storage={shown!r}: the folder {path.parent} does not exist.")
+        if not_sqlite(path):
+            raise ConfigError(
+                f"sweep.storage={shown!r}: {path} exists but is not a SQLite "
+                "database; move it away or use another file."
+            )
+        engine_kwargs = {"connect_args": {"timeout": 60}}  # wait for a busy writer, don't fail
+        sqlite_stores.install()
+    else:
+        engine_kwargs = {
+            # no server-side prepared statements: through PgBouncer in transaction mode (make
+            # server), the next statement may run on another server connection
+            "connect_args": {"connect_timeout": 10}
+            | ({"prepare_threshold": None} if scheme == "postgresql" else {}),
+            # pre-ping: a pooled connection that died with a database or pooler restart is
+            # replaced, not used
+            "pool_pre_ping": True,
+            # a worker's threads (trials, heartbeats, bookkeeper) use at most 3 at once; keep
+            # 1,000 workers' connections bounded even without a pooler
+            "pool_size": 2,
+            "max_overflow": 2,
+        }
+    retry = RetryHeartbeatStaleTrialCallback(max_retry=max_retry)
+
+    def stale_trial_callback(study: optuna.Study, trial: FrozenTrial) -> None:
+        retry(study, trial)  # first: the retry should take the trial's slot at once
+        if on_stale is not None:
+            on_stale(study, trial)
+
+    import sqlalchemy.exc
+
+    schema_races, busy_until = 0, time.monotonic() + outage_seconds
+    while True:
+        try:
+            storage = ResilientRDBStorage(
+                url,
+                engine_kwargs=engine_kwargs,
+                heartbeat_interval=heartbeat_interval,
+                grace_period=grace_period,
+                heartbeat_stale_trial_callback=stale_trial_callback,
+            )
+            storage.outage_seconds = outage_seconds
+            if scheme == "sqlite":
+                sqlite_stores.serialize_transactions(storage.engine)
+            return storage
+        except Exception as error:
+            reason = " ".join(str(error.__cause__ or error).split())
+            if isinstance(error, sqlalchemy.exc.IntegrityError) or "already exists" in reason:
+                # Two processes created the schema of a new storage at once and the other one
+                # won (a table or the alembic_version row exists): open it again, now it is there.
+                schema_races += 1
+                if schema_races < 3:
+                    time.sleep(0.5 * schema_races)
+                    continue
+                raise ConfigError(
+                    f"The Optuna storage sweep.storage={shown!r} could not be initialized: other "
+                    "processes kept creating its schema at the same time; run the command again."
+                ) from None
+            if busy(error, reason) and time.monotonic() < busy_until:
+                # a server (or pooler) that a fleet of workers starting together keeps busy: a
+                # connection or a commit timed out; wait, as for an outage
+                log.warning(f"Optuna storage busy at opening ({reason[:120]}): retrying")
+                time.sleep(1 + random.random() * 2)
+                continue
+            # unreachable host, refused connection, bad password: say so at once
+            raise ConfigError(
+                f"The Optuna storage sweep.storage={shown!r} cannot be opened: "
+                f"{redact_reason(reason, url)[:300]}"
+            ) from None
+
+
+def busy(error: BaseException, reason: str) -> bool:
+    """An error from opening a storage that a busy server gives, and a retry cures: a lost
+    connection (what the storage's calls retry) that timed out or was closed meanwhile, or a
+    full pooler; not one refused, nor a bad password."""
+    transient = (
+        "timeout expired",
+        "server closed the connection",
+        "terminating connection",
+        "no more connections allowed",
+        "too many clients",
+        "the database system is starting up",
+        "query_wait_timeout",
+    )
+    return _lost_connection(error) and any(words in reason.lower() for words in transient)
+
+
+def make_sampler(name: str, seed: int | None, space: SearchSpace, args: Mapping | None = None):
+    """The sampler a study draws from. Every trial draws from its own seed, derived from
+    `seed` and its trial number (numbers are unique in a study): processes on other machines
+    that all start from sweep.seed, and a resumed sweep, never replay one another's draws,
+    while a single-process sweep is reproducible. Grid and QMC keep one seed everywhere: it
+    orders the grid (a trial's grid point is an index into that order) and scrambles the QMC
+    sequence, which every process must share."""
+    if name in ("grid", "qmc"):
+        return _one_sampler(name, seed, space, args)
+    _one_sampler(name, seed, space, args)  # bad sampler_args fail here, before anything runs
+    return TrialSeededSampler(lambda trial_seed: _one_sampler(name, trial_seed, space, args), seed)
+
+
+def trial_seed(seed: int | None, number: int) -> int | None:
+    """A seed for trial `number` of a study seeded with `seed` (None: drawn by the OS)."""
+    if seed is None:
+        return None
+    import numpy as np
+
+    return int(np.random.SeedSequence([int(seed) % 2**63, number]).generate_state(1)[0])
+
+
+class TrialSeededSampler(optuna.samplers.BaseSampler):
+    """Delegates to a sampler built for each trial from the trial's own seed (see make_sampler).
+    The samplers keep no state between trials that matters: TPE, GP and CMA-ES read the study's
+    history from the storage every trial."""
+
+    def __init__(
+        self, build: Callable[[int | None], optuna.samplers.BaseSampler], seed: int | None
+    ):
+        self._build, self._seed = build, seed
+        self._by_trial: dict[int, optuna.samplers.BaseSampler] = {}
+
+    def _for(self, trial: FrozenTrial) -> optuna.samplers.BaseSampler:
+        if trial.number not in self._by_trial:
+            self._by_trial[trial.number] = self._build(trial_seed(self._seed, trial.number))
+        return self._by_trial[trial.number]
+
+    def before_trial(self, study, trial: FrozenTrial) -> None:
+        self._for(trial).before_trial(study, trial)
+
+    def infer_relative_search_space(self, study, trial: FrozenTrial):
+        return self._for(trial).infer_relative_search_space(study, trial)
+
+    def sample_relative(self, study, trial: FrozenTrial, search_space):
+        return self._for(trial).sample_relative(study, trial, search_space)
+
+    def sample_independent(self, study, trial: FrozenTrial, param_name, param_distribution):
+        return self._for(trial).sample_independent(study, trial, param_name, param_distribution)
+
+    def after_trial(self, study, trial: FrozenTrial, state, values) -> None:
+        self._for(trial).after_trial(study, trial, state, values)
+        self._by_trial.pop(trial.number, None)
+
+    def reseed_rng(self) -> None:
+        pass  # each trial is seeded by its number already
+
+
+def _one_sampler(name: str, seed: int | None, space: SearchSpace, args: Mapping | None = None):
+    args = dict(args or {})
+    if name not in SAMPLERS:
+        raise ConfigError(f"sweep.sampler={name!r} is unknown; allowed: {', '.join(SAMPLERS)}.")
+    try:
+        if name == "tpe":
+            return optuna.samplers.TPESampler(seed=seed, **args)
+        if name == "random":
+            return optuna.samplers.RandomSampler(seed=seed, **args)
+        if name == "gp":
+            return optuna.samplers.GPSampler(seed=seed, **args)
+        if name == "cmaes":
+            return optuna.samplers.CmaEsSampler(seed=seed, **args)
+        if name == "qmc":
+            return optuna.samplers.QMCSampler(seed=seed, **args)
+        return optuna.samplers.GridSampler(grid_of(space), seed=seed, **args)
+    except TypeError as error:
+        raise ConfigError(
+            f"sweep.sampler_args={args} do not fit the {name} sampler: {error}."
+        ) from None
+
+
+def grid_of(space: SearchSpace) -> dict[str, list]:
+    """GridSampler's grid: every parameter must be a choice or a stepped range."""
+    if space.conditional:
+        raise ConfigError(
+            "sweep.sampler=grid cannot search conditional parameters (a grid "
+            "fixes every parameter in every trial); use another sampler or move "
+            "them under params."
+        )
+    grid = {}
+    for p in space.params:
+        d = p.distribution
+        if isinstance(d, CategoricalDistribution):
+            grid[p.name] = list(d.choices)
+        elif isinstance(d, IntDistribution) and not d.log:
+            grid[p.name] = list(range(d.low, d.high + 1, d.step))
+        elif isinstance(d, FloatDistribution) and d.step:
+            n = round((d.high - d.low) / d.step)
+            grid[p.name] = [round(d.low + i * d.step, 12) for i in range(n + 1)]
+        else:
+            raise ConfigError(
+                f"sweep.sampler=grid needs every parameter to be a choice(...) or a "
+                f"range(...); {p.name}={p.grammar} is continuous."
+            )
+    return grid
+
+
+def make_pruner(name: str, epochs: int, args: Mapping | None = None):
+    """`epochs`: the most epochs a trial of the study can train (Hyperband's max resource)."""
+    args = dict(args or {})
+    if name not in PRUNERS:
+        raise ConfigError(f"sweep.pruner={name!r} is unknown; allowed: {', '.join(PRUNERS)}.")
+    defaults: dict[str, tuple[Callable[..., optuna.pruners.BasePruner], dict[str, Any]]] = {
+        # Optuna's own defaults: 5 startup trials, pruning from the first epoch on.
+        "median": (optuna.pruners.MedianPruner, {}),
+        "percentile": (optuna.pruners.PercentilePruner, {"percentile": 25.0}),
+        "hyperband": (
+            optuna.pruners.HyperbandPruner,
+            {"min_resource": 1, "max_resource": max(epochs, 1), "reduction_factor": 3},
+        ),
+        "successive_halving": (
+            optuna.pruners.SuccessiveHalvingPruner,
+            {"min_resource": 1, "reduction_factor": 3},
+        ),
+        "none": (optuna.pruners.NopPruner, {}),
+    }
+    cls, kwargs = defaults[name]
+    try:
+        return cls(**{**kwargs, **args})
+    except (TypeError, ValueError) as error:
+        raise ConfigError(
+            f"sweep.pruner_args={args} do not fit the {name} pruner: {error}."
+        ) from None
+
+
+RETRY_WINDOW_SECONDS = 30  # how long a trial failed by heartbeat waits for its retry to appear
+
+
+def counts(study: optuna.Study, max_retry: int = 0) -> dict[str, int]:
+    """Trials by state, plus `done` (what n_trials counts), `diverged` (of the pruned: their loss
+    turned NaN), `excess` (slots a worker opened after another filled the budget: FAIL in Optuna,
+    never trained, kept out of `fail`) and `awaiting_retry` (failed by heartbeat a moment ago,
+    retry not made yet: see below)."""
+    trials = study.get_trials(deepcopy=False)
+    out = {state.name.lower(): 0 for state in TrialState}
+    out["excess"] = out["awaiting_retry"] = out["diverged"] = 0
+    for t in trials:
+        if t.state == TrialState.FAIL and t.user_attrs.get("excess"):
+            out["excess"] += 1
+        else:
+            out[t.state.name.lower()] += 1
+        if t.state == TrialState.PRUNED and "diverged" in t.user_attrs:
+            out["diverged"] += 1
+    out["awaiting_retry"] = len(awaiting_retry(trials, max_retry))
+    out["done"] = out["complete"] + out["pruned"]
+    return out
+
+
+def awaiting_retry(trials: list[FrozenTrial], max_retry: int) -> set[int]:
+    """Numbers of trials Optuna's heartbeat has just failed whose retry does not exist yet.
+    fail_stale_trials fails a trial, then its callback adds the retry: in between, another
+    worker counting the budget would see a free slot, start a fresh trial in it, and the retry
+    would then find the budget full. Such a trial still holds its slot, for a few seconds.
+    (A trial that failed in its objective, was interrupted or was an excess slot says so in a
+    user attribute; one killed with its worker does not.)"""
+    if max_retry < 1:
+        return set()
+    retried = {n for t in trials for n in t.system_attrs.get("retry_history", [])}
+    recent = time.time() - RETRY_WINDOW_SECONDS
+    return {
+        t.number
+        for t in trials
+        if t.state == TrialState.FAIL
+        and t.number not in retried
+        and not {"excess", "fail_reason", "interrupted"} & set(t.user_attrs)
+        and len(t.system_attrs.get("retry_history", [])) < max_retry
+        and t.datetime_complete is not None
+        and t.datetime_complete.timestamp() > recent
+    }
+
+
+def claimed_before(study: optuna.Study, number: int, max_retry: int = 0) -> int:
+    """Trials numbered below `number` that count or may still count towards n_trials:
+    everything but FAIL (a failed trial is retried as a new one), and a trial awaiting its
+    retry (its slot is the retry's)."""
+    trials = study.get_trials(deepcopy=False)
+    pending = awaiting_retry(trials, max_retry)
+    return sum(
+        1
+        for t in trials
+        if t.number < number and (t.state != TrialState.FAIL or t.number in pending)
+    )
+
+
+# ----------------------------------------------------------------------------- opening a study
+
+
+def open_study(
+    spec, space: SearchSpace, base, on_stale=None, create: bool = False
+) -> tuple[optuna.Study, bool]:
+    """The study of sweep `spec`, loaded; with create=True made if missing. Returns (study,
+    made_here): of several drivers starting at once on a new study, exactly one makes it (the
+    database's unique study name decides) and only that one makes the MLflow parent run.
+
+    A new study records its definition (`definition`); an existing one is joined only
+    if this sweep's definition is the same, so that a resume never mixes trials of different
+    spaces, trial configs, samplers or pruners."""
+    s = spec.settings
+    if not create:
+        require_existing_file(s["storage"], spec.study_name)
+    storage = open_storage(
+        s["storage"],
+        s["heartbeat_interval"],
+        s["grace_period"],
+        s["max_retry"],
+        on_stale,
+        s["outage_seconds"],
+    )
+    sampler = make_sampler(s["sampler"], s["seed"], space, s["sampler_args"])
+    # a constant liar reads the params of the trials running elsewhere: read them in full
+    storage.light_running = not (s["sampler_args"] or {}).get("constant_liar", False)
+    pruner = make_pruner(s["pruner"], max_epochs(space, base), s["pruner_args"])
+    name, defined = spec.study_name, definition(spec, space, base)
+    existing = {st.study_name: st for st in optuna.get_all_study_summaries(storage)}
+    if name not in existing and not create:
+        held = ", ".join(sorted(existing)) or "no study"
+        raise ConfigError(
+            f"No study {name!r} in {redact_uri(s['storage'])} (it holds: {held}). "
+            "A worker joins a study that `make sweep` started: start it there first, "
+            "or give the study's name with sweep.study_name=<name>."
+        )
+    if name not in existing:
+        try:
+            study = optuna.create_study(
+                study_name=name,
+                storage=storage,
+                sampler=sampler,
+                pruner=pruner,
+                direction=s["direction"],
+            )
+            study.set_user_attr("metric", s["metric"])
+            study.set_user_attr("sweep_file", spec.file)
+            study.set_user_attr("definition", defined)
+            study.set_user_attr("started_at", time.time())
+            return study, True
+        except optuna.exceptions.DuplicatedStudyError:  # another driver made it just now
+            existing = {st.study_name: st for st in optuna.get_all_study_summaries(storage)}
+    found = existing[name]
+    direction = found.direction.name.lower()
+    metric = found.user_attrs.get("metric")
+    if direction != s["direction"] or (metric and metric != s["metric"]):
+        raise ConfigError(
+            f"The study {name!r} in {redact_uri(s['storage'])} was made to {direction} "
+            f"{metric}, but this sweep asks to {s['direction']} {s['metric']}: resume it with "
+            f"sweep.direction={direction} sweep.metric={metric}, or start a new study with "
+            "sweep.study_name=<new name>."
+        )
+    recorded = found.user_attrs.get("definition")
+    if recorded is None:  # made before definitions were recorded (or by hand): wait for one
+        deadline = time.time() + (10 if found.n_trials == 0 else 0)
+        while recorded is None and time.time() < deadline:
+            time.sleep(0.5)  # the driver that made it records its definition right after
+            recorded = optuna.load_study(study_name=name, storage=storage).user_attrs.get(
+                "definition"
+            )
+    study = optuna.load_study(study_name=name, storage=storage, sampler=sampler, pruner=pruner)
+    if recorded is None:  # adopt it: later resumes are checked against this definition
+        study.set_user_attr("definition", defined)
+    changed = differences(recorded, defined) if recorded is not None else []
+    if changed:
+        shown = "; ".join(changed[:8]) + (
+            f"; and {len(changed) - 8} more" if len(changed) > 8 else ""
+        )
+        raise ConfigError(
+            f"The study {name!r} in {redact_uri(s['storage'])} was made by another sweep "
+            f"definition, and its trials would not be comparable with this sweep's: {shown}. "
+            "Resume it with the settings it was made with, or start a new study with "
+            f"sweep.study_name=<new name> (or delete this one: optuna delete-study "
+            f"--study-name {name} --storage <the storage URL>)."
+        )
+    return study, False
+
+
+def max_epochs(space: SearchSpace, base) -> int:
+    """The most epochs a trial of this study can train: train.epochs, or the top of its range
+    when it is searched (Hyperband's max resource)."""
+    for p in space.all_params():
+        if p.key == "train.epochs":
+            d = p.distribution
+            if isinstance(d, CategoricalDistribution):
+                return int(max(c for c in d.choices if isinstance(c, (int, float))))
+            if isinstance(d, (IntDistribution, FloatDistribution)):
+                return int(d.high)
+    return int(base.train.epochs)
+
+
+def require_existing_file(storage: str, study_name: str) -> None:
+    """Joining must not create an empty SQLite file where the user mistyped a path."""
+    if storage.startswith("sqlite:///") and not Path(storage[len("sqlite:///") :]).exists():
+        raise ConfigError(
+            f"No study {study_name!r}: the storage sweep.storage={storage!r} does not "
+            "exist. A worker joins a study that `make sweep` started; point "
+            "sweep.storage (or SWEEP_STORAGE) at that study's database."
+        )
+
+
+def enqueue_known(study: optuna.Study, enqueue: list) -> None:
+    """The sweep file's known configurations (e.g. the note's baseline) go first, once."""
+    for entry in enqueue:
+        study.enqueue_trial(dict(entry), skip_if_exists=True)
+
+
+def deadline(study: optuna.Study, timeout: float | None) -> float | None:
+    """When the study stops starting trials: sweep.timeout seconds after its first start, the
+    same for every worker, every machine and every resume (raise sweep.timeout to go on)."""
+    if not timeout:
+        return None
+    started = study.user_attrs.get("started_at")
+    if started is None:  # a study made before start times were recorded: from now on
+        started = time.time()
+        study.set_user_attr("started_at", started)
+    return float(started) + float(timeout)
+
+
+# ----------------------------------------------------------------------------- the definition
+
+
+def definition(spec, space: SearchSpace, base) -> dict:
+    """What makes a study's trials comparable, recorded when the study is created: the search
+    space, the trial config every trial shares (not where it runs), the sampler, the pruner,
+    the metric and its direction, and the sweep file's name."""
+
+    from mnist_sweep.base.hydra_config import LOCAL_KEYS, resolved
+    from mnist_sweep.tracking.runs import flatten
+
+    s = spec.settings
+    searched = [p.key for p in space.all_params()]
+    trial = {
+        key: mask_secrets(value)
+        for key, value in flatten(resolved(base)).items()
+        if not is_under(key, LOCAL_KEYS) and not is_under(key, searched)
+    }
+    return {
+        "sweep_file": Path(spec.file).stem,
+        "space": {p.name: f"{p.grammar} -> {p.distribution!r}" for p in space.all_params()},
+        "trial": trial,
+        "sampler": f"{s['sampler']} {sorted(dict(s['sampler_args']).items())}",
+        "pruner": f"{s['pruner']} {sorted(dict(s['pruner_args']).items())}",
+        "metric": s["metric"],
+        "direction": s["direction"],
+    }
+
+
+def is_under(key: str, prefixes) -> bool:
+    """`key` is one of `prefixes` or a key under one (dotted)."""
+    return any(key == p or key.startswith(p + ".") for p in prefixes)
+
+
+def differences(recorded: dict, current: dict) -> list[str]:
+    """'what: recorded -> now' for every part of the definition that changed."""
+    out = []
+    for part in ("sweep_file", "metric", "direction", "sampler", "pruner"):
+        if recorded.get(part) != current.get(part):
+            out.append(f"{part} {recorded.get(part)} -> {current.get(part)}")
+    for part, label in (("space", "search space"), ("trial", "trial config")):
+        old, new = recorded.get(part, {}), current.get(part, {})
+        for key in sorted(set(old) | set(new)):
+            if old.get(key) != new.get(key):
+                out.append(
+                    f"{label} {key}: {old.get(key, '(absent)')} -> {new.get(key, '(absent)')}"
+                )
+    return out

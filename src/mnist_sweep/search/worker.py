@@ -1,0 +1,265 @@
+"""A sweep worker: one process that asks the study for a trial, trains it, tells the result, and
+asks again, until the study has n_trials finished trials (or its time budget is spent).
+
+Each trial's config is composed with Hydra from the sweep's fixed overrides and the sampled
+values, trained by `run_trial`, reported to Optuna every epoch (which may prune it) and recorded
+as a nested MLflow run. What it tells Optuna goes through the bookkeeping a population's members
+use too (bookkeeping.py). A trial that raises (out of memory, a store error) fails alone, with its
+reason on the trial and its run; one whose loss diverges is pruned there (a result); the worker
+goes on, and stops only after sweep.max_failures_in_a_row failures in a row. SIGTERM (a
+scheduler's pre-emption) and Ctrl-C end the running trial's run KILLED and its trial FAIL.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import sys
+import time
+
+import optuna
+from optuna.trial import FrozenTrial
+
+from mnist_sweep.base.errors import failure_reason
+from mnist_sweep.base.hydra_config import compose, compose_trial
+from mnist_sweep.base.interrupts import INTERRUPTS
+from mnist_sweep.search.bookkeeping import Bookkeeper, Ending, Heartbeats, TooManyFailures  # noqa: F401
+from mnist_sweep.search.study import StorageUnavailable, open_study
+from mnist_sweep.search.sweepfile import SweepSpec
+
+log = logging.getLogger("mnist_sweep")
+# A worker whose study's last trials run elsewhere looks this often for one of them failing (its
+# retry to take) or all done (time to leave: the sweep's end waits for the slowest to look).
+LAST_TRIALS_POLL_SECONDS = 0.5
+
+
+def worker_threads_and_device(base_cfg, index: int, n_workers: int) -> list[str]:
+    """Overrides that give worker `index` its share: its own GPU, or its share of the CPU cores."""
+    import torch
+
+    device = str(base_cfg.train.device)
+    overrides = []
+    if device in ("auto", "cuda") and torch.cuda.is_available():
+        overrides.append(f"train.device=cuda:{index % torch.cuda.device_count()}")
+    elif device == "auto":
+        overrides.append("train.device=cpu")
+    if base_cfg.train.threads is None and not (
+        overrides and overrides[0].startswith("train.device=cuda")
+    ):
+        overrides.append(f"train.threads={max(1, (os.cpu_count() or 1) // n_workers)}")
+    return overrides
+
+
+def configure_output(spec: SweepSpec) -> None:
+    """A worker's output: its progress lines on stdout (none with sweep.quiet), Optuna's only
+    for warnings, and no "View run at" line per run (the progress says enough)."""
+    os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
+    logging.basicConfig(
+        level=logging.WARNING if spec.settings["quiet"] else logging.INFO,
+        format="%(message)s",
+        stream=sys.stdout,
+        force=True,
+    )
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+
+
+class WorkerSetup:
+    """What every worker holds, solo or population: its sweep, the search space, the study (with
+    its stale-trial callback), the bookkeeper, the MLflow tracker, and where its trials run."""
+
+    def __init__(self, spec: SweepSpec, index: int, n_workers: int, monitor=None):
+        from mnist_sweep.tracking.runs import open_tracker
+
+        self.spec, self.index = spec, index
+        self.space = spec.space()
+        base = compose(spec.fixed)
+        self.tracker = open_tracker(base.tracking)
+        self.study, _ = open_study(spec, self.space, base, on_stale=self.end_stale_run)
+        # where its trials run: overrides of train.device and train.threads
+        self.placement = worker_threads_and_device(base, index, n_workers)
+        self.book = Bookkeeper(spec, self.study, index, monitor)
+        # a trial that becomes the best so far logs its model as it ends (~0.1 s): the sweep's
+        # end registers the best one without training it again
+        from mnist_sweep.tracking.registry import model_name
+
+        self.log_champions = self.tracker.client is not None and model_name(spec) is not None
+
+    def end_stale_run(self, study: optuna.Study, trial: FrozenTrial) -> None:
+        """A trial whose worker died (heartbeat stale): its MLflow run ends FAILED too, found by
+        the trial's tags even when the worker died before recording the run's id."""
+        try:
+            for run_id in self.tracker.runs_tagged(
+                {"study_name": self.spec.study_name, "optuna_trial_id": str(trial._trial_id)}
+            ):
+                self.tracker.end_run(
+                    run_id,
+                    "FAILED",
+                    {"state": "failed", "fail_reason": "its worker stopped sending heartbeats"},
+                )
+        except Exception as error:  # the driver's last look (close_orphan_runs) ends it then
+            log.warning(
+                f"[w{self.index}] the run of stale trial {trial.number} could not be "
+                f"ended now: {failure_reason(error)}"
+            )
+
+
+class Worker(WorkerSetup):
+    """Trains the study's trials one at a time."""
+
+    def loop(self) -> None:
+        with Heartbeats(self.book, self.spec.settings["heartbeat_interval"]):
+            while True:
+                INTERRUPTS.check()
+                with self.book.storage.snapshot():  # the budget and the sampler: one read
+                    room = self.book.room()
+                    trial = self.book.ask() if room else None
+                if room is None:
+                    if self.book.deadline and time.time() > self.book.deadline:
+                        log.info(f"[w{self.index}] sweep.timeout reached: no new trial is started")
+                    return
+                if room == 0:  # the last trials run elsewhere
+                    with INTERRUPTS.allowed():
+                        time.sleep(LAST_TRIALS_POLL_SECONDS)
+                    continue
+                if trial is not None:
+                    self.run(trial)
+
+    def run(self, trial: optuna.Trial) -> None:
+        """Train one trial and tell how it ended (TooManyFailures after too many failures)."""
+        prefix = f"[w{self.index} #{trial.number}] "
+        try:
+            # its params: one transaction; the sampler's reads: one moment of the study
+            with self.book.storage.snapshot(), self.book.storage.coalesced():
+                values = self.space.suggest(trial)
+            # the space was checked against the config tree before the workers started
+            cfg = compose_trial([*self.spec.fixed, *self.placement], values)
+            ending = self.train(trial, values, cfg, prefix)
+        except StorageUnavailable:
+            raise
+        except KeyboardInterrupt:  # Ctrl-C or SIGTERM: the trial is FAIL, its run KILLED
+            self.book.end({trial.number: Ending("interrupted")})
+            log.warning(f"{prefix}interrupted: the trial is FAIL, its run KILLED")
+            raise
+        except Exception as error:  # this trial fails; the worker goes on
+            ending = Ending("failed", reason=failure_reason(error))
+            if "out of memory" in ending.reason.lower():
+                from mnist_sweep.trial.loop import empty_cuda_cache
+
+                empty_cuda_cache()
+        log_ending(prefix, ending, self.spec.settings["metric"], trial)
+        self.book.end({trial.number: ending})
+
+    def train(self, trial: optuna.Trial, values: dict, cfg, prefix: str) -> Ending:
+        import torch
+
+        from mnist_sweep.tracking.runs import trial_end_tags, trial_run_name
+        from mnist_sweep.trial.loop import EpochCallback, EpochProgress, TrainingDiverged
+
+        metric, number = self.spec.settings["metric"], trial.number
+        callbacks: list[EpochCallback] = (
+            [] if self.spec.settings["quiet"] else [EpochProgress(prefix)]
+        )
+        run_name = trial_run_name(number, values, self.spec.settings["n_trials"])
+        with self.tracker.trial_run(
+            cfg,
+            device=torch.device(cfg.train.device),
+            run_name=run_name,
+            parent_run_id=self.spec.parent_run_id,
+            extra_tags=run_tags(self.spec, trial),
+        ) as run:
+            if run.run_id:
+                trial.set_user_attr("mlflow_run_id", run.run_id)
+
+            def report(epoch) -> None:
+                value = epoch.metrics()[metric]
+                if self.book.report({number: (epoch.epoch, value)}):
+                    raise Pruned(epoch.epoch, value)
+
+            try:
+                # A signal stops training at once, but never an epoch's MLflow write or Optuna
+                # report midway: the run must still be ended KILLED, the trial told FAIL.
+                with INTERRUPTS.allowed():
+                    result = self.run_trial(
+                        cfg,
+                        callbacks=[
+                            INTERRUPTS.shielded(c) for c in (*callbacks, run.log_epoch, report)
+                        ],
+                    )
+            except Pruned as pruned:
+                run.set_tags(
+                    trial_end_tags(
+                        "pruned", pruned.epoch, metric, pruned.value, self.spec.settings["pruner"]
+                    )
+                )
+                return Ending("pruned", pruned.epoch, pruned.value)
+            except TrainingDiverged as error:
+                if self.spec.settings["diverged"] != "prune":
+                    run.set_tags({"state": "failed"})
+                    raise
+                reason = failure_reason(error)
+                run.set_tags(
+                    trial_end_tags("diverged", error.epoch, metric, math.nan, reason=reason)
+                )
+                run.end_status = "FAILED"
+                return Ending("diverged", error.epoch, reason=reason)
+            except KeyboardInterrupt:
+                run.set_tags({"state": "killed"})
+                raise
+            except BaseException:
+                run.set_tags({"state": "failed"})
+                raise
+            value = result.epochs[-1].metrics()[metric]
+            run.log_result(
+                result, end_tags=trial_end_tags("complete", len(result.epochs), metric, value)
+            )
+            if self.log_champions and self.book.beats_the_best(value):
+                from mnist_sweep.tracking.runs import log_torch_model
+
+                if run.client is not None and run.run_id is not None and result.model is not None:
+                    log_torch_model(run.client, run.run_id, result.model)
+        return Ending("complete", len(result.epochs), value, result.test_acc, result.test_loss)
+
+    def run_trial(self, cfg, callbacks):
+        """The training itself: `run_trial` (the scale-out benchmark's simulated workers sleep
+        instead and make the same store calls: tests/benchmarks/bench_scale_out.py)."""
+        from mnist_sweep.trial.loop import run_trial
+
+        return run_trial(cfg, callbacks=callbacks)
+
+
+class Pruned(Exception):
+    """The pruner stopped the trial after `epoch`, at `value`."""
+
+    def __init__(self, epoch: int, value: float):
+        super().__init__(f"pruned after epoch {epoch}")
+        self.epoch, self.value = epoch, value
+
+
+def run_tags(spec: SweepSpec, trial: optuna.Trial, **more: str) -> dict[str, str]:
+    """A trial run's tags: what finds it (study, trial number and id) and its state."""
+    return {
+        "sweep_role": "trial",
+        "study_name": spec.study_name,
+        "trial_number": str(trial.number),
+        "optuna_trial_id": str(trial._trial_id),
+        "state": "running",
+        **more,
+    }
+
+
+def log_ending(prefix: str, ending: Ending, metric: str, trial: optuna.Trial) -> None:
+    """The line a trial's end prints."""
+    if ending.state == "complete":
+        shown = ", ".join(
+            f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in trial.params.items()
+        )
+        log.info(
+            f"{prefix}complete: {metric} {ending.value:.4f}, test_acc {ending.test_acc:.4f} | {shown}"
+        )
+    elif ending.state == "pruned":
+        log.info(f"{prefix}pruned after epoch {ending.epochs}: {metric} {ending.value:.4f}")
+    elif ending.state == "diverged":
+        log.info(f"{prefix}diverged in epoch {ending.epochs}: pruned, {metric} NaN there")
+    elif ending.state == "failed":
+        log.warning(f"{prefix}failed: {ending.reason}")

@@ -1,0 +1,213 @@
+"""One trial: train a model on device-resident MNIST splits, report every epoch, test at the end.
+
+`run_trial` is the whole training loop and knows nothing of MLflow or Optuna: whoever drives it
+(`make train`'s command line, a sweep worker) passes epoch callbacks, which record the epoch,
+print progress or stop the trial (an exception raised by a callback ends the trial).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from hydra.utils import instantiate
+from omegaconf import DictConfig
+
+from mnist_sweep.base.errors import UserError
+from mnist_sweep.trial import data
+from mnist_sweep.trial.schedules import build_schedule
+from mnist_sweep.trial.validation import check_against_data, check_trial_config, resolve_device
+
+log = logging.getLogger("mnist_sweep")
+
+EVAL_CHUNK = 2000  # images per forward pass when evaluating: bounds the CNN's activations
+
+
+@dataclass
+class EpochResult:
+    epoch: int  # 1-based
+    epochs: int  # of the trial
+    first_step: int  # global index of this epoch's first batch
+    batch_loss: list[float]  # per batch, in order
+    batch_lr: list[float]  # LR each batch was trained with
+    train_loss: float
+    train_acc: float
+    val_loss: float | None
+    val_acc: float | None
+    lr: float  # LR after this epoch's scheduler steps: the next epoch's
+    seconds: float
+
+    def metrics(self) -> dict[str, float]:
+        """Per-epoch scalars by MLflow metric name (validation ones only when there is a split)."""
+        values = {
+            "train_loss": self.train_loss,
+            "train_acc": self.train_acc,
+            "val_loss": self.val_loss,
+            "val_acc": self.val_acc,
+            "lr": self.lr,
+            "epoch_seconds": self.seconds,
+        }
+        return {k: v for k, v in values.items() if v is not None}
+
+
+@dataclass
+class TrialResult:
+    epochs: list[EpochResult] = field(default_factory=list)
+    test_loss: float = float("nan")
+    test_acc: float = float("nan")
+    test_correct: int = 0
+    test_size: int = 0
+    model: torch.nn.Module | None = None
+
+    @property
+    def final_val_acc(self) -> float | None:
+        return self.epochs[-1].val_acc if self.epochs else None
+
+
+EpochCallback = Callable[[EpochResult], None]
+
+
+class TrainingDiverged(UserError):
+    """The loss became NaN or infinite in `epoch`: the trial cannot go on. A sweep tells Optuna
+    it was pruned there (a result: this configuration does not train), not that it failed."""
+
+    def __init__(self, message: str, epoch: int):
+        super().__init__(message)
+        self.epoch = epoch
+
+    @classmethod
+    def at(cls, train_loss: float, epoch: int, lr) -> TrainingDiverged:
+        return cls(
+            f"The training loss became {train_loss} in epoch {epoch} (optim.lr={lr}): the "
+            "trial diverged; a smaller learning rate or momentum trains.",
+            epoch,
+        )
+
+
+@torch.inference_mode()
+def evaluate(model: torch.nn.Module, split: data.Split) -> tuple[float, float, int]:
+    """(mean loss, accuracy, number correct) of `model` on a whole split."""
+    model.eval()
+    loss_sum = torch.zeros((), device=split.labels.device)
+    correct = torch.zeros((), dtype=torch.long, device=split.labels.device)
+    for x, y in zip(split.images.split(EVAL_CHUNK), split.labels.split(EVAL_CHUNK)):
+        logits = model(x)
+        loss_sum += F.cross_entropy(logits, y, reduction="sum")
+        correct += (logits.argmax(1) == y).sum()
+    n = len(split)
+    return loss_sum.item() / n, correct.item() / n, int(correct.item())
+
+
+def prepare(cfg: DictConfig) -> tuple[torch.device, data.Splits]:
+    """Check the config, load the data onto the device: everything that can fail before training."""
+    check_trial_config(cfg)
+    device = resolve_device(cfg.train.device)
+    raw = data.load_raw(str(cfg.data.root), cfg.data.name, bool(cfg.data.download))
+    check_against_data(cfg, data.train_size(raw))
+    return device, data.load_splits(cfg.data, device)
+
+
+def run_trial(
+    cfg: DictConfig,
+    callbacks: Sequence[EpochCallback] = (),
+    batch_order: torch.Generator | None = None,
+) -> TrialResult:
+    """Train one trial. `batch_order`: the generator that shuffles each epoch (default: one
+    seeded with train.seed), for a reference run that must see another run's batches."""
+    device, splits = prepare(cfg)
+    if cfg.train.get("threads"):
+        torch.set_num_threads(int(cfg.train.threads))
+    torch.manual_seed(cfg.train.seed)  # model init
+    shuffle = batch_order or torch.Generator(device=device).manual_seed(int(cfg.train.seed))
+
+    model = instantiate(cfg.model).to(device)
+    optimizer = instantiate(cfg.optim, params=model.parameters())
+    train, batch_size, epochs = splits.train, int(cfg.train.batch_size), int(cfg.train.epochs)
+    steps_per_epoch = -(-len(train) // batch_size)
+    schedule = build_schedule(cfg.schedule, optimizer, steps_per_epoch, epochs)
+
+    result = TrialResult(model=model)
+    for epoch in range(1, epochs + 1):
+        started = time.perf_counter()
+        model.train()
+        # Losses and predictions stay on the device until the epoch ends: no host sync per batch
+        # (except ReduceLROnPlateau on the batch loss, which needs the number).
+        batch_loss, predicted, batch_lr = [], [], []
+        order = data.shuffled_order(len(train), shuffle, device)
+        for idx in order.split(batch_size):
+            # index_select: ~5x faster than images[idx] for a 200-row gather on CPU
+            x, y = train.images.index_select(0, idx), train.labels.index_select(0, idx)
+            logits = model(x)
+            loss = F.cross_entropy(logits, y)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            batch_lr.append(optimizer.param_groups[0]["lr"])
+            optimizer.step()
+            schedule.after_batch(loss)
+            batch_loss.append(loss.detach())
+            predicted.append(logits.detach().argmax(1))
+        train_acc = (
+            torch.cat(predicted) == train.labels.index_select(0, order)
+        ).sum().item() / len(train)
+
+        losses = torch.stack(batch_loss).tolist()
+        last_batch = len(train) - batch_size * (steps_per_epoch - 1)
+        sizes = [batch_size] * (steps_per_epoch - 1) + [last_batch]
+        train_loss = sum(loss * n for loss, n in zip(losses, sizes)) / len(train)
+        if not math.isfinite(train_loss):
+            raise TrainingDiverged.at(train_loss, epoch, cfg.optim.lr)
+        val_loss, val_acc, _ = evaluate(model, splits.val) if splits.val else (None, None, 0)
+        schedule.after_epoch({"train_loss": train_loss, "val_loss": val_loss})
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        epoch_result = EpochResult(
+            epoch=epoch,
+            epochs=epochs,
+            first_step=(epoch - 1) * steps_per_epoch,
+            batch_loss=losses,
+            batch_lr=batch_lr,
+            train_loss=train_loss,
+            train_acc=train_acc,
+            val_loss=val_loss,
+            val_acc=val_acc,
+            lr=optimizer.param_groups[0]["lr"],
+            seconds=time.perf_counter() - started,
+        )
+        result.epochs.append(epoch_result)
+        for callback in callbacks:
+            callback(epoch_result)
+
+    result.test_loss, result.test_acc, result.test_correct = evaluate(model, splits.test)
+    result.test_size = len(splits.test)
+    return result
+
+
+class EpochProgress:
+    """Epoch callback printing one line per epoch: loss, accuracy, LR, time and ETA."""
+
+    def __init__(self, prefix: str = ""):
+        self.prefix = prefix
+        self.seconds: list[float] = []
+
+    def __call__(self, r: EpochResult) -> None:
+        self.seconds.append(r.seconds)
+        eta = sum(self.seconds) / len(self.seconds) * (r.epochs - r.epoch)
+        val = f" | val loss {r.val_loss:.4f} acc {r.val_acc:6.2%}" if r.val_acc is not None else ""
+        log.info(
+            f"{self.prefix}epoch {r.epoch:>{len(str(r.epochs))}}/{r.epochs} | "
+            f"train loss {r.train_loss:.4f} acc {r.train_acc:6.2%}{val} | lr {r.lr:.3g} | "
+            f"{r.seconds:.2f}s | ETA {eta:.0f}s"
+        )
+
+
+def empty_cuda_cache() -> None:
+    """After an out-of-memory error: the cached blocks go back to the device for the next trial."""
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
