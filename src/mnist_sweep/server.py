@@ -117,114 +117,135 @@ def main(argv: list[str] | None = None) -> None:
     args = command_line().parse_args(argv)
     INTERRUPTS.install()  # Ctrl-C and `kill` stop both servers
     with user_errors_exit():
-        folder = Path(args.dir).resolve()
-        if folder.exists() and not folder.is_dir():
-            raise ConfigError(
-                f"--dir {args.dir} is a file; give a folder (it is created if "
-                "missing) for the database, artifacts and logs."
-            )
-        ports = {"--pg-port": args.pg_port, "--mlflow-port": args.mlflow_port}
-        if not args.no_pooler:
-            ports["--pooler-port"] = args.pooler_port
-        for (flag, port), (other, other_port) in itertools.combinations(ports.items(), 2):
-            if port == other_port:
-                raise ConfigError(
-                    f"{flag} and {other} are both {port}; give each server its own port."
-                )
-        if not 1 <= args.mlflow_workers <= MLFLOW_WORKERS:
-            raise ConfigError(
-                f"--mlflow-workers {args.mlflow_workers} is not allowed: use 1-{MLFLOW_WORKERS}. "
-                f"Each server process takes {MLFLOW_REQUEST_THREADS} of PostgreSQL's 100 "
-                f"connections, the workers' study {STUDY_CONNECTIONS}."
-            )
-        for flag, port in ports.items():
-            check_port(args.host, port, flag)
-        networks = check_networks(
-            args.allow_net if args.allow_net is not None else default_networks(args.host)
-        )
-        everywhere = args.host in ("0.0.0.0", "::")
-        advertise = args.advertise or (host_name() if everywhere else args.host)
-        try:
-            folder.mkdir(parents=True, exist_ok=True)
-        except OSError as error:
-            raise ConfigError(
-                f"--dir {args.dir} cannot be created ({error.strerror}); give a "
-                "folder you can write to."
-            ) from None
-        if os.geteuid() == 0 and not _reachable_by_unprivileged(folder):
-            raise ConfigError(
-                f"--dir {folder} is not reachable for the unprivileged user "
-                f"{UNPRIVILEGED} that runs PostgreSQL; use a folder under /tmp or /srv."
-            )
-        secret = folder / "password"
-        if not secret.exists():
-            write_private(
-                secret, os.environ.get("MNIST_SWEEP_PG_PASSWORD") or secrets.token_urlsafe(18)
-            )
-        names = (
-            [*machine_names(), *args.allow_host] if not is_loopback(args.host) else args.allow_host
-        )
-        servers = LocalServers(
-            folder,
-            secret.read_text().strip(),
-            args.pg_port,
-            args.mlflow_port,
-            args.host,
-            advertise,
-            networks,
-            [advertise, *names],
-            None if args.no_pooler else args.pooler_port,
-            args.mlflow_workers,
-        )
+        servers = servers_for(args)  # every check first: a bad flag starts nothing
         servers.start()
         try:
-            urls = folder / "urls.env"
-            why = (
-                f"# Workers: the study through PgBouncer (port {args.pooler_port}), which lends them"
-                f" at most {STUDY_CONNECTIONS} PostgreSQL connections\n# however many they are."
-                if servers.pooler
-                else "# Workers: the study on PostgreSQL directly (no pooler: ~2 connections a "
-                "worker,\n# 100 in all)."
-            )
-            write_private(
-                urls,
-                f"{why}\nexport SWEEP_STORAGE='{servers.storage_url}'\n"
-                "# Runs: through the MLflow server (HTTP), never the database.\n"
-                f"export MLFLOW_TRACKING_URI='{servers.tracking_url}'\n",
-            )
-            admitted = ", ".join(["this machine", *networks])
-            pooled = (
-                f"PgBouncer (workers' study URL): {redact_uri(servers.storage_url)}\n"
-                f"  listens on {args.host}:{args.pooler_port}; transaction pooling, at most "
-                f"{STUDY_CONNECTIONS} PostgreSQL connections for any number of workers "
-                "(and the MLflow server's)\n"
-                if servers.pooler
-                else ""
-            )
-            print(
-                pooled + f"PostgreSQL (Optuna storage): {redact_uri(servers.direct_storage_url)}\n"
-                f"  listens on {args.host}:{args.pg_port}; admits user {PG_USER} with its "
-                f"password (scram-sha-256) from: {admitted}\n"
-                f"MLflow tracking server:      {servers.tracking_url}\n"
-                f"  listens on {args.host}:{args.mlflow_port}; answers to the names: "
-                f"{', '.join(dict.fromkeys([*LOOPBACK_HOSTS, advertise, *names]))}\n"
-                f"Workers: source {urls} && make worker   (the file holds the password)\n"
-                "Ctrl-C stops both.",
-                flush=True,
-            )
-            mlflow = servers.mlflow
-            assert mlflow is not None  # started above
-            while mlflow.poll() is None:
-                with INTERRUPTS.allowed():
-                    time.sleep(1)
-            raise UserError(
-                f"The MLflow server exited with status {mlflow.returncode}; "
-                f"see {servers.mlflow_log}."
-            )
+            announce(servers, args)
+            wait_for_mlflow(servers)
         except KeyboardInterrupt:
             print("stopping", flush=True)
         finally:
             servers.stop()
+
+
+def servers_for(args: argparse.Namespace) -> LocalServers:
+    """The servers the flags ask for, every flag checked, the folder and its password made."""
+    folder = Path(args.dir).resolve()
+    if folder.exists() and not folder.is_dir():
+        raise ConfigError(
+            f"--dir {args.dir} is a file; give a folder (it is created if "
+            "missing) for the database, artifacts and logs."
+        )
+    ports = {"--pg-port": args.pg_port, "--mlflow-port": args.mlflow_port}
+    if not args.no_pooler:
+        ports["--pooler-port"] = args.pooler_port
+    for (flag, port), (other, other_port) in itertools.combinations(ports.items(), 2):
+        if port == other_port:
+            raise ConfigError(f"{flag} and {other} are both {port}; give each server its own port.")
+    if not 1 <= args.mlflow_workers <= MLFLOW_WORKERS:
+        raise ConfigError(
+            f"--mlflow-workers {args.mlflow_workers} is not allowed: use 1-{MLFLOW_WORKERS}. "
+            f"Each server process takes {MLFLOW_REQUEST_THREADS} of PostgreSQL's 100 "
+            f"connections, the workers' study {STUDY_CONNECTIONS}."
+        )
+    for flag, port in ports.items():
+        check_port(args.host, port, flag)
+    networks = check_networks(
+        args.allow_net if args.allow_net is not None else default_networks(args.host)
+    )
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise ConfigError(
+            f"--dir {args.dir} cannot be created ({error.strerror}); give a "
+            "folder you can write to."
+        ) from None
+    if os.geteuid() == 0 and not _reachable_by_unprivileged(folder):
+        raise ConfigError(
+            f"--dir {folder} is not reachable for the unprivileged user "
+            f"{UNPRIVILEGED} that runs PostgreSQL; use a folder under /tmp or /srv."
+        )
+    secret = folder / "password"
+    if not secret.exists():
+        write_private(
+            secret, os.environ.get("MNIST_SWEEP_PG_PASSWORD") or secrets.token_urlsafe(18)
+        )
+    advertise = advertised_name(args)
+    return LocalServers(
+        folder,
+        secret.read_text().strip(),
+        args.pg_port,
+        args.mlflow_port,
+        args.host,
+        advertise,
+        networks,
+        [advertise, *answered_names(args)],
+        None if args.no_pooler else args.pooler_port,
+        args.mlflow_workers,
+    )
+
+
+def advertised_name(args: argparse.Namespace) -> str:
+    """The host workers put in their URLs."""
+    everywhere = args.host in ("0.0.0.0", "::")
+    return args.advertise or (host_name() if everywhere else args.host)
+
+
+def answered_names(args: argparse.Namespace) -> list[str]:
+    """The names the MLflow server answers to, besides the advertised one and loopback."""
+    return [*machine_names(), *args.allow_host] if not is_loopback(args.host) else args.allow_host
+
+
+def announce(servers: LocalServers, args: argparse.Namespace) -> None:
+    """urls.env for the workers (mode 600: it holds the password) and, printed, what listens
+    where (the password masked)."""
+    urls = servers.folder / "urls.env"
+    why = (
+        f"# Workers: the study through PgBouncer (port {args.pooler_port}), which lends them"
+        f" at most {STUDY_CONNECTIONS} PostgreSQL connections\n# however many they are."
+        if servers.pooler
+        else "# Workers: the study on PostgreSQL directly (no pooler: ~2 connections a "
+        "worker,\n# 100 in all)."
+    )
+    write_private(
+        urls,
+        f"{why}\nexport SWEEP_STORAGE='{servers.storage_url}'\n"
+        "# Runs: through the MLflow server (HTTP), never the database.\n"
+        f"export MLFLOW_TRACKING_URI='{servers.tracking_url}'\n",
+    )
+    admitted = ", ".join(["this machine", *servers.networks])
+    names = [*LOOPBACK_HOSTS, advertised_name(args), *answered_names(args)]
+    pooled = (
+        f"PgBouncer (workers' study URL): {redact_uri(servers.storage_url)}\n"
+        f"  listens on {args.host}:{args.pooler_port}; transaction pooling, at most "
+        f"{STUDY_CONNECTIONS} PostgreSQL connections for any number of workers "
+        "(and the MLflow server's)\n"
+        if servers.pooler
+        else ""
+    )
+    print(
+        pooled + f"PostgreSQL (Optuna storage): {redact_uri(servers.direct_storage_url)}\n"
+        f"  listens on {args.host}:{args.pg_port}; admits user {PG_USER} with its "
+        f"password (scram-sha-256) from: {admitted}\n"
+        f"MLflow tracking server:      {servers.tracking_url}\n"
+        f"  listens on {args.host}:{args.mlflow_port}; answers to the names: "
+        f"{', '.join(dict.fromkeys(names))}\n"
+        f"Workers: source {urls} && make worker   (the file holds the password)\n"
+        "Ctrl-C stops both.",
+        flush=True,
+    )
+
+
+def wait_for_mlflow(servers: LocalServers) -> None:
+    """Until Ctrl-C; the MLflow server exiting on its own is an error."""
+    mlflow = servers.mlflow
+    assert mlflow is not None  # started
+    while mlflow.poll() is None:
+        with INTERRUPTS.allowed():
+            time.sleep(1)
+    raise UserError(
+        f"The MLflow server exited with status {mlflow.returncode}; see {servers.mlflow_log}."
+    )
 
 
 def _reachable_by_unprivileged(folder: Path) -> bool:

@@ -472,6 +472,57 @@ def _refresh(
     written by this storage: read in full; another worker's running trial: a light copy (state,
     number, start; no params or attributes), unless `storage.light_running` is off (constant
     liar). So each worker reads each other worker's trial in full once, when it has finished."""
+    written = dict(storage.written)
+    # What each cache holds, by the cache (its set of unfinished trials): Optuna makes more than
+    # one over a storage (a study's, and a passing one for study summaries).
+    if len(storage.read_versions) > 16:
+        storage.read_versions = {
+            k: v for k, v in storage.read_versions.items() if k == id(unfinished)
+        }
+    versions = storage.read_versions.setdefault(id(unfinished), {})
+    # The running trials this cache holds as they are (no system attribute, no write here since
+    # it read them) are left out by the query itself: at W workers each read would otherwise
+    # return W rows only to skip them. Still returned if they have finished or gained one.
+    unchanged = []
+    if storage.light_running:
+        unchanged = [i for i in unfinished if versions.get(i) == ("RUNNING", 0, written.get(i, -1))]
+    rows = _light_rows(storage, study_id, unfinished, last_finished, unchanged)
+    full, light = set(), []
+    newest = max([last_finished, *unchanged, *(row[0] for row in rows)])
+    for trial_id, number, state, started, *counts in rows:
+        version = (state.name, *counts, written.get(trial_id, -1))
+        if trial_id in unfinished and versions.get(trial_id) == version:
+            continue  # the cache holds it as it is
+        if state.is_finished() or counts[0] or trial_id in written or not storage.light_running:
+            full.add(trial_id)
+        else:
+            versions[trial_id] = version
+            light.append(_light_copy(trial_id, number, state, started))
+    trials = []
+    if full:
+        trials = _read_trials(storage, study_id, None, full, newest)
+        trials = [t for t in trials if t._trial_id in full]  # not those made since the light read
+    for t in trials:
+        if t.state.is_finished():
+            versions.pop(t._trial_id, None)
+        else:  # the write counter as it was before the read: a write during it reads it again
+            versions[t._trial_id] = (
+                *_version(t, storage.light_running),
+                written.get(t._trial_id, -1),
+            )
+    return sorted([*trials, *light], key=lambda t: t._trial_id)
+
+
+def _light_rows(
+    storage: ResilientRDBStorage,
+    study_id: int,
+    unfinished: set[int],
+    last_finished: int,
+    unchanged: list[int],
+) -> list:
+    """One row per trial the cache asks for (trial id, number, state, start, then the counts
+    that tell a change), but none for the `unchanged` ones still running without a system
+    attribute."""
     import sqlalchemy
     from optuna.storages._rdb import models
     from optuna.storages._rdb.storage import _create_scoped_session
@@ -487,7 +538,7 @@ def _refresh(
 
     # a change that matters: the state, system attributes, and (constant liar) params and user
     # attributes; this storage's own writes it knows
-    counted = [models.TrialSystemAttributeModel]
+    counted: list[Any] = [models.TrialSystemAttributeModel]
     if not storage.light_running:
         counted += [models.TrialParamModel, models.TrialUserAttributeModel]
     query = sqlalchemy.select(
@@ -497,20 +548,6 @@ def _refresh(
         trial._datetime_start_utc,  # as Optuna stores it: UTC
         *(count(model) for model in counted),
     ).where(trial.study_id == study_id)
-    written = dict(storage.written)
-    # What each cache holds, by the cache (its set of unfinished trials): Optuna makes more than
-    # one over a storage (a study's, and a passing one for study summaries).
-    if len(storage.read_versions) > 16:
-        storage.read_versions = {
-            k: v for k, v in storage.read_versions.items() if k == id(unfinished)
-        }
-    versions = storage.read_versions.setdefault(id(unfinished), {})
-    # The running trials this cache holds as they are (no system attribute, no write here since
-    # it read them) are left out by the query itself: at W workers each read would otherwise
-    # return W rows only to skip them. Still returned if they have finished or gained one.
-    unchanged = []
-    if storage.light_running:
-        unchanged = [i for i in unfinished if versions.get(i) == ("RUNNING", 0, written.get(i, -1))]
     wanted = trial.trial_id > last_finished
     known = [i for i in unfinished if i <= last_finished]
     if known:
@@ -526,46 +563,26 @@ def _refresh(
     with _create_scoped_session(storage.read_sessions) as session:
         rows = session.execute(query.where(wanted)).all()
     storage.light_rows += len(rows)
-    full, light = set(), []
-    newest = max([last_finished, *unchanged, *(row[0] for row in rows)])
-    for trial_id, number, state, started, *counts in rows:
-        version = (state.name, *counts, written.get(trial_id, -1))
-        if trial_id in unfinished and versions.get(trial_id) == version:
-            continue  # the cache holds it as it is
-        if state.is_finished() or counts[0] or trial_id in written or not storage.light_running:
-            full.add(trial_id)
-        else:
-            versions[trial_id] = version
-            light.append(
-                FrozenTrial(
-                    number=number,
-                    state=state,
-                    value=None,
-                    # what TrialModel.datetime_start gives: the local time
-                    datetime_start=started
-                    and started.replace(tzinfo=datetime.UTC).astimezone().replace(tzinfo=None),
-                    datetime_complete=None,
-                    params={},
-                    distributions={},
-                    user_attrs={},
-                    system_attrs={},
-                    intermediate_values={},
-                    trial_id=trial_id,
-                )
-            )
-    trials = []
-    if full:
-        trials = _read_trials(storage, study_id, None, full, newest)
-        trials = [t for t in trials if t._trial_id in full]  # not those made since the light read
-    for t in trials:
-        if t.state.is_finished():
-            versions.pop(t._trial_id, None)
-        else:  # the write counter as it was before the read: a write during it reads it again
-            versions[t._trial_id] = (
-                *_version(t, storage.light_running),
-                written.get(t._trial_id, -1),
-            )
-    return sorted([*trials, *light], key=lambda t: t._trial_id)
+    return list(rows)
+
+
+def _light_copy(trial_id: int, number: int, state: TrialState, started) -> FrozenTrial:
+    """Another worker's running trial as a sampler or pruner sees it: number, state, start."""
+    return FrozenTrial(
+        number=number,
+        state=state,
+        value=None,
+        # what TrialModel.datetime_start gives: the local time
+        datetime_start=started
+        and started.replace(tzinfo=datetime.UTC).astimezone().replace(tzinfo=None),
+        datetime_complete=None,
+        params={},
+        distributions={},
+        user_attrs={},
+        system_attrs={},
+        intermediate_values={},
+        trial_id=trial_id,
+    )
 
 
 def _among(storage: ResilientRDBStorage, column, name: str, ids: list[int]) -> Any:
