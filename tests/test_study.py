@@ -172,6 +172,42 @@ def test_hyperbands_max_resource_is_the_most_epochs_a_trial_can_train(tmp_path):
     assert study.pruner._max_resource == 12  # not the config's default of 10
 
 
+def test_joining_a_study_reads_no_trial(tmp_path):
+    """A worker that joins reads the storage's studies, not their trials: a study summary would
+    read every trial of every study in the storage in full, at every worker's start (1,000
+    workers joining after a 900-trial study spent most of their first five minutes there)."""
+    from optuna.storages._rdb import models
+    from sqlalchemy import event
+
+    from mnist_sweep.search.study import open_study
+    from mnist_sweep.search.sweepfile import check_space, load_spec
+
+    storage = f"sqlite:///{tmp_path / 'optuna.db'}"
+    other = optuna.create_study(study_name="another", storage=storage)
+    for value in range(20):
+        other.tell(other.ask(), value)
+
+    def opened(*overrides):
+        spec = load_spec("momentum", [f"sweep.storage={storage}", *overrides])
+        space = spec.space()
+        return open_study(spec, space, check_space(spec, space), create=True)
+
+    made, _ = opened()
+    for value in range(5):  # this study has trials of its own too
+        made.tell(made.ask(), value / 10)
+    loaded: list = []
+
+    def on_load(trial, context) -> None:
+        loaded.append(trial.trial_id)
+
+    event.listen(models.TrialModel, "load", on_load)
+    try:
+        joined, made_here = opened()
+    finally:
+        event.remove(models.TrialModel, "load", on_load)
+    assert not made_here and len(joined.trials) == 5  # the same study, its trials there
+    assert loaded == []  # but opening it read none, of it or of the other study
+
 def test_a_trial_failed_by_heartbeat_keeps_its_slot_until_its_retry_appears(tmp_path):
     """The interleaving the compose run met: worker A's fail_stale_trials has failed a dead
     worker's trial but not yet added its retry, and worker B counts the budget right then. B
