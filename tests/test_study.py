@@ -347,3 +347,42 @@ def test_a_sweep_killed_between_asking_a_trial_and_its_first_heartbeat_resumes(t
     assert study.trials[cut.number].state == TrialState.FAIL
     assert len(finished(study)) == 2
     assert cut.number in {t.system_attrs.get("failed_trial") for t in finished(study)}
+
+
+def test_a_trial_is_beaten_from_its_first_moment_while_its_ask_goes_on(tmp_path):
+    """Optuna's ask makes the trial, then reads it back and calls the sampler's before_trial;
+    the worker records the first heartbeat after the ask returns. Under load that window grew
+    past the grace period (bench-scale-out, 256 workers, 100 threads a process: asks of 25-46
+    s), and 3 live trials were failed as never having beaten. The worker's heartbeat round
+    beats a trial from the moment its storage made it. Provoked: a sampler whose before_trial
+    takes twice the grace period, and another worker's stale checks meanwhile."""
+    import threading
+
+    from mnist_sweep.search.bookkeeping import Bookkeeper, Ending, Heartbeats
+    from mnist_sweep.search.study import open_storage
+    from mnist_sweep.search.sweepfile import load_spec
+
+    class SlowSampler(optuna.samplers.RandomSampler):
+        def before_trial(self, study, trial):  # called by ask, after the trial is made
+            time.sleep(4)  # the grace period is 2 s
+
+    url = f"sqlite:///{tmp_path / 'optuna.db'}"
+    study = optuna.create_study(study_name="s", sampler=SlowSampler(),
+                                storage=open_storage(url, heartbeat_interval=1, grace_period=2))
+    elsewhere = optuna.load_study(study_name="s",
+                                  storage=open_storage(url, heartbeat_interval=1, grace_period=2))
+    spec = load_spec("momentum", [f"sweep.storage={url}", "sweep.heartbeat_interval=1",
+                                  "sweep.grace_period=2"])
+    book = Bookkeeper(spec, study, 0)
+    asked: list = []
+    with Heartbeats(book, 1):
+        asking = threading.Thread(target=lambda: asked.append(book.ask()))
+        asking.start()
+        while asking.is_alive():  # another worker's checks, as each of its asks makes them
+            optuna.storages.fail_stale_trials(elsewhere)
+            time.sleep(0.25)
+        asking.join()
+        trial = asked[0]
+        assert trial is not None
+        assert elsewhere.trials[trial.number].state == TrialState.RUNNING  # alive, not failed
+        book.end({trial.number: Ending("complete", 1, 0.5, 0.9, 0.1)})

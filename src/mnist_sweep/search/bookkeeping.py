@@ -275,7 +275,9 @@ class Heartbeats:
         storage = self.book.storage
         while not self.stopping.wait(self.interval):
             with self.book.lock:
-                ids = [t.trial._trial_id for t in self.book.open.values()]
+                ids = {t.trial._trial_id for t in self.book.open.values()}
+            # and the trials being asked for: made, still sampling (seconds under load)
+            ids |= set(storage.running_here)
             try:
                 with storage.coalesced():
                     for trial_id in ids:

@@ -137,6 +137,9 @@ class ResilientRDBStorage(RDBStorage):
         self.light_running = True  # others' running trials read light (see _refresh)
         self.writes = itertools.count()
         self.written: dict[int, int] = {}  # trial id -> the last write committed here to it
+        # trials this storage made or claimed RUNNING and has not ended: its worker's heartbeat
+        # round beats them from their first moment (an ask samples after making the trial)
+        self.running_here: set[int] = set()
         self._local = threading.local()  # a thread's pending writes and snapshot
         self.transactions = 0  # coalesced transactions committed (for the benchmark)
         self.light_rows = 0  # rows the light reads returned (for tests and the benchmark)
@@ -231,8 +234,11 @@ class ResilientRDBStorage(RDBStorage):
                     pass
 
     def _mark_written(self, operations) -> None:
-        """Trials written to (committed): each cache reads them in full at its next read."""
-        for kind, trial_id, *_ in operations:
+        """Trials written to (committed): each cache reads them in full at its next read. A
+        finished state (written, or refused because the trial had ended) ends its beats."""
+        for kind, trial_id, *rest in operations:
+            if kind == "state" and rest[0].is_finished():
+                self.running_here.discard(trial_id)
             if kind != "heartbeat":
                 self.written[trial_id] = next(self.writes)
 
@@ -387,14 +393,12 @@ _READS_AND_OTHER_WRITES = (
     "get_trial_user_attrs",
     "get_trial_system_attrs",
     "get_all_studies",
-    "create_new_trial",
     "get_trial_param",
     "get_trial_id_from_study_id_trial_number",
     "get_trial",
     "get_best_trial",
     "get_n_trials",
     # what Optuna's _CachedStorage (which wraps every RDBStorage) calls directly:
-    "_create_new_trial",
     "_get_best_trial_id",
 )
 
@@ -412,7 +416,10 @@ def _write(name: str, kind: str) -> Callable:
             return True if kind == "state" else None
         self._commit_pending()
         try:
-            return method(self, *args)
+            done = method(self, *args)
+            if claims and done:  # a waiting trial, ours now
+                self.running_here.add(args[0])
+            return done
         finally:
             self._mark_written([(kind, *args)])
 
@@ -430,10 +437,29 @@ def _first_writes_pending(name: str) -> Callable:
     return _retrying(name, call)
 
 
+def _creating(name: str) -> Callable:
+    """create_new_trial (a trial id) and _create_new_trial (a FrozenTrial), which Optuna's
+    cache calls: a new RUNNING trial is this storage's to beat from now on."""
+    method = getattr(RDBStorage, name)
+
+    @functools.wraps(method)
+    def call(self: ResilientRDBStorage, study_id: int, template_trial=None):
+        self._commit_pending()
+        made = method(self, study_id, template_trial)
+        running = template_trial is None or template_trial.state == TrialState.RUNNING
+        if running:
+            self.running_here.add(made if isinstance(made, int) else made._trial_id)
+        return made
+
+    return _retrying(name, call)
+
+
 for _name, _kind in _WRITES.items():
     setattr(ResilientRDBStorage, _name, _write(_name, _kind))
 for _name in _READS_AND_OTHER_WRITES:
     setattr(ResilientRDBStorage, _name, _first_writes_pending(_name))
+for _name in ("create_new_trial", "_create_new_trial"):
+    setattr(ResilientRDBStorage, _name, _creating(_name))
 
 
 class _ReadView:
