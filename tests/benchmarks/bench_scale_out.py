@@ -398,7 +398,8 @@ def run_point(servers, work: Path, data_root: Path, workers: int, seconds: float
                 servers.pooler.start()
                 fault_log.append(f"{t:.0f} s: PgBouncer restarted "
                                  f"(down {time.time() - start - t:.1f} s)")
-    deadline = start + seconds + 600
+    # the trials in flight at the window's end finish: ~10 minutes at 1,000 workers here
+    deadline = start + seconds + max(600, 1.5 * workers)
     for process in processes:
         process.wait(timeout=max(1.0, deadline - time.time()))
     wall = time.time() - start
