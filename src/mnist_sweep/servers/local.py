@@ -42,6 +42,11 @@ MAX_CLIENTS = 5000  # client connections the pooler admits (~1-3 per worker proc
 # connections to PgBouncer, and PgBouncer 40 x processes + 1 PostgreSQL connections for MLflow.
 MLFLOW_REQUEST_THREADS = 40
 MLFLOW_WORKERS = 2  # 2 x 40 + 1 = 81, + 15 for the study: 96 of PostgreSQL's 100 connections
+# uvicorn kills (and restarts) a server process that does not answer its supervisor's ping
+# within 5 s, and its requests in flight fail: on a busy machine (1,000 simulated workers on 2
+# cores) that failed 24 trials' log_batch and duplicated 8 runs whose create was retried. A
+# busy process is not a hung one: it gets 120 s.
+MLFLOW_HEALTHCHECK_SECONDS = 120
 # Without the pooler the MLflow server reaches PostgreSQL directly with 20 connections a process
 # (the deadlock above is then possible under a heavy load: `--no-pooler` is for small sweeps).
 MLFLOW_DIRECT_POOL = 20
@@ -466,6 +471,8 @@ def start_mlflow_server(
             str(artifacts),
             "--workers",
             str(workers),
+            "--uvicorn-opts",
+            f"--timeout-worker-healthcheck {MLFLOW_HEALTHCHECK_SECONDS}",
             "--allowed-hosts",
             ",".join(mlflow_host_patterns(names)),
             "--cors-allowed-origins",
