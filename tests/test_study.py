@@ -328,6 +328,69 @@ def test_a_trial_that_never_beat_is_failed_a_grace_period_after_it_was_seen_and_
     assert storage.first_seen_without_heartbeat == {}  # nothing left to watch
 
 
+def test_many_stale_trials_are_failed_a_few_at_a_time_and_their_runs_end_after_the_retries(
+        tmp_path):
+    """A process of 100 workers killed under 1,000-worker load (bench-scale-out --faults): one
+    surviving worker failed, retried and ended the runs of all 100 one after another, and the
+    retries trickled in over 20 minutes. Now a check takes a few at a time, chosen at random,
+    until none is left, and ends the runs (on_stale) only once its retries are in. Provoked with
+    20 dead trials and two workers checking at the same moment: each trial is failed and
+    retried exactly once, its run ended once."""
+    import threading
+
+    from mnist_sweep.search.bookkeeping import Bookkeeper
+    from mnist_sweep.search.storage import STALE_A_ROUND
+    from mnist_sweep.search.study import open_storage
+    from mnist_sweep.search.sweepfile import load_spec
+
+    url = f"sqlite:///{tmp_path / 'optuna.db'}"
+    dead_storage = open_storage(url, heartbeat_interval=1, grace_period=1)
+    study = optuna.create_study(study_name="s", storage=dead_storage)
+    dead = [study.ask() for _ in range(20)]
+    for trial in dead:
+        trial.suggest_float("x", 0, 1)
+        dead_storage.record_heartbeat(trial._trial_id)
+    time.sleep(2.5)  # past the grace period: all 20 stale
+
+    def retried() -> set[int]:
+        return {t.system_attrs["failed_trial"] for t in optuna.load_study(
+            study_name="s", storage=url).trials if "failed_trial" in t.system_attrs}
+
+    spec = load_spec("momentum", [f"sweep.storage={url}", "sweep.heartbeat_interval=1",
+                                  "sweep.grace_period=1"])
+    ended: dict[int, list[tuple[int, set[int]]]] = {0: [], 1: []}
+    books = []
+    for index in (0, 1):
+        def end_run(study, trial, index=index):  # what a worker's end_stale_run is called with
+            ended[index].append((trial.number, retried()))
+
+        storage = open_storage(url, heartbeat_interval=1, grace_period=1, max_retry=1,
+                               on_stale=end_run)
+        books.append(Bookkeeper(spec, optuna.load_study(study_name="s", storage=storage), index))
+    # one round is a few of them, at random; more() says some are left
+    with books[0].storage.stale_rounds() as more:
+        first = books[0].storage._get_stale_trial_ids(study._study_id)
+        assert len(first) == STALE_A_ROUND < 20 and more()
+
+    start = threading.Barrier(2)
+    checks = [threading.Thread(target=lambda b=b: (start.wait(), b.fail_stale_trials(every=0)))
+              for b in books]
+    for check in checks:
+        check.start()
+    for check in checks:
+        check.join()
+    trials = optuna.load_study(study_name="s", storage=url).trials
+    assert all(trials[t.number].state == TrialState.FAIL for t in dead)
+    retries = [t.system_attrs["failed_trial"] for t in trials if "failed_trial" in t.system_attrs]
+    assert sorted(retries) == [t.number for t in dead]  # each retried exactly once
+    assert all(t.state == TrialState.WAITING for t in trials if "failed_trial" in t.system_attrs)
+    numbers = [number for calls in ended.values() for number, _ in calls]
+    assert sorted(numbers) == [t.number for t in dead]  # each run ended once, by one worker
+    for calls in ended.values():  # a worker ends its runs only once its retries are all in
+        if calls:
+            assert {number for number, _ in calls} <= calls[0][1]
+
+
 def test_a_sweep_killed_between_asking_a_trial_and_its_first_heartbeat_resumes(tmp_path, mnist_dir):
     """Fault injection into that window (MNIST_SWEEP_KILL_AT=trial_asked: the process kills
     itself right after Optuna made its trial RUNNING). Before the fix the same command waited

@@ -105,7 +105,11 @@ class Bookkeeper:
         now = time.monotonic()
         if now - getattr(self, "_stale_checked", -math.inf) >= every:
             self._stale_checked = now
-            optuna.storages.fail_stale_trials(self.study)
+            # a few at a time, until none is left (the workers checking at once share them)
+            with self.storage.stale_rounds() as more:
+                optuna.storages.fail_stale_trials(self.study)
+                while more():
+                    optuna.storages.fail_stale_trials(self.study)
 
     def ask(self) -> optuna.Trial | None:
         """A new trial for this worker, its first heartbeat and worker name recorded with it.

@@ -3,7 +3,8 @@
 - calls that survive a database restart: a call that loses its connection is retried with
   backoff for up to `outage_seconds` (Optuna's own storage raises at once, which would kill the
   worker and its trial); the engine's pre-ping replaces pooled connections that died;
-- stale trials that include those that never recorded a heartbeat (`_stale_or_never_beat`);
+- stale trials that include those that never recorded a heartbeat (`_stale_or_never_beat`),
+  handed out a few at a time, chosen at random (`stale_rounds`);
 - coalesced writes: what a thread writes inside `storage.coalesced()` (params, attributes,
   intermediate values, heartbeats, trial states) is one transaction, committed when the block
   ends or before the thread's next read (so that it reads its own writes);
@@ -35,6 +36,7 @@ import functools
 import inspect
 import itertools
 import logging
+import random
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -49,6 +51,10 @@ from mnist_sweep.base.errors import UserError
 from mnist_sweep.base.urls import redact_reason, redact_uri
 
 log = logging.getLogger("mnist_sweep")
+
+# Stale trials a worker fails and retries in one round of its check (see stale_rounds): few
+# enough that a round is short under load, so that the workers checking at once share them.
+STALE_A_ROUND = 8
 
 
 class StorageUnavailable(UserError):
@@ -336,8 +342,45 @@ class ResilientRDBStorage(RDBStorage):
         finally:
             self._local.snapshot = None
 
+    # ------------------------------------------------------------------------- stale trials
+
+    @contextmanager
+    def stale_rounds(self) -> Iterator[Callable[[], bool]]:
+        """Optuna's `fail_stale_trials` fails every stale trial it is given, one transaction
+        each, and only then runs their callbacks (the retry, the end of the MLflow run). When a
+        process of 100 workers died under 1,000-worker load, one surviving worker failed,
+        retried and ended the runs of all 100, one after another, at seconds a call: the
+        retries trickled in over 20 minutes. Inside this block each round is given at most
+        `STALE_A_ROUND` of them, chosen at random, so that the workers that check at once share
+        them; the callbacks may defer their slow part (`after_stale_rounds`) to the block's
+        end, once every retry is in. Yields `more()`: whether the last round left some."""
+        self._local.stale_round_left = False
+        self._local.after_stale = []
+        try:
+            yield lambda: bool(self._local.stale_round_left)
+        finally:
+            deferred, self._local.after_stale = self._local.after_stale, None
+            self._local.stale_round_left = None
+            for call in deferred:
+                call()
+
+    def after_stale_rounds(self, call: Callable[[], None]) -> None:
+        """`call` at the end of this thread's `stale_rounds` block; at once outside one."""
+        deferred = getattr(self._local, "after_stale", None)
+        if deferred is None:
+            call()
+        else:
+            deferred.append(call)
+
     def _get_stale_trial_ids(self, study_id: int) -> list[int]:
-        return _retrying("_get_stale_trial_ids", _stale_or_never_beat)(self, study_id)
+        stale = _retrying("_get_stale_trial_ids", _stale_or_never_beat)(self, study_id)
+        if getattr(self._local, "stale_round_left", None) is not None:  # in stale_rounds
+            self._local.stale_round_left = len(stale) > STALE_A_ROUND
+            if len(stale) > STALE_A_ROUND:
+                stale = random.sample(stale, STALE_A_ROUND)
+        for trial_id in stale:  # failed now, by this process or another one
+            self.first_seen_without_heartbeat.pop(trial_id, None)
+        return stale
 
     def get_all_trials(self, study_id: int, deepcopy: bool = True, states=None) -> list:
         """Every trial in full, for callers without Optuna's cache (study summaries, a plain
@@ -657,6 +700,4 @@ def _stale_or_never_beat(storage: ResilientRDBStorage, study_id: int) -> list[in
     dead = [
         trial_id for trial_id in sorted(never_beat) if now - seen.setdefault(trial_id, now) > grace
     ]
-    for trial_id in dead:  # failed now, by this process or another one
-        del seen[trial_id]
     return stale + dead

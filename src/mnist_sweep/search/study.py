@@ -108,8 +108,8 @@ def open_storage(
 
     def stale_trial_callback(study: optuna.Study, trial: FrozenTrial) -> None:
         retry(study, trial)  # first: the retry should take the trial's slot at once
-        if on_stale is not None:
-            on_stale(study, trial)
+        if on_stale is not None:  # the MLflow run's end: once the round's retries are in
+            our_storage(study).after_stale_rounds(lambda: on_stale(study, trial))
 
     import sqlalchemy.exc
 
