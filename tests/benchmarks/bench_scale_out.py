@@ -653,6 +653,9 @@ def main() -> None:
                                overrides=beats))
         finally:
             servers.stop()
+        if not curve:
+            shutil.rmtree(work, ignore_errors=True)
+            return
         print("\n| workers | trials/min (window) | trials/min (whole run) | trials/min (after the first round) | ask p50/p99 ms | tell p50/p99 ms | MLflow p50/p99 ms "
               "| PostgreSQL connections | errors | duplicates | left RUNNING |")
         print("|---|---|---|---|---|---|---|---|---|---|---|")
