@@ -533,6 +533,13 @@ def check_study(servers, study_name: str, start: float, seconds: float,
                 or count.get((run_id, "val_acc"), 0) != epochs
                 or count.get((run_id, "batch_train_loss"), 0) != epochs * BATCHES_PER_EPOCH):
             incomplete += 1
+    # how soon the survivors took them: when the killed trials were failed, and when the last
+    # of their retries was taken (WAITING -> RUNNING)
+    failed_at = [t.datetime_complete.timestamp() - start for t in killed_failed
+                 if t.datetime_complete]
+    retries = [t for t in trials if t.system_attrs.get("failed_trial") in
+               {k.number for k in killed_failed}]
+    taken_at = [t.datetime_start.timestamp() - start for t in retries if t.datetime_start]
     killed_runs_open = sum(
         1 for t in killed_failed for _, status, _ in runs_of.get(str(t._trial_id), [])
         if status != "FAILED")
@@ -549,6 +556,9 @@ def check_study(servers, study_name: str, start: float, seconds: float,
         "duplicate_runs": sum(len(v) - 1 for v in runs_of.values() if len(v) > 1),
         "duplicate_retries": sum(n - 1 for n in retried_from.values() if n > 1),
         "killed_trials": len(killed_failed), "killed_mid_ask": killed_mid_ask,
+        "killed_failed_s": [round(min(failed_at, default=0)), round(max(failed_at, default=0))],
+        "retries_taken_by_s": round(max(taken_at, default=0)),
+        "retries_not_taken": len(retries) - len(taken_at),
         "killed_not_failed": len(by_killed) - len(killed_failed),
         "killed_not_retried": sum(1 for t in killed_failed if retried_from[t.number] != 1),
         "killed_runs_not_ended": killed_runs_open,
@@ -588,8 +598,10 @@ def show(f: dict) -> None:
         print(f"      the killed process's trials: {f['killed_trials']} failed by heartbeat "
               f"({f['killed_mid_ask']} of them made by an ask the kill cut short), "
               f"not failed {f['killed_not_failed']}, not retried exactly once "
-              f"{f['killed_not_retried']}, runs not ended FAILED {f['killed_runs_not_ended']}",
-              flush=True)
+              f"{f['killed_not_retried']}, runs not ended FAILED {f['killed_runs_not_ended']}; "
+              f"failed from {f['killed_failed_s'][0]} s to {f['killed_failed_s'][1]} s, the "
+              f"last retry taken at {f['retries_taken_by_s']} s ({f['retries_not_taken']} not "
+              "taken)", flush=True)
     if f["warning_examples"] or f["crashed"]:
         print(f"      warnings: {f['warning_examples']} crashed: {f['crashed'][:3]}", flush=True)
 
