@@ -256,9 +256,12 @@ def tell(
 
 
 class Heartbeats:
-    """A thread that records the heartbeat of every open trial of a bookkeeper, every
-    sweep.heartbeat_interval seconds, in one transaction a round: a worker that dies has them all
-    failed by heartbeat and retried (its driver, when it sees the exit, fails them sooner)."""
+    """A thread that records the heartbeat of every trial of a bookkeeper's storage that is
+    running here, every sweep.heartbeat_interval seconds, in one transaction a round: a worker
+    that dies has them all failed by heartbeat and retried (its driver, when it sees the exit,
+    fails them sooner). `storage.running_here` holds every trial this worker made or claimed
+    until it writes its end: its open trials, and those still being asked for (made, still
+    sampling: seconds under load)."""
 
     def __init__(self, book: Bookkeeper, interval: float):
         self.book, self.interval = book, interval
@@ -278,10 +281,7 @@ class Heartbeats:
 
         storage = self.book.storage
         while not self.stopping.wait(self.interval):
-            with self.book.lock:
-                ids = {t.trial._trial_id for t in self.book.open.values()}
-            # and the trials being asked for: made, still sampling (seconds under load)
-            ids |= set(storage.running_here)
+            ids = set(storage.running_here)  # a copy: the other threads add and end trials
             try:
                 with storage.coalesced():
                     for trial_id in ids:
