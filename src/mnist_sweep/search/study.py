@@ -8,6 +8,7 @@ local worker processes share it safely (a 60 s busy timeout, Optuna's RDB heartb
 from __future__ import annotations
 
 import logging
+import math
 import random
 import time
 import warnings
@@ -360,6 +361,25 @@ def claimed_before(study: optuna.Study, number: int, max_retry: int = 0) -> int:
         for t in trials
         if t.number < number and (t.state != TrialState.FAIL or t.number in pending)
     )
+
+
+def ranked_complete(study: optuna.Study) -> list[FrozenTrial]:
+    """The study's complete trials with a finite value, best first by the study's direction;
+    equal values: the lower trial number first (it got there first). The one rule for "the best
+    trial" everywhere: the console, the progress line, the parent run, the registry, and which
+    trial logs its model as it leads (`Bookkeeper.beats_the_best`: strictly better only, so a
+    later tie never displaces the earlier trial). Optuna's `study.best_trial` leaves ties to the
+    database's order."""
+    maximize = study.direction == optuna.study.StudyDirection.MAXIMIZE
+    trials = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+    finite = [t for t in trials if t.value is not None and math.isfinite(t.value)]
+    return sorted(finite, key=lambda t: (-t.value if maximize else t.value, t.number))
+
+
+def best_complete(study: optuna.Study) -> FrozenTrial | None:
+    """The best trial by `ranked_complete`'s rule; None before any complete trial."""
+    ranked = ranked_complete(study)
+    return ranked[0] if ranked else None
 
 
 # ----------------------------------------------------------------------------- opening a study
