@@ -2,7 +2,9 @@
 with nested trials, pruning and workers, in both the command-line and the hparams_search form."""
 
 import optuna
+import pytest
 from mlflow.tracking import MlflowClient
+from optuna.study import StudyDirection
 
 from conftest import run_cli
 
@@ -60,3 +62,37 @@ def test_a_sampler_this_sweep_does_not_run_is_refused_with_the_allowed_ones(tmp_
     assert "NSGAIISampler is not a sampler this sweep runs" in out.stderr
     assert "optuna.samplers.TPESampler" in out.stderr
     assert not (tmp_path / "optuna.db").exists()
+
+
+@pytest.mark.parametrize("overrides, direction", [
+    (["hydra.sweeper.metric=val_loss"], StudyDirection.MINIMIZE),  # the metric's own direction
+    ([], StudyDirection.MAXIMIZE),  # val_acc, the default metric
+    (["hydra.sweeper.metric=val_loss", "hydra.sweeper.direction=maximize"], StudyDirection.MAXIMIZE),
+    (["hydra.sweeper.metric=val_acc", "hydra.sweeper.direction=minimize"], StudyDirection.MINIMIZE),
+])
+def test_the_direction_is_the_metrics_own_unless_given(overrides, direction, tmp_path, mnist_dir):
+    """Hydra's Optuna sweeper minimizes by default and `make sweep` takes the metric's
+    direction; this sweeper used to maximize whatever the metric, val_loss included."""
+    out = run_cli("mnist_sweep.train", "-m", "hydra/sweeper=optuna", "optim.momentum=interval(0.5,0.99)",
+                  "hydra.sweeper.n_trials=1", "hydra.sweeper.study_name=direction", *overrides,
+                  "+hydra.sweeper.sweep.register_model=false", f"data.root={mnist_dir}", *TINY,
+                  "train.epochs=1", cwd=tmp_path, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    study, parents, _ = study_and_runs(tmp_path, "direction")
+    assert study.direction == direction
+    assert parents[0].data.tags["direction"] == direction.name.lower()
+
+
+def test_the_recorded_sweep_file_has_the_storage_password_masked(tmp_path, mnist_dir):
+    """The sweeper writes its settings to multirun/<date>/<time>/<study>.yaml before it opens
+    the storage: here one that cannot be reached, so the sweep stops with that error after."""
+    out = run_cli("mnist_sweep.train", "-m", "hydra/sweeper=optuna", "optim.momentum=interval(0.5,0.99)",
+                  "hydra.sweeper.n_trials=1", "hydra.sweeper.study_name=masked",
+                  "hydra.sweeper.storage=postgresql://bob:hunter2@127.0.0.1:9/optuna",
+                  "+hydra.sweeper.sweep.register_model=false", f"data.root={mnist_dir}", *TINY,
+                  cwd=tmp_path, timeout=300)
+    assert out.returncode != 0 and "cannot be opened" in out.stderr, out.stderr[-3000:]
+    (recorded,) = tmp_path.glob("multirun/*/*/masked.yaml")
+    text = recorded.read_text()
+    assert "hunter2" not in text and "postgresql://bob:***@127.0.0.1:9/optuna" in text
+    assert "hunter2" not in out.stdout + out.stderr

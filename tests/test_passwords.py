@@ -87,3 +87,26 @@ def test_the_sweep_file_recorded_in_the_parent_run_has_its_passwords_masked(serv
     assert hides_password(recorded) and "postgresql://mnist:***@127.0.0.1:" in recorded
     assert hides_password(open(os.path.join(local, "resolved_space.yaml")).read())
     assert hides_password(out.stdout + out.stderr)
+
+
+@needs_postgres
+def test_hydras_multirun_records_its_sweep_file_with_the_storage_password_masked(servers, tmp_path,
+                                                                              mnist_dir):
+    """The Optuna sweeper of `-m` writes its settings to multirun/<date>/<time>/<study>.yaml
+    (default umask): the storage's password is masked there, and the study still opens with
+    the real one."""
+    name = f"hydra-masked-{tmp_path.name}"
+    out = run_cli("mnist_sweep.train", "-m", "hydra/sweeper=optuna", "optim.momentum=interval(0.5,0.99)",
+                  "hydra.sweeper.n_trials=1", f"hydra.sweeper.study_name={name}",
+                  f"hydra.sweeper.storage={servers.storage_url}",
+                  "+hydra.sweeper.sweep.register_model=false",
+                  f"tracking.tracking_uri={servers.tracking_url}", f"data.root={mnist_dir}", *TINY,
+                  "train.epochs=1", "train.progress=false", cwd=tmp_path, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    (recorded,) = tmp_path.glob(f"multirun/*/*/{name}.yaml")
+    text = recorded.read_text()
+    assert hides_password(text) and "postgresql://mnist:***@127.0.0.1:" in text
+    assert hides_password(out.stdout + out.stderr)
+    import optuna
+
+    assert len(optuna.load_study(study_name=name, storage=servers.storage_url).trials) == 1

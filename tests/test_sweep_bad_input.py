@@ -104,3 +104,40 @@ def test_bad_sweep_file(case, tmp_path, existing, mnist_dir):
 def test_missing_sweep_file_lists_the_shipped_ones(tmp_path, existing, mnist_dir):
     out = run_in_copy(tmp_path, existing, mnist_dir, "--sweep", "momentum_decayy")
     assert_one_paragraph_error(out, ["momentum_decayy", "momentum_decay", "seed_note", "wide"])
+
+
+# Settings refused before any store is made: run in an empty folder, where a sweep would create
+# optuna.db and mlflow.db (issue 25: sampler_args=5 was a TypeError after both were made).
+FRESH_CASES = {
+    "sampler_args a number": (["sweep.sampler_args=5"],
+                              ["sweep.sampler_args=5", "mapping of keyword arguments", "null"]),
+    "sampler_args a list": (["sweep.sampler_args=[1]"],
+                            ["sweep.sampler_args=[1]", "mapping of keyword arguments"]),
+    "pruner_args a number": (["sweep.pruner_args=5"],
+                             ["sweep.pruner_args=5", "mapping of keyword arguments", "null"]),
+    "pruner_args a list": (["sweep.pruner_args=[1]"],
+                           ["sweep.pruner_args=[1]", "mapping of keyword arguments"]),
+    "grace_period equal to the heartbeat": (
+        ["sweep.heartbeat_interval=10", "sweep.grace_period=10"],
+        ["sweep.grace_period=10", "sweep.heartbeat_interval=10", "greater than"]),
+    "grace_period below the heartbeat": (  # the default heartbeat (10 s)
+        ["sweep.grace_period=5"], ["sweep.grace_period=5", "sweep.heartbeat_interval=10"]),
+}
+
+
+@pytest.mark.parametrize("case", list(FRESH_CASES))
+def test_bad_setting_is_refused_before_any_store_is_made(case, tmp_path, mnist_dir):
+    overrides, expected = FRESH_CASES[case]
+    out = run_cli("mnist_sweep.sweep", "--sweep", "momentum", "sweep.quiet=true", *overrides,
+                  f"data.root={mnist_dir}", *TINY, "train.epochs=1", cwd=tmp_path)
+    assert_one_paragraph_error(out, expected)
+    assert not (tmp_path / "optuna.db").exists() and not (tmp_path / "mlflow.db").exists()
+    assert not (tmp_path / "mlruns").exists()
+
+
+def test_null_sampler_and_pruner_args_and_a_grace_period_above_the_heartbeat_are_accepted(tmp_path):
+    out = run_cli("mnist_sweep.sweep", "--sweep", "momentum", "--show", "sweep.sampler_args=null",
+                  "sweep.pruner_args={n_startup_trials: 2}", "sweep.heartbeat_interval=10",
+                  "sweep.grace_period=11", cwd=tmp_path)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "grace_period: 11" in out.stdout

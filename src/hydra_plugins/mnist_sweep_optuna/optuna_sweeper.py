@@ -52,7 +52,7 @@ class OptunaSweeperConf:
     defaults: list[Any] = field(default_factory=lambda: [{"sampler": "tpe"}])
     # the keys of Hydra's Optuna sweeper
     sampler: Any = MISSING
-    direction: Any = "maximize"
+    direction: Any = None  # null: the metric's own (val_acc maximized, val_loss minimized)
     storage: Any | None = None
     study_name: str | None = None
     n_trials: int = 20
@@ -109,10 +109,10 @@ class OptunaSweeper(Sweeper):
                 "supported: give the search space as hydra.sweeper.params "
                 "(key: sweep grammar such as interval(0.5, 0.99))."
             )
-        if not isinstance(direction, str):
+        if direction is not None and not isinstance(direction, str):
             raise ConfigError(
                 f"hydra.sweeper.direction={direction!r}: one direction (maximize or "
-                "minimize); this sweep optimizes one metric."
+                "minimize), or null for the metric's own; this sweep optimizes one metric."
             )
         self.settings = {
             "n_trials": n_trials,
@@ -147,6 +147,7 @@ class OptunaSweeper(Sweeper):
         from hydra.core.override_parser.overrides_parser import OverridesParser
 
         from mnist_sweep.base.errors import user_errors_exit
+        from mnist_sweep.base.urls import mask_secrets
         from mnist_sweep.search.driver import run_sweep
         from mnist_sweep.search.sweepfile import load_spec
 
@@ -159,9 +160,16 @@ class OptunaSweeper(Sweeper):
         folder = Path(self.config.hydra.sweep.dir)
         folder.mkdir(parents=True, exist_ok=True)
         sweep_file = folder / f"{self.settings['study_name']}.yaml"  # what ran, for the record
-        sweep_file.write_text(OmegaConf.to_yaml({"sweep": self.settings, "params": params}))
+        storage = self.settings["storage"]  # its password is masked in the file, kept here
+        shown = {
+            **self.settings,
+            "storage": mask_secrets(storage) if isinstance(storage, str) else storage,
+        }
+        sweep_file.write_text(OmegaConf.to_yaml({"sweep": shown, "params": params}))
         with user_errors_exit():
             spec = load_spec(str(sweep_file), fixed)
+            if storage:
+                spec.settings["storage"] = storage
             return run_sweep(spec)
 
 

@@ -7,6 +7,7 @@ Everything here runs before anything is written: a bad sweep is refused with one
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -208,6 +209,16 @@ def check_settings(s: dict) -> None:
         raise ConfigError(
             f"sweep.pruner={s['pruner']!r} is unknown; allowed: {', '.join(PRUNERS)}."
         )
+    for key, kind in (("sampler_args", "sampler"), ("pruner_args", "pruner")):
+        args = s[key]
+        if args is not None and (
+            not isinstance(args, Mapping) or not all(isinstance(k, str) for k in args)
+        ):
+            raise ConfigError(
+                f"sweep.{key}={args!r} is not allowed: it must be a mapping of keyword "
+                f"arguments passed to the {kind}, such as {{n_startup_trials: 5}}, or null "
+                "(none)."
+            )
     if s["timeout"] is not None and (
         isinstance(s["timeout"], bool)
         or not isinstance(s["timeout"], (int, float))
@@ -223,6 +234,14 @@ def check_settings(s: dict) -> None:
     ):
         if not is_int(s[key]) or s[key] < 1:
             raise ConfigError(f"sweep.{key}={s[key]!r} is not allowed: it must be an integer >= 1.")
+    if s["grace_period"] <= s["heartbeat_interval"]:
+        raise ConfigError(
+            f"sweep.grace_period={s['grace_period']} is not allowed with "
+            f"sweep.heartbeat_interval={s['heartbeat_interval']}: the grace period must be "
+            "greater than the heartbeat interval (a running trial that has not beaten for "
+            "grace_period seconds is failed as stale, so a live one would be failed between "
+            "two of its beats); the defaults are 10 and 30."
+        )
     if not is_int(s["max_retry"]) or s["max_retry"] < 0:
         raise ConfigError(f"sweep.max_retry={s['max_retry']!r} is not allowed: an integer >= 0.")
     if s["population"] != "auto" and (not is_int(s["population"]) or s["population"] < 1):
