@@ -94,3 +94,18 @@ def test_mlflow_models_predict_serves_the_champion_on_real_mnist_images(tmp_path
     logits = np.array(predictions)
     assert logits.shape == (8, 10)
     assert (logits.argmax(1) == labels).mean() >= 0.75  # one epoch: ~93 % on the test set
+
+
+def test_a_best_run_without_a_logged_model_is_trained_again_and_logged(cfg_factory, store):
+    """The fallback for a best run that logged no model: its own config.yaml passes the check,
+    the retrained model is logged into the run and scores the trial's test accuracy."""
+    from mnist_sweep.tracking.registry import retrain_and_log
+    from mnist_sweep.train import train_and_track
+
+    train_and_track(cfg_factory("train.epochs=1", "schedule=step"))
+    client = MlflowClient(store)
+    run = client.search_runs([e.experiment_id for e in client.search_experiments()])[0]
+    uri = retrain_and_log(client, run)
+    assert uri.startswith("models:/")
+    check = client.get_run(run.info.run_id).data.tags["model_check"]
+    assert f"test_acc {run.data.metrics['test_acc']:.4f} (the trial's own: " in check  # same weights

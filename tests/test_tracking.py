@@ -140,3 +140,61 @@ def test_not_sqlite_refuses_other_files_but_not_a_database_being_created(tmp_pat
     assert not_sqlite(tmp_path / "notes.db")
     assert not not_sqlite(tmp_path / "new.db") and not not_sqlite(tmp_path / "real.db")
     assert not not_sqlite(tmp_path / "missing.db")
+
+
+# Study names that MLflow's filter grammar can carry (with the right quotes), and those it cannot.
+ODD_NAMES = ["it's", 'say "hi"', "two words", "Grüße ñ 日本", "x' or tags.sweep_role = 'trial",
+             "a\\b", "''", "tab\tand\nnewline"]
+UNCARRIABLE = ["both ' and \"", "ends in a backslash\\"]
+
+
+@pytest.mark.parametrize("name", ODD_NAMES)
+def test_runs_tagged_finds_a_study_name_with_quotes_spaces_or_non_ascii(store, name):
+    """The stale and orphan runs of a study are found by its name, whatever characters the
+    name has (before: a `'` broke the filter, and such runs were never ended)."""
+    from mnist_sweep.tracking.runs import MlflowTracker
+
+    tracker = MlflowTracker(store, "odd names")
+    mine = tracker.start_run("mine", tags={"study_name": name, "sweep_role": "trial"})
+    other = tracker.start_run("other", tags={"study_name": name + "x", "sweep_role": "trial"})
+    tracker.client.set_terminated(other, "FINISHED")
+    assert tracker.runs_tagged({"study_name": name}) == [mine]
+    assert tracker.runs_tagged({"study_name": name, "sweep_role": "trial"}, status="RUNNING") == [mine]
+    assert tracker.runs_tagged({"study_name": name + "x"}, status="FINISHED") == [other]
+    assert tracker.runs_tagged({"study_name": name}, status="FINISHED") == []
+
+
+@pytest.mark.parametrize("name", ODD_NAMES)
+def test_the_deep_links_filter_finds_the_studys_trials(store, name):
+    """The runs page's searchFilter (what the UI sends to the server's search) parses and finds
+    the study's trials, and only them."""
+    import urllib.parse
+
+    from mnist_sweep.tracking.review import trials_view
+
+    client = MlflowClient(store)
+    experiment = client.create_experiment("odd names")
+    trial = client.create_run(experiment, tags={"study_name": name, "sweep_role": "trial"})
+    client.create_run(experiment, tags={"study_name": name, "sweep_role": "parent"})
+    client.create_run(experiment, tags={"study_name": "other", "sweep_role": "trial"})
+    query = urllib.parse.parse_qs(trials_view(experiment, name, "val_acc", True).split("?", 1)[1])
+    found = client.search_runs([experiment], query["searchFilter"][0])
+    assert [r.info.run_id for r in found] == [trial.info.run_id]
+
+
+@pytest.mark.parametrize("name", UNCARRIABLE)
+def test_a_value_no_filter_can_carry_is_refused_with_a_clear_error(name):
+    """A name with both kinds of quotes, or ending in a backslash: MLflow's grammar has no
+    escapes (a value is what lies between its quotes), so such a name is refused, naming it."""
+    from mnist_sweep.base.errors import ConfigError
+    from mnist_sweep.tracking.filters import check_filter_value, filter_value
+
+    with pytest.raises(ConfigError) as refused:
+        check_filter_value(name, "sweep.study_name")
+    message = str(refused.value)
+    assert f"sweep.study_name={name!r} is not allowed" in message
+    assert "MLflow" in message and "backslash" in message
+    with pytest.raises(ConfigError):
+        filter_value(name, "sweep.study_name")
+    for fine in ODD_NAMES:
+        check_filter_value(fine, "sweep.study_name")

@@ -1,12 +1,20 @@
 """The best trial's model in MLflow's model registry, under `sweep.register_model` with the alias
 `champion`, so that `mlflow models predict -m models:/<name>@champion` serves it.
 
-Trials do not log their models (`tracking.log_model=false`, the default: a logged model costs
-about a second, and only one of 60 trials is wanted). At the end of a sweep the report process
-trains the best trial again from its run's config.yaml: the same seed, the same batch order, so on
-a CPU the very same weights (the run gets the tag `model_check` with both test accuracies, to be
-seen), and on a GPU or from a population within float tolerance. A run that logged its model
-already (log_model=true) is registered as it is.
+Trials log their model when they lead: a trial (or a population's member) whose value beats every
+complete trial of the study so far (search/bookkeeping.py `beats_the_best`) logs its model from
+memory as it ends (search/worker.py, with runs.py `log_torch_model`; for a population,
+search/population_bookkeeper.py's `champion`): about 0.1 s, and only when the sweep registers.
+At the end the report process registers the best trial's logged model as it is
+(`tracking.log_model=true`: every trial logs one).
+
+Only a best run without a logged model (its trial ran in a sweep with
+sweep.register_model=false and the study was resumed with registration, or its worker stopped
+before the model was logged) is trained again, `retrain_and_log`, from its run's config.yaml:
+the same seed, the same batch order, so on a CPU the very same weights (the run gets the tag
+`model_check` with both test accuracies, to be seen), and on a GPU or from a population within
+float tolerance. That config comes from the tracking server: only our models, SGD and torch's
+LR schedulers are built from it (trial/targets.py).
 """
 
 from __future__ import annotations
@@ -17,6 +25,7 @@ import logging
 
 from omegaconf import DictConfig, OmegaConf
 
+from mnist_sweep.tracking.filters import filter_value
 from mnist_sweep.tracking.runs import fluent_target, log_torch_model
 
 log = logging.getLogger("mnist_sweep")
@@ -37,20 +46,24 @@ def logged_model_uri(client, run) -> str | None:
     with fluent_target(client.tracking_uri, run.info.experiment_id):
         models = mlflow.search_logged_models(
             experiment_ids=[run.info.experiment_id],
-            filter_string=f"source_run_id = '{run.info.run_id}'",
+            filter_string=f"source_run_id = {filter_value(run.info.run_id, 'a run id')}",
             output_format="list",
         )
     return models[0].model_uri if models else None
 
 
 def retrain_and_log(client, run) -> str:
-    """Train the run's trial again from its config.yaml and log the model into the run."""
+    """Train the run's trial again from its config.yaml and log the model into the run. The
+    config comes from the tracking server (anyone who can write an artifact there can write it):
+    it is checked first, and only our models, SGD and torch's LR schedulers are built from it."""
     import torch
 
     from mnist_sweep.trial.loop import run_trial
+    from mnist_sweep.trial.targets import check_stored_config
 
     cfg = OmegaConf.load(client.download_artifacts(run.info.run_id, "config.yaml"))
-    assert isinstance(cfg, DictConfig)  # a trial's config.yaml: a mapping
+    check_stored_config(cfg, f"The config.yaml of the run {run.info.run_id}")
+    assert isinstance(cfg, DictConfig)  # check_stored_config refuses anything else
     cfg.train.progress = False
     if str(cfg.train.device).startswith("cuda") and not torch.cuda.is_available():
         cfg.train.device = "cpu"

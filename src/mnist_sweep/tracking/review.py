@@ -12,6 +12,8 @@ import argparse
 import os
 import urllib.parse
 
+from mnist_sweep.tracking.filters import filter_value, uncarriable
+
 # MLflow 3's UI opens an experiment on its GenAI overview unless the runs page is asked for the
 # classic (Model training) view; the choice is remembered by the browser once made.
 DEFAULT_UI = "http://127.0.0.1:5000"  # where `make ui` serves a local store
@@ -20,7 +22,8 @@ EXPERIMENT_DESCRIPTION = (
     "description names the best trial; its artifacts hold the plots and trials.csv) and its "
     "**nested runs** are the study's trials, named `t<number> <sampled values>`. Standalone "
     "`make train` runs carry the tag `sweep_role = single`. Filter a study's trials with "
-    "`tags.study_name = '<study>' and tags.sweep_role = 'trial'`."
+    "`tags.study_name = '<study>' and tags.sweep_role = 'trial'` (a name with a `'` goes "
+    'between double quotes: `"<study>"`).'
 )
 
 
@@ -37,7 +40,8 @@ def trials_view(experiment_id: str, study_name: str, metric: str, maximize: bool
     query = urllib.parse.urlencode(
         {
             "workflowType": "machine_learning",
-            "searchFilter": f"tags.study_name = '{study_name}' and tags.sweep_role = 'trial'",
+            "searchFilter": f"tags.study_name = {filter_value(study_name, 'the study name')} "
+            "and tags.sweep_role = 'trial'",
             "orderByKey": f"metrics.`{metric}`",
             "orderByAsc": "false" if maximize else "true",
         },
@@ -163,10 +167,15 @@ def print_links(tracking_uri: str) -> int:
     )
     for run in parents:
         tags = run.data.tags
+        name = tags.get("study_name", run.info.run_name)
+        reason = uncarriable(name)
+        if reason is not None:  # a study made before such names were refused
+            print(f"study {name}: no link ({reason}: MLflow's search filters cannot match it)")
+            continue
         link = trials_link(
             tracking_uri,
             run.info.experiment_id,
-            tags.get("study_name", run.info.run_name),
+            name,
             tags.get("metric", "val_acc"),
             tags.get("direction", "maximize") == "maximize",
         )

@@ -24,6 +24,7 @@ from mnist_sweep.base.errors import TrackingError, failure_reason
 from mnist_sweep.base.hydra_config import resolved as resolved_config
 from mnist_sweep.base.urls import not_sqlite, redact_passwords, redact_reason, redact_uri, scheme_of
 from mnist_sweep.servers import sqlite_stores
+from mnist_sweep.tracking.filters import filter_value, tag_equals
 
 if TYPE_CHECKING:  # a sweep's driver tracks without torch: only the trials need it
     import torch
@@ -643,9 +644,9 @@ class MlflowTracker:
 
     def runs_tagged(self, tags: dict[str, str], status: str | None = None) -> list[str]:
         """Ids of this experiment's runs that carry all of `tags` (and have `status`)."""
-        conditions = [f"tags.`{k}` = '{v}'" for k, v in tags.items()]
+        conditions = [tag_equals(tags)] if tags else []
         if status:
-            conditions.append(f"attributes.status = '{status}'")
+            conditions.append(f"attributes.status = {filter_value(status, 'a run status')}")
         runs = self.client.search_runs(
             [self.experiment_id], " and ".join(conditions), max_results=5000
         )
