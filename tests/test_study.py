@@ -357,7 +357,7 @@ def test_many_stale_trials_are_failed_a_few_at_a_time_and_their_runs_end_after_t
             study_name="s", storage=url).trials if "failed_trial" in t.system_attrs}
 
     spec = load_spec("momentum", [f"sweep.storage={url}", "sweep.heartbeat_interval=1",
-                                  "sweep.grace_period=1"])
+                                  "sweep.grace_period=2"])
     ended: dict[int, list[tuple[int, set[int]]]] = {0: [], 1: []}
     books = []
     for index in (0, 1):

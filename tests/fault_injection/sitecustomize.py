@@ -101,3 +101,67 @@ class _PatchOnImport(importlib.abc.MetaPathFinder):
 for (_variable, _value), (_module, _patch) in INJECTIONS.items():
     if os.environ.get(_variable) == _value:
         sys.meta_path.insert(0, _PatchOnImport(_module, _patch))
+
+
+# MNIST_SWEEP_NAN_AT=final_val_loss: the first epoch result a process builds for a trial's last
+# epoch has val_loss NaN (the training loss stays finite): a validation loss that turned NaN at
+# the very end, the value a sweep with sweep.metric=val_loss then holds. One per process: in a
+# solo sweep trial 0's last epoch, in a population the first member to finish.
+def _patch_epoch_result(module):
+    init = module.EpochResult.__init__
+    done = []
+
+    def init_with_a_nan(self, *args, **kwargs):
+        init(self, *args, **kwargs)
+        if self.epoch == self.epochs and self.val_loss is not None and not done:
+            done.append(1)
+            self.val_loss = float("nan")
+
+    module.EpochResult.__init__ = init_with_a_nan
+
+
+if os.environ.get("MNIST_SWEEP_NAN_AT") == "final_val_loss":
+    sys.meta_path.insert(0, _PatchOnImport("mnist_sweep.trial.loop", _patch_epoch_result))
+
+
+# MNIST_SWEEP_HOLD_AT=writer_start or writer_end, with MNIST_SWEEP_GATE=<a file's path>: a
+# population's MLflow writer process (tracking/run_writer.py) waits until that file exists, either
+# before it starts serving (writer_start: a signal lands in its start-up) or before each run's end
+# (writer_end: the ends of members that completed stay queued, their runs RUNNING, while training
+# goes on). The test opens the gate by creating the file.
+def _patch_serve(module):
+    import time
+
+    serve, hold, gate = module._serve, os.environ["MNIST_SWEEP_HOLD_AT"], os.environ["MNIST_SWEEP_GATE"]
+
+    def wait_at_the_gate():
+        while not os.path.exists(gate):
+            time.sleep(0.05)
+
+    class EndsHeld:
+        def __init__(self, requests):
+            self._requests = requests
+
+        def get(self, *args, **kwargs):
+            request = self._requests.get(*args, **kwargs)
+            if request[0] == "end":
+                wait_at_the_gate()
+            return request
+
+        def __getattr__(self, name):
+            return getattr(self._requests, name)
+
+    def serve_at_the_gate(tracking_cfg_yaml, requests, *args, **kwargs):
+        if hold == "writer_start":
+            wait_at_the_gate()
+        else:
+            requests = EndsHeld(requests)
+        return serve(tracking_cfg_yaml, requests, *args, **kwargs)
+
+    # the worker's process pickles its target by name: module._serve must be this function
+    serve_at_the_gate.__module__, serve_at_the_gate.__qualname__ = serve.__module__, serve.__qualname__
+    module._serve = serve_at_the_gate
+
+
+if os.environ.get("MNIST_SWEEP_HOLD_AT") in ("writer_start", "writer_end"):
+    sys.meta_path.insert(0, _PatchOnImport("mnist_sweep.tracking.run_writer", _patch_serve))

@@ -27,7 +27,7 @@ import optuna
 from optuna.trial import TrialState
 
 from mnist_sweep.base.errors import UserError
-from mnist_sweep.search.study import claimed_before, counts, deadline, our_storage
+from mnist_sweep.search.study import best_complete, claimed_before, counts, deadline, our_storage
 
 log = logging.getLogger("mnist_sweep")
 
@@ -157,14 +157,16 @@ class Bookkeeper:
         """Whether `value` beats every complete trial of the study so far: such a trial logs its
         model when it ends, so that the sweep's end registers the best one without training it
         again."""
-        complete = self.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-        values = [t.value for t in complete if t.value is not None]
-        if not values:
+        if not value_is_a_result(value):
+            return False
+        best = best_complete(self.study)  # the one rule (study.ranked_complete): a tie keeps
+        if best is None:  # the earlier trial, so only a strictly better value leads
             return True
+        assert best.value is not None  # complete and finite
         return (
-            value > max(values)
+            value > best.value
             if self.spec.settings["direction"] == "maximize"
-            else value < min(values)
+            else value < best.value
         )
 
     # ------------------------------------------------------------------------- endings
@@ -172,13 +174,15 @@ class Bookkeeper:
     def end(self, endings: dict[int, Ending]) -> None:
         """Tell Optuna how these trials ended, in one transaction; count failures in a row
         (TooManyFailures once sweep.max_failures_in_a_row is reached)."""
+        diverged = self.spec.settings["diverged"]
+        endings = {n: settled(e, diverged) for n, e in endings.items()}
         started = time.perf_counter()
         try:
             with self.storage.coalesced():
                 for number, ending in endings.items():
                     with self.lock:
                         trial = self.open.pop(number).trial
-                    record_ending(self.study, trial, ending)
+                    record_ending(self.study, trial, ending, diverged)
         finally:
             self.seconds += time.perf_counter() - started
         for ending in endings.values():
@@ -205,8 +209,42 @@ class Bookkeeper:
             )
 
 
-def record_ending(study: optuna.Study, trial: optuna.Trial, ending: Ending) -> None:
-    """The trial's completion attributes and its state (inside the caller's coalesced block)."""
+def settled(ending: Ending, diverged: str = "prune") -> Ending:
+    """How a trial really ended, decided in one place for a solo trial (worker.py), a
+    population's members (population_bookkeeper.py) and what reaches Optuna (record_ending): a
+    final or pruning value that is not a finite number (a validation loss that turned NaN while
+    the training loss stayed finite) is never a result. It ends as a diverged trial does, at
+    that epoch (sweep.diverged=prune: PRUNED with NaN there, the `diverged` attribute, its run
+    FAILED), or failed (sweep.diverged=fail). Optuna's own tell refuses a NaN for a complete
+    trial (`_check_values_are_feasible`); an infinite one it would store, and a loss of inf is
+    no result either. Callers settle an ending before they end its MLflow run, so that Optuna
+    and MLflow record the same end."""
+    if ending.state not in ("complete", "pruned") or value_is_a_result(ending.value):
+        return ending
+    reason = (
+        f"TrainingDiverged: the {'final' if ending.state == 'complete' else 'pruning'} value "
+        f"at epoch {ending.epochs} is {ending.value}, not a finite number"
+    )
+    if diverged != "prune":
+        return Ending("failed", reason=reason)
+    return Ending("diverged", ending.epochs, reason=reason)
+
+
+def value_is_a_result(value: float | None) -> bool:
+    """A value that may be stored as a trial's: a finite number (what Optuna's tell accepts
+    for a complete trial, less the infinities)."""
+    try:
+        return value is not None and math.isfinite(float(value))
+    except (TypeError, ValueError):
+        return False
+
+
+def record_ending(
+    study: optuna.Study, trial: optuna.Trial, ending: Ending, diverged: str = "prune"
+) -> None:
+    """The trial's completion attributes and its state (inside the caller's coalesced block).
+    The ending is settled first (`settled`): a value that is no result is never stored."""
+    ending = settled(ending, diverged)
     if ending.state == "complete":
         trial.set_user_attr("test_acc", ending.test_acc)
         trial.set_user_attr("test_loss", ending.test_loss)
@@ -239,16 +277,22 @@ def tell(
     finite intermediate value as its value, the sampler's after_trial hook runs, then the state
     is written. tests/test_storage.py (test_our_tell_is_optunas) compares the two."""
     from optuna import pruners
+    from optuna.study._tell import _check_values_are_feasible
 
     study._thread_local.cached_all_trials = None  # only valid within a trial: as tell does
     frozen = trial._cached_frozen_trial
     values = None
     if state == TrialState.COMPLETE:
-        assert value is not None, "a complete trial has a value"
-        values = [float(value)]
+        # study.tell raises for a value its check refuses (NaN), and so do we, before anything
+        # is written; an infinity it would store, we refuse too (`settled` turns both into a
+        # diverged ending before they get here)
+        refused = _check_values_are_feasible(study, [value])  # type: ignore[list-item]
+        if refused is not None or not value_is_a_result(value):
+            raise ValueError(refused or f"The value {value} is not a finite number")
+        values = [float(value)]  # type: ignore[arg-type]
     elif state == TrialState.PRUNED and frozen.intermediate_values:
         last = frozen.intermediate_values[max(frozen.intermediate_values)]
-        values = None if math.isnan(last) else [float(last)]
+        values = [float(last)] if _check_values_are_feasible(study, [last]) is None else None
     try:
         study.sampler.after_trial(pruners._filter_study(study, frozen), frozen, state, values)
     finally:

@@ -10,7 +10,6 @@ that trial alone; an error of the whole stack fails every member."""
 from __future__ import annotations
 
 import logging
-import math
 import queue
 import time
 from collections.abc import Mapping
@@ -29,8 +28,8 @@ from mnist_sweep.population.messages import (
     Leave,
     MembersFailed,
 )
-from mnist_sweep.search.bookkeeping import Ending, record_ending
-from mnist_sweep.search.worker import WorkerSetup, log_ending, run_tags
+from mnist_sweep.search.bookkeeping import Ending, record_ending, settled
+from mnist_sweep.search.worker import WorkerSetup, end_tags_of, log_ending, run_tags
 from mnist_sweep.tracking.runs import failed_tags, trial_end_tags, trial_run_name
 
 log = logging.getLogger("mnist_sweep")
@@ -171,13 +170,17 @@ class PopulationBookkeeper:
                 endings[number] = Ending(
                     "complete", epoch, value, tests[number].test_acc, tests[number].test_loss
                 )
+        # a value that is no result (NaN, inf) ends the member diverged, here, before its run
+        # ends: Optuna and MLflow record the same end
+        endings = {n: settled(e, self.spec.settings["diverged"]) for n, e in endings.items()}
         complete = {
             n: e.value for n, e in endings.items() if e.state == "complete" and e.value is not None
         }
         champion = None
         if complete and self.setup.log_champions:  # the best of them, if it beats the study's best
-            pick = max if self.spec.settings["direction"] == "maximize" else min
-            best = pick(complete, key=lambda number: complete[number])
+            sign = -1 if self.spec.settings["direction"] == "maximize" else 1
+            # the one rule (study.ranked_complete): equal values, the lower trial number
+            best = min(complete, key=lambda number: (sign * complete[number], number))
             champion = best if self.book.beats_the_best(complete[best]) else None
         self.end(endings, tests, champion)
 
@@ -209,22 +212,9 @@ class PopulationBookkeeper:
                         log_model=number == champion,
                     )
                 elif ending.state == "pruned":
-                    assert ending.value is not None  # the value it was pruned at
-                    self.writer.end(
-                        number,
-                        "FINISHED",
-                        trial_end_tags("pruned", ending.epochs, metric, ending.value, pruner),
-                    )
-                elif ending.state == "diverged":
-                    self.writer.end(
-                        number,
-                        "FAILED",
-                        trial_end_tags(
-                            "diverged", ending.epochs, metric, math.nan, reason=ending.reason
-                        ),
-                    )
-                else:
-                    self.writer.end(number, "FAILED", failed_tags(ending.reason))
+                    self.writer.end(number, "FINISHED", end_tags_of(ending, metric, pruner))
+                else:  # diverged, failed
+                    self.writer.end(number, "FAILED", end_tags_of(ending, metric, pruner))
                 if not (tests and number in tests):
                     self.channel.changes.put(Leave(number))
                 log_ending(prefix, ending, metric, trial)

@@ -372,8 +372,9 @@ def ranked_complete(study: optuna.Study) -> list[FrozenTrial]:
     database's order."""
     maximize = study.direction == optuna.study.StudyDirection.MAXIMIZE
     trials = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-    finite = [t for t in trials if t.value is not None and math.isfinite(t.value)]
-    return sorted(finite, key=lambda t: (-t.value if maximize else t.value, t.number))
+    finite = [(t.value, t) for t in trials if t.value is not None and math.isfinite(t.value)]
+    ranked = sorted(finite, key=lambda pair: (-pair[0] if maximize else pair[0], pair[1].number))
+    return [t for _, t in ranked]
 
 
 def best_complete(study: optuna.Study) -> FrozenTrial | None:
@@ -571,3 +572,130 @@ def differences(recorded: dict, current: dict) -> list[str]:
                     f"{label} {key}: {old.get(key, '(absent)')} -> {new.get(key, '(absent)')}"
                 )
     return out
+
+
+# ----------------------------------------------------------------------------- the parent run's end
+
+PARENT_RUN_ENDED = "parent_run_ended:"  # + the run's id: a study system attribute, the claim
+
+
+def claim_parent_ending(
+    study: optuna.Study, run_id: str, status: str, token: str | None = None
+) -> bool:
+    """Whether this process ends the study's MLflow parent run `run_id` with `status`: a
+    compare-and-set in the Optuna store, so that of drivers ending at once (a cluster array of
+    the same `make sweep`) exactly one writes the last report, registers the champion and ends
+    the run.
+
+    The claim is a row of Optuna's study_system_attributes, whose (study_id, key) is unique:
+    key `parent_run_ended:<run_id>`, value {"by": host:pid:random token, "status": status}. The
+    insert that commits wins; an IntegrityError means another process holds the claim. A call
+    retried after a lost connection may find its own first attempt committed: a row naming our
+    token is ours. One claim supersedes another: FINISHED (the study's completion) over an early
+    stop's KILLED or FAILED (its last driver stopped while another, starting meanwhile, went on
+    and completed it), once, by an update conditioned on the value read (the same
+    compare-and-set). The claim lasts until the parent is set back to RUNNING
+    (`release_parent_ending`: a resume with trials to run), so that each completion of the study
+    ends it once. `token`: the caller's own (tests); by default a new one per call."""
+    import json
+    import os
+    import secrets
+    import socket
+
+    import sqlalchemy.exc
+    from optuna.storages._rdb.models import StudySystemAttributeModel as Attribute
+    from optuna.storages._rdb.storage import _create_scoped_session
+
+    from mnist_sweep.search.storage import _retrying
+
+    storage = our_storage(study)
+    study_id, key = study._study_id, PARENT_RUN_ENDED + run_id
+    mine = token or f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(8)}"
+    value = json.dumps({"by": mine, "status": status})
+
+    def ours(row: Any) -> Any:
+        return row.filter(Attribute.study_id == study_id, Attribute.key == key)
+
+    def insert(s: ResilientRDBStorage) -> bool:
+        try:
+            with _create_scoped_session(s.scoped_session) as session:
+                session.add(Attribute(study_id=study_id, key=key, value_json=value))
+            return True
+        except sqlalchemy.exc.IntegrityError:  # the (study_id, key) exists: someone's claim
+            return False
+
+    def held(s: ResilientRDBStorage) -> str | None:
+        with _create_scoped_session(s.scoped_session) as session:
+            row = ours(session.query(Attribute.value_json)).one_or_none()
+            return None if row is None else str(row[0])
+
+    def supersede(s: ResilientRDBStorage, seen: str) -> bool:
+        with _create_scoped_session(s.scoped_session) as session:
+            changed = (
+                ours(session.query(Attribute))
+                .filter(Attribute.value_json == seen)
+                .update({Attribute.value_json: value}, synchronize_session=False)
+            )
+        return changed == 1
+
+    storage._commit_pending()
+    for _ in range(10):  # each turn: someone else's claim changed or vanished meanwhile
+        if _retrying("claim the parent run's end", insert)(storage):
+            return True
+        seen = _retrying("read the parent run's claim", held)(storage)
+        if seen is None:  # released meanwhile (a resume): claim it afresh
+            continue
+        claim = json.loads(seen)
+        if claim.get("by") == mine:  # our own insert, committed by an attempt whose reply was lost
+            return True
+        if status != "FINISHED" or claim.get("status") == "FINISHED":
+            return False
+        if _retrying("supersede the parent run's claim", supersede)(storage, seen):
+            return True
+    return False
+
+
+def release_parent_ending(study: optuna.Study, run_id: str) -> None:
+    """The claim on the parent's end dropped: the parent is RUNNING again (a resume with trials
+    to run), and the study's next completion ends it once more."""
+    from optuna.storages._rdb.models import StudySystemAttributeModel as Attribute
+    from optuna.storages._rdb.storage import _create_scoped_session
+
+    from mnist_sweep.search.storage import _retrying
+
+    storage = our_storage(study)
+    study_id, key = study._study_id, PARENT_RUN_ENDED + run_id
+
+    def delete(s: ResilientRDBStorage) -> None:
+        with _create_scoped_session(s.scoped_session) as session:
+            session.query(Attribute).filter(
+                Attribute.study_id == study_id, Attribute.key == key
+            ).delete(synchronize_session=False)
+
+    storage._commit_pending()
+    _retrying("release the parent run's claim", delete)(storage)
+
+
+def running_trials(study: optuna.Study) -> int:
+    """The study's RUNNING trials, counted in the database now (no cache): whether workers
+    anywhere still train."""
+    from optuna.storages._rdb.models import TrialModel
+    from optuna.storages._rdb.storage import _create_scoped_session
+
+    from mnist_sweep.search.storage import _retrying
+
+    storage = our_storage(study)
+
+    def count(s: ResilientRDBStorage) -> int:
+        with _create_scoped_session(s.scoped_session) as session:
+            return int(
+                session.query(TrialModel)
+                .filter(
+                    TrialModel.study_id == study._study_id,
+                    TrialModel.state == TrialState.RUNNING,
+                )
+                .count()
+            )
+
+    storage._commit_pending()
+    return _retrying("count the running trials", count)(storage)

@@ -275,6 +275,11 @@ def check_settings(s: dict) -> None:
         )
     if not isinstance(s["study_name"], str) or not s["study_name"].strip():
         raise ConfigError(f"sweep.study_name={s['study_name']!r} is not allowed: a non-empty name.")
+    from mnist_sweep.tracking.filters import check_filter_value
+
+    # MLflow's search filters find a study's runs by this name: one no filter can carry is
+    # refused here, before anything is made (tracking/filters.py says which)
+    check_filter_value(s["study_name"], "sweep.study_name")
 
 
 def check_space(spec: SweepSpec, space: SearchSpace) -> Any:

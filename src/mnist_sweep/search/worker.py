@@ -24,7 +24,13 @@ from optuna.trial import FrozenTrial
 from mnist_sweep.base.errors import failure_reason
 from mnist_sweep.base.hydra_config import compose, compose_trial
 from mnist_sweep.base.interrupts import INTERRUPTS
-from mnist_sweep.search.bookkeeping import Bookkeeper, Ending, Heartbeats, TooManyFailures  # noqa: F401
+from mnist_sweep.search.bookkeeping import (  # noqa: F401
+    Bookkeeper,
+    Ending,
+    Heartbeats,
+    TooManyFailures,
+    settled,
+)
 from mnist_sweep.search.study import StorageUnavailable, open_study
 from mnist_sweep.search.sweepfile import SweepSpec
 
@@ -187,12 +193,13 @@ class Worker(WorkerSetup):
                         ],
                     )
             except Pruned as pruned:
-                run.set_tags(
-                    trial_end_tags(
-                        "pruned", pruned.epoch, metric, pruned.value, self.spec.settings["pruner"]
-                    )
+                ending = settled(
+                    Ending("pruned", pruned.epoch, pruned.value), self.spec.settings["diverged"]
                 )
-                return Ending("pruned", pruned.epoch, pruned.value)
+                run.set_tags(end_tags_of(ending, metric, self.spec.settings["pruner"]))
+                if ending.state != "pruned":  # pruned at a NaN: diverged there
+                    run.end_status = "FAILED"
+                return ending
             except TrainingDiverged as error:
                 if self.spec.settings["diverged"] != "prune":
                     run.set_tags({"state": "failed"})
@@ -210,6 +217,14 @@ class Worker(WorkerSetup):
                 run.set_tags({"state": "failed"})
                 raise
             value = result.epochs[-1].metrics()[metric]
+            ending = settled(
+                Ending("complete", len(result.epochs), value, result.test_acc, result.test_loss),
+                self.spec.settings["diverged"],
+            )
+            if ending.state != "complete":  # a final value that is no result (NaN): no result
+                run.set_tags(end_tags_of(ending, metric, self.spec.settings["pruner"]))
+                run.end_status = "FAILED"
+                return ending
             run.log_result(
                 result, end_tags=trial_end_tags("complete", len(result.epochs), metric, value)
             )
@@ -218,7 +233,7 @@ class Worker(WorkerSetup):
 
                 if run.client is not None and run.run_id is not None and result.model is not None:
                     log_torch_model(run.client, run.run_id, result.model)
-        return Ending("complete", len(result.epochs), value, result.test_acc, result.test_loss)
+        return ending
 
     def run_trial(self, cfg, callbacks):
         """The training itself: `run_trial` (the scale-out benchmark's simulated workers sleep
@@ -246,6 +261,19 @@ def run_tags(spec: SweepSpec, trial: optuna.Trial, **more: str) -> dict[str, str
         "state": "running",
         **more,
     }
+
+
+def end_tags_of(ending: Ending, metric: str, pruner: str) -> dict[str, str]:
+    """The `state` and result tags a trial run ends with, for a settled ending (the same for a
+    solo trial and a population's member)."""
+    from mnist_sweep.tracking.runs import failed_tags, trial_end_tags
+
+    if ending.state in ("complete", "pruned"):
+        assert ending.value is not None  # settled: a finite value
+        return trial_end_tags(ending.state, ending.epochs, metric, ending.value, pruner)
+    if ending.state == "diverged":
+        return trial_end_tags("diverged", ending.epochs, metric, math.nan, reason=ending.reason)
+    return failed_tags(ending.reason)
 
 
 def log_ending(prefix: str, ending: Ending, metric: str, trial: optuna.Trial) -> None:
