@@ -233,6 +233,56 @@ def test_our_tell_is_optunas(how, study):
     assert [c[1:] for c in calls] == [(state, twins[0].values)] * 2
 
 
+@pytest.mark.parametrize("value", [0.0, -0.0, 1e308, -1e308, 5e-324, 0.1 + 0.2])
+def test_our_tell_is_optunas_at_the_boundaries_of_a_float(value, study):
+    """Finite values at a float's edges (zero's sign, the largest, the smallest subnormal) are
+    stored and read back by our tell exactly as by study.tell."""
+    twins = []
+    for ours in (False, True):
+        trial = study.ask()
+        if ours:
+            with study._storage._backend.coalesced():
+                tell(study, trial, TrialState.COMPLETE, value)
+        else:
+            study.tell(trial, value, state=TrialState.COMPLETE)
+        twins.append(study.trials[trial.number])
+    assert comparable(twins[0]) == comparable(twins[1])
+    assert twins[1].value == value  # (SQLite keeps no sign of zero, for either)
+
+
+@pytest.mark.parametrize("value", [math.nan, math.inf, -math.inf])
+def test_a_complete_value_that_is_no_number_is_never_written(value, study):
+    """study.tell refuses a NaN for a complete trial (ValueError, nothing written); ours refuses
+    it too, and the infinities as well (Optuna would store those; a loss of inf is no result).
+    The trial stays RUNNING and the study reads back: on SQLite a NaN stored as COMPLETE became
+    NULL, and every later read of the study failed Optuna's `assert value is not None`."""
+    trial = study.ask()
+    if math.isnan(value):
+        with pytest.raises(ValueError):
+            study.tell(trial, value, state=TrialState.COMPLETE)
+    with pytest.raises(ValueError, match="not"):
+        with study._storage._backend.coalesced():
+            tell(study, trial, TrialState.COMPLETE, value)
+    reloaded = optuna.load_study(study_name="s", storage=study._storage._backend.url)
+    assert [t.state for t in reloaded.trials] == [TrialState.RUNNING]
+
+
+@pytest.mark.parametrize("last", [math.inf, -math.inf, 0.0])
+def test_a_pruned_trial_takes_its_last_value_as_optuna_does_infinities_included(last, study):
+    twins = []
+    for ours in (False, True):
+        trial = study.ask()
+        trial.report(0.4, step=1)
+        trial.report(last, step=2)
+        if ours:
+            with study._storage._backend.coalesced():
+                tell(study, trial, TrialState.PRUNED)
+        else:
+            study.tell(trial, state=TrialState.PRUNED)
+        twins.append(study.trials[trial.number])
+    assert comparable(twins[0]) == comparable(twins[1]) and twins[1].value == last
+
+
 # ----------------------------------------------------------------------------- SQLite WAL
 
 
