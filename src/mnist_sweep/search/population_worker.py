@@ -43,19 +43,24 @@ class PopulationWorker(WorkerSetup):
         writer = (
             RunWriter(OmegaConf.to_yaml(base.tracking)) if base.tracking.enabled else NullWriter()
         )
-        channel = Channel()
-        bookkeeper = PopulationBookkeeper(self, self.size, writer, channel)
-        trainer = PopulationTrainer(channel, f"[w{self.index}] ", self.spec.settings["quiet"])
-        thread = threading.Thread(target=bookkeeper.run, name="bookkeeper", daemon=True)
-        started = time.perf_counter()
-        with Heartbeats(self.book, self.spec.settings["heartbeat_interval"]):
-            thread.start()
-            try:
-                trainer.run()
-            finally:
-                thread.join(timeout=60)
-                channel.stopping.set()  # the bookkeeper, if still running, stops
-                self.log_figures(bookkeeper, trainer, writer.close(), started)
+        with writer:  # closed whatever happens (it ignores SIGTERM: left running, it would
+            # hold up this process's exit)
+            channel = Channel()
+            bookkeeper = PopulationBookkeeper(self, self.size, writer, channel)
+            trainer = PopulationTrainer(channel, f"[w{self.index}] ", self.spec.settings["quiet"])
+            thread = threading.Thread(target=bookkeeper.run, name="bookkeeper", daemon=True)
+            started = time.perf_counter()
+            with Heartbeats(self.book, self.spec.settings["heartbeat_interval"]):
+                thread.start()
+                try:
+                    trainer.run()
+                finally:
+                    # Ctrl-C or SIGTERM: the bookkeeper fails the live trials and sends their
+                    # runs' KILLED ends to the writer, which ignored the signal (run_writer.py)
+                    # and writes all it was sent before it closes
+                    thread.join(timeout=60)
+                    channel.stopping.set()  # the bookkeeper, if still running, stops
+                    self.log_figures(bookkeeper, trainer, writer.close(), started)
         channel.raise_bookkeeper_error()
 
     def log_figures(self, bookkeeper, trainer, written, started: float) -> None:

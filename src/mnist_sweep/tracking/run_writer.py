@@ -10,6 +10,15 @@ handed over by id; what the writer is sent is plain data (epoch and trial result
 Each member's run holds what a solo trial's run holds (params, tags, config.yaml, per-epoch
 curves, test metrics, status); its per-batch curves are sampled at a stride (about
 BATCH_POINTS_PER_EPOCH points an epoch), which keeps the writer ahead of a fast population.
+
+Signals: Ctrl-C (SIGINT to the terminal's process group) and a SIGTERM to the whole group (SLURM's
+scancel, a container's stop) reach the writer too. It ignores both, from its first instruction:
+the worker decides (it ends its live members' runs KILLED, through this queue), and the writer
+writes everything it was sent (the ends of members that had just completed, with their test
+metrics, too) until the worker tells it to close, or is gone: it then writes the requests that
+reached it whole and exits (it holds no write end of the queue's pipe, so the pipe ends then; a
+request cut midway by the worker's death would otherwise be waited for forever). A writer killed
+in its start-up, before it could ignore the signal, had read nothing: `close` starts it again.
 """
 
 from __future__ import annotations
@@ -18,6 +27,7 @@ import logging
 import multiprocessing
 import os
 import queue
+import signal
 import time
 from collections.abc import Hashable
 from dataclasses import dataclass
@@ -36,20 +46,32 @@ class WriterStats:
 
 
 class RunWriter:
-    """The population worker's side: every method returns at once."""
+    """The population worker's side: every method returns at once. Closed whatever happens
+    (`close`, or `with RunWriter(...) as writer`): a writer left running, which ignores SIGTERM,
+    would hold up this process's exit (multiprocessing joins its daemonic children there)."""
 
     def __init__(self, tracking_cfg_yaml: str):
-        ctx = multiprocessing.get_context("spawn")
-        self.requests, self.replies = ctx.Queue(), ctx.Queue()
-        self.process = ctx.Process(
-            target=_serve,
-            name="mlflow-writer",
-            daemon=True,
-            args=(tracking_cfg_yaml, self.requests, self.replies),
-        )
-        self.process.start()
+        self.context = multiprocessing.get_context("spawn")
+        self.requests, self.replies = self.context.Queue(), self.context.Queue()
+        self.args = (tracking_cfg_yaml, self.requests, self.replies)
         self.stats = WriterStats()
         self.error: str | None = None
+        self.serving = False  # the writer said so: it ignores signals, it reads requests
+        self.closed = False
+        self.process = self.start_process()
+
+    def start_process(self):
+        process = self.context.Process(
+            target=_serve, name="mlflow-writer", daemon=True, args=self.args
+        )
+        process.start()
+        return process
+
+    def __enter__(self) -> RunWriter:
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
 
     def start(self, key: Hashable, run_id: str, description: dict) -> None:
         """The member's run, made by the worker: the writer adds its params, config and datasets
@@ -77,22 +99,58 @@ class RunWriter:
                 self.error = value
             elif kind == "stats":
                 self.stats = value
+            elif kind == "serving":
+                self.serving = True
 
     def close(self, timeout: float = 300) -> WriterStats:
-        """Wait until everything sent is written; the writer's statistics."""
+        """Wait until everything sent is written (at most `timeout` seconds; a second call returns
+        at once); the writer's statistics."""
+        if self.closed:
+            return self.stats
+        self.closed = True
         self.requests.put(("close", None, None))
-        deadline = time.time() + timeout
-        while self.process.is_alive() and time.time() < deadline:
+        deadline, restarted = time.time() + timeout, False
+        try:
+            while time.time() < deadline:
+                if self.process.is_alive():
+                    self.poll()
+                    self.process.join(0.2)
+                    continue
+                self.poll()  # once it has exited, all it sent is in the pipe
+                if self.serving or restarted:
+                    break
+                # Killed in its start-up (a signal before it could ignore it): it read nothing,
+                # all is still queued. Started again, it inherits this process's signal
+                # dispositions: after Ctrl-C or SIGTERM, ignored (base/interrupts.py).
+                log.warning(
+                    f"the MLflow writer process ended in its start-up (exit code "
+                    f"{self.process.exitcode}): started again"
+                )
+                self.process, restarted = self.start_process(), True
+        finally:  # (an interrupt while waiting, where nothing ignores it, stops the writer too)
             self.poll()
-            self.process.join(0.2)
-        self.poll()
-        if self.process.is_alive():
-            self.process.kill()
+            if self.process.is_alive():
+                self.process.kill()
+                self.process.join()
+            if self.process.exitcode != 0:
+                # what it did not read is lost: this process's exit must not wait to send it
+                self.requests.cancel_join_thread()
+                log.warning(
+                    f"the MLflow writer process ended with exit code {self.process.exitcode}: "
+                    "runs it had not ended are ended by the sweep's last look"
+                )
         return self.stats
 
 
 def _serve(tracking_cfg_yaml: str, requests, replies) -> None:
-    """The writer process: one MlflowTracker, the members' TrialRuns, requests in order."""
+    """The writer process: one MlflowTracker, the members' TrialRuns, requests in order, until
+    the worker says close or is gone. Signals are ignored first of all (see the module's doc)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    replies.put(("serving", None, None))
+    # Its copy of the pipe's write end (pickled with the queue): with it open, the pipe would never
+    # end, and a request the worker's death cut midway would be read forever.
+    requests._writer.close()
     from omegaconf import DictConfig, OmegaConf
 
     from mnist_sweep.base.errors import failure_reason
@@ -101,7 +159,7 @@ def _serve(tracking_cfg_yaml: str, requests, replies) -> None:
     from mnist_sweep.tracking.runs import MlflowTracker, TrialRun, open_tracker
 
     dump_stacks_on_sigusr1()
-    parent = multiprocessing.parent_process()  # its sentinel tells when the worker is gone
+    parent = multiprocessing.parent_process()  # its sentinel tells when the worker is gone too
     os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
     tracking_cfg = OmegaConf.create(tracking_cfg_yaml)
     assert isinstance(tracking_cfg, DictConfig)
@@ -114,8 +172,10 @@ def _serve(tracking_cfg_yaml: str, requests, replies) -> None:
             kind, key, payload = requests.get(timeout=1)
         except queue.Empty:
             if parent is not None and not parent.is_alive():  # the worker was killed: its runs
-                return  # are ended by the heartbeat callback or the driver's last look
+                break  # are ended by the heartbeat callback or the driver's last look
             continue
+        except (EOFError, OSError):  # the same, the pipe's end: what reached it whole is written
+            break
         if kind == "close":
             replies.put(("stats", None, stats))
             sqlite_stores.close_all()  # a WAL store's last connection checkpoints it
@@ -150,6 +210,8 @@ def _serve(tracking_cfg_yaml: str, requests, replies) -> None:
         except Exception as error:  # a write that failed: say so, go on with the others
             replies.put(("error", key, failure_reason(error)))
         stats.seconds_in_mlflow += time.perf_counter() - started
+    replies.cancel_join_thread()  # nobody reads them: the exit must not wait to send them
+    sqlite_stores.close_all()
 
 
 class NullWriter:
@@ -173,3 +235,9 @@ class NullWriter:
 
     def close(self, timeout: float = 0) -> WriterStats:
         return self.stats
+
+    def __enter__(self) -> NullWriter:
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        pass
