@@ -37,11 +37,15 @@ def run_seeds(overrides: list[str], seeds: list[int]) -> list[float]:
 
 
 def best_of_study(name: str, storage: str) -> optuna.trial.FrozenTrial | None:
+    """The study's best trial by the one rule (study.best_complete: finite values, equal values
+    to the lower trial number); None without such a storage, study or complete trial."""
+    from mnist_sweep.search.study import best_complete
+
     try:
         study = optuna.load_study(study_name=name, storage=storage)
-        return study.best_trial
-    except Exception:  # no such storage or study, or no complete trial yet
+    except Exception:  # no such storage or study
         return None
+    return best_complete(study)
 
 
 def main(argv: list[str] | None = None) -> None:

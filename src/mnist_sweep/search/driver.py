@@ -4,8 +4,10 @@ refreshed as trials finish. It never reaches inside a trial.
 
 Signals: Ctrl-C reaches the driver and its workers together; a SIGTERM sent to the driver alone
 (what Kubernetes and SLURM send) is passed on to its workers. Either way each worker ends its
-running trial's run KILLED, and the driver ends the parent run KILLED. A failing report refresh
-(the MLflow server away, the parent run deleted) is a warning, never the end of the sweep.
+running trial's run KILLED, and the driver ends the parent run KILLED, unless other drivers'
+workers still train on the study: the parent run is then theirs to end (`parent_ending`). A
+failing report refresh (the MLflow server away, the parent run deleted) is a warning, never the
+end of the sweep.
 """
 
 from __future__ import annotations
@@ -23,7 +25,17 @@ from optuna.trial import TrialState
 from mnist_sweep.base.errors import UserError, failure_reason
 from mnist_sweep.base.interrupts import INTERRUPTS
 from mnist_sweep.base.urls import redact_uri
-from mnist_sweep.search.study import counts, deadline, enqueue_known, open_study, our_storage
+from mnist_sweep.search.study import (
+    best_complete,
+    claim_parent_ending,
+    counts,
+    deadline,
+    enqueue_known,
+    open_study,
+    our_storage,
+    release_parent_ending,
+    running_trials,
+)
 from mnist_sweep.search.sweepfile import SweepSpec, check_space
 from mnist_sweep.search.worker_process import run_worker
 
@@ -41,7 +53,10 @@ def start_parent_run(spec: SweepSpec, study: optuna.Study, tracker, made_here: b
     """One MLflow parent run per study, found again on resume (its id is a study attribute).
 
     Drivers that start together on a new study (a cluster array, `docker compose --scale`):
-    the one that made the study makes the parent; the others wait for its id."""
+    the one that made the study makes the parent; the others wait for its id. A resume with
+    trials left to run sets the parent back to RUNNING and drops the claim on its end (the
+    study's next completion ends it again: `parent_ending`); a driver that finds the study
+    over already (n_trials finished, or sweep.timeout passed) leaves the parent as it is."""
     client = tracker.client
     if client is None:
         return None
@@ -53,7 +68,9 @@ def start_parent_run(spec: SweepSpec, study: optuna.Study, tracker, made_here: b
             try:
                 run = client.get_run(run_id)
                 if run.info.lifecycle_stage == "active":
-                    client.update_run(run_id, status="RUNNING")
+                    if trials_to_run(study, spec):
+                        release_parent_ending(study, run_id)
+                        client.update_run(run_id, status="RUNNING")
                     return run_id
             except Exception:
                 pass  # the tracking store changed: make a new parent
@@ -83,6 +100,55 @@ def start_parent_run(spec: SweepSpec, study: optuna.Study, tracker, made_here: b
     return run_id
 
 
+def trials_to_run(study: optuna.Study, spec: SweepSpec) -> bool:
+    """Whether the study is not over: fewer than n_trials finished, sweep.timeout not passed."""
+    limit = deadline(study, spec.settings["timeout"])
+    over_time = limit is not None and time.time() >= limit
+    return counts(study)["done"] < spec.settings["n_trials"] and not over_time
+
+
+def parent_ending(study: optuna.Study, spec: SweepSpec, status: str) -> str | None:
+    """The status with which this driver ends the study's parent run, at its own end (after its
+    workers stopped and their trials were ended); None: the parent is not this driver's to end.
+    Drivers on one study (a cluster array of the same `make sweep`, `make worker`s) end it once
+    per completion of the study, by this rule:
+
+    1. The study is complete (n_trials finished): FINISHED, whatever stopped this driver.
+    2. Else, if any trial of the study is RUNNING (other drivers' workers, here or elsewhere,
+       still train): None. The parent stays RUNNING; the last of those drivers ends it (they
+       complete the study, or are stopped in turn). A driver stopped early (Ctrl-C, SIGTERM, its
+       workers failing) has ended only its own workers' trials and runs.
+    3. Else (this driver is the last one): its own status, as a single driver's: FINISHED when
+       sweep.timeout has passed, KILLED when interrupted, FAILED when its workers failed.
+
+    The status found is this driver's only if it wins the claim on the parent's end in the
+    Optuna store (study.claim_parent_ending, a compare-and-set): of drivers that see the study
+    end at the same moment, exactly one writes the last report, registers the champion (once:
+    one model version per completion) and ends the run. A FINISHED end may take over an earlier
+    KILLED or FAILED one (a driver saw no trial running in the instant another driver was
+    between two trials, and ended the parent KILLED; that other driver then completed the
+    study): the parent then ends FINISHED, once. A resume with trials left to run sets the parent
+    back to RUNNING and drops the claim (`start_parent_run`), so the next completion ends it
+    again. A driver that cannot reach the storage here leaves the parent RUNNING (the same
+    command, once the storage is back, ends it)."""
+    if spec.parent_run_id is None:
+        return None
+    if counts(study)["done"] >= spec.settings["n_trials"]:
+        ending = "FINISHED"
+    elif running_trials(study):
+        log.info(
+            f"[{spec.study_name}] trials of other drivers still run: the parent run is left "
+            "RUNNING, for the last of them to end"
+        )
+        return None
+    else:
+        ending = status
+    if claim_parent_ending(study, spec.parent_run_id, ending):
+        return ending
+    log.info(f"[{spec.study_name}] the parent run is ended by another driver of the study")
+    return None
+
+
 class Progress:
     """The study's progress line: done/total, pruned, failed, running, best so far, ETA."""
 
@@ -95,11 +161,12 @@ class Progress:
     def line(self) -> str:
         c = counts(self.study)
         n = self.spec.settings["n_trials"]
-        try:
-            best = self.study.best_trial
-            best_text = f"best {self.spec.settings['metric']} {best.value:.4f} (#{best.number})"
-        except ValueError:
-            best_text = "no complete trial yet"
+        best = best_complete(self.study)  # the one rule for the best trial (study.py)
+        best_text = (
+            f"best {self.spec.settings['metric']} {best.value:.4f} (#{best.number})"
+            if best is not None and best.value is not None
+            else "no complete trial yet"
+        )
         elapsed = time.time() - self.started
         new = c["done"] - self.done_at_start
         eta = f"ETA {fmt_seconds(elapsed / new * max(n - c['done'], 0))}" if new else "ETA ?"
@@ -195,7 +262,7 @@ def run_sweep(spec: SweepSpec, join: bool = False) -> optuna.Study:
             f"{redact_uri(spec.settings['storage'])}",
             flush=True,
         )
-    reporter = Reporter(spec)
+    reporter = Reporter(spec, tracker.client)
     reporter.start()
     monitor = Monitor(spec, study, reporter)
     workers: list = []
@@ -219,17 +286,34 @@ def run_sweep(spec: SweepSpec, join: bool = False) -> optuna.Study:
         raise
     finally:
         stop_workers(workers)
+        ending = None
+        for w in workers:  # one killed as it would not stop: its trial is not left RUNNING
+            if w.exitcode not in (0, None):
+                try:
+                    fail_trials_of_dead_worker(study, spec, tracker, w)
+                except Exception as error:
+                    log.warning(
+                        f"[{spec.study_name}] the trials of worker {w.pid} could not be "
+                        f"failed: {failure_reason(error)}"
+                    )
         try:
             close_orphan_runs(study, spec, tracker)
         except Exception as error:
             log.warning(
                 f"[{spec.study_name}] runs left open could not be closed: {failure_reason(error)}"
             )
+        try:
+            ending = parent_ending(study, spec, status)
+        except Exception as error:
+            log.warning(
+                f"[{spec.study_name}] the parent run is left RUNNING: whether other drivers still "
+                f"run could not be read ({failure_reason(error)}); the same command ends it"
+            )
         background = final_report_in_background(spec)
-        reporter.final(status, background)
+        reporter.final(ending, background)
         if not quiet:
             monitor.progress.show(force=True)
-            if background and reporter.process is not None:
+            if background and ending is not None and reporter.process is not None:
                 print(
                     f"[{spec.study_name}] the parent run's report (plots, trials.csv) is being "
                     "written in the background",
@@ -398,9 +482,8 @@ def stop_workers(workers: list) -> None:
 
 def summarize(study: optuna.Study, spec: SweepSpec) -> None:
     c = counts(study)
-    try:
-        best = study.best_trial
-    except ValueError:
+    best = best_complete(study)  # the one rule for the best trial (study.py)
+    if best is None or best.value is None:
         print(f"[{spec.study_name}] no complete trial ({c['pruned']} pruned, {c['fail']} failed).")
         return
     params = ", ".join(

@@ -7,14 +7,21 @@ waits for the report. A refresh (every sweep.report_every finished trials) write
 the sweep metrics and trials.csv; the plots are drawn at the end, and by a refresh at most every 5
 minutes. At the end of a sweep run from a terminal the command returns at once while the report
 is finished in the background.
+
+The last report ends the parent run: only the report process of the driver that won the claim
+on the parent's end (driver.parent_ending) is asked for it, once per completion of the study; a
+driver whose report process died or failed before ending the parent ends it itself. The best
+trial is named by one rule everywhere (study.ranked_complete: finite values, best first, equal
+values to the lower trial number).
 """
 
 from __future__ import annotations
 
+import base64
 import contextlib
-import json
 import logging
 import os
+import pickle
 import shutil
 import subprocess
 import sys
@@ -22,7 +29,6 @@ import tempfile
 import time
 import warnings
 from collections.abc import Callable
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +36,7 @@ import optuna
 from omegaconf import OmegaConf
 
 from mnist_sweep.base.urls import mask_secrets
+from mnist_sweep.search.study import best_complete, ranked_complete
 
 log = logging.getLogger("mnist_sweep")
 PLOTS_EVERY_SECONDS = 300
@@ -66,10 +73,8 @@ def contour_pair(spec, space, study) -> list[str] | None:
 
 
 def complete_trials(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
-    trials = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
-    reverse = study.direction == optuna.study.StudyDirection.MAXIMIZE
-    valued = [(t.value, t) for t in trials if t.value is not None]  # every complete trial's
-    return [t for _, t in sorted(valued, key=lambda pair: pair[0], reverse=reverse)]
+    """The complete trials, best first, by the one rule (study.ranked_complete)."""
+    return ranked_complete(study)
 
 
 def save_optuna_plots(study, spec, space, folder: Path) -> dict[str, str]:
@@ -123,7 +128,7 @@ def save_top_curves(study, client, folder: Path, top: int = 5) -> bool:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    best = [t for t in complete_trials(study) if t.user_attrs.get("mlflow_run_id")][:top]
+    best = [t for t in ranked_complete(study) if t.user_attrs.get("mlflow_run_id")][:top]
     if not best:
         return False
     figure, (lr_ax, acc_ax) = plt.subplots(1, 2, figsize=(13, 5))
@@ -163,17 +168,25 @@ def set_best_tags(client, run_id: str, params: dict) -> None:
 
 
 def register_champion(client, study: optuna.Study, spec) -> None:
-    """The best trial's model registered with the alias champion (registry.py); the parent's
-    tag registered_model says where. A failure is a warning: the sweep's result stands."""
+    """The best trial's model (study.best_complete: the trial the parent names best) registered
+    with the alias champion (registry.py); the parent's tag registered_model says where. A best
+    trial without an MLflow run registers nothing (no other trial stands in for it). A failure
+    is a warning: the sweep's result stands."""
     from mnist_sweep.base.errors import failure_reason
     from mnist_sweep.tracking.registry import register_best
 
-    trials = [t for t in complete_trials(study) if t.user_attrs.get("mlflow_run_id")]
-    if not trials:
+    best = best_complete(study)
+    if best is None:
+        return
+    if not best.user_attrs.get("mlflow_run_id"):
+        log.warning(
+            f"[{spec.study_name}] the best trial #{best.number} has no MLflow run: no model "
+            "is registered"
+        )
         return
     try:
-        best_run = client.get_run(trials[0].user_attrs["mlflow_run_id"])
-        uri = register_best(client, spec, best_run, trials[0].number)
+        best_run = client.get_run(best.user_attrs["mlflow_run_id"])
+        uri = register_best(client, spec, best_run, best.number)
         if uri:
             client.set_tag(spec.parent_run_id, "registered_model", uri)
     except Exception as error:
@@ -201,8 +214,7 @@ def describe_parent(client, study: optuna.Study, spec, final: bool = False) -> N
         Metric("sweep_trials_finished", c["done"], now, step),
         Metric("sweep_trials_pruned", c["pruned"], now, step),
     ]
-    trials = complete_trials(study)
-    best = trials[0] if trials else None
+    best = best_complete(study)  # the one rule for the best trial (study.py)
     best_run, test_acc, params_trial = None, None, None
     if best is not None:
         assert best.value is not None  # complete
@@ -275,13 +287,32 @@ def write_report(
             client.set_terminated(run_id, status)
 
 
+def encode_spec(spec) -> str:
+    """The sweep spec on one line of text, exactly as it is: pickled (JSON would turn a
+    conditional's option 0.9, true or null into a string, and the space would no longer build)."""
+    return base64.b64encode(pickle.dumps(spec)).decode("ascii")
+
+
+def decode_spec(line: str):
+    from mnist_sweep.search.sweepfile import SweepSpec
+
+    spec = pickle.loads(base64.b64decode(line.strip()))  # from the driver that started us
+    if not isinstance(spec, SweepSpec):
+        raise TypeError(f"the first line holds a {type(spec).__name__}, not a sweep spec")
+    return spec
+
+
 class Reporter:
     """The driver's handle on the report process. refresh() returns at once (refreshes the
-    process has not started yet are merged into one); final() ends the parent run with the
-    sweep's status, and waits for the report unless `background`."""
+    process has not started yet are merged into one). final(status) has it write the last
+    report and end the parent run with `status` (the driver won the claim on its end), and
+    waits for it unless `background`; final(None) (the parent is not this driver's to end) only
+    lets it go. A report process that died, or exited with an error, before ending the parent
+    run: the driver ends the run itself (`end_parent_here`)."""
 
-    def __init__(self, spec) -> None:
+    def __init__(self, spec, client=None) -> None:
         self.spec = spec
+        self.client = client  # the driver's MlflowClient, for end_parent_here
         self.process: subprocess.Popen | None = None
 
     def start(self) -> None:
@@ -297,7 +328,7 @@ class Reporter:
             start_new_session=True,  # Ctrl-C or the end of the command do not cut it
             env={**os.environ, "PYTHONUNBUFFERED": "1"},
         )
-        self._send_raw(json.dumps(asdict(self.spec)))
+        self._send_raw(encode_spec(self.spec))
 
     def _send(self, line: str) -> None:
         if self.spec.parent_run_id is None:
@@ -316,16 +347,51 @@ class Reporter:
     def refresh(self) -> None:
         self._send("refresh")
 
-    def final(self, status: str, background: bool) -> None:
-        self._send(f"final {status}")
+    def final(self, status: str | None, background: bool) -> None:
+        if self.spec.parent_run_id is None:
+            return
+        if status is not None:
+            self._send(f"final {status}")
         if self.process is None or self.process.stdin is None:
             return
         try:
             self.process.stdin.close()
         except OSError:
             pass
-        if not background:
-            self.process.wait()
+        if status is None:
+            return  # no last report: the parent is another driver's to end
+        code = self.process.poll() if background else self.process.wait()
+        if code is not None and code != 0:
+            self.end_parent_here(status, code)
+
+    def end_parent_here(self, status: str, code: int) -> None:
+        """The report process ended (`code`: its exit status, negative: killed by that signal)
+        before ending the parent run: ended here, with `status`, without its last report."""
+        from mnist_sweep.base.errors import failure_reason
+
+        run_id, name = self.spec.parent_run_id, self.spec.study_name
+        try:
+            client = self.client
+            if client is None:
+                from mlflow.tracking import MlflowClient
+
+                from mnist_sweep.base.hydra_config import compose
+
+                client = MlflowClient(compose(self.spec.fixed).tracking.tracking_uri)
+            if client.get_run(run_id).info.status != "RUNNING":
+                return  # it did end the run, then failed
+            client.set_terminated(run_id, status)
+        except Exception as error:
+            log.warning(
+                f"[{name}] the report process ended (exit code {code}) before the parent run, "
+                f"which could not be ended here either: {failure_reason(error)}"
+            )
+            return
+        missing = "last report and registered model" if status == "FINISHED" else "last report"
+        log.warning(
+            f"[{name}] the report process ended (exit code {code}) before the parent run: the "
+            f"parent run is ended {status} here, without its {missing} (its error is above)"
+        )
 
 
 def import_what_a_report_needs() -> None:
@@ -339,48 +405,58 @@ def import_what_a_report_needs() -> None:
     import optuna.visualization.matplotlib  # noqa: F401
 
 
-def serve() -> None:
-    """The report process: the spec on the first line of stdin, then `refresh` and `final
-    STATUS` requests; refreshes that queued up while one was written are done once."""
+def serve() -> int:
+    """The report process: the spec on the first line of stdin (encode_spec), then `refresh`
+    and `final STATUS` requests; refreshes that queued up while one was written are done once.
+    Its exit status: 0, or 1 when it could not set itself up (the spec, the study, the imports):
+    it says why, and still ends the parent run if asked to (`end_without_report`)."""
     import select
 
     from mnist_sweep.base.errors import failure_reason
     from mnist_sweep.base.interrupts import dump_stacks_on_sigusr1
     from mnist_sweep.search.study import open_storage
-    from mnist_sweep.search.sweepfile import SweepSpec
 
     dump_stacks_on_sigusr1()
     logging.basicConfig(level=logging.WARNING, format="%(message)s", force=True)
     os.environ["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] = "false"  # config.yaml's download
     optuna.logging.set_verbosity(optuna.logging.ERROR)
-    spec = SweepSpec(**json.loads(sys.stdin.readline()))
-    with contextlib.suppress(OSError):
-        os.nice(10)  # background work: the workers' start-up and training come first
-    import_what_a_report_needs()
-    space = spec.space()
-    s = spec.settings
-    study = optuna.load_study(
-        study_name=spec.study_name,
-        storage=open_storage(
-            s["storage"],
-            s["heartbeat_interval"],
-            s["grace_period"],
-            s["max_retry"],
-            outage_seconds=s["outage_seconds"],
-        ),
-    )
+    spec = None
+    try:
+        spec = decode_spec(sys.stdin.readline())
+        with contextlib.suppress(OSError):
+            os.nice(10)  # background work: the workers' start-up and training come first
+        import_what_a_report_needs()
+        space = spec.space()
+        s = spec.settings
+        study = optuna.load_study(
+            study_name=spec.study_name,
+            storage=open_storage(
+                s["storage"],
+                s["heartbeat_interval"],
+                s["grace_period"],
+                s["max_retry"],
+                outage_seconds=s["outage_seconds"],
+            ),
+        )
+    except Exception as error:
+        named = f"[{spec.study_name}] " if spec is not None else ""
+        log.warning(f"{named}the parent run's report cannot be written ({failure_reason(error)})")
+        end_without_report(spec)
+        return 1
     plotted = time.monotonic()  # a refresh redraws the plots once they are this old
     while True:
         line = sys.stdin.readline()
         if not line:
-            return  # the driver is gone without a final request
+            return 0  # the driver is gone without a final request
         request = line.split()
-        while request[0] == "refresh" and select.select([sys.stdin], [], [], 0)[0]:
+        while request[:1] == ["refresh"] and select.select([sys.stdin], [], [], 0)[0]:
             more = sys.stdin.readline()  # a later request supersedes this refresh
             if not more:
                 break
-            request = more.split()
-        final = request[0] == "final"
+            request = more.split() or request
+        if not request:
+            continue
+        final = request[0] == "final" and len(request) > 1
         # The plots (~0.5-1 s of CPU beside training) at the end, and at a refresh only every
         # PLOTS_EVERY_SECONDS; the description, metrics and trials.csv at every refresh.
         plots = final or time.monotonic() - plotted >= PLOTS_EVERY_SECONDS
@@ -393,11 +469,37 @@ def serve() -> None:
                 f"({failure_reason(error)})"
             )
         if final:
+            return 0
+
+
+def end_without_report(spec) -> None:
+    """A report process that could not set itself up: it waits for the driver's final request
+    and ends the parent run with its status, without a report (the driver, if it waits, sees the
+    exit status 1 and the run ended)."""
+    from mnist_sweep.base.errors import failure_reason
+
+    if spec is None or not spec.parent_run_id:
+        return  # no run to end: the driver ends it when it sees this process gone
+    for line in sys.stdin:
+        request = line.split()
+        if len(request) > 1 and request[0] == "final":
+            try:
+                from mlflow.tracking import MlflowClient
+
+                from mnist_sweep.base.hydra_config import compose
+
+                client = MlflowClient(compose(spec.fixed).tracking.tracking_uri)
+                client.set_terminated(spec.parent_run_id, request[1])
+            except Exception as error:
+                log.warning(
+                    f"[{spec.study_name}] the parent run could not be ended "
+                    f"({failure_reason(error)})"
+                )
             return
 
 
 if __name__ == "__main__":
     from mnist_sweep.base.hydra_config import exit_now
 
-    serve()
-    exit_now(0)  # the report is written: a sweep that waits for it need not wait for teardown
+    # the report is written: a sweep that waits for it need not wait for the teardown
+    exit_now(serve())
