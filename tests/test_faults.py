@@ -234,3 +234,84 @@ def test_a_storage_too_busy_to_answer_at_opening_is_waited_for_not_refused(serve
         listener.close()
         for client in held:
             client.close()
+
+
+def test_a_postgresql_outage_longer_than_the_grace_period_fails_no_live_trial(servers, tmp_path, mnist_dir):
+    """PostgreSQL down 40 s under a 2-worker sweep: longer than sweep.grace_period (10 s here),
+    shorter than sweep.outage_seconds (120 s). No worker can beat meanwhile, so every trial in
+    flight looks stale to the first check once the store is back; before, that check failed
+    them all (live workers, trained on, logged "complete", their runs set back to FINISHED while
+    Optuna held FAIL and retried them). A third process checks for stale trials every second
+    through the outage, as every worker does between its trials, so one check comes right after
+    the store is back. Now: no trial fails, exactly n_trials finish, and every run's MLflow
+    status is its trial's."""
+    import threading
+
+    from mnist_sweep.search.study import open_storage
+
+    name = f"outage-{tmp_path.name}"
+    epochs = 8
+    process = start_sweep(sweep_args(servers, name, mnist_dir, n_trials=6, epochs=epochs), tmp_path)
+    wait_for(StudyWatch(servers.storage_url, name).mid_run, "a trial mid-way")
+    checker = optuna.load_study(study_name=name, storage=open_storage(
+        servers.storage_url, heartbeat_interval=1, grace_period=10, outage_seconds=120))
+    stop, checks = threading.Event(), []
+
+    def check_for_stale_trials() -> None:
+        while not stop.wait(1):
+            optuna.storages.fail_stale_trials(checker)
+            checks.append(time.time())
+
+    thread = threading.Thread(target=check_for_stale_trials, daemon=True)
+    thread.start()
+    servers.pg.stop()
+    down_at = time.time()
+    time.sleep(40)
+    servers.pg.start()
+    back_at = time.time()
+    try:
+        out, err = finish(process, 300)
+    finally:
+        stop.set()
+        thread.join(timeout=150)
+    assert process.returncode == 0, err[-3000:]
+    assert [c for c in checks if c > back_at], "no stale check ran once the store was back"
+    study = optuna.load_study(study_name=name, storage=servers.storage_url)
+    assert not [t for t in study.trials if t.state == TrialState.FAIL], \
+        [(t.number, t.user_attrs) for t in study.trials if t.state == TrialState.FAIL]
+    assert len(finished(study)) == 6
+    assert back_at - down_at >= 40
+    assert_every_trial_recorded_once_in_full(study, MlflowClient(servers.tracking_url), name, epochs)
+
+
+def test_a_store_that_stays_down_is_reported_once_after_outage_seconds(servers, caplog):
+    """A call that Optuna makes of other calls (set_trial_param calls _set_trial_param,
+    get_best_trial calls get_trial) is retried at one boundary: the inner call's give-up is
+    final, not a lost connection for the outer one to wait out again (it was: the give-up
+    carried the OperationalError in its context, and the outer retry waited another full
+    outage_seconds)."""
+    from optuna.distributions import FloatDistribution
+
+    from mnist_sweep.search.storage import StorageUnavailable
+    from mnist_sweep.search.study import open_storage
+
+    # PostgreSQL itself: through PgBouncer a call waits in its queue (query_wait_timeout) instead
+    storage = open_storage(servers.direct_storage_url, heartbeat_interval=1, grace_period=10,
+                           outage_seconds=3)
+    study = optuna.create_study(study_name=f"down-{time.time_ns()}", storage=storage)
+    trial = study.ask()
+    trial.suggest_float("x", 0, 1)
+    study.tell(trial, 0.5)
+    other = study.ask()
+    servers.pg.stop()
+    try:
+        for call in (lambda: storage.set_trial_param(other._trial_id, "y", 0.5, FloatDistribution(0, 1)),
+                     lambda: storage.get_best_trial(study._study_id)):
+            caplog.clear()
+            with pytest.raises(StorageUnavailable, match="3 s"):
+                call()
+            waits = [r for r in caplog.records if "retrying for up to" in r.getMessage()]
+            assert len(waits) == 1, [r.getMessage() for r in waits]
+    finally:
+        servers.pg.start()
+    assert storage.get_best_trial(study._study_id).number == 0  # and back again

@@ -165,3 +165,28 @@ def _patch_serve(module):
 
 if os.environ.get("MNIST_SWEEP_HOLD_AT") in ("writer_start", "writer_end"):
     sys.meta_path.insert(0, _PatchOnImport("mnist_sweep.tracking.run_writer", _patch_serve))
+
+
+# MNIST_SWEEP_HOLD_AT=first_epoch_result, with MNIST_SWEEP_GATE=<a file's path>: the first epoch
+# result a process builds (a solo trial's, or a population member's) creates <gate>.reached and
+# waits until the gate exists: the test acts on the study while a trial is mid-way (its heartbeat
+# thread beats on), then opens the gate.
+def _patch_epoch_result_held(module):
+    import pathlib
+    import time
+
+    init, gate, held = module.EpochResult.__init__, os.environ["MNIST_SWEEP_GATE"], []
+
+    def init_then_wait(self, *args, **kwargs):
+        init(self, *args, **kwargs)
+        if not held:
+            held.append(1)
+            pathlib.Path(gate + ".reached").touch()
+            while not os.path.exists(gate):
+                time.sleep(0.05)
+
+    module.EpochResult.__init__ = init_then_wait
+
+
+if os.environ.get("MNIST_SWEEP_HOLD_AT") == "first_epoch_result":
+    sys.meta_path.insert(0, _PatchOnImport("mnist_sweep.trial.loop", _patch_epoch_result_held))

@@ -32,6 +32,12 @@ from mnist_sweep.search.study import best_complete, claimed_before, counts, dead
 log = logging.getLogger("mnist_sweep")
 
 
+ENDED_ELSEWHERE = (
+    "another process failed this trial as stale while it trained (its heartbeats had not reached "
+    "the store for sweep.grace_period seconds); Optuna retries it, and this run stopped there"
+)
+
+
 class TooManyFailures(UserError):
     """Trials failed sweep.max_failures_in_a_row times in a row in one worker."""
 
@@ -53,7 +59,8 @@ class OpenTrial:
 @dataclass
 class Ending:
     """How a trial ended: complete (value, test metrics), pruned (value at `epochs`), diverged
-    (told PRUNED with NaN at `epochs`), failed (reason), or interrupted (Ctrl-C, SIGTERM)."""
+    (told PRUNED with NaN at `epochs`), failed (reason), interrupted (Ctrl-C, SIGTERM), or
+    "ended elsewhere" (another process failed it as stale while it trained: nothing is told)."""
 
     state: str
     epochs: int = 0
@@ -169,22 +176,36 @@ class Bookkeeper:
             else value < best.value
         )
 
+    def ended_elsewhere(self) -> set[int]:
+        """Numbers of this worker's open trials that another process has ended meanwhile (a
+        stale check failed them while they trained): a write to them was refused. They are
+        not this worker's any more: stop training them, end their runs FAILED, tell nothing."""
+        gone = self.storage.ended_elsewhere
+        with self.lock:
+            return {n for n, t in self.open.items() if t.trial._trial_id in gone}
+
     # ------------------------------------------------------------------------- endings
 
-    def end(self, endings: dict[int, Ending]) -> None:
+    def end(self, endings: dict[int, Ending]) -> set[int]:
         """Tell Optuna how these trials ended, in one transaction; count failures in a row
-        (TooManyFailures once sweep.max_failures_in_a_row is reached)."""
+        (TooManyFailures once sweep.max_failures_in_a_row is reached). Returns the numbers
+        whose end was refused because another process had ended the trial (`ended_elsewhere`):
+        their runs must end FAILED, as the trial did."""
         diverged = self.spec.settings["diverged"]
         endings = {n: settled(e, diverged) for n, e in endings.items()}
+        ids: dict[int, int] = {}
         started = time.perf_counter()
         try:
             with self.storage.coalesced():
                 for number, ending in endings.items():
                     with self.lock:
                         trial = self.open.pop(number).trial
-                    record_ending(self.study, trial, ending, diverged)
+                    ids[number] = trial._trial_id
+                    if ending.state != "ended elsewhere":  # finished already: nothing to tell
+                        record_ending(self.study, trial, ending, diverged)
         finally:
             self.seconds += time.perf_counter() - started
+        refused = {n for n, i in ids.items() if i in self.storage.ended_elsewhere}
         for ending in endings.values():
             if ending.state == "failed" and not ending.reason.startswith("TrainingDiverged"):
                 self.failures_in_a_row.append(ending.reason)
@@ -207,6 +228,7 @@ class Bookkeeper:
                 "fail_reason) and its MLflow run FAILED; the study is kept, and the same command "
                 "resumes it once the cause is fixed."
             )
+        return refused
 
 
 def settled(ending: Ending, diverged: str = "prune") -> Ending:

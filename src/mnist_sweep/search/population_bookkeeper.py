@@ -28,8 +28,14 @@ from mnist_sweep.population.messages import (
     Leave,
     MembersFailed,
 )
-from mnist_sweep.search.bookkeeping import Ending, record_ending, settled
-from mnist_sweep.search.worker import WorkerSetup, end_tags_of, log_ending, run_tags
+from mnist_sweep.search.bookkeeping import ENDED_ELSEWHERE, Ending, record_ending, settled
+from mnist_sweep.search.worker import (
+    WorkerSetup,
+    end_tags_of,
+    ended_elsewhere_tags,
+    log_ending,
+    run_tags,
+)
 from mnist_sweep.tracking.runs import failed_tags, trial_end_tags, trial_run_name
 
 log = logging.getLogger("mnist_sweep")
@@ -163,8 +169,11 @@ class PopulationBookkeeper:
             )
         reports = {n: (r.epoch, r.metrics()[metric]) for n, r in live.items() if n not in endings}
         pruned = self.book.report(reports)
+        gone = self.book.ended_elsewhere()  # failed as stale by another process meanwhile
         for number, (epoch, value) in reports.items():
-            if number in pruned:
+            if number in gone:
+                endings[number] = Ending("ended elsewhere", epoch, reason=ENDED_ELSEWHERE)
+            elif number in pruned:
                 endings[number] = Ending("pruned", epoch, value)
             elif number in tests:
                 endings[number] = Ending(
@@ -197,12 +206,17 @@ class PopulationBookkeeper:
             return
         metric, pruner = self.spec.settings["metric"], self.spec.settings["pruner"]
         members = {n: self.book.open[n] for n in endings}
+        refused: set[int] = set()
         try:
-            self.book.end(endings)
+            refused = self.book.end(endings)
         finally:  # told (or not, if the worker stops): either way the runs end, the stack shrinks
             for number, ending in endings.items():
                 prefix, trial = f"[w{self.index} #{number}] ", members[number].trial
-                if ending.state == "complete":
+                if number in refused:  # failed elsewhere before its end was told: so is its run
+                    ending = Ending("ended elsewhere", ending.epochs, reason=ENDED_ELSEWHERE)
+                if ending.state == "ended elsewhere":
+                    self.writer.end(number, "FAILED", ended_elsewhere_tags())
+                elif ending.state == "complete":
                     assert tests is not None and ending.value is not None  # a tested member
                     self.writer.end(
                         number,

@@ -36,6 +36,7 @@ import functools
 import inspect
 import itertools
 import logging
+import math
 import random
 import threading
 import time
@@ -72,6 +73,8 @@ def _lost_connection(error: BaseException) -> bool:
     e: BaseException | None = error
     seen = 0
     while e is not None and seen < 5:
+        if isinstance(e, StorageUnavailable):  # a retry has given up already: final
+            return False
         if isinstance(e, (sqlalchemy.exc.OperationalError, sqlalchemy.exc.InterfaceError)):
             return True
         if isinstance(e, sqlalchemy.exc.DBAPIError) and e.connection_invalidated:
@@ -81,12 +84,38 @@ def _lost_connection(error: BaseException) -> bool:
 
 
 def _retrying(name: str, method: Callable) -> Callable:
+    """`method`, retried on a lost connection for up to `outage_seconds`, at one boundary: the
+    outermost retrying call of the thread. Calls made inside it (Optuna's set_trial_param calls
+    _set_trial_param, get_best_trial calls get_trial, a read commits the pending writes first)
+    are not retried on their own: their error reaches the outer call, which runs again whole.
+    Retries nested in retries waited a full `outage_seconds` each, so a store that stayed down
+    was reported after a multiple of it."""
+
     @functools.wraps(method)
     def call(self: ResilientRDBStorage, *args, **kwargs):
+        if getattr(self._local, "retrying", False):  # the outer call retries
+            return method(self, *args, **kwargs)
+        self._local.retrying = True
+        started = time.monotonic()
+        try:
+            result = retried(self, *args, **kwargs)
+        finally:
+            self._local.retrying = False
+        # A call that took longer than a heartbeat interval was an outage too, one that a pooler
+        # hid by queueing the call (PgBouncer holds it until PostgreSQL is back): no worker could
+        # beat meanwhile either
+        if self.heartbeat_interval and time.monotonic() - started > self.heartbeat_interval:
+            self.reachable_since = time.monotonic()
+        return result
+
+    def retried(self: ResilientRDBStorage, *args, **kwargs):
         deadline, delay = None, 0.5
         while True:
             try:
-                return method(self, *args, **kwargs)
+                result = method(self, *args, **kwargs)
+                if deadline is not None:  # the store is back after an outage seen here
+                    self.reachable_since = time.monotonic()
+                return result
             except optuna.exceptions.UpdateFinishedTrialError:
                 # A retried write whose first attempt did commit (the reply was lost): the trial
                 # is already in the state we asked for. Anything else is a real error.
@@ -108,6 +137,7 @@ def _retrying(name: str, method: Callable) -> Callable:
                     except Exception:  # closing over a dead connection: it is dropped anyway
                         pass
                 now = time.monotonic()
+                self.reachable_since = math.inf  # no stale check until it is back (see there)
                 if deadline is None:
                     deadline = now + self.outage_seconds
                     log.warning(
@@ -146,6 +176,10 @@ class ResilientRDBStorage(RDBStorage):
         # trials this storage made or claimed RUNNING and has not ended: its worker's heartbeat
         # round beats them from their first moment (an ask samples after making the trial)
         self.running_here: set[int] = set()
+        # trials of this storage's writes that had ended meanwhile (see _refused)
+        self.ended_elsewhere: set[int] = set()
+        # when the store was last seen back after an outage here (see _get_stale_trial_ids)
+        self.reachable_since = -math.inf
         self._local = threading.local()  # a thread's pending writes and snapshot
         self.transactions = 0  # coalesced transactions committed (for the benchmark)
         self.light_rows = 0  # rows the light reads returned (for tests and the benchmark)
@@ -205,11 +239,12 @@ class ResilientRDBStorage(RDBStorage):
         return True
 
     def _commit_pending(self) -> None:
-        """Before a read inside a coalesced block: the thread reads its own writes."""
+        """Before a read inside a coalesced block: the thread reads its own writes. They stay
+        pending until committed: a call that fails here is retried whole, writes included."""
         pending = getattr(self._local, "pending", None)
         if pending:
-            self._local.pending = []
             self._commit(pending)
+            self._local.pending = []
 
     def _commit(self, operations: list[tuple]) -> None:
         if operations:
@@ -225,9 +260,7 @@ class ResilientRDBStorage(RDBStorage):
                     try:
                         self._apply(session, *operation)
                     except optuna.exceptions.UpdateFinishedTrialError as error:
-                        # the trial ended meanwhile (a heartbeat check failed it): its late write
-                        # is dropped, as Optuna's own write would have been refused
-                        log.debug(f"dropped a write to a finished trial: {error}")
+                        self._refused(operation, error)
             self.transactions += 1
             self._mark_written(operations)
         except sqlalchemy.exc.IntegrityError:
@@ -236,8 +269,24 @@ class ResilientRDBStorage(RDBStorage):
             for operation in operations:
                 try:
                     self._apply_alone(*operation)
-                except optuna.exceptions.UpdateFinishedTrialError:
-                    pass
+                except optuna.exceptions.UpdateFinishedTrialError as error:
+                    self._refused(operation, error)
+            self._mark_written(operations)  # a finished state ends the trial's beats here too
+
+    def _refused(self, operation: tuple, error: Exception) -> None:
+        """A write to a trial that ended meanwhile (another worker's stale check failed it, or a
+        retried end whose first attempt committed) is refused, as Optuna's own write would be,
+        and the rest of the transaction goes on. The trial is remembered (`ended_elsewhere`):
+        its worker learns it at its next report and stops training it, and its MLflow run ends
+        FAILED saying why (bookkeeping.py), so that Optuna and MLflow never disagree."""
+        kind, trial_id, *rest = operation
+        if kind == "state" and rest and getattr(rest[0], "is_finished", lambda: False)():
+            trial = RDBStorage.get_trial(self, trial_id)
+            if trial.state == rest[0]:
+                return  # our own end, committed by an attempt whose reply was lost
+        if trial_id not in self.ended_elsewhere:
+            log.warning(f"trial id {trial_id} had ended elsewhere: {error}")
+        self.ended_elsewhere.add(trial_id)
 
     def _mark_written(self, operations) -> None:
         """Trials written to (committed): each cache reads them in full at its next read. A
@@ -373,7 +422,23 @@ class ResilientRDBStorage(RDBStorage):
             deferred.append(call)
 
     def _get_stale_trial_ids(self, study_id: int) -> list[int]:
+        """Optuna's stale trials (see `_stale_or_never_beat`), but none while this process has
+        seen the store down (a call failing, or held longer than a heartbeat interval), nor for a
+        grace period after it came back: during an outage no
+        worker can beat, so every trial in flight looks stale to the first check after it,
+        though their workers live and beat again within a heartbeat interval of its end. An
+        outage shorter than `outage_seconds` so fails no live trial; a worker that died during
+        it has its trials failed a grace period after the store is back."""
         stale = _retrying("_get_stale_trial_ids", _stale_or_never_beat)(self, study_id)
+        assert self.heartbeat_interval is not None  # open_storage always sets one
+        grace = self.grace_period or 2 * self.heartbeat_interval
+        if time.monotonic() - self.reachable_since < grace:
+            if stale:
+                log.info(
+                    f"{len(stale)} trial(s) look stale, but the store was down a moment "
+                    "ago: their workers get a grace period to beat again"
+                )
+            stale = []
         if getattr(self._local, "stale_round_left", None) is not None:  # in stale_rounds
             self._local.stale_round_left = len(stale) > STALE_A_ROUND
             if len(stale) > STALE_A_ROUND:

@@ -183,6 +183,17 @@ def make_sampler(name: str, seed: int | None, space: SearchSpace, args: Mapping 
     return TrialSeededSampler(lambda trial_seed: _one_sampler(name, trial_seed, space, args), seed)
 
 
+def reads_running_params(sampler: str, args: Mapping | None) -> bool:
+    """Whether the sampler looks at the params of trials running elsewhere, so that the storage
+    must read them in full (not light, see storage._refresh): TPE's constant liar, on by default
+    in Optuna 5 (TPESampler(constant_liar=True)); GP, which conditions on running trials; QMC,
+    whose first trials take their space from the running ones. Random and CMA-ES read finished
+    trials only; grid marks its trials with system attributes, which are always read in full."""
+    if sampler == "tpe":
+        return bool((args or {}).get("constant_liar", True))
+    return sampler in ("gp", "qmc")
+
+
 def trial_seed(seed: int | None, number: int) -> int | None:
     """A seed for trial `number` of a study seeded with `seed` (None: drawn by the OS)."""
     if seed is None:
@@ -408,8 +419,7 @@ def open_study(
         s["outage_seconds"],
     )
     sampler = make_sampler(s["sampler"], s["seed"], space, s["sampler_args"])
-    # a constant liar reads the params of the trials running elsewhere: read them in full
-    storage.light_running = not (s["sampler_args"] or {}).get("constant_liar", False)
+    storage.light_running = not reads_running_params(s["sampler"], s["sampler_args"])
     pruner = make_pruner(s["pruner"], max_epochs(space, base), s["pruner_args"])
     name, defined = spec.study_name, definition(spec, space, base)
     # the studies without their trials (a study summary reads every trial of every study in

@@ -25,6 +25,7 @@ from mnist_sweep.base.errors import failure_reason
 from mnist_sweep.base.hydra_config import compose, compose_trial
 from mnist_sweep.base.interrupts import INTERRUPTS
 from mnist_sweep.search.bookkeeping import (  # noqa: F401
+    ENDED_ELSEWHERE,
     Bookkeeper,
     Ending,
     Heartbeats,
@@ -154,7 +155,12 @@ class Worker(WorkerSetup):
 
                 empty_cuda_cache()
         log_ending(prefix, ending, self.spec.settings["metric"], trial)
-        self.book.end({trial.number: ending})
+        run_id = self.book.open[trial.number].run_id
+        if self.book.end({trial.number: ending}) and ending.state != "ended elsewhere":
+            # failed elsewhere between its last report and its end: its run says so too
+            log.warning(f"{prefix}{ENDED_ELSEWHERE}")
+            if run_id is not None:
+                self.tracker.end_run(run_id, "FAILED", ended_elsewhere_tags())
 
     def train(self, trial: optuna.Trial, values: dict, cfg, prefix: str) -> Ending:
         import torch
@@ -176,10 +182,14 @@ class Worker(WorkerSetup):
         ) as run:
             if run.run_id:
                 trial.set_user_attr("mlflow_run_id", run.run_id)
+                self.book.open[number].run_id = run.run_id
 
             def report(epoch) -> None:
                 value = epoch.metrics()[metric]
-                if self.book.report({number: (epoch.epoch, value)}):
+                pruned = self.book.report({number: (epoch.epoch, value)})
+                if number in self.book.ended_elsewhere():
+                    raise EndedElsewhere(epoch.epoch)
+                if pruned:
                     raise Pruned(epoch.epoch, value)
 
             try:
@@ -200,6 +210,10 @@ class Worker(WorkerSetup):
                 if ending.state != "pruned":  # pruned at a NaN: diverged there
                     run.end_status = "FAILED"
                 return ending
+            except EndedElsewhere as gone:
+                run.set_tags(ended_elsewhere_tags())
+                run.end_status = "FAILED"
+                return Ending("ended elsewhere", gone.epoch, reason=ENDED_ELSEWHERE)
             except TrainingDiverged as error:
                 if self.spec.settings["diverged"] != "prune":
                     run.set_tags({"state": "failed"})
@@ -251,6 +265,21 @@ class Pruned(Exception):
         self.epoch, self.value = epoch, value
 
 
+class EndedElsewhere(Exception):
+    """Another process failed the trial as stale while it trained (found after `epoch`)."""
+
+    def __init__(self, epoch: int):
+        super().__init__(f"ended elsewhere after epoch {epoch}")
+        self.epoch = epoch
+
+
+def ended_elsewhere_tags() -> dict[str, str]:
+    """The run of a trial another process failed as stale: FAILED, saying why."""
+    from mnist_sweep.tracking.runs import failed_tags
+
+    return {**failed_tags(ENDED_ELSEWHERE), "ended_elsewhere": "true"}
+
+
 def run_tags(spec: SweepSpec, trial: optuna.Trial, **more: str) -> dict[str, str]:
     """A trial run's tags: what finds it (study, trial number and id) and its state."""
     return {
@@ -291,3 +320,5 @@ def log_ending(prefix: str, ending: Ending, metric: str, trial: optuna.Trial) ->
         log.info(f"{prefix}diverged in epoch {ending.epochs}: pruned, {metric} NaN there")
     elif ending.state == "failed":
         log.warning(f"{prefix}failed: {ending.reason}")
+    elif ending.state == "ended elsewhere":
+        log.warning(f"{prefix}stopped: {ending.reason}")
