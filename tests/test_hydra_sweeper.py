@@ -7,6 +7,7 @@ from mlflow.tracking import MlflowClient
 from optuna.study import StudyDirection
 
 from conftest import run_cli
+from test_sweep import failed, finished
 
 TINY = ["train.epochs=2", "train.batch_size=50", "data.val_size=100", "train.progress=false"]
 
@@ -28,9 +29,11 @@ def test_dash_m_with_the_optuna_sweeper_gives_one_study_with_nested_runs(tmp_pat
                   f"data.root={mnist_dir}", *TINY, cwd=tmp_path, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     study, parents, trials = study_and_runs(tmp_path, "dash_m")
-    assert len([t for t in study.trials if t.state.is_finished()]) == 4
-    assert {t.params["schedule"] for t in study.trials} <= {"none", "step"}
-    assert all(0.5 <= t.params["optim.momentum"] <= 0.99 for t in study.trials)
+    # exactly n_trials finished and none failed; with 2 jobs a slot opened just as the other
+    # filled the budget is closed untrained (FAIL, `excess`: see study.counts)
+    assert len(finished(study)) == 4 and not failed(study)
+    assert {t.params["schedule"] for t in finished(study)} <= {"none", "step"}
+    assert all(0.5 <= t.params["optim.momentum"] <= 0.99 for t in finished(study))
     assert len(parents) == 1 and len(trials) == 4
     assert all(r.data.tags["mlflow.parentRunId"] == parents[0].info.run_id for r in trials)
     # the command line's plain overrides are fixed for every trial
