@@ -33,7 +33,7 @@ test-slow: ## run only the slow tier (real MNIST from ../shared, long checks)
 	$(PY) -m pytest -q -n 2 --dist worksteal -m slow
 
 test-full: ## run the fast suite and the slow tier
-	$(PY) -m pytest -q -n 2 --dist worksteal -m "not docker"
+	$(PY) -m pytest -q -n 2 --dist worksteal -m "not docker" --durations=25
 
 test-docker: ## build the images and run the compose stack for real (root, Docker; ~3 min, ~10 on the first build)
 	$(PY) -m pytest -q -s -m docker tests/test_compose_stack.py
