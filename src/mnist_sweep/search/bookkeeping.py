@@ -80,6 +80,7 @@ class Bookkeeper:
         self.worker = f"{socket.gethostname()}:{os.getpid()}"
         self.open: dict[int, OpenTrial] = {}
         self.failures_in_a_row: list[str] = []
+        self.refused_last: set[int] = set()  # the last end()'s trials another process had ended
         self.lock = threading.Lock()  # self.open, between the bookkeeping and the heartbeats
         self.seconds = 0.0  # inside Optuna (the population's log line, the benchmark)
 
@@ -194,6 +195,7 @@ class Bookkeeper:
         diverged = self.spec.settings["diverged"]
         endings = {n: settled(e, diverged) for n, e in endings.items()}
         ids: dict[int, int] = {}
+        self.refused_last = set()
         started = time.perf_counter()
         try:
             with self.storage.coalesced():
@@ -206,6 +208,7 @@ class Bookkeeper:
         finally:
             self.seconds += time.perf_counter() - started
         refused = {n for n, i in ids.items() if i in self.storage.ended_elsewhere}
+        self.refused_last = refused  # also when TooManyFailures is raised below
         for ending in endings.values():
             if ending.state == "failed" and not ending.reason.startswith("TrainingDiverged"):
                 self.failures_in_a_row.append(ending.reason)
@@ -313,8 +316,12 @@ def tell(
             raise ValueError(refused or f"The value {value} is not a finite number")
         values = [float(value)]  # type: ignore[arg-type]
     elif state == TrialState.PRUNED and frozen.intermediate_values:
+        # Optuna's tell would store an infinite last value (its check refuses NaN only); no
+        # value that is not a finite number is stored (a trial that diverged at inf is PRUNED
+        # without a value, its intermediate value at that epoch says inf)
         last = frozen.intermediate_values[max(frozen.intermediate_values)]
-        values = [float(last)] if _check_values_are_feasible(study, [last]) is None else None
+        feasible = _check_values_are_feasible(study, [last]) is None
+        values = [float(last)] if feasible and value_is_a_result(last) else None
     try:
         study.sampler.after_trial(pruners._filter_study(study, frozen), frozen, state, values)
     finally:

@@ -206,10 +206,10 @@ class PopulationBookkeeper:
             return
         metric, pruner = self.spec.settings["metric"], self.spec.settings["pruner"]
         members = {n: self.book.open[n] for n in endings}
-        refused: set[int] = set()
         try:
-            refused = self.book.end(endings)
+            self.book.end(endings)
         finally:  # told (or not, if the worker stops): either way the runs end, the stack shrinks
+            refused = self.book.refused_last  # ends refused, known also when end() raised
             for number, ending in endings.items():
                 prefix, trial = f"[w{self.index} #{number}] ", members[number].trial
                 if number in refused:  # failed elsewhere before its end was told: so is its run

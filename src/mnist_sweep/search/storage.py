@@ -101,6 +101,8 @@ def _retrying(name: str, method: Callable) -> Callable:
             result = retried(self, *args, **kwargs)
         finally:
             self._local.retrying = False
+            if self.reachable_since == math.inf:  # given up, or failed otherwise, mid-outage:
+                self.reachable_since = time.monotonic()  # stale checks resume a grace later
         # A call that took longer than a heartbeat interval was an outage too, one that a pooler
         # hid by queueing the call (PgBouncer holds it until PostgreSQL is back): no worker could
         # beat meanwhile either
@@ -260,7 +262,7 @@ class ResilientRDBStorage(RDBStorage):
                     try:
                         self._apply(session, *operation)
                     except optuna.exceptions.UpdateFinishedTrialError as error:
-                        self._refused(operation, error)
+                        self._refused(operation, error, operations, session)
             self.transactions += 1
             self._mark_written(operations)
         except sqlalchemy.exc.IntegrityError:
@@ -270,20 +272,37 @@ class ResilientRDBStorage(RDBStorage):
                 try:
                     self._apply_alone(*operation)
                 except optuna.exceptions.UpdateFinishedTrialError as error:
-                    self._refused(operation, error)
+                    self._refused(operation, error, operations)
             self._mark_written(operations)  # a finished state ends the trial's beats here too
 
-    def _refused(self, operation: tuple, error: Exception) -> None:
-        """A write to a trial that ended meanwhile (another worker's stale check failed it, or a
-        retried end whose first attempt committed) is refused, as Optuna's own write would be,
-        and the rest of the transaction goes on. The trial is remembered (`ended_elsewhere`):
-        its worker learns it at its next report and stops training it, and its MLflow run ends
-        FAILED saying why (bookkeeping.py), so that Optuna and MLflow never disagree."""
-        kind, trial_id, *rest = operation
-        if kind == "state" and rest and getattr(rest[0], "is_finished", lambda: False)():
-            trial = RDBStorage.get_trial(self, trial_id)
-            if trial.state == rest[0]:
-                return  # our own end, committed by an attempt whose reply was lost
+    def _refused(
+        self, operation: tuple, error: Exception, operations: list[tuple], session: Any = None
+    ) -> None:
+        """A write to a trial that had ended is refused, as Optuna's own write would be, and the
+        rest of the transaction goes on. Either the end is ours: these writes were committed by
+        an attempt whose reply was lost (the retry, or the one-by-one fallback, applies them
+        again), and the trial holds the finished state this batch writes; or another process
+        ended it (its stale check failed it while it trained). That trial is remembered
+        (`ended_elsewhere`): its worker learns it at its next report and stops training it,
+        and its MLflow run ends FAILED saying why (bookkeeping.py), so that Optuna and MLflow
+        never disagree. The state is read in the transaction's own session: another session
+        here would commit this thread's half-done transaction (Optuna's scoped session)."""
+        from optuna.storages._rdb import models
+
+        trial_id = operation[1]
+        ours = {
+            op[1]: op[2]
+            for op in operations
+            if op[0] == "state" and len(op) > 2 and getattr(op[2], "is_finished", lambda: 0)()
+        }
+        if trial_id in ours:
+            state: Any = (
+                models.TrialModel.find_or_raise_by_id(trial_id, session).state
+                if session is not None
+                else RDBStorage.get_trial(self, trial_id).state
+            )
+            if state == ours[trial_id]:
+                return  # our own end, committed already
         if trial_id not in self.ended_elsewhere:
             log.warning(f"trial id {trial_id} had ended elsewhere: {error}")
         self.ended_elsewhere.add(trial_id)
