@@ -44,6 +44,21 @@ def main(argv: list[str] | None = None) -> None:
         action="store_true",
         help="join an existing study (make worker): fail if there is none",
     )
+    parser.add_argument(
+        "--no-wait",
+        action="store_true",
+        help="sweep.launcher=slurm: submit the array and return (the same command attaches)",
+    )
+    parser.add_argument(
+        "--create-only",
+        action="store_true",
+        help="create (or resume) the study and its parent run, run no trial (Kubernetes' Job)",
+    )
+    parser.add_argument(
+        "--kubernetes",
+        action="store_true",
+        help="print Kubernetes manifests (a Job creating the study, an Indexed Job of workers)",
+    )
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_intermixed_args(argv)  # options and overrides in any order
     with user_errors_exit():
@@ -51,11 +66,22 @@ def main(argv: list[str] | None = None) -> None:
         if args.show:
             check_space(spec, spec.space())
             print(OmegaConf.to_yaml(spec.shown()))
+            if spec.settings["launcher"] == "slurm":
+                from mnist_sweep.search.slurm import batch_script
+
+                print("# the batch script that sweep.launcher=slurm submits (sbatch):")
+                print(batch_script(spec))
+            return
+        if args.kubernetes:
+            from mnist_sweep.search.kubernetes import manifests
+
+            documents = manifests(spec, check_space(spec, spec.space()))
+            print("---\n".join(OmegaConf.to_yaml(OmegaConf.create(d)) for d in documents), end="")
             return
         from mnist_sweep.search.driver import run_sweep
 
         try:
-            run_sweep(spec, join=args.join)
+            run_sweep(spec, join=args.join, wait=not args.no_wait, create_only=args.create_only)
         except KeyboardInterrupt:
             sys.stderr.write("interrupted: the study is kept; run the same command to resume it\n")
             raise SystemExit(130) from None

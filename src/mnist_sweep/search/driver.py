@@ -229,21 +229,30 @@ def close_orphan_runs(study: optuna.Study, spec: SweepSpec, tracker) -> int:
     return ended
 
 
-def run_sweep(spec: SweepSpec, join: bool = False) -> optuna.Study:
+def run_sweep(
+    spec: SweepSpec, join: bool = False, wait: bool = True, create_only: bool = False
+) -> optuna.Study:
     """Run the study to n_trials with sweep.workers workers here: in this process when there is
-    one (no second start-up), else as processes. join=True (make worker): the study must exist
-    already (started by `make sweep` elsewhere); nothing is created."""
+    one (no second start-up), else as processes; with sweep.launcher=slurm, as an array job on
+    the cluster (search/slurm.py; wait=False: submitted, and the command returns). join=True
+    (make worker, a SLURM task): the study must exist already (started by `make sweep`
+    elsewhere); nothing is created. create_only: the study and its parent run are created (or
+    resumed), no trial runs (the Job that Kubernetes' workers join: search/kubernetes.py)."""
     from mnist_sweep.search.report import Reporter
+    from mnist_sweep.search.slurm import check_before_submitting, run_array
     from mnist_sweep.search.worker import configure_output
     from mnist_sweep.search.worker_process import make_worker
     from mnist_sweep.tracking.runs import open_tracker
 
     INTERRUPTS.install()  # SIGTERM to the driver alone: like Ctrl-C (interrupts.py)
     configure_output(spec)
-    if spec.settings["workers"] > 1:  # the fork server imports while this process sets up
+    on_slurm = spec.settings["launcher"] == "slurm" and not join
+    if spec.settings["workers"] > 1 and not on_slurm:  # it imports while this process sets up
         start_fork_server()
     space = spec.space()
     base = check_space(spec, space)
+    if on_slurm:  # stores, sbatch, data, the batch script: before anything is made
+        check_before_submitting(spec, base)
     tracker = open_tracker(
         base.tracking
     )  # a bad tracking store is refused before the study is made
@@ -254,10 +263,20 @@ def run_sweep(spec: SweepSpec, join: bool = False) -> optuna.Study:
         # race it and enqueue twice); a resume adds entries the file gained since.
         enqueue_known(study, spec.enqueue)
     spec.parent_run_id = start_parent_run(spec, study, tracker, made_here)
+    if create_only:
+        print(
+            f"[{spec.study_name}] study and parent run ready: workers join with --join", flush=True
+        )
+        return study
     quiet, n_workers = spec.settings["quiet"], spec.settings["workers"]
+    where = (
+        f"an array of {spec.settings['slurm']['tasks']} SLURM task(s) of {n_workers} worker(s)"
+        if on_slurm
+        else f"{n_workers} worker(s)"
+    )
     if not quiet:
         print(
-            f"sweep {spec.study_name}: {spec.settings['n_trials']} trials, {n_workers} worker(s), "
+            f"sweep {spec.study_name}: {spec.settings['n_trials']} trials, {where}, "
             f"sampler {spec.settings['sampler']}, pruner {spec.settings['pruner']}, storage "
             f"{redact_uri(spec.settings['storage'])}",
             flush=True,
@@ -267,8 +286,13 @@ def run_sweep(spec: SweepSpec, join: bool = False) -> optuna.Study:
     monitor = Monitor(spec, study, reporter)
     workers: list = []
     status = "FAILED"
+    left_to_the_array = False  # --no-wait: its tasks end the parent run, not this command
     try:
-        if n_workers == 1:
+        if on_slurm:
+            uri = getattr(tracker, "uri", None)
+            codes, _ = run_array(spec, study, monitor, trials_to_run, uri, wait)
+            left_to_the_array = not wait
+        elif n_workers == 1:
             make_worker(spec, 0, 1, monitor).loop()
             codes = [0]
         else:
@@ -303,7 +327,7 @@ def run_sweep(spec: SweepSpec, join: bool = False) -> optuna.Study:
                 f"[{spec.study_name}] runs left open could not be closed: {failure_reason(error)}"
             )
         try:
-            ending = parent_ending(study, spec, status)
+            ending = None if left_to_the_array else parent_ending(study, spec, status)
         except Exception as error:
             log.warning(
                 f"[{spec.study_name}] the parent run is left RUNNING: whether other drivers still "

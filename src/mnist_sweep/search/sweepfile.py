@@ -25,6 +25,8 @@ from mnist_sweep.base.hydra_config import (
     to_overrides,
 )
 from mnist_sweep.base.urls import mask_secrets
+from mnist_sweep.search.kubernetes import KUBERNETES_DEFAULTS, check_kubernetes_settings
+from mnist_sweep.search.slurm import SLURM_DEFAULTS, check_slurm_settings
 from mnist_sweep.search.space import SearchSpace, build_space, contains
 from mnist_sweep.search.study import PRUNERS, SAMPLERS, is_under
 from mnist_sweep.trial.validation import is_int
@@ -66,7 +68,15 @@ DEFAULT_SETTINGS: dict[str, Any] = {
     # At the end, the best trial's model in MLflow's registry under this name with the alias
     # champion: auto = the study's name; false = not registered.
     "register_model": "auto",
+    # Where the workers run: local (processes on this machine) or slurm (one array job of
+    # workers on a SLURM cluster, submitted and watched from here: search/slurm.py); settings
+    # of the array under sweep.slurm (SLURM_DEFAULTS)
+    "launcher": "local",
+    "slurm": {},
+    # The manifests `--kubernetes` prints (search/kubernetes.py: KUBERNETES_DEFAULTS)
+    "kubernetes": {},
 }
+NESTED_SETTINGS = {"slurm": SLURM_DEFAULTS, "kubernetes": KUBERNETES_DEFAULTS}
 
 
 @dataclass
@@ -80,6 +90,7 @@ class SweepSpec:
     fixed: list = field(default_factory=list)
     enqueue: list = field(default_factory=list)
     parent_run_id: str | None = None
+    overrides: list = field(default_factory=list)  # the command line's, as given (SLURM tasks)
 
     @property
     def study_name(self) -> str:
@@ -133,6 +144,9 @@ def load_spec(name: str, overrides: list[str]) -> SweepSpec:
             f"allowed: {', '.join(FILE_SECTIONS)}."
         )
     settings = {**DEFAULT_SETTINGS, **(raw.get("sweep") or {})}
+    for key, defaults in NESTED_SETTINGS.items():  # the file's sweep.slurm over the defaults
+        if isinstance(settings[key], dict):
+            settings[key] = {**defaults, **settings[key]}
     fixed = raw.get("fixed") or []
     if isinstance(fixed, dict):
         fixed = to_overrides(fixed)
@@ -143,8 +157,12 @@ def load_spec(name: str, overrides: list[str]) -> SweepSpec:
         dict(raw.get("conditional") or {}),
         [str(f) for f in fixed],
         list(raw.get("enqueue") or []),
+        overrides=list(overrides),
     )
     apply_overrides(spec, overrides)
+    for key, defaults in NESTED_SETTINGS.items():  # sweep.slurm={...} keeps the other defaults
+        if isinstance(spec.settings[key], dict):
+            spec.settings[key] = {**defaults, **spec.settings[key]}
     spec.settings["study_name"] = spec.settings["study_name"] or path.stem
     spec.settings["storage"] = (
         spec.settings["storage"] or os.environ.get("SWEEP_STORAGE") or "sqlite:///optuna.db"
@@ -167,7 +185,10 @@ def apply_overrides(spec: SweepSpec, overrides: list[str]) -> None:
                 "choice(a,b) or a,b, tag(log, ...)."
             ) from None
         key = override.key_or_group
-        if key.startswith("sweep."):
+        nested = key.split(".")[1] if key.count(".") >= 2 else None
+        if nested in NESTED_SETTINGS and isinstance(spec.settings[nested], dict):
+            spec.settings[nested][key.split(".", 2)[2]] = override.value()  # sweep.slurm.tasks=8
+        elif key.startswith("sweep."):
             setting = key.removeprefix("sweep.")
             if setting not in DEFAULT_SETTINGS:
                 raise ConfigError(
@@ -273,6 +294,13 @@ def check_settings(s: dict) -> None:
             f"sweep.register_model={name!r} is not allowed: auto (the study's name), "
             "false (no registration) or a model name without '/' or ':'."
         )
+    if s["launcher"] not in ("local", "slurm"):
+        raise ConfigError(
+            f"sweep.launcher={s['launcher']!r} is unknown; allowed: local (worker processes "
+            "on this machine) or slurm (an array job of workers on a SLURM cluster)."
+        )
+    check_slurm_settings(s["slurm"])
+    check_kubernetes_settings(s["kubernetes"])
     if not isinstance(s["study_name"], str) or not s["study_name"].strip():
         raise ConfigError(f"sweep.study_name={s['study_name']!r} is not allowed: a non-empty name.")
     from mnist_sweep.tracking.filters import check_filter_value

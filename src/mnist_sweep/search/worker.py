@@ -281,13 +281,17 @@ def ended_elsewhere_tags() -> dict[str, str]:
 
 
 def run_tags(spec: SweepSpec, trial: optuna.Trial, **more: str) -> dict[str, str]:
-    """A trial run's tags: what finds it (study, trial number and id) and its state."""
+    """A trial run's tags: what finds it (study, trial number and id), its state, and where it
+    ran (a SLURM task's job, array task and node; the GPUs it was given)."""
+    from mnist_sweep.search.slurm import placement_tags
+
     return {
         "sweep_role": "trial",
         "study_name": spec.study_name,
         "trial_number": str(trial.number),
         "optuna_trial_id": str(trial._trial_id),
         "state": "running",
+        **placement_tags(),
         **more,
     }
 
