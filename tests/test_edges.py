@@ -98,6 +98,8 @@ def test_a_trial_failed_elsewhere_while_it_trains_stops_and_its_run_says_why(
         running = plain.get_all_trials(study_id, states=(TrialState.RUNNING,))
         victim = min(running, key=lambda t: t.number)
         plain.set_trial_state_values(victim._trial_id, TrialState.FAIL)
+        retry = optuna.storages.RetryFailedTrialCallback(max_retry=1)  # as the stale check does
+        retry(optuna.load_study(study_name=name, storage=plain), plain.get_trial(victim._trial_id))
         gate.touch()
         out, err = process.communicate(timeout=300)
     finally:
@@ -109,6 +111,8 @@ def test_a_trial_failed_elsewhere_while_it_trains_stops_and_its_run_says_why(
     assert failed == {victim.number}, [(t.number, t.state) for t in trials]
     assert victim.number not in {t.number for t in trials if 1 in t.intermediate_values}
     assert len([t for t in trials if t.state == TrialState.COMPLETE]) == 2
+    retried = [t for t in trials if t.system_attrs.get("failed_trial") == victim.number]
+    assert len(retried) == 1 and retried[0].params == victim.params
     _, runs = study_runs(MlflowClient(tracking), name)
     by_trial = {int(r.data.tags["trial_number"]): r for r in runs}
     gone = by_trial[victim.number]
