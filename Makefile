@@ -14,7 +14,7 @@ DATA ?= $(if $(wildcard ../shared/data/mnist),../shared/data/mnist,./data)
 export MNIST_SWEEP_DATA ?= $(DATA)
 
 .DEFAULT_GOAL := help
-.PHONY: help install test test-slow test-full test-docker train ui sweep server worker sweep-show seed-table bench bench-sweep bench-population bench-scale bench-scale-out bench-diverged bench-bookkeeping lint docs docs-build clean dashboard readme-images
+.PHONY: help install test test-slow test-full test-docker test-slurm k8s-manifest train ui sweep server worker sweep-show seed-table bench bench-sweep bench-population bench-scale bench-scale-out bench-diverged bench-bookkeeping lint docs docs-build clean dashboard readme-images
 
 help: ## list the targets
 	@grep -hE '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  \033[36m%-12s\033[0m %s\n", $$1, $$2}'
@@ -34,6 +34,9 @@ test-slow: ## run only the slow tier (real MNIST from ../shared, long checks)
 
 test-full: ## run the fast suite and the slow tier
 	$(PY) -m pytest -q -n 2 --dist worksteal -m "not docker" --durations=25
+
+test-slurm: ## sweep.launcher=slurm against a real single-node SLURM started as root (munge, slurmctld, slurmd from apt)
+	$(PY) -m pytest -q -p no:xdist -m slow tests/test_slurm.py
 
 test-docker: ## build the images and run the compose stack for real (root, Docker; ~3 min, ~10 on the first build)
 	$(PY) -m pytest -q -s -m docker tests/test_compose_stack.py
@@ -72,7 +75,10 @@ worker: ## join a running SWEEP's study on the shared servers: `source $(SERVER_
 	@test -n "$$SWEEP_STORAGE" || { echo "error: SWEEP_STORAGE is not set: run 'source $(SERVER_DIR)/urls.env' (written by make server) first." >&2; exit 2; }
 	$(PY) -m mnist_sweep.sweep --join --sweep $(SWEEP) $(if $(WORKERS),sweep.workers=$(WORKERS)) $(ARGS)
 
-sweep-show: ## print a sweep's resolved settings and search space, run nothing
+k8s-manifest: ## print Kubernetes manifests for SWEEP (a Job creating the study, an Indexed Job of GPU workers); ARGS="sweep.kubernetes.workers=8 ..."
+	$(PY) -m mnist_sweep.sweep --kubernetes --sweep $(SWEEP) $(ARGS)
+
+sweep-show: ## print a sweep's resolved settings and search space (and with sweep.launcher=slurm the batch script), run nothing
 	$(PY) -m mnist_sweep.sweep --sweep $(SWEEP) --show $(ARGS)
 
 seed-table: ## the note's three configurations over SEEDS seeds, as a markdown table

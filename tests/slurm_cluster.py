@@ -22,6 +22,11 @@ from pathlib import Path
 DAEMONS = ("munged", "slurmctld", "slurmd")
 
 
+def _path(program: str) -> str:
+    """A program's path: root's PATH may lack /usr/sbin, where the daemons are."""
+    return shutil.which(program) or f"/usr/sbin/{program}"
+
+
 def missing() -> str | None:
     """Why no cluster can start here, or None."""
     absent = [d for d in (*DAEMONS, "sbatch", "squeue", "scancel", "scontrol")
@@ -96,12 +101,12 @@ PartitionName=debug Nodes=localhost Default=YES MaxTime=INFINITE State=UP
             return  # running already
         key = Path("/etc/munge/munge.key")
         if not key.exists():
-            subprocess.run(["mungekey", "--create"], check=True)
+            subprocess.run([_path("mungekey"), "--create"], check=True)
             shutil.chown(key, "munge", "munge")
         run = Path("/run/munge")
         run.mkdir(parents=True, exist_ok=True)
         shutil.chown(run, "munge", "munge")
-        subprocess.run(["su", "-s", "/bin/sh", "munge", "-c", "/usr/sbin/munged"], check=True)
+        subprocess.run(["su", "-s", "/bin/sh", "munge", "-c", _path("munged")], check=True)
         deadline = time.time() + 10
         while subprocess.run("munge -n | unmunge", shell=True, capture_output=True).returncode:
             if time.time() > deadline:
@@ -111,8 +116,9 @@ PartitionName=debug Nodes=localhost Default=YES MaxTime=INFINITE State=UP
     def start(self) -> None:
         self.write_config()
         self.start_munge()
-        subprocess.run(["slurmctld", "-f", str(self.conf)], env=self.env, check=True)
-        subprocess.run(["slurmd", "-f", str(self.conf), "-N", "localhost"], env=self.env, check=True)
+        subprocess.run([_path("slurmctld"), "-f", str(self.conf)], env=self.env, check=True)
+        subprocess.run([_path("slurmd"), "-f", str(self.conf), "-N", "localhost"], env=self.env,
+                       check=True)
         deadline = time.time() + 30
         while time.time() < deadline:
             out = subprocess.run(["sinfo", "-h", "-o", "%t"], env=self.env, capture_output=True,

@@ -25,9 +25,9 @@ def assert_no_errors(figures: dict, trials: int) -> None:
 
 
 @needs_postgres
-def test_8_workers_200_trials_on_postgresql_and_an_mlflow_server(servers, tmp_path, mnist_dir):
-    figures = run_load(tmp_path, mnist_dir, 8, 200, servers.storage_url, servers.tracking_url)
-    assert_no_errors(figures, 200)
+def test_8_workers_120_trials_on_postgresql_and_an_mlflow_server(servers, tmp_path, mnist_dir):
+    figures = run_load(tmp_path, mnist_dir, 8, 120, servers.storage_url, servers.tracking_url)
+    assert_no_errors(figures, 120)
 
 
 def test_4_workers_100_trials_on_the_embedded_default_stores(tmp_path, mnist_dir):

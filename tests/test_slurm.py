@@ -126,7 +126,7 @@ def test_an_array_sweeps_to_exactly_n_trials_through_a_kill_and_a_requeue(slurm,
                             text=True).stdout
     assert "exec " in script and PG_PASSWORD not in script and "sweep.storage" not in script
     killed = int(runs["0"].data.tags["trial_number"])
-    subprocess.run(["scancel", "--signal=KILL", f"{job}_0"], check=True)
+    subprocess.run(["scancel", "--batch", "--signal=KILL", f"{job}_0"], check=True)
     requeued = int(runs["1"].data.tags["trial_number"])
     subprocess.run(["scontrol", "requeue", f"{job}_1"], check=True)
     wait_until(lambda: any("PENDING" in line for line in squeue(job)), "the requeued task pending")
@@ -143,8 +143,9 @@ def test_an_array_sweeps_to_exactly_n_trials_through_a_kill_and_a_requeue(slurm,
     assert by_number[killed].state == TrialState.FAIL and by_number[requeued].state == TrialState.FAIL
     assert by_number[requeued].user_attrs.get("interrupted")  # SIGTERM: a KILLED run, not retried
     retries = [t for t in trials if t.system_attrs.get("failed_trial") == killed]
-    assert len(retries) == 1 and retries[0].params == by_number[killed].params, \
-        [(t.number, t.state, t.system_attrs) for t in trials]
+    assert len(retries) == 1 and retries[0].params == by_number[killed].params, (
+        killed, requeued, [(t.number, t.state.name, t.system_attrs, t.user_attrs) for t in trials],
+        text[-3000:])
     assert {t.number for t in failed(study)} == {killed, requeued}  # nothing else disturbed
     assert not squeue(job)
 
