@@ -401,8 +401,16 @@ def run_array(
             if shown != states and not quiet:
                 states = shown
                 print(f"[{spec.study_name}] {shown}", flush=True)
-            if not tasks and trials_to_run(study, spec):
-                return [1], array  # the array ended (time limits, failures) before the study
+            if not tasks and trials_to_run(study, spec):  # time limits, failures, scancel
+                c = counts(study)
+                print(
+                    f"[{spec.study_name}] array job {array.job_id} ended with {c['done']} of "
+                    f"{spec.settings['n_trials']} trials finished (its tasks' output: "
+                    f"{spec.settings['slurm']['logs']}/); the same command submits a new array "
+                    "and resumes the study",
+                    flush=True,
+                )
+                return [1], array
         array.cancel(pending_only=True)  # the study is done: tasks that never started never will
         while array.tasks():  # the running ones end their trial and stop by themselves
             with INTERRUPTS.allowed():
