@@ -315,3 +315,52 @@ def test_equal_values_name_the_lower_trial_everywhere(beside, tmp_path, capsys):
     assert client.get_model_version_by_alias("ties", "champion").tags["trial_number"] == "1"
     best = best_of_study("momentum", storage)
     assert best is not None and best.number == 1
+
+
+@pytest.mark.parametrize("claimed", ["an hour ago", "a moment ago"])
+def test_a_finished_study_whose_parent_was_claimed_and_never_ended_is_ended_by_the_next_command(
+        claimed, tmp_path, mnist_dir):
+    """The driver that won the claim on the parent's end died (or lost the tracking server)
+    before ending the run: the study is complete, its parent RUNNING, the claim held. Before,
+    every later command found the claim taken and the parent stayed RUNNING for ever. Now a
+    command that finds such a claim older than 10 minutes drops it and ends the parent itself;
+    a recent claim is left to its owner, which may be writing the final report."""
+    args = ("sweep.n_trials=2", *TINY, "sweep.register_model=false")
+    out = run_cli("mnist_sweep.sweep", "--sweep", "momentum", "sweep.pruner=none",
+                  f"data.root={mnist_dir}", *SPEC_KEYS, *args, cwd=tmp_path)
+    assert out.returncode == 0, out.stderr[-3000:]
+    client, parent = the_parent(tmp_path)
+    run_id = parent.info.run_id
+    client.update_run(run_id, status="RUNNING")  # never ended by the claim's winner
+    study = optuna.load_study(study_name="momentum", storage=f"sqlite:///{tmp_path / 'optuna.db'}")
+    at = time.time() - (3600 if claimed == "an hour ago" else 5)
+    study._storage.set_study_system_attr(
+        study._study_id, f"parent_run_ended:{run_id}", {"by": "gone:1:x", "status": "FINISHED", "at": at})
+    again = run_cli("mnist_sweep.sweep", "--sweep", "momentum", "sweep.pruner=none",
+                    f"data.root={mnist_dir}", *SPEC_KEYS, *args, cwd=tmp_path)
+    assert again.returncode == 0, again.stderr[-3000:]
+    _, parent = the_parent(tmp_path)
+    assert parent.info.status == ("FINISHED" if claimed == "an hour ago" else "RUNNING")
+    assert len(parent_endings(tmp_path)) == 1
+
+
+def test_a_dead_hosts_running_trial_does_not_hold_the_parent_open(tmp_path):
+    """A driver stopped early while the study's only other RUNNING trial belongs to a host that
+    died (no heartbeat for a grace period): that trial is failed (and retried) first, and this
+    driver, the last one alive, ends the parent with its own status. Before, the dead trial
+    counted as another driver's and the parent stayed RUNNING until someone resumed."""
+    from mnist_sweep.search.driver import parent_ending
+    from mnist_sweep.search.study import open_study
+    from mnist_sweep.search.sweepfile import check_space, load_spec
+
+    url = f"sqlite:///{tmp_path / 'optuna.db'}"
+    spec = load_spec("momentum", [f"sweep.storage={url}", "sweep.heartbeat_interval=1",
+                                  "sweep.grace_period=2", "tracking.enabled=false"])
+    study, _ = open_study(spec, spec.space(), check_space(spec, spec.space()), create=True)
+    elsewhere = optuna.storages.RDBStorage(url, heartbeat_interval=1, grace_period=2)
+    dead = elsewhere.create_new_trial(study._study_id)
+    elsewhere.record_heartbeat(dead)  # it beat once, then its host died
+    time.sleep(3)
+    spec = replace(spec, parent_run_id=uuid.uuid4().hex)
+    assert parent_ending(study, spec, "KILLED") == "KILLED"
+    assert study._storage.get_trial(dead).state == TrialState.FAIL

@@ -34,6 +34,7 @@ from mnist_sweep.search.study import (
     open_study,
     our_storage,
     release_parent_ending,
+    release_stale_parent_claim,
     running_trials,
 )
 from mnist_sweep.search.sweepfile import SweepSpec, check_space
@@ -42,6 +43,9 @@ from mnist_sweep.search.worker_process import run_worker
 log = logging.getLogger("mnist_sweep")
 
 WORKER_STOP_SECONDS = 30  # a worker's time to end its run KILLED after SIGTERM
+# A claim on the parent's end older than this whose run is still RUNNING: its winner died (see
+# study.release_stale_parent_claim); the final report and registration take seconds
+STALE_PARENT_CLAIM_SECONDS = 600
 TRIAL_STATE_TAGS = {
     TrialState.COMPLETE: "complete",
     TrialState.PRUNED: "pruned",
@@ -71,6 +75,13 @@ def start_parent_run(spec: SweepSpec, study: optuna.Study, tracker, made_here: b
                     if trials_to_run(study, spec):
                         release_parent_ending(study, run_id)
                         client.update_run(run_id, status="RUNNING")
+                    elif run.info.status == "RUNNING" and release_stale_parent_claim(
+                        study, run_id, STALE_PARENT_CLAIM_SECONDS
+                    ):  # the study is over, its parent never ended: this driver ends it
+                        log.warning(
+                            f"[{spec.study_name}] the parent run was claimed over "
+                            f"{STALE_PARENT_CLAIM_SECONDS} s ago and never ended: ended now"
+                        )
                     return run_id
             except Exception:
                 pass  # the tracking store changed: make a new parent
@@ -135,7 +146,7 @@ def parent_ending(study: optuna.Study, spec: SweepSpec, status: str) -> str | No
         return None
     if counts(study)["done"] >= spec.settings["n_trials"]:
         ending = "FINISHED"
-    elif running_trials(study):
+    elif fail_stale_then_count_running(study):
         log.info(
             f"[{spec.study_name}] trials of other drivers still run: the parent run is left "
             "RUNNING, for the last of them to end"
@@ -147,6 +158,17 @@ def parent_ending(study: optuna.Study, spec: SweepSpec, status: str) -> str | No
         return ending
     log.info(f"[{spec.study_name}] the parent run is ended by another driver of the study")
     return None
+
+
+def fail_stale_then_count_running(study: optuna.Study) -> int:
+    """The study's RUNNING trials whose workers live: a dead host's trial (no heartbeat for a
+    grace period) is failed and retried first, as any worker's stale check does; otherwise it
+    held the parent RUNNING until someone resumed the study."""
+    try:
+        optuna.storages.fail_stale_trials(study)
+    except Exception as error:  # the count below decides as before
+        log.warning(f"stale trials could not be checked: {failure_reason(error)}")
+    return running_trials(study)
 
 
 class Progress:

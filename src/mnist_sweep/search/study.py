@@ -621,7 +621,7 @@ def claim_parent_ending(
     storage = our_storage(study)
     study_id, key = study._study_id, PARENT_RUN_ENDED + run_id
     mine = token or f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(8)}"
-    value = json.dumps({"by": mine, "status": status})
+    value = json.dumps({"by": mine, "status": status, "at": time.time()})
 
     def ours(row: Any) -> Any:
         return row.filter(Attribute.study_id == study_id, Attribute.key == key)
@@ -663,6 +663,46 @@ def claim_parent_ending(
         if _retrying("supersede the parent run's claim", supersede)(storage, seen):
             return True
     return False
+
+
+def release_stale_parent_claim(study: optuna.Study, run_id: str, older_than: float) -> bool:
+    """Drop a claim on the parent's end made more than `older_than` seconds ago, whose parent
+    run is still RUNNING: the process that won it died or lost the tracking server before it
+    ended the run (its report takes seconds, not minutes). The caller then claims and ends it
+    itself; without this a finished study's parent stayed RUNNING for ever. Whether one was
+    dropped."""
+    import json
+
+    from optuna.storages._rdb.models import StudySystemAttributeModel as Attribute
+    from optuna.storages._rdb.storage import _create_scoped_session
+
+    from mnist_sweep.search.storage import _retrying
+
+    storage = our_storage(study)
+    study_id, key = study._study_id, PARENT_RUN_ENDED + run_id
+
+    def drop(s: ResilientRDBStorage) -> bool:
+        with _create_scoped_session(s.scoped_session) as session:
+            row = (
+                session.query(Attribute.value_json)
+                .filter(Attribute.study_id == study_id, Attribute.key == key)
+                .one_or_none()
+            )
+            if row is None or json.loads(row[0]).get("at", 0) > time.time() - older_than:
+                return False
+            dropped = (
+                session.query(Attribute)
+                .filter(
+                    Attribute.study_id == study_id,
+                    Attribute.key == key,
+                    Attribute.value_json == row[0],  # unchanged since read: compare-and-set
+                )
+                .delete(synchronize_session=False)
+            )
+        return dropped == 1
+
+    storage._commit_pending()
+    return _retrying("release a stale claim on the parent run", drop)(storage)
 
 
 def release_parent_ending(study: optuna.Study, run_id: str) -> None:
