@@ -124,7 +124,7 @@ def test_an_array_sweeps_to_exactly_n_trials_through_a_kill_and_a_requeue(slurm,
     first_trial_after = time.time() - started
     script = subprocess.run(["scontrol", "write", "batch_script", job, "-"], capture_output=True,
                             text=True).stdout
-    assert "exec " in script and PG_PASSWORD not in script and "sweep.storage" not in script
+    assert "exec " in script and PG_PASSWORD not in script and "sweep.storage=null" in script
     killed = int(runs["0"].data.tags["trial_number"])
     subprocess.run(["scancel", "--batch", "--signal=KILL", f"{job}_0"], check=True)
     requeued = int(runs["1"].data.tags["trial_number"])

@@ -28,7 +28,9 @@ def test_sweep_show_prints_the_batch_script_with_no_password(tmp_path):
         assert line in script, (line, script)
     last = script.strip().splitlines()[-1]
     assert last.startswith("exec ") and "--join" in last and "sweep.launcher=local" in last
-    assert "train.epochs=3" in last and "sweep.storage" not in last and "tracking_uri" not in last
+    assert "train.epochs=3" in last and "postgresql" not in last
+    # the storage from the task's environment (SWEEP_STORAGE), even where the file names one
+    assert "sweep.storage=null" in last and "tracking.tracking_uri=http://mlflow.cluster:5000" in last
     assert SECRET not in out.stdout + out.stderr
 
 
@@ -39,9 +41,18 @@ def test_sweep_show_prints_the_batch_script_with_no_password(tmp_path):
     ("sweep.slurm.partition='a b'", ["sweep.slurm.partition='a b' is not allowed"]),
     ("sweep.slurm.setup=module load cuda", ["sweep.slurm.setup='module load cuda' is not allowed",
                                             "a list of single lines"]),
+    ("sweep.slurm.sbatch=['--clusters=b']", ["--clusters=b", "could not be watched or cancelled"]),
 ])
 def test_a_bad_slurm_setting_is_refused_with_what_is_allowed(override, expected, tmp_path):
     out = run_cli("mnist_sweep.sweep", "--sweep", "momentum", "sweep.launcher=slurm", STORAGE,
                   override, cwd=tmp_path)
     assert_one_paragraph_error(out, expected)
     assert not list(tmp_path.iterdir())  # nothing made
+
+
+def test_kubernetes_manifests_carry_no_password_in_the_url_nor_its_query(tmp_path):
+    out = run_cli("mnist_sweep.sweep", "--kubernetes", "--sweep", "momentum",
+                  f"sweep.storage='postgresql://mnist@pgb:6432/optuna?password={SECRET}&sslmode=require'",
+                  "tracking.tracking_uri=http://mlflow:5000", cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    assert SECRET not in out.stdout + out.stderr and "sslmode=require" in out.stdout

@@ -64,13 +64,14 @@ def main(argv: list[str] | None = None) -> None:
     with user_errors_exit():
         spec = load_spec(args.sweep, args.overrides)
         if args.show:
-            check_space(spec, spec.space())
+            base = check_space(spec, spec.space())
             print(OmegaConf.to_yaml(spec.shown()))
             if spec.settings["launcher"] == "slurm":
                 from mnist_sweep.search.slurm import batch_script
 
+                tracking = str(base.tracking.tracking_uri) if base.tracking.enabled else None
                 print("# the batch script that sweep.launcher=slurm submits (sbatch):")
-                print(batch_script(spec))
+                print(batch_script(spec, tracking))
             return
         if args.kubernetes:
             from mnist_sweep.search.kubernetes import manifests

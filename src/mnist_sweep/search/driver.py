@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 import multiprocessing
 import multiprocessing.connection
+import os
 import socket
 import time
 from dataclasses import asdict
@@ -25,6 +26,7 @@ from optuna.trial import TrialState
 from mnist_sweep.base.errors import UserError, failure_reason
 from mnist_sweep.base.interrupts import INTERRUPTS
 from mnist_sweep.base.urls import redact_uri
+from mnist_sweep.search.slurm import ARRAY_TASK
 from mnist_sweep.search.study import (
     best_complete,
     claim_parent_ending,
@@ -146,6 +148,11 @@ def parent_ending(study: optuna.Study, spec: SweepSpec, status: str) -> str | No
         return None
     if counts(study)["done"] >= spec.settings["n_trials"]:
         ending = "FINISHED"
+    elif os.environ.get(ARRAY_TASK):
+        # a task of a SLURM array stopped early (pre-empted, requeued, its time up) while its
+        # siblings may wait in squeue: the login node's command, which watches the array, ends
+        # the parent (or, after --no-wait, the same command run again)
+        return None
     elif fail_stale_then_count_running(study):
         log.info(
             f"[{spec.study_name}] trials of other drivers still run: the parent run is left "

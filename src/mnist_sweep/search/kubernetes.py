@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from mnist_sweep.base.errors import ConfigError
-from mnist_sweep.base.urls import redact_uri, scheme_of
+from mnist_sweep.base.urls import SECRET_QUERY_KEYS, mask_secrets, redact_uri, scheme_of
 
 KUBERNETES_DEFAULTS: dict[str, Any] = {
     "image": "mnist-sweep:latest",  # built from docker/Dockerfile, pushed to the cluster's registry
@@ -58,12 +58,19 @@ def check_kubernetes_settings(k8s: Any) -> None:
 
 
 def _without_password(url: str) -> str:
+    """The URL with no password in it, neither user:password@ nor a secret query value."""
     parts = urllib.parse.urlsplit(url)
-    if parts.password is None:
-        return url
-    host = parts.hostname or ""
-    netloc = f"{parts.username}@{host}" + (f":{parts.port}" if parts.port else "")
-    return urllib.parse.urlunsplit(parts._replace(netloc=netloc))
+    netloc = parts.netloc.rsplit("@", 1)
+    if len(netloc) == 2:  # keep the host as written (an IPv6 address keeps its brackets)
+        netloc = [netloc[0].split(":", 1)[0], netloc[1]]
+    query = [
+        (k, v)
+        for k, v in urllib.parse.parse_qsl(parts.query, keep_blank_values=True)
+        if k.lower() not in SECRET_QUERY_KEYS
+    ]
+    return urllib.parse.urlunsplit(
+        parts._replace(netloc="@".join(netloc), query=urllib.parse.urlencode(query))
+    )
 
 
 def manifests(spec, base) -> list[dict]:
@@ -75,10 +82,13 @@ def manifests(spec, base) -> list[dict]:
             f"sweep.storage={redact_uri(storage)} cannot be used by pods: they need a database "
             "server they can reach (the PostgreSQL or PgBouncer of `make server`)."
         )
-    if base.tracking.enabled and scheme_of(tracking) not in ("http", "https"):
+    if base.tracking.enabled and (
+        scheme_of(tracking) not in ("http", "https") or mask_secrets(tracking) != tracking
+    ):
         raise ConfigError(
             f"tracking.tracking_uri={redact_uri(tracking)} cannot be used by pods: they need "
-            "an MLflow server they can reach (http://host:port)."
+            "an MLflow server they can reach (http://host:port), without credentials in it "
+            "(MLflow reads MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD)."
         )
     name = re.sub(r"[^a-z0-9-]", "-", spec.study_name.lower()).strip("-")[:40] or "sweep"
     sweep = Path(spec.file).stem if Path(spec.file).parent.name == "sweeps" else spec.file

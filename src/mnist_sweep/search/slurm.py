@@ -53,6 +53,7 @@ SLURM_DEFAULTS: dict[str, Any] = {
 }
 
 # The states in which a task still holds or waits for a place (squeue's long names).
+ARRAY_TASK = "MNIST_SWEEP_SLURM_TASK"  # set in the tasks' environment
 WAITING_STATES = {"PENDING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED", "RESV_DEL_HOLD"}
 STOP_SECONDS = 120  # how long Ctrl-C waits for cancelled tasks to leave squeue
 
@@ -119,6 +120,13 @@ def check_slurm_settings(slurm: Any) -> None:
                 f"sweep.slurm.{key}={lines!r} is not allowed: a list of single lines "
                 + ("(sbatch options such as --constraint=a100)." if key == "sbatch" else "(shell).")
             )
+    clusters = [o for o in slurm["sbatch"] if o.startswith(("--clusters", "-M", "--cluster"))]
+    if clusters:
+        raise ConfigError(
+            f"sweep.slurm.sbatch={clusters!r} is not allowed: an array on another cluster of a "
+            "federation could not be watched or cancelled from here (squeue and scancel would "
+            "need -M); run the command on that cluster's login node."
+        )
     if not isinstance(slurm["requeue"], bool):
         raise ConfigError(
             f"sweep.slurm.requeue={slurm['requeue']!r} is not allowed: true or false."
@@ -135,13 +143,20 @@ def check_slurm_settings(slurm: Any) -> None:
 
 
 def job_name(study_name: str) -> str:
-    """The array's name in squeue: how the login node finds a study's running array again."""
-    return "mnist-sweep." + re.sub(r"[^A-Za-z0-9_.-]", "_", study_name)[:80]
+    """The array's name in squeue: how the login node finds a study's running array again. The
+    hash keeps studies apart whose names differ only in characters SLURM names lose, or in
+    case (squeue -n compares without it)."""
+    import hashlib
+
+    digest = hashlib.sha1(study_name.encode()).hexdigest()[:10]
+    return f"mnist-sweep.{re.sub(r'[^A-Za-z0-9_.-]', '_', study_name)[:60]}.{digest}"
 
 
-def task_command(spec, python: str | None = None) -> list[str]:
+def task_command(spec, tracking_uri: str | None, python: str | None = None) -> list[str]:
     """What each task runs: a worker joining the study, with the command line's overrides but
-    the stores' URLs (they reach the task in its environment) and the launcher."""
+    the stores' URLs and the launcher. The storage's URL (its password) reaches the task in its
+    environment (SWEEP_STORAGE), which `sweep.storage=null` makes it read even where the sweep
+    file names another; the tracking URI (no secret: checked) is given as the login node's."""
     passed_on = [
         o
         for o in spec.overrides
@@ -156,12 +171,14 @@ def task_command(spec, python: str | None = None) -> list[str]:
         "--sweep",
         str(Path(spec.file).resolve()),
         *passed_on,
+        "sweep.storage=null",
+        *([f"tracking.tracking_uri={tracking_uri}"] if tracking_uri else []),
         "sweep.launcher=local",
     ]
 
 
-def batch_script(spec, folder: Path | None = None) -> str:
-    """The batch script of the array (`make sweep-show` prints it). No URL or password in it."""
+def batch_script(spec, tracking_uri: str | None, folder: Path | None = None) -> str:
+    """The batch script of the array (`make sweep-show` prints it). No password in it."""
     s = spec.settings["slurm"]
     folder = (folder or Path.cwd()).resolve()
     logs = Path(s["logs"]) if Path(s["logs"]).is_absolute() else folder / s["logs"]
@@ -175,7 +192,8 @@ def batch_script(spec, folder: Path | None = None) -> str:
         f"--output={logs}/%x-%A_%a.out",
         "--open-mode=append",  # a requeued task adds to its file
         "--requeue" if s["requeue"] else "--no-requeue",
-        "--export=ALL",  # the login node's environment: SWEEP_STORAGE, MLFLOW_TRACKING_URI
+        # the login node's environment (SWEEP_STORAGE); a task knows it is one (parent_ending)
+        f"--export=ALL,{ARRAY_TASK}=1",
     ]
     for key, option in (
         ("partition", "partition"),
@@ -191,15 +209,15 @@ def batch_script(spec, folder: Path | None = None) -> str:
     options += s["sbatch"]
     lines = [
         "#!/bin/bash",
-        f"# mnist-sweep: study {spec.study_name}, one worker per array task (python -m "
-        "mnist_sweep.sweep --join)",
+        f"# mnist-sweep: study {' '.join(spec.study_name.split())}, one worker per array task "
+        "(python -m mnist_sweep.sweep --join)",
         *(f"#SBATCH {option}" for option in options),
         "",
         *s["setup"],
         'echo "task ${SLURM_ARRAY_TASK_ID} (job ${SLURM_JOB_ID}, restart ${SLURM_RESTART_COUNT:-0})'
         ' on $(hostname), CUDA_VISIBLE_DEVICES=${CUDA_VISIBLE_DEVICES:-}"',
         # exec: the worker is the batch step's process, so scancel's SIGTERM reaches it directly
-        "exec " + shlex.join(task_command(spec, s["python"])),
+        "exec " + shlex.join(task_command(spec, tracking_uri, s["python"])),
         "",
     ]
     script = "\n".join(lines)
@@ -228,6 +246,19 @@ def check_before_submitting(spec, base) -> None:
             "they can reach (http://host:port, such as `make server`'s MLflow server: source "
             "its urls.env, which sets MLFLOW_TRACKING_URI), not a local file or SQLite store."
         )
+    elif mask_secrets(tracking) != tracking or "@" in tracking.split("//", 1)[-1].split("/")[0]:
+        raise ConfigError(
+            f"tracking.tracking_uri={redact_uri(tracking)} carries credentials: the tasks' "
+            "command line would show them. Give the MLflow server's URL without them (MLflow "
+            "reads MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD from the environment)."
+        )
+    spaced = [str(p) for p in (Path.cwd(), Path(spec.settings["slurm"]["logs"])) if " " in str(p)]
+    if spaced:
+        raise ConfigError(
+            f"The folder {spaced[0]!r} has a space in its path, which the batch script's #SBATCH "
+            "lines cannot carry (sbatch splits them there): run from a folder without one, or "
+            "give sweep.slurm.logs=<folder without spaces>."
+        )
     for command in ("sbatch", "squeue", "scancel"):
         if shutil.which(command) is None:
             raise ConfigError(
@@ -241,9 +272,15 @@ def check_before_submitting(spec, base) -> None:
             "so it must exist on a file system the compute nodes share (download it once with "
             "`make train` on the login node, or give data.root=<shared folder>)."
         )
-    script = batch_script(spec)
+    tracking_uri = tracking if base.tracking.enabled else None
     tested = subprocess.run(
-        ["sbatch", "--test-only"], input=script, capture_output=True, text=True, timeout=60
+        ["sbatch", "--test-only"],
+        input=batch_script(spec, tracking_uri),
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=_sbatch_env(),
+        start_new_session=True,  # a Ctrl-C at the terminal is this command's to handle
     )
     if tested.returncode != 0:
         said = " ".join(
@@ -271,32 +308,54 @@ class SlurmArray:
 
     def __init__(self, spec, job_id: str):
         self.spec, self.job_id = spec, job_id
+        self.last: list[Task] = []  # the tasks as squeue last answered
 
     @classmethod
     def running_for(cls, spec) -> SlurmArray | None:
-        """The study's array still in squeue (submitted by an earlier command: `--no-wait`, or
-        a login node that lost its session): the command attaches to it."""
-        out = _slurm(["squeue", "-h", "-u", _user(), "-n", job_name(spec.study_name), "-o", "%F"])
-        ids = sorted({line.strip() for line in out.splitlines() if line.strip()})
-        return cls(spec, ids[-1]) if ids else None
+        """The study's array still waiting or running in squeue (submitted by an earlier
+        command: `--no-wait`, or a login node that lost its session): the command attaches."""
+        out = _slurm(
+            [
+                "squeue",
+                "-h",
+                "-u",
+                _user(),
+                "-n",
+                job_name(spec.study_name),
+                "-t",
+                "PD,R,CF,RQ,S",
+                "-o",
+                "%F",
+            ]
+        )
+        ids = sorted({int(line) for line in out.split() if line.strip().isdigit()})
+        return cls(spec, str(ids[-1])) if ids else None
 
     @classmethod
     def submit(cls, spec, tracking_uri: str | None) -> SlurmArray:
+        """sbatch the array. A submission whose answer was lost (sbatch timed out, or was cut)
+        is looked for in squeue before it counts as failed: the array may be there."""
         settings = spec.settings
         logs = Path(settings["slurm"]["logs"])
         (logs if logs.is_absolute() else Path.cwd() / logs).mkdir(parents=True, exist_ok=True)
-        env = {**os.environ, "SWEEP_STORAGE": settings["storage"]}
-        if tracking_uri:
-            env["MLFLOW_TRACKING_URI"] = tracking_uri
-        out = subprocess.run(
-            ["sbatch", "--parsable"],
-            input=batch_script(spec),
-            capture_output=True,
-            text=True,
-            env=env,
-            timeout=60,
-        )
-        if out.returncode != 0:
+        try:
+            out = subprocess.run(
+                ["sbatch", "--parsable"],
+                input=batch_script(spec, tracking_uri),
+                capture_output=True,
+                text=True,
+                env={**_sbatch_env(), "SWEEP_STORAGE": settings["storage"]},
+                timeout=60,
+                start_new_session=True,
+            )
+            refused = out.returncode != 0
+        except subprocess.TimeoutExpired:
+            refused = True
+            out = subprocess.CompletedProcess([], 1, "", "sbatch did not answer within 60 s")
+        if refused:
+            found = cls.running_for(spec)
+            if found is not None:
+                return found
             raise UserError(
                 f"sbatch refused the array: {mask_secrets(' '.join(out.stderr.split()))}"
             )
@@ -311,27 +370,36 @@ class SlurmArray:
             index, state, node = (line.split("|") + ["", ""])[:3]
             if index.strip().isdigit():
                 tasks.append(Task(int(index), state.strip(), node.strip()))
+        self.last = tasks
         return tasks
 
     def states(self) -> str:
-        """pending / running / done counts of the array's tasks, for the progress line."""
-        tasks = self.tasks()
-        waiting = sum(t.state in WAITING_STATES for t in tasks)
-        running = len(tasks) - waiting
-        done = max(self.spec.settings["slurm"]["tasks"] - len(tasks), 0)
+        """pending / running / done counts of the tasks squeue last gave, for the progress line."""
+        waiting = sum(t.state in WAITING_STATES for t in self.last)
+        running = len(self.last) - waiting
+        done = max(self.spec.settings["slurm"]["tasks"] - len(self.last), 0)
         return f"array {self.job_id}: {waiting} pending, {running} running, {done} done"
 
     def cancel(self, pending_only: bool = False) -> None:
         command = ["scancel", *(["--state=PENDING"] if pending_only else []), self.job_id]
-        _slurm(command, missing_ok=True)
+        for attempt in range(3):  # the controller may be busy a moment
+            try:
+                _slurm(command, missing_ok=True)
+                return
+            except (UserError, subprocess.TimeoutExpired) as error:
+                log.warning(f"scancel {self.job_id} failed ({error}); trying again")
+                time.sleep(2)
 
     def wait_gone(self, seconds: float) -> bool:
         deadline = time.time() + seconds
         while time.time() < deadline:
-            if not self.tasks():
-                return True
+            try:
+                if not self.tasks():
+                    return True
+            except (UserError, subprocess.TimeoutExpired):
+                pass
             time.sleep(1)
-        return not self.tasks()
+        return False
 
 
 def _user() -> str:
@@ -340,10 +408,18 @@ def _user() -> str:
     return getpass.getuser()
 
 
+def _sbatch_env() -> dict[str, str]:
+    """This environment without SBATCH_* variables, which would override the script's lines."""
+    return {k: v for k, v in os.environ.items() if not k.startswith("SBATCH_")}
+
+
 def _slurm(command: list[str], missing_ok: bool = False) -> str:
     """A SLURM client command's output; its error as a UserError (an invalid job id once the
-    job has left the controller's memory is no error when `missing_ok`)."""
-    out = subprocess.run(command, capture_output=True, text=True, timeout=60)
+    job has left the controller's memory is no error when `missing_ok`). In a session of its
+    own: the terminal's Ctrl-C is this command's to handle, not squeue's."""
+    out = subprocess.run(
+        command, capture_output=True, text=True, timeout=60, start_new_session=True
+    )
     if out.returncode != 0:
         if missing_ok and "Invalid job id" in out.stderr:
             return ""
@@ -351,77 +427,101 @@ def _slurm(command: list[str], missing_ok: bool = False) -> str:
     return out.stdout
 
 
+def _settle_after_the_array(study, spec) -> None:
+    """The array has left squeue: a task killed outright (out of memory, SIGKILL at its time
+    limit) left its trial RUNNING, with no task alive to fail it by heartbeat. Wait out its grace
+    period, then fail it as any worker's stale check would (it is retried by the next sweep)."""
+    import optuna
+
+    from mnist_sweep.search.study import running_trials
+
+    if not running_trials(study):
+        return
+    settings = spec.settings
+    time.sleep(settings["grace_period"] + settings["heartbeat_interval"])
+    optuna.storages.fail_stale_trials(study)
+
+
 def run_array(
     spec, study, monitor, trials_to_run, tracking_uri: str | None, wait: bool = True
-) -> tuple[list[int], SlurmArray]:
+) -> tuple[list[int], SlurmArray | None]:
     """Submit the study's array (or attach to the one still in squeue), then watch the study to
     its end: progress and the tasks' states; tasks still pending once it is done are cancelled,
     and the running ones stop by themselves after their trial. Ctrl-C or SIGTERM here cancels
     the whole array (its tasks end their trials' runs KILLED, as local workers do) and waits for
-    it to leave squeue. `trials_to_run(study, spec)`: whether the study is not over (the
-    driver's rule). Returns the exit codes to judge the sweep by ([0]: the study finished;
-    [1]: the array ended first) and the array."""
+    it to leave squeue; a passing error of squeue or of the store is waited out. `trials_to_run(
+    study, spec)`: whether the study is not over (the driver's rule). Returns the exit codes to
+    judge the sweep by ([0]: the study finished; [1]: the array ended first) and the array."""
     from mnist_sweep.base.interrupts import INTERRUPTS
     from mnist_sweep.search.study import counts
 
-    quiet = spec.settings["quiet"]
-    array = SlurmArray.running_for(spec)
-    if array is not None:
-        print(
-            f"[{spec.study_name}] attached to its array job {array.job_id}, still in squeue",
-            flush=True,
-        )
-    else:
-        array = SlurmArray.submit(spec, tracking_uri)
-        print(
-            f"[{spec.study_name}] submitted array job {array.job_id}: "
-            f"{spec.settings['slurm']['tasks']} tasks, one worker each "
-            f"(logs in {spec.settings['slurm']['logs']}/)",
-            flush=True,
-        )
-    if not wait:
-        print(
-            f"[{spec.study_name}] not waiting (--no-wait): watch it with `squeue -j "
-            f"{array.job_id}` or the MLflow link below; the same command attaches to it, and "
-            "resumes the study once the array has ended",
-            flush=True,
-        )
-        return [], array
-    poll = spec.settings["slurm"]["poll_seconds"]
-    done, states = counts(study)["done"], ""
+    name, settings = spec.study_name, spec.settings
+    if not trials_to_run(study, spec):
+        print(f"[{name}] the study is over already: no array submitted", flush=True)
+        return [0], None
+    array: SlurmArray | None = None
     try:
-        while trials_to_run(study, spec):
+        array = SlurmArray.running_for(spec)
+        if array is not None:
+            print(f"[{name}] attached to its array job {array.job_id}, still in squeue", flush=True)
+        else:
+            array = SlurmArray.submit(spec, tracking_uri)
+            print(
+                f"[{name}] submitted array job {array.job_id}: {settings['slurm']['tasks']} "
+                f"tasks, one worker each (logs in {settings['slurm']['logs']}/)",
+                flush=True,
+            )
+        if not wait:
+            print(
+                f"[{name}] not waiting (--no-wait): watch it with `squeue -j {array.job_id}` or "
+                "the MLflow link below; the same command attaches to it, and resumes the study "
+                "once the array has ended",
+                flush=True,
+            )
+            return [], array
+        poll, done, shown = settings["slurm"]["poll_seconds"], counts(study)["done"], ""
+        study_over = False
+        while True:
             with INTERRUPTS.allowed():
                 time.sleep(poll)
-            tasks = array.tasks()
-            now, shown = counts(study)["done"], array.states()
+            try:
+                tasks = array.tasks()
+                study_over = not trials_to_run(study, spec)
+                now = counts(study)["done"]
+            except Exception as error:  # squeue timed out, the controller restarts, a store blip
+                log.warning(f"[{name}] the array or the study could not be read now: {error}")
+                continue
             if now != done:
                 done = now
                 monitor.trial_done()
-            if shown != states and not quiet:
-                states = shown
-                print(f"[{spec.study_name}] {shown}", flush=True)
-            if not tasks and trials_to_run(study, spec):  # time limits, failures, scancel
+            if array.states() != shown and not settings["quiet"]:
+                shown = array.states()
+                print(f"[{name}] {shown}", flush=True)
+            if study_over:
+                # done: tasks that never started never will (cancelled at every look: a task
+                # requeued meanwhile is pending again); the running ones end after their trial
+                array.cancel(pending_only=True)
+                if not tasks:
+                    _settle_after_the_array(study, spec)
+                    return [0], array
+            elif not tasks:  # the array ended before the study: time limits, failures
+                _settle_after_the_array(study, spec)
                 c = counts(study)
                 print(
-                    f"[{spec.study_name}] array job {array.job_id} ended with {c['done']} of "
-                    f"{spec.settings['n_trials']} trials finished (its tasks' output: "
-                    f"{spec.settings['slurm']['logs']}/); the same command submits a new array "
-                    "and resumes the study",
+                    f"[{name}] array job {array.job_id} ended with {c['done']} of "
+                    f"{settings['n_trials']} trials finished (its tasks' output: "
+                    f"{settings['slurm']['logs']}/); the same command submits a new array and "
+                    "resumes the study",
                     flush=True,
                 )
                 return [1], array
-        array.cancel(pending_only=True)  # the study is done: tasks that never started never will
-        while array.tasks():  # the running ones end their trial and stop by themselves
-            with INTERRUPTS.allowed():
-                time.sleep(poll)
-        return [0], array
     except BaseException:
         # Ctrl-C, SIGTERM, an error here: the tasks stop with this command, as local workers do
-        array.cancel()
-        if not array.wait_gone(STOP_SECONDS):
-            log.warning(
-                f"[{spec.study_name}] array job {array.job_id} is still in squeue "
-                f"{STOP_SECONDS} s after scancel"
-            )
+        if array is not None and wait:
+            array.cancel()
+            if not array.wait_gone(STOP_SECONDS):
+                log.warning(
+                    f"[{name}] array job {array.job_id} is still in squeue {STOP_SECONDS} s "
+                    "after scancel"
+                )
         raise

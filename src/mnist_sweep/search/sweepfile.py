@@ -185,7 +185,7 @@ def apply_overrides(spec: SweepSpec, overrides: list[str]) -> None:
                 "choice(a,b) or a,b, tag(log, ...)."
             ) from None
         key = override.key_or_group
-        nested = key.split(".")[1] if key.count(".") >= 2 else None
+        nested = key.split(".")[1] if key.startswith("sweep.") and key.count(".") >= 2 else None
         if nested in NESTED_SETTINGS and isinstance(spec.settings[nested], dict):
             spec.settings[nested][key.split(".", 2)[2]] = override.value()  # sweep.slurm.tasks=8
         elif key.startswith("sweep."):
