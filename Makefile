@@ -14,7 +14,7 @@ DATA ?= $(if $(wildcard ../shared/data/mnist),../shared/data/mnist,./data)
 export MNIST_SWEEP_DATA ?= $(DATA)
 
 .DEFAULT_GOAL := help
-.PHONY: help install test test-slow test-full test-docker test-slurm k8s-manifest train ui sweep server worker sweep-show seed-table bench bench-sweep bench-population bench-scale bench-scale-out bench-diverged bench-bookkeeping lint docs docs-build clean dashboard readme-images
+.PHONY: help install test test-slow test-full test-docker test-slurm k8s-manifest train ui sweep server worker sweep-show confirm seed-table bench bench-sweep bench-population bench-scale bench-scale-out bench-confirm bench-diverged bench-bookkeeping bench-startup lint docs docs-build clean dashboard readme-images
 
 help: ## list the targets
 	@grep -hE '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  \033[36m%-12s\033[0m %s\n", $$1, $$2}'
@@ -78,6 +78,9 @@ worker: ## join a running SWEEP's study on the shared servers: `source $(SERVER_
 k8s-manifest: ## print Kubernetes manifests for SWEEP (a Job creating the study, an Indexed Job of GPU workers); ARGS="sweep.kubernetes.workers=8 ..."
 	$(PY) -m mnist_sweep.sweep --kubernetes --sweep $(SWEEP) $(ARGS)
 
+confirm: ## confirm a finished SWEEP's top trials over fresh seeds (momentum_decay: its top 5 x 5; others: ARGS="sweep.confirm.top=5"); resumable
+	$(PY) -m mnist_sweep.sweep --sweep $(SWEEP) --confirm $(ARGS)
+
 sweep-show: ## print a sweep's resolved settings and search space (and with sweep.launcher=slurm the batch script), run nothing
 	$(PY) -m mnist_sweep.sweep --sweep $(SWEEP) --show $(ARGS)
 
@@ -96,11 +99,17 @@ bench-scale: ## load: 8 workers x 200 tiny trials on PostgreSQL + MLflow server,
 bench-scale-out: ## 8, 64, 256, 1000 simulated workers through PgBouncer: trials/min, latencies, connections, errors (~25 min; ARGS="--faults")
 	$(PY) tests/benchmarks/bench_scale_out.py $(ARGS)
 
+bench-confirm: ## the default sweep, then its top 5 x 5 fresh seeds one at a time and as one population: what changes, what it costs (real MNIST, ~15 min)
+	$(PY) tests/benchmarks/bench_confirm.py $(ARGS)
+
 bench-diverged: ## diverged trials told to Optuna as FAIL vs pruned with NaN: the share diverged per 20 trials, same space and seed (real MNIST)
 	$(PY) tests/benchmarks/bench_diverged.py $(ARGS)
 
 bench-bookkeeping: ## a trial's store work: solo and populations of 16, 64, 256 with training negligible, plain disk and 15 ms fsyncs; commits, fsyncs, CPU by part
 	$(PY) tests/benchmarks/bench_bookkeeping.py $(ARGS)
+
+bench-startup: ## a short sweep's fixed cost by phase against `import torch`, before (ARGS="--against REV") and now; make train's first epoch line (real MNIST)
+	$(PY) tests/benchmarks/bench_startup.py $(ARGS)
 
 bench: ## time our epoch against a pytorch/examples loop and a GEMM floor; tracking overhead
 	$(PY) tests/benchmarks/bench_trial.py $(ARGS)

@@ -99,6 +99,21 @@ def stopped_if_still(pid: int, look, group: bool = False):
     return seen
 
 
+def caught(pid: int, look, process: subprocess.Popen, timeout: float = 120, step: float = 0.1):
+    """Run the process group `pid` in short steps, stopped (SIGSTOP) between them while `look()`
+    reads the stores: a state that lasts a second of the sweep's time is seen however slowly a
+    loaded machine reads (polling a running sweep once missed every moment of one). What `look()`
+    returned, the group left stopped for the caller to act on; None if the process ended or the
+    time ran out first (the group then goes on)."""
+    deadline = time.time() + timeout
+    while time.time() < deadline and process.poll() is None:
+        time.sleep(step)
+        seen = stopped_if_still(pid, look, group=True)
+        if seen:
+            return seen
+    return None
+
+
 # ----------------------------------------------------------------------------- processes
 
 TOKEN = "MNIST_SWEEP_TEST_PROCESS"  # in the environment of every process a test starts
@@ -197,6 +212,21 @@ def run_cli(module: str, *args: str, cwd: Path, env: dict | None = None,
     process = spawn(sys.executable, "-m", module, *args, cwd=cwd, env=env)
     out, err = finish(process, timeout)
     return subprocess.CompletedProcess(process.args, process.returncode, out, err)
+
+
+def wait_for(condition, what: str, timeout: float = 120, every: float = 0.3):
+    """The first true value of condition(), looked at every `every` seconds; an exception counts as
+    not yet (the study, the runs or the job may not exist yet)."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        try:
+            value = condition()
+            if value:
+                return value
+        except Exception:
+            pass
+        time.sleep(every)
+    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
 
 
 def file_digest(path: Path) -> str | None:

@@ -86,7 +86,7 @@ MpiDefault=none
 ReturnToService=2
 SchedulerType=sched/backfill
 SchedulerParameters=sched_interval=2
-KillWait=5
+KillWait=30
 InactiveLimit=0
 MinJobAge=5
 NodeName=localhost NodeAddr=127.0.0.1 CPUs={self.cpus} RealMemory=4000 Gres=gpu:{self.gpus} State=UNKNOWN

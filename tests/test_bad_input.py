@@ -7,7 +7,7 @@ import shutil
 import numpy as np
 import pytest
 
-from conftest import FAST, file_digest, make_synthetic_mnist, run_cli, write_idx
+from conftest import FAST, file_digest, run_cli, write_idx
 
 
 @pytest.fixture(scope="session")  # once per pytest process: xdist interleaves modules

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO, make_synthetic_mnist, study_runs
+from conftest import REPO, make_synthetic_mnist, study_runs, wait_for
 
 pytestmark = pytest.mark.docker
 DOCKER = REPO / "docker"
@@ -220,16 +220,3 @@ services:
 
 def inspect(container: str, template: str) -> str:
     return sh("docker", "inspect", "-f", template, container).stdout.strip()
-
-
-def wait_for(condition, what: str, timeout: float):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        try:
-            value = condition()
-            if value:
-                return value
-        except Exception:  # not up yet
-            pass
-        time.sleep(1)
-    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")

@@ -4,7 +4,7 @@ import pytest
 from hydra.utils import instantiate
 
 from mnist_sweep.base.hydra_config import CONF_DIR, compose, config_groups
-from conftest import REPO, run_cli
+from conftest import run_cli
 
 # experiment and hparams_search are added (+experiment=...), not chosen: tested below.
 ALL_OPTIONS = [(group, option) for group, options in config_groups(CONF_DIR).items()

@@ -19,10 +19,17 @@ import time
 
 import optuna
 import pytest
+from conftest import (
+    caught,
+    finish,
+    needs_postgres,
+    run_cli,
+    spawn,
+    study_runs,
+    wait_for,
+)
 from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
-
-from conftest import finish, needs_postgres, run_cli, spawn, stopped_if_still, study_runs
 from test_sweep import failed, finished
 
 pytestmark = [needs_postgres, pytest.mark.slow]
@@ -40,19 +47,6 @@ def sweep_args(servers, study_name: str, mnist_dir, n_trials: int, epochs: int) 
 
 def start_sweep(args: list[str], cwd) -> subprocess.Popen:
     return spawn(sys.executable, "-m", "mnist_sweep.sweep", *args, cwd=cwd)
-
-
-def wait_for(condition, what: str, timeout: float = 120):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        try:
-            value = condition()
-            if value:
-                return value
-        except Exception:  # the study may not exist yet
-            pass
-        time.sleep(0.3)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 class StudyWatch:
@@ -104,13 +98,9 @@ def test_kill_9_of_the_whole_sweep_then_the_same_command_resumes(servers, tmp_pa
         except Exception:  # no study yet
             return False
 
-    # Seen, then the whole sweep stopped and looked at again: tiny trials may have moved on (CI
-    # once polled past every moment of it); only a sweep still in that state is killed.
-    while process.poll() is None:
-        time.sleep(0.2)
-        if two_done_and_one_mid_way() and stopped_if_still(process.pid, two_done_and_one_mid_way,
-                                                            group=True):
-            break
+    # Looked at with the whole sweep stopped: tiny trials move on while a loaded machine reads
+    # (CI once polled past every moment of it); only a sweep still in that state is killed.
+    caught(process.pid, two_done_and_one_mid_way, process, timeout=300)
     assert process.poll() is None, "the sweep ended before 2 trials were done and one mid-way"
     os.killpg(process.pid, signal.SIGKILL)  # driver and both workers, no cleanup at all
     process.communicate()
@@ -191,8 +181,8 @@ def test_a_storage_too_busy_to_answer_at_opening_is_waited_for_not_refused(serve
     import threading
 
     from mnist_sweep.base.errors import ConfigError
-    from mnist_sweep.servers.local import free_port
     from mnist_sweep.search.study import open_storage
+    from mnist_sweep.servers.local import free_port
 
     listener = socket.create_server(("127.0.0.1", 0))
     port, silent_until, held = listener.getsockname()[1], time.monotonic() + 12, []
@@ -237,7 +227,7 @@ def test_a_storage_too_busy_to_answer_at_opening_is_waited_for_not_refused(serve
 
 
 def test_a_postgresql_outage_longer_than_the_grace_period_fails_no_live_trial(servers, tmp_path, mnist_dir):
-    """PostgreSQL down 40 s under a 2-worker sweep: longer than sweep.grace_period (10 s here),
+    """PostgreSQL down 20 s under a 2-worker sweep: twice sweep.grace_period (10 s here),
     shorter than sweep.outage_seconds (120 s). No worker can beat meanwhile, so every trial in
     flight looks stale to the first check once the store is back; before, that check failed
     them all (live workers, trained on, logged "complete", their runs set back to FINISHED while
@@ -266,7 +256,7 @@ def test_a_postgresql_outage_longer_than_the_grace_period_fails_no_live_trial(se
     thread.start()
     servers.pg.stop()
     down_at = time.time()
-    time.sleep(40)
+    time.sleep(20)
     servers.pg.start()
     back_at = time.time()
     try:
@@ -277,10 +267,11 @@ def test_a_postgresql_outage_longer_than_the_grace_period_fails_no_live_trial(se
     assert process.returncode == 0, err[-3000:]
     assert [c for c in checks if c > back_at], "no stale check ran once the store was back"
     study = optuna.load_study(study_name=name, storage=servers.storage_url)
-    assert not [t for t in study.trials if t.state == TrialState.FAIL], \
-        [(t.number, t.user_attrs) for t in study.trials if t.state == TrialState.FAIL]
+    # no trial failed; a slot a worker opened as the other filled the budget is closed untrained
+    # (FAIL, `excess`: study.counts), which the store's return made likelier, and is no failure
+    assert not failed(study), [(t.number, t.user_attrs) for t in failed(study)]
     assert len(finished(study)) == 6
-    assert back_at - down_at >= 40
+    assert back_at - down_at >= 20
     assert_every_trial_recorded_once_in_full(study, MlflowClient(servers.tracking_url), name, epochs)
 
 

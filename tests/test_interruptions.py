@@ -16,7 +16,7 @@ from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
 
 from conftest import FAULT_INJECTION, finish, run_cli, spawn, study_runs
-from test_faults import wait_for
+from conftest import wait_for
 from test_sweep import TINY, failed, finished
 
 def start(args: list[str], cwd, env: dict | None = None) -> subprocess.Popen:

@@ -32,6 +32,7 @@ def test_the_manifests_are_a_create_job_and_an_indexed_job_of_gpu_workers(tmp_pa
     assert container["resources"]["limits"]["nvidia.com/gpu"] == 1
     assert container["args"][:5] == ["python", "-m", "mnist_sweep.sweep", "--join", "--sweep"]
     assert "train.epochs=5" in container["args"] and "sweep.workers=1" in container["args"]
+    assert "sweep.confirm.top=0" in container["args"]  # the pods run the search alone
     env = {e["name"]: e["value"] for e in container["env"]}
     assert env["SWEEP_STORAGE"] == "postgresql://mnist@pgbouncer:6432/optuna"  # no password
     assert env["MLFLOW_TRACKING_URI"] == "http://mlflow:5000"

@@ -25,12 +25,12 @@ def assert_no_errors(figures: dict, trials: int) -> None:
 
 
 @needs_postgres
-def test_8_workers_120_trials_on_postgresql_and_an_mlflow_server(servers, tmp_path, mnist_dir):
-    figures = run_load(tmp_path, mnist_dir, 8, 120, servers.storage_url, servers.tracking_url)
-    assert_no_errors(figures, 120)
+def test_8_workers_80_trials_on_postgresql_and_an_mlflow_server(servers, tmp_path, mnist_dir):
+    figures = run_load(tmp_path, mnist_dir, 8, 80, servers.storage_url, servers.tracking_url)
+    assert_no_errors(figures, 80)
 
 
-def test_4_workers_100_trials_on_the_embedded_default_stores(tmp_path, mnist_dir):
-    figures = run_load(tmp_path, mnist_dir, 4, 100, f"sqlite:///{tmp_path / 'optuna.db'}",
+def test_4_workers_60_trials_on_the_embedded_default_stores(tmp_path, mnist_dir):
+    figures = run_load(tmp_path, mnist_dir, 4, 60, f"sqlite:///{tmp_path / 'optuna.db'}",
                        f"sqlite:///{tmp_path / 'mlflow.db'}")
-    assert_no_errors(figures, 100)
+    assert_no_errors(figures, 60)

@@ -5,7 +5,6 @@ path."""
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 from conftest import REPO
 

@@ -24,7 +24,7 @@ from optuna.trial import TrialState
 
 from conftest import finish, needs_postgres, run_cli, spawn, stopped_if_still, study_runs
 from conftest import test_processes as processes_of_the_test
-from test_faults import wait_for
+from conftest import wait_for
 from test_sweep import TINY, finished
 
 SPEC_KEYS = ["data.val_size=100", "train.batch_size=50"]

@@ -27,9 +27,21 @@ def test_the_best_trials_model_is_registered_as_champion(tmp_path, mnist_dir):
     assert version.run_id == parent.data.tags["best_run_id"]
     assert parent.data.tags["registered_model"] == "models:/mnist-champion@champion"
     assert "models:/mnist-champion@champion" in parent.data.tags["mlflow.note.content"]
-    # not trained again: the trial logged its model from memory as it ended, the best so far
+    # not trained again: the trial saved its weights from memory as it led; one MLflow model,
+    # built from them at the end for the final best (not one per trial that led on the way)
     best = client.get_run(version.run_id)
     assert "model_check" not in best.data.tags
+    assert "champion/state_dict.pt" in {
+        f.path for f in client.list_artifacts(best.info.run_id, "champion")}
+    import mlflow
+
+    mlflow.set_tracking_uri(client.tracking_uri)
+    try:
+        models = mlflow.search_logged_models(experiment_ids=[best.info.experiment_id],
+                                             output_format="list")
+    finally:
+        mlflow.set_tracking_uri(None)
+    assert [m.source_run_id for m in models] == [best.info.run_id]
     assert_the_model_is_the_trials(client, "models:/mnist-champion@champion", best, tmp_path)
 
 

@@ -17,7 +17,7 @@ pytestmark = needs_postgres
 @pytest.mark.slow  # 8 workers x 120 trials on the same servers: tests/test_load.py (slow tier too)
 def test_two_workers_on_postgres_and_an_mlflow_server(servers, tmp_path, mnist_dir):
     out = run_cli("mnist_sweep.sweep", "--sweep", "momentum_decay", "sweep.n_trials=6",
-                  "sweep.workers=2", f"sweep.storage={servers.storage_url}",
+                  "sweep.workers=2", "sweep.confirm.top=0", f"sweep.storage={servers.storage_url}",
                   f"tracking.tracking_uri={servers.tracking_url}", f"data.root={mnist_dir}", *TINY,
                   cwd=tmp_path, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]

@@ -27,6 +27,7 @@ from conftest import (
     run_cli,
     spawn,
     study_runs,
+    wait_for,
 )
 from slurm_cluster import SlurmCluster, missing
 from test_bad_input import assert_one_paragraph_error
@@ -72,19 +73,6 @@ def login_command(args: list[str], folder: Path) -> tuple[subprocess.Popen, Path
     return process, output
 
 
-def wait_until(condition, what: str, timeout: float = 180):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        try:
-            value = condition()
-            if value:
-                return value
-        except Exception:  # the study or the runs may not exist yet
-            pass
-        time.sleep(0.5)
-    raise AssertionError(f"timed out waiting for {what}")
-
-
 def squeue(job: str) -> list[str]:
     out = subprocess.run(["squeue", "-h", "-r", "-j", job, "-o", "%K %T"], capture_output=True,
                          text=True)
@@ -92,8 +80,8 @@ def squeue(job: str) -> list[str]:
 
 
 def job_of(output: Path) -> str:
-    return wait_until(lambda: re.search(r"submitted array job (\d+)", output.read_text()).group(1),
-                      "the array's submission")
+    return wait_for(lambda: re.search(r"submitted array job (\d+)", output.read_text()).group(1),
+                    "the array's submission")
 
 
 def running_runs(client, name: str) -> dict[str, object]:
@@ -119,7 +107,7 @@ def test_an_array_sweeps_to_exactly_n_trials_through_a_kill_and_a_requeue(slurm,
     process, output = login_command(slurm_args(servers, name, mnist_dir, n_trials), tmp_path)
     job = job_of(output)
     started = time.time()
-    runs = wait_until(lambda: (lambda r: r if {"0", "1", "2"} <= set(r) else None)(
+    runs = wait_for(lambda: (lambda r: r if {"0", "1", "2"} <= set(r) else None)(
         running_runs(client, name)), "a trial running in each of the 3 tasks")
     first_trial_after = time.time() - started
     script = subprocess.run(["scontrol", "write", "batch_script", job, "-"], capture_output=True,
@@ -129,7 +117,7 @@ def test_an_array_sweeps_to_exactly_n_trials_through_a_kill_and_a_requeue(slurm,
     subprocess.run(["scancel", "--batch", "--signal=KILL", f"{job}_0"], check=True)
     requeued = int(runs["1"].data.tags["trial_number"])
     subprocess.run(["scontrol", "requeue", f"{job}_1"], check=True)
-    wait_until(lambda: any("PENDING" in line for line in squeue(job)), "the requeued task pending")
+    wait_for(lambda: any("PENDING" in line for line in squeue(job)), "the requeued task pending")
     subprocess.run(["scontrol", "update", f"JobId={job}_1", "StartTime=now"], check=True)
     out, _ = finish(process, 400)
     text = output.read_text()
@@ -185,8 +173,8 @@ def test_no_wait_then_attach_then_ctrl_c_cancels_the_array_and_the_same_command_
     assert f"squeue -j {job}" in submitted.stdout and "review the trials" in submitted.stdout
     assert squeue(job)
     process, output = login_command(args, tmp_path)
-    wait_until(lambda: f"attached to its array job {job}" in output.read_text(), "the attach")
-    wait_until(lambda: running_runs(client, name), "a trial running")
+    wait_for(lambda: f"attached to its array job {job}" in output.read_text(), "the attach")
+    wait_for(lambda: running_runs(client, name), "a trial running")
     os.killpg(process.pid, signal.SIGINT)  # Ctrl-C at the terminal
     finish(process, 200)
     assert process.returncode == 130, output.read_text()[-3000:]

@@ -53,11 +53,11 @@ def test_processes_that_each_are_worker_0_draw_distinct_trials(tmp_path, mnist_d
 def test_a_single_process_sweep_is_reproducible_from_its_seed(tmp_path, mnist_dir):
     for name in ("first", "second"):
         out = sweep(tmp_path, mnist_dir, "--sweep", "momentum_decay", f"sweep.study_name={name}",
-                    "sweep.n_trials=4", "sweep.seed=7")
+                    "sweep.n_trials=4", "sweep.seed=7", "sweep.confirm.top=0")
         assert out.returncode == 0, out.stderr[-2000:]
     assert drawn(load(tmp_path, "first")) == drawn(load(tmp_path, "second"))
     out = sweep(tmp_path, mnist_dir, "--sweep", "momentum_decay", "sweep.study_name=third",
-                "sweep.n_trials=4", "sweep.seed=8")
+                "sweep.n_trials=4", "sweep.seed=8", "sweep.confirm.top=0")
     assert drawn(load(tmp_path, "third")) != drawn(load(tmp_path, "first"))
 
 

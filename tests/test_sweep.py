@@ -12,10 +12,10 @@ from pathlib import Path
 
 import optuna
 import pytest
+from conftest import caught, finish, run_cli, stopped_if_still
 from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
 
-from conftest import finish, run_cli, stopped_if_still
 from mnist_sweep.search.study import best_complete
 
 TINY = ["data.val_size=100", "train.batch_size=50", "train.epochs=3"]
@@ -45,7 +45,8 @@ def two_worker_sweep(tmp_path_factory, mnist_dir):
     """momentum_decay, 8 trials, 2 workers, plots refreshed every 3 trials."""
     folder = tmp_path_factory.mktemp("sweep")
     out = sweep_cli(folder, mnist_dir, "--sweep", "momentum_decay", "sweep.n_trials=8",
-                    "sweep.workers=2", "sweep.report_every=3", "sweep.register_model=auto")
+                    "sweep.workers=2", "sweep.report_every=3", "sweep.register_model=auto",
+                    "sweep.confirm.top=0")  # the search alone (confirmation: test_confirm.py)
     assert out.returncode == 0, out.stderr[-3000:]
     return folder, out
 
@@ -224,14 +225,10 @@ def test_an_interrupted_sweep_resumes_to_exactly_n_trials(tmp_path, mnist_dir):
         return any(t.state in (TrialState.COMPLETE, TrialState.PRUNED) for t in trials) and any(
             t.state == TrialState.RUNNING and t.intermediate_values for t in trials)
 
-    deadline, pressed = time.time() + 120, False
-    while not pressed and time.time() < deadline and process.poll() is None:
-        time.sleep(0.2)
-        if one_done_and_one_mid_way():  # stop the sweep, look again, then press Ctrl-C
-            pressed = bool(stopped_if_still(process.pid, one_done_and_one_mid_way, group=True))
-            if pressed:
-                os.killpg(process.pid, signal.SIGINT)  # delivered when it goes on
-                os.killpg(process.pid, signal.SIGCONT)
+    pressed = caught(process.pid, one_done_and_one_mid_way, process)
+    if pressed:  # Ctrl-C to the stopped sweep: delivered when it goes on
+        os.killpg(process.pid, signal.SIGINT)
+        os.killpg(process.pid, signal.SIGCONT)
     assert pressed, "no trial seen mid-way after a finished one"
     _, err = finish(process, 120)
     assert process.returncode != 0 and "resume" in err

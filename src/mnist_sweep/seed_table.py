@@ -13,7 +13,9 @@ import statistics
 import optuna
 
 from mnist_sweep.base.errors import ConfigError, user_errors_exit
-from mnist_sweep.base.hydra_config import compose, to_overrides
+from mnist_sweep.base.hydra_config import compose
+from mnist_sweep.search.confirm import fresh_seeds
+from mnist_sweep.search.study import shown_params
 from mnist_sweep.search.sweepfile import load_spec
 
 # The note's reported test accuracies, by the seed_note sweep's schedule choice.
@@ -24,16 +26,23 @@ NOTE = {
 }
 
 
-def run_seeds(overrides: list[str], seeds: list[int]) -> list[float]:
-    from mnist_sweep.train import train_and_track
+def run_seeds(spec, seeds: list[int]) -> list:
+    """The sweep file's enqueued configurations, each trained with every seed: a confirmation
+    (search/confirm.py) of given configurations, so resumable like one; their ConfigResults."""
+    import hashlib
 
-    accuracies = []
-    for seed in seeds:
-        cfg = compose(
-            [*overrides, f"train.seed={seed}", f"data.seed={seed}", "train.progress=false"]
-        )
-        accuracies.append(100 * train_and_track(cfg).test_acc)
-    return accuracies
+    from mnist_sweep.search.driver import run_confirmation
+    from mnist_sweep.search.worker import configure_output
+    from mnist_sweep.tracking.runs import open_tracker
+
+    configure_output(spec)
+    configs = [(None, NOTE[e["schedule"]][0], dict(e)) for e in spec.enqueue]
+    # a study per set of seeds and overrides: a changed table is a new one, not a mixed one
+    digest = hashlib.sha1(repr((spec.fixed, seeds)).encode()).hexdigest()[:8]
+    name = f"{spec.study_name}-seeds-{len(seeds)}-{digest}"
+    tracker = open_tracker(compose(spec.fixed).tracking)
+    _, results = run_confirmation(spec, configs, seeds, name, tracker)
+    return results
 
 
 def best_of_study(name: str, storage: str) -> optuna.trial.FrozenTrial | None:
@@ -63,29 +72,29 @@ def main(argv: list[str] | None = None) -> None:
     with user_errors_exit():
         if args.seeds < 1:
             raise ConfigError(f"--seeds {args.seeds} is not allowed: it must be >= 1.")
-        spec = load_spec("seed_note", [])
-        overrides = [*spec.fixed, "tracking.experiment=seed-note", *args.overrides]
-        seeds = list(range(args.seeds))
+        spec = load_spec(
+            "seed_note",
+            ["sweep.quiet=true", "sweep.register_model=false", "tracking.experiment=seed-note"]
+            + ["train.progress=false"]
+            + list(args.overrides),
+        )
+        seeds = fresh_seeds(int(compose(spec.fixed).train.seed), args.seeds)
         rows = [
             "| configuration | note (test acc) | ours: mean ± std over "
             f"{len(seeds)} seed(s) | runs |",
             "|---|---|---|---|",
         ]
-        for entry in spec.enqueue:
-            label, note = NOTE[entry["schedule"]]
-            accs = run_seeds([*overrides, *to_overrides(entry)], seeds)
+        for result in run_seeds(spec, seeds):
+            note = next(n for label, n in NOTE.values() if label == result.label)
+            accs = [100 * a for a in result.tested]
             std = statistics.stdev(accs) if len(accs) > 1 else 0.0
+            mean = f"{statistics.fmean(accs):.2f} ± {std:.2f} %" if accs else "no complete seed"
             rows.append(
-                f"| {label} | {note:.2f} % | {statistics.mean(accs):.2f} ± {std:.2f} % | "
-                f"{', '.join(f'{a:.2f}' for a in accs)} |"
+                f"| {result.label} | {note:.2f} % | {mean} | {', '.join(f'{a:.2f}' for a in accs)} |"
             )
-            print(rows[-1], flush=True)
         best = best_of_study(args.study, args.storage)
         if best is not None and best.value is not None:
-            params = ", ".join(
-                f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
-                for k, v in best.params.items()
-            )
+            params = shown_params(best.params)
             test = best.user_attrs.get("test_acc")
             rows.append(
                 f"| best of study `{args.study}` (trial #{best.number}): {params} | – | "

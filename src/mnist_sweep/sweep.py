@@ -55,6 +55,12 @@ def main(argv: list[str] | None = None) -> None:
         help="create (or resume) the study and its parent run, run no trial (Kubernetes' Job)",
     )
     parser.add_argument(
+        "--confirm",
+        action="store_true",
+        help="confirm the top trials of a search that is over (sweep.confirm.top configurations "
+        "x sweep.confirm.seeds fresh seeds); killed, the same command finishes what is missing",
+    )
+    parser.add_argument(
         "--kubernetes",
         action="store_true",
         help="print Kubernetes manifests (a Job creating the study, an Indexed Job of workers)",
@@ -82,7 +88,13 @@ def main(argv: list[str] | None = None) -> None:
         from mnist_sweep.search.driver import run_sweep
 
         try:
-            run_sweep(spec, join=args.join, wait=not args.no_wait, create_only=args.create_only)
+            run_sweep(
+                spec,
+                join=args.join,
+                wait=not args.no_wait,
+                create_only=args.create_only,
+                confirm_only=args.confirm,
+            )
         except KeyboardInterrupt:
             sys.stderr.write("interrupted: the study is kept; run the same command to resume it\n")
             raise SystemExit(130) from None

@@ -8,13 +8,15 @@ Hydra's command line around the training loop (`trial.loop.run_trial`) and an ML
 from __future__ import annotations
 
 import logging
+from typing import TYPE_CHECKING
 
 from omegaconf import DictConfig
 
 from mnist_sweep.base.hydra_config import run_hydra_app
 from mnist_sweep.base.interrupts import INTERRUPTS
-from mnist_sweep.tracking.runs import open_tracker
-from mnist_sweep.trial.loop import EpochCallback, EpochProgress, TrialResult, prepare, run_trial
+
+if TYPE_CHECKING:
+    from mnist_sweep.trial.loop import TrialResult
 
 log = logging.getLogger("mnist_sweep")
 
@@ -25,6 +27,11 @@ def main() -> None:
 
 def train_and_track(cfg: DictConfig) -> TrialResult:
     """The `make train` job: one trial, recorded in MLflow unless tracking.enabled=false."""
+    # Imported here, after this line: the command says what it does from its first second.
+    log.info("loading PyTorch and the data" + (", MLflow" if cfg.tracking.enabled else "") + " ...")
+    from mnist_sweep.tracking.runs import open_tracker
+    from mnist_sweep.trial.loop import EpochCallback, EpochProgress, prepare, run_trial
+
     callbacks: list[EpochCallback] = [EpochProgress()] if cfg.train.get("progress", True) else []
     device, _ = prepare(cfg)  # config and data errors surface before the store is touched
     tracker = open_tracker(cfg.tracking)

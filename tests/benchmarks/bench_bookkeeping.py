@@ -192,6 +192,8 @@ def measure(work: Path, data: Path, shim: Path | None, size: int, code: str, sou
     """One size with one version of the code (source: its src/ folder, first on the path)."""
     trials = 16 if size == 1 else min(2 * size, args.max_trials)
     command = sweep_command(data, size, trials, args.epochs)
+    if ((source or REPO / "src") / "mnist_sweep" / "search" / "confirm.py").exists():
+        command.append("sweep.confirm.top=0")  # the search's bookkeeping alone, as before
     name = f"bk{size}"
     label = ("solo" if size == 1 else f"K={size}") + f" {code}"
     work = work / code.split()[0]

@@ -166,7 +166,7 @@ def main() -> None:
     t_off = statistics.median(wall["off"])
     rss_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 ** 2
 
-    print(f"\n| figure | seconds | target |\n|---|---|---|")
+    print("\n| figure | seconds | target |\n|---|---|---|")
     print(f"| (a) pytorch/examples-style epoch (DataLoader + transforms) | {a:.3f} | |")
     print(f"| (b) our epoch (device-resident tensors) | {b:.3f} | |")
     print(f"| (c) GEMM floor (same forward/backward matmuls, random data) | {c:.3f} | |")
@@ -177,7 +177,7 @@ def main() -> None:
         print(f"| (d) time inside MLflow calls, tracking {name} | "
               f"{statistics.median(inside[name]):.3f} | |")
     print(f"| one-time store creation + 1-epoch trial | {store_setup:.3f} | |")
-    print(f"\n| ratio | value | target |\n|---|---|---|")
+    print("\n| ratio | value | target |\n|---|---|---|")
     print(f"| a/b | {a / b:.1f}x | >= 10 |")
     print(f"| b/c | {b / c:.2f} | <= 1.5 |")
     for name in list(variants)[:2]:

@@ -147,9 +147,10 @@ def reference_curve(
     settings: the reference the closed forms are tested against, and the path for a scheduler
     without one. `losses(epoch, batch)` feeds ReduceLROnPlateau."""
     from mnist_sweep.trial.schedules import build_schedule
+    from mnist_sweep.trial.sgd import SGD  # torch's SGD without its import of torch._dynamo
 
     param = torch.nn.Parameter(torch.zeros(1))
-    optimizer = torch.optim.SGD([param], lr=float(optim_cfg.lr), momentum=float(optim_cfg.momentum))
+    optimizer = SGD([param], lr=float(optim_cfg.lr), momentum=float(optim_cfg.momentum))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # "lr_scheduler.step() before optimizer.step()"
         schedule = build_schedule(schedule_cfg, optimizer, steps_per_epoch, epochs)

@@ -27,6 +27,7 @@ from omegaconf import DictConfig
 
 from mnist_sweep.base.errors import ConfigError
 from mnist_sweep.base.hydra_config import resolved
+from mnist_sweep.population import SHARED_KEYS
 from mnist_sweep.population.member_schedules import Curve, Plateaus, curve, is_plateau
 from mnist_sweep.population.stacked import StackedModel, StackedSGD
 from mnist_sweep.trial import data
@@ -34,9 +35,6 @@ from mnist_sweep.trial.loop import EVAL_CHUNK, EpochResult, TrialResult, prepare
 from mnist_sweep.trial.validation import check_trial_config
 
 log = logging.getLogger("mnist_sweep")
-
-# What the members of one population share (searching one of these with population > 1 is refused).
-SHARED_KEYS = ("model", "data", "train.batch_size", "train.epochs", "train.device")
 
 
 def shared_part(cfg: DictConfig) -> dict:

@@ -27,6 +27,7 @@ import optuna
 from optuna.trial import TrialState
 
 from mnist_sweep.base.errors import UserError
+from mnist_sweep.search.confirm import SLOT_ATTR
 from mnist_sweep.search.study import best_complete, claimed_before, counts, deadline, our_storage
 
 log = logging.getLogger("mnist_sweep")
@@ -96,6 +97,15 @@ class Bookkeeper:
             if self.deadline and time.time() > self.deadline:
                 return None
             c = counts(self.study, self.max_retry)
+            if self.spec.settings.get("confirms"):
+                # a confirmation (confirm.py) trains its enqueued slots only, never a sampled
+                # trial: what failed is enqueued again by its driver's next round
+                if c["waiting"]:
+                    return c["waiting"]
+                if c["running"] or c["awaiting_retry"]:
+                    self.fail_stale_trials(every=0)
+                    return 0
+                return None
             if c["done"] >= self.n_trials:
                 return None
             free = self.n_trials - c["done"] - c["running"] - c["awaiting_retry"] - c["waiting"]
@@ -131,7 +141,13 @@ class Bookkeeper:
                 # its first heartbeat at once: the never-beat window is one transaction wide
                 self.storage.record_heartbeat(trial._trial_id)
                 trial.set_user_attr("worker", self.worker)
-            if claimed_before(self.study, trial.number, self.max_retry) >= self.n_trials:
+            if self.spec.settings.get("confirms"):
+                # Optuna's ask makes a new trial when another worker popped the last waiting
+                # one first: a confirmation never samples, so that one is closed untrained
+                gone = SLOT_ATTR not in trial.user_attrs
+            else:
+                gone = claimed_before(self.study, trial.number, self.max_retry) >= self.n_trials
+            if gone:
                 with self.storage.coalesced():
                     trial.set_user_attr("excess", True)
                     tell(self.study, trial, TrialState.FAIL)
@@ -167,6 +183,8 @@ class Bookkeeper:
         again."""
         if not value_is_a_result(value):
             return False
+        if self.spec.settings.get("confirms"):  # any confirmation run may become the champion
+            return True
         best = best_complete(self.study)  # the one rule (study.ranked_complete): a tie keeps
         if best is None:  # the earlier trial, so only a strictly better value leads
             return True

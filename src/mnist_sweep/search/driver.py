@@ -26,6 +26,7 @@ from optuna.trial import TrialState
 from mnist_sweep.base.errors import UserError, failure_reason
 from mnist_sweep.base.interrupts import INTERRUPTS
 from mnist_sweep.base.urls import redact_uri
+from mnist_sweep.search.confirm import settings_of
 from mnist_sweep.search.slurm import ARRAY_TASK
 from mnist_sweep.search.study import (
     best_complete,
@@ -38,9 +39,10 @@ from mnist_sweep.search.study import (
     release_parent_ending,
     release_stale_parent_claim,
     running_trials,
+    shown_params,
 )
 from mnist_sweep.search.sweepfile import SweepSpec, check_space
-from mnist_sweep.search.worker_process import run_worker
+from mnist_sweep.search.worker_process import make_worker, run_worker
 
 log = logging.getLogger("mnist_sweep")
 
@@ -113,14 +115,99 @@ def start_parent_run(spec: SweepSpec, study: optuna.Study, tracker, made_here: b
     return run_id
 
 
-def trials_to_run(study: optuna.Study, spec: SweepSpec) -> bool:
-    """Whether the study is not over: fewer than n_trials finished, sweep.timeout not passed."""
+def trials_to_run(study: optuna.Study, spec: SweepSpec, confirmation: bool = True) -> bool:
+    """Whether the study is not over: fewer than n_trials finished and sweep.timeout not
+    passed, or (`confirmation`) its top trials still to be confirmed."""
     limit = deadline(study, spec.settings["timeout"])
     over_time = limit is not None and time.time() >= limit
-    return counts(study)["done"] < spec.settings["n_trials"] and not over_time
+    if counts(study)["done"] < spec.settings["n_trials"] and not over_time:
+        return True
+    return confirmation and confirmation_left(study, spec)
 
 
-def parent_ending(study: optuna.Study, spec: SweepSpec, status: str) -> str | None:
+def confirmation_left(study: optuna.Study, spec: SweepSpec) -> bool:
+    """sweep.confirm asks for a confirmation of the search as it is (its finished trials) and
+    none is recorded (interrupted, or the search was extended since). Not with
+    sweep.launcher=slurm, on the login node or in the array's tasks (`make confirm` afterwards)."""
+    from mnist_sweep.search.confirm import RESULT_ATTR
+
+    if (
+        not settings_of(spec)[0]
+        or spec.settings["launcher"] == "slurm"
+        or os.environ.get(ARRAY_TASK)
+    ):
+        return False
+    recorded = study.user_attrs.get(RESULT_ATTR) or {}
+    return recorded.get("search_trials") != counts(study)["done"]
+
+
+def confirm_top(spec: SweepSpec, study: optuna.Study, tracker, join: bool) -> None:
+    """The search's top configurations over fresh seeds (confirm.py), on this driver's workers;
+    the result recorded on the search study (report.py reads it) and printed."""
+    from mnist_sweep.base.hydra_config import compose
+    from mnist_sweep.search import confirm
+
+    top, n_seeds = settings_of(spec)
+    done = counts(study)["done"]
+    configs = [
+        (number, f"#{number}", params) for number, params in confirm.top_configurations(study, top)
+    ]
+    if not configs:
+        return
+    seeds = confirm.fresh_seeds(int(compose(spec.fixed).train.seed), n_seeds)
+    name = f"{spec.study_name}-confirm-{done}-{len(configs)}x{n_seeds}"
+    if not spec.settings["quiet"]:
+        print(
+            f"[{spec.study_name}] confirming the top {len(configs)} configuration(s) over "
+            f"{n_seeds} fresh seed(s) ({', '.join(map(str, seeds))}): {len(configs) * n_seeds} "
+            f"runs, study {name}",
+            flush=True,
+        )
+
+    cspec, configs_done = run_confirmation(spec, configs, seeds, name, tracker, join)
+    if join:
+        return  # the command that made the confirmation records it (parent_ending)
+    maximize = spec.settings["direction"] == "maximize"
+    result = confirm.summary(configs_done, maximize, spec.settings["metric"])
+    result.update(search_trials=done, study=cspec.study_name, seeds=seeds)
+    study.set_user_attr(confirm.RESULT_ATTR, result)
+    missing = sum(c["missing"] for c in result["configs"])
+    if missing:
+        log.warning(
+            f"[{spec.study_name}] {missing} confirmation run(s) failed twice in a row and were "
+            "given up: their configurations are ranked after the complete ones"
+        )
+
+
+def run_confirmation(spec: SweepSpec, configs, seeds: list[int], name: str, tracker, join=False):
+    """confirm.confirm_configs on this driver's workers (`make seed-table` uses it too)."""
+    from mnist_sweep.search import confirm
+
+    def one_round(cspec: SweepSpec, cstudy: optuna.Study) -> None:
+        codes = run_workers(cspec, cstudy, Monitor(cspec, cstudy, NO_REPORTS), tracker)
+        close_orphan_runs(cstudy, cspec, tracker)
+        if any(code != 0 for code in codes):
+            raise UserError(
+                f"Worker(s) of the confirmation exited with status {codes}; the confirmation "
+                "is kept, and the same command finishes what is missing."
+            )
+
+    return confirm.confirm_configs(spec, configs, seeds, name, one_round, join)
+
+
+class NoReports:
+    """The confirmation's Monitor refreshes no report: the parent's comes at the end."""
+
+    def refresh(self) -> None:
+        pass
+
+
+NO_REPORTS = NoReports()
+
+
+def parent_ending(
+    study: optuna.Study, spec: SweepSpec, status: str, join: bool = False
+) -> str | None:
     """The status with which this driver ends the study's parent run, at its own end (after its
     workers stopped and their trials were ended); None: the parent is not this driver's to end.
     Drivers on one study (a cluster array of the same `make sweep`, `make worker`s) end it once
@@ -146,8 +233,12 @@ def parent_ending(study: optuna.Study, spec: SweepSpec, status: str) -> str | No
     command, once the storage is back, ends it)."""
     if spec.parent_run_id is None:
         return None
-    if counts(study)["done"] >= spec.settings["n_trials"]:
+    if counts(study)["done"] >= spec.settings["n_trials"] and not confirmation_left(study, spec):
         ending = "FINISHED"
+    elif join and confirmation_left(study, spec):
+        # a worker that joined the confirmation (or left it to its maker): the command that
+        # made it records the result and ends the parent
+        return None
     elif os.environ.get(ARRAY_TASK):
         # a task of a SLURM array stopped early (pre-empted, requeued, its time up) while its
         # siblings may wait in squeue: the login node's command, which watches the array, ends
@@ -259,44 +350,54 @@ def close_orphan_runs(study: optuna.Study, spec: SweepSpec, tracker) -> int:
 
 
 def run_sweep(
-    spec: SweepSpec, join: bool = False, wait: bool = True, create_only: bool = False
+    spec: SweepSpec,
+    join: bool = False,
+    wait: bool = True,
+    create_only: bool = False,
+    confirm_only: bool = False,
 ) -> optuna.Study:
     """Run the study to n_trials with sweep.workers workers here: in this process when there is
     one (no second start-up), else as processes; with sweep.launcher=slurm, as an array job on
     the cluster (search/slurm.py; wait=False: submitted, and the command returns). join=True
     (make worker, a SLURM task): the study must exist already (started by `make sweep`
     elsewhere); nothing is created. create_only: the study and its parent run are created (or
-    resumed), no trial runs (the Job that Kubernetes' workers join: search/kubernetes.py)."""
+    resumed), no trial runs (the Job that Kubernetes' workers join: search/kubernetes.py).
+    After a complete search, with sweep.confirm.top > 0, its top configurations are confirmed
+    over fresh seeds (confirm.py) before the parent run ends; confirm_only: only that, on a
+    search that is over (`--confirm`)."""
     from mnist_sweep.search.report import Reporter
     from mnist_sweep.search.slurm import check_before_submitting, run_array
     from mnist_sweep.search.worker import configure_output
-    from mnist_sweep.search.worker_process import make_worker
-    from mnist_sweep.tracking.runs import open_tracker
 
     INTERRUPTS.install()  # SIGTERM to the driver alone: like Ctrl-C (interrupts.py)
     configure_output(spec)
+    if not spec.settings["quiet"]:  # from the first second: what takes the first seconds
+        print(
+            f"[{spec.study_name}] loading PyTorch, MLflow and Optuna, opening the stores ...",
+            flush=True,
+        )
     on_slurm = spec.settings["launcher"] == "slurm" and not join
     if spec.settings["workers"] > 1 and not on_slurm:  # it imports while this process sets up
         start_fork_server()
     space = spec.space()
     base = check_space(spec, space)
-    if on_slurm:  # stores, sbatch, data, the batch script: before anything is made
-        check_before_submitting(spec, base)
-    tracker = open_tracker(
-        base.tracking
-    )  # a bad tracking store is refused before the study is made
-    study, made_here = open_study(spec, space, base, create=not join)  # nothing written before
-    just_made_elsewhere = time.time() - study.user_attrs.get("started_at", 0) < 60
-    if made_here or not (join or just_made_elsewhere):
-        # Of drivers started together on a new study only its maker enqueues (the others would
-        # race it and enqueue twice); a resume adds entries the file gained since.
-        enqueue_known(study, spec.enqueue)
-    spec.parent_run_id = start_parent_run(spec, study, tracker, made_here)
-    if create_only:
+    reporter = Reporter(spec)
+    if base.tracking.enabled and not create_only:
+        reporter.start()  # it imports while this process sets up (report.py, Reporter.start)
+    try:
+        if on_slurm:  # stores, sbatch, data, the batch script: before anything is made
+            check_before_submitting(spec, base)
+        tracker, study, made_here = open_stores(spec, space, base, join, confirm_only)
+        spec.parent_run_id = start_parent_run(spec, study, tracker, made_here)
+    except BaseException:
+        reporter.let_go()  # started for nothing: it exits once its imports are done
+        raise
+    if create_only:  # no report process was started: the workers' drivers report
         print(
             f"[{spec.study_name}] study and parent run ready: workers join with --join", flush=True
         )
         return study
+    reporter.attach(tracker.client)
     quiet, n_workers = spec.settings["quiet"], spec.settings["workers"]
     where = (
         f"an array of {spec.settings['slurm']['tasks']} SLURM task(s) of {n_workers} worker(s)"
@@ -310,10 +411,7 @@ def run_sweep(
             f"{redact_uri(spec.settings['storage'])}",
             flush=True,
         )
-    reporter = Reporter(spec, tracker.client)
-    reporter.start()
     monitor = Monitor(spec, study, reporter)
-    workers: list = []
     status = "FAILED"
     left_to_the_array = False  # --no-wait: its tasks end the parent run, not this command
     try:
@@ -321,34 +419,18 @@ def run_sweep(
             uri = getattr(tracker, "uri", None)
             codes, _ = run_array(spec, study, monitor, trials_to_run, uri, wait)
             left_to_the_array = not wait
-        elif n_workers == 1:
-            make_worker(spec, 0, 1, monitor).loop()
-            codes = [0]
         else:
-            ctx = worker_context()
-            workers = [
-                ctx.Process(
-                    target=run_worker, args=(asdict(spec), i, n_workers), name=f"worker-{i}"
-                )
-                for i in range(n_workers)
-            ]
-            codes = watch(workers, monitor, tracker)
+            codes = [] if confirm_only else run_workers(spec, study, monitor, tracker)
         status = outcome(study, spec, codes)
+        if status == "FINISHED" and confirmation_left(study, spec):
+            status = "FAILED"  # until the confirmation is recorded: a failure in it is no finish
+            confirm_top(spec, study, tracker, join)
+            status = "FINISHED"
     except KeyboardInterrupt:
         status = "KILLED"
         raise
     finally:
-        stop_workers(workers)
         ending = None
-        for w in workers:  # one killed as it would not stop: its trial is not left RUNNING
-            if w.exitcode not in (0, None):
-                try:
-                    fail_trials_of_dead_worker(study, spec, tracker, w)
-                except Exception as error:
-                    log.warning(
-                        f"[{spec.study_name}] the trials of worker {w.pid} could not be "
-                        f"failed: {failure_reason(error)}"
-                    )
         try:
             close_orphan_runs(study, spec, tracker)
         except Exception as error:
@@ -356,7 +438,7 @@ def run_sweep(
                 f"[{spec.study_name}] runs left open could not be closed: {failure_reason(error)}"
             )
         try:
-            ending = None if left_to_the_array else parent_ending(study, spec, status)
+            ending = None if left_to_the_array else parent_ending(study, spec, status, join)
         except Exception as error:
             log.warning(
                 f"[{spec.study_name}] the parent run is left RUNNING: whether other drivers still "
@@ -389,6 +471,72 @@ def run_sweep(
             flush=True,
         )
     return study
+
+
+def open_stores(spec: SweepSpec, space, base, join: bool, confirm_only: bool):
+    """The tracker and the study (made here, or found), checked for what the command asks:
+    (tracker, study, made_here). Nothing is written before every check has passed."""
+    from mnist_sweep.tracking.runs import open_tracker
+
+    if confirm_only and spec.settings["launcher"] == "slurm":
+        raise UserError(
+            "--confirm with sweep.launcher=slurm: a confirmation runs on the command's own "
+            "workers; run it with sweep.launcher=local on a node with the GPU(s) "
+            "(e.g. `srun --gres=gpu:1 make confirm ...`)."
+        )
+    if confirm_only and not settings_of(spec)[0]:
+        raise UserError(
+            f"--confirm with sweep.confirm.top={spec.settings['confirm']['top']} and "
+            f"sweep.confirm.seeds={spec.settings['confirm']['seeds']}: nothing to confirm; "
+            "give both > 0, e.g. sweep.confirm.top=5 sweep.confirm.seeds=3."
+        )
+    tracker = open_tracker(
+        base.tracking
+    )  # a bad tracking store is refused before the study is made
+    study, made_here = open_study(
+        spec, space, base, create=not (join or confirm_only)
+    )  # nothing written before
+    if confirm_only and trials_to_run(study, spec, confirmation=False):
+        raise UserError(
+            f"--confirm: the search of study {spec.study_name!r} is not over "
+            f"({counts(study)['done']} of sweep.n_trials={spec.settings['n_trials']} trials "
+            "finished): finish it first (the same command without --confirm, which confirms "
+            "at its end when sweep.confirm.top > 0)."
+        )
+    just_made_elsewhere = time.time() - study.user_attrs.get("started_at", 0) < 60
+    if made_here or not (join or just_made_elsewhere):
+        # Of drivers started together on a new study only its maker enqueues (the others would
+        # race it and enqueue twice); a resume adds entries the file gained since.
+        enqueue_known(study, spec.enqueue)
+    return tracker, study, made_here
+
+
+def run_workers(spec: SweepSpec, study: optuna.Study, monitor: Monitor, tracker) -> list[int]:
+    """sweep.workers workers on `spec`'s study until it has no trial left for them: in this
+    process when there is one (no second start-up), else as processes. Their exit codes. A
+    worker killed as it would not stop (or that died) has its trials failed, not left RUNNING."""
+    n_workers = spec.settings["workers"]
+    if n_workers == 1:
+        make_worker(spec, 0, 1, monitor).loop()
+        return [0]
+    ctx = worker_context()
+    workers = [
+        ctx.Process(target=run_worker, args=(asdict(spec), i, n_workers), name=f"worker-{i}")
+        for i in range(n_workers)
+    ]
+    try:
+        return watch(workers, monitor, tracker)
+    finally:
+        stop_workers(workers)
+        for w in workers:
+            if w.exitcode not in (0, None):
+                try:
+                    fail_trials_of_dead_worker(study, spec, tracker, w)
+                except Exception as error:
+                    log.warning(
+                        f"[{spec.study_name}] the trials of worker {w.pid} could not be "
+                        f"failed: {failure_reason(error)}"
+                    )
 
 
 # What a worker imports (~3.5 s of CPU here): done once, by the fork server, not by each worker.
@@ -539,9 +687,7 @@ def summarize(study: optuna.Study, spec: SweepSpec) -> None:
     if best is None or best.value is None:
         print(f"[{spec.study_name}] no complete trial ({c['pruned']} pruned, {c['fail']} failed).")
         return
-    params = ", ".join(
-        f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in best.params.items()
-    )
+    params = shown_params(best.params)
     test = best.user_attrs.get("test_acc")
     print(
         f"[{spec.study_name}] best trial #{best.number}: {spec.settings['metric']} "
@@ -550,3 +696,15 @@ def summarize(study: optuna.Study, spec: SweepSpec) -> None:
         + f" | {params} | {c['done']} finished ({c['pruned']} pruned)",
         flush=True,
     )
+    from mnist_sweep.search import confirm
+    from mnist_sweep.search.report import confirmed
+
+    result = confirmed(study)
+    if result is not None:
+        print(
+            f"[{spec.study_name}] confirmed over {len(result['seeds'])} fresh seeds "
+            "(validation picks, test reports), best mean first:",
+            flush=True,
+        )
+        for line in confirm.lines(result):
+            print(line, flush=True)

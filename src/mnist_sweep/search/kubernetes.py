@@ -145,7 +145,9 @@ def manifests(spec, base) -> list[dict]:
         job(f"{name}-create", [*command[:3], "--create-only", *command[3:]], 0, 1, False),
         job(
             f"{name}-workers",
-            [*command[:3], "--join", *command[3:], "sweep.workers=1"],
+            # the pods run the search; a confirmation over fresh seeds (sweep.confirm) is made
+            # by a command that waits for the search's end: `--confirm` afterwards
+            [*command[:3], "--join", *command[3:], "sweep.workers=1", "sweep.confirm.top=0"],
             k8s["gpus_per_pod"],
             k8s["workers"],
             True,

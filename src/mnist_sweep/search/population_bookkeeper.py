@@ -185,22 +185,24 @@ class PopulationBookkeeper:
         complete = {
             n: e.value for n, e in endings.items() if e.state == "complete" and e.value is not None
         }
-        champion = None
-        if complete and self.setup.log_champions:  # the best of them, if it beats the study's best
+        champions: set[int] = set()
+        if complete and self.setup.log_champions and self.spec.settings.get("confirms"):
+            champions = set(complete)  # a confirmation: each run may become the champion
+        elif complete and self.setup.log_champions:  # the best, if it beats the study's best
             sign = -1 if self.spec.settings["direction"] == "maximize" else 1
             # the one rule (study.ranked_complete): equal values, the lower trial number
             best = min(complete, key=lambda number: (sign * complete[number], number))
-            champion = best if self.book.beats_the_best(complete[best]) else None
-        self.end(endings, tests, champion)
+            champions = {best} if self.book.beats_the_best(complete[best]) else set()
+        self.end(endings, tests, champions)
 
     def end(
         self,
         endings: dict[int, Ending],
         tests: Mapping[int, Any] | None = None,
-        champion: int | None = None,
+        champions: set[int] | frozenset[int] = frozenset(),
     ) -> None:
-        """Tell how members ended (one transaction), end their runs (the `champion` logs its
-        model), and have the trainer drop those still in the stack (members that trained all
+        """Tell how members ended (one transaction), end their runs (`champions` log their
+        models), and have the trainer drop those still in the stack (members that trained all
         their epochs left already)."""
         if not endings:
             return
@@ -223,7 +225,7 @@ class PopulationBookkeeper:
                         "FINISHED",
                         trial_end_tags("complete", ending.epochs, metric, ending.value),
                         tests[number],
-                        log_model=number == champion,
+                        champion=number in champions,
                     )
                 elif ending.state == "pruned":
                     self.writer.end(number, "FINISHED", end_tags_of(ending, metric, pruner))

@@ -20,6 +20,7 @@ from __future__ import annotations
 import base64
 import contextlib
 import logging
+import math
 import os
 import pickle
 import shutil
@@ -167,36 +168,139 @@ def set_best_tags(client, run_id: str, params: dict) -> None:
     client.log_batch(run_id, tags=[RunTag(f"best.{k}", str(v)) for k, v in params.items()])
 
 
-def register_champion(client, study: optuna.Study, spec) -> None:
+def register_champion(client, study: optuna.Study, spec, confirmation: dict | None) -> None:
     """The best trial's model (study.best_complete: the trial the parent names best) registered
     with the alias champion (registry.py); the parent's tag registered_model says where. A best
-    trial without an MLflow run registers nothing (no other trial stands in for it). A failure
-    is a warning: the sweep's result stands."""
+    trial without an MLflow run registers nothing (no other trial stands in for it). After a
+    confirmation: the confirmed champion's typical run instead (`confirmed`). A failure is a
+    warning: the sweep's result stands."""
     from mnist_sweep.base.errors import failure_reason
     from mnist_sweep.tracking.registry import register_best
 
-    best = best_complete(study)
-    if best is None:
-        return
-    if not best.user_attrs.get("mlflow_run_id"):
-        log.warning(
-            f"[{spec.study_name}] the best trial #{best.number} has no MLflow run: no model "
-            "is registered"
-        )
-        return
+    if confirmation is not None and confirmation.get("champion_run_id"):
+        # the confirmed champion, from its seed whose test accuracy is closest to its mean
+        run_id, number = confirmation["champion_run_id"], confirmation["champion_trial"]
+        what = "the confirmed champion's model"
+    else:
+        best = best_complete(study)
+        if best is None:
+            return
+        if not best.user_attrs.get("mlflow_run_id"):
+            log.warning(
+                f"[{spec.study_name}] the best trial #{best.number} has no MLflow run: no model "
+                "is registered"
+            )
+            return
+        run_id, number = best.user_attrs["mlflow_run_id"], best.number
+        what = "the best trial's model"
     try:
-        best_run = client.get_run(best.user_attrs["mlflow_run_id"])
-        uri = register_best(client, spec, best_run, best.number)
+        uri = register_best(client, spec, client.get_run(run_id), number)
         if uri:
             client.set_tag(spec.parent_run_id, "registered_model", uri)
     except Exception as error:
-        log.warning(
-            f"[{spec.study_name}] the best trial's model was not registered "
-            f"({failure_reason(error)})"
+        log.warning(f"[{spec.study_name}] {what} was not registered ({failure_reason(error)})")
+
+
+def confirmed(study: optuna.Study) -> dict | None:
+    """The confirmation of the search as it is (search/confirm.py), if one is recorded: after
+    it, the champion is the configuration with the best mean over fresh seeds."""
+    from mnist_sweep.search.confirm import RESULT_ATTR
+    from mnist_sweep.search.study import counts
+
+    result = study.user_attrs.get(RESULT_ATTR)
+    if not result or result.get("search_trials") != counts(study)["done"]:
+        return None
+    return result
+
+
+def confirmation_metrics_and_tags(result: dict, now: int, step: int) -> tuple[list, list]:
+    """The parent's confirmed_* metrics and tags: the champion's mean ± std over its seeds."""
+    from mlflow.entities import Metric, RunTag
+
+    champion = result["configs"][0]
+    metrics = [
+        Metric(f"confirmed_{result['metric']}_mean", champion["mean"], now, step),
+        Metric("confirmed_test_acc_mean", champion["test_mean"], now, step),
+        Metric("confirmed_test_acc_std", champion["test_std"], now, step),
+        Metric("confirmed_test_acc_ci95", champion["test_ci95"], now, step),
+    ]
+    tags = [
+        RunTag("confirmed_champion_trial", str(result["champion_trial"])),
+        RunTag("confirmed_seeds", ",".join(map(str, result["seeds"]))),
+        RunTag("search_best_still_first", str(result["search_best_still_first"]).lower()),
+        RunTag("confirmation_study", result["study"]),
+    ]
+    return [m for m in metrics if math.isfinite(m.value)], tags
+
+
+def confirmation_note(result: dict) -> str:
+    """The parent description's confirmation section: a table of the configurations."""
+    metric = result["metric"]
+    rows = [
+        "### Confirmed over fresh seeds",
+        f"The search's top {len(result['configs'])} configurations trained again with seeds "
+        f"{', '.join(map(str, result['seeds']))} (runs with `sweep_role` confirmation). "
+        f"Validation picks (mean {metric}), test reports (mean ± std, 95 % CI of the mean). "
+        + (
+            f"The search's best trial #{result['search_best_trial']} is still first."
+            if result["search_best_still_first"]
+            else f"The search's best trial #{result['search_best_trial']} is **not** first: "
+            f"the confirmed champion is trial #{result['champion_trial']}."
+        ),
+        "",
+        f"| rank | trial (search rank) | mean {metric} | test_acc mean ± std | 95 % CI | seeds |",
+        "|---|---|---|---|---|---|",
+    ]
+    for i, c in enumerate(result["configs"]):
+        flaws = "".join(f", {c[k]} {k}" for k in ("diverged", "missing") if c[k])
+        rows.append(
+            f"| {i + 1} | #{c['trial']} ({c['rank_in_search']}) | {c['mean']:.4f} | "
+            f"{100 * c['test_mean']:.2f} ± {100 * c['test_std']:.2f} % | "
+            f"± {100 * c['test_ci95']:.2f} | {len(c['seeds'])}{flaws} |"
         )
+    rows += [
+        "",
+        "The registered model is the champion's run whose test accuracy is closest to its "
+        "mean (a typical seed, not the luckiest). Plot: `plots/confirmation_seed_spread.png`.",
+    ]
+    return "\n".join(rows)
 
 
-def describe_parent(client, study: optuna.Study, spec, final: bool = False) -> None:
+def save_confirmation_plot(result: dict, folder: Path) -> None:
+    """Each confirmed configuration's test accuracy per seed, and its mean ± std."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    configs = result["configs"]
+    figure, axis = plt.subplots(figsize=(1.4 * len(configs) + 3, 4))
+    for i, c in enumerate(configs):
+        accs = [100 * a for a in c["test_accs"]]
+        axis.scatter([i] * len(accs), accs, color="tab:blue", alpha=0.6, zorder=2)
+        if len(accs) > 1:
+            axis.errorbar(
+                i + 0.15,
+                100 * c["test_mean"],
+                yerr=100 * c["test_std"],
+                fmt="o",
+                color="black",
+                capsize=4,
+                zorder=3,
+            )
+    axis.set_xticks(range(len(configs)))
+    axis.set_xticklabels([f"#{c['trial']}\n(search {c['rank_in_search']})" for c in configs])
+    axis.set_ylabel("test accuracy (%)")
+    axis.set_title(f"Seed spread: {len(result['seeds'])} fresh seeds each, best mean first")
+    axis.grid(axis="y", alpha=0.3)
+    figure.tight_layout()
+    figure.savefig(folder / "confirmation_seed_spread.png", dpi=90)
+    plt.close(figure)
+
+
+def describe_parent(
+    client, study: optuna.Study, spec, confirmation: dict | None, final: bool = False
+) -> None:
     """The parent's sweep metrics (sweep_*: apart from the trials' metrics in the runs table),
     its best.* tags, best_run_id, markdown description and, once the sweep has ended (`final`),
     its params: the best configuration. MLflow params cannot change, so they are written once,
@@ -215,17 +319,26 @@ def describe_parent(client, study: optuna.Study, spec, final: bool = False) -> N
         Metric("sweep_trials_pruned", c["pruned"], now, step),
     ]
     best = best_complete(study)  # the one rule for the best trial (study.py)
+    if confirmation is not None and confirmation.get("champion_trial") is not None:
+        best = study.trials[confirmation["champion_trial"]]  # the best mean over fresh seeds
+        more_metrics, more_tags = confirmation_metrics_and_tags(confirmation, now, step)
+        metrics += more_metrics
+        client.log_batch(run_id, tags=more_tags)
     best_run, test_acc, params_trial = None, None, None
     if best is not None:
         assert best.value is not None  # complete
         metrics.append(Metric(f"sweep_best_{metric}", best.value, now, step))
         test_acc = best.user_attrs.get("test_acc")
+        if confirmation is not None:  # the champion's mean over its seeds, not its one run
+            test_acc = confirmation["configs"][0]["test_mean"]
         if test_acc is not None:
             metrics.append(Metric("sweep_best_test_acc", test_acc, now, step))
         set_best_tags(client, run_id, best.params)
         tags = [RunTag("best_trial", str(best.number))]
-        if best.user_attrs.get("mlflow_run_id"):
-            best_run = client.get_run(best.user_attrs["mlflow_run_id"])
+        representative = (confirmation or {}).get("champion_run_id")
+        if representative or best.user_attrs.get("mlflow_run_id"):
+            # confirmed: the champion's run whose test accuracy is closest to its mean
+            best_run = client.get_run(representative or best.user_attrs["mlflow_run_id"])
             tags.append(RunTag("best_run_id", best_run.info.run_id))
             params_trial = (
                 log_best_params(client, run_id, best_run)
@@ -245,6 +358,8 @@ def describe_parent(client, study: optuna.Study, spec, final: bool = False) -> N
         params_trial,
         parent.data.tags.get("registered_model"),
     )
+    if confirmation is not None:
+        note += "\n\n" + confirmation_note(confirmation)
     client.set_tag(run_id, "mlflow.note.content", note)
 
 
@@ -262,9 +377,10 @@ def write_report(
     run_id = spec.parent_run_id
     folder = Path(tempfile.mkdtemp(prefix="sweep-report-"))
     try:
+        confirmation = confirmed(study)  # read once: the registry, the description, the plot
         if status == "FINISHED":
-            register_champion(client, study, spec)
-        describe_parent(client, study, spec, final=status == "FINISHED")
+            register_champion(client, study, spec, confirmation)
+        describe_parent(client, study, spec, confirmation, final=status == "FINISHED")
         (folder / "sweep").mkdir()
         # The file as written, but with any password in it masked (a storage URL, say).
         (folder / "sweep" / Path(spec.file).name).write_text(
@@ -276,6 +392,8 @@ def write_report(
             (folder / "plots").mkdir()
             skipped = save_optuna_plots(study, spec, space, folder / "plots")
             save_top_curves(study, client, folder / "plots")
+            if confirmation is not None:
+                save_confirmation_plot(confirmation, folder / "plots")
             if skipped:
                 (folder / "plots" / "skipped.txt").write_text(
                     "".join(f"{k}: {v}\n" for k, v in skipped.items())
@@ -310,16 +428,18 @@ class Reporter:
     lets it go. A report process that died, or exited with an error, before ending the parent
     run: the driver ends the run itself (`end_parent_here`)."""
 
-    def __init__(self, spec, client=None) -> None:
+    def __init__(self, spec) -> None:
         self.spec = spec
-        self.client = client  # the driver's MlflowClient, for end_parent_here
+        self.client = None  # the driver's MlflowClient, for end_parent_here
         self.process: subprocess.Popen | None = None
+        self.attached = False  # the spec, with its parent run, sent
 
     def start(self) -> None:
-        """The report process, started as the sweep starts: its imports (~7 s here: MLflow,
-        matplotlib, scikit-learn for the importances) are done while the first trials train, not
-        after the last one, where a sweep that waits for its report would wait for them."""
-        if self.spec.parent_run_id is None or self.process is not None:
+        """The report process, started as the driver starts: its imports (~3 s of CPU here,
+        ~7 s on a slower machine: MLflow, matplotlib, scikit-learn for the importances) are done
+        on the core the driver's start-up leaves idle. Started later, as the first epoch began,
+        they made it 5x slower (training's 2 threads on 2 cores), at nice 10 and at SCHED_IDLE."""
+        if self.process is not None:
             return
         self.process = subprocess.Popen(
             [sys.executable, "-m", "mnist_sweep.search.report"],
@@ -328,12 +448,29 @@ class Reporter:
             start_new_session=True,  # Ctrl-C or the end of the command do not cut it
             env={**os.environ, "PYTHONUNBUFFERED": "1"},
         )
+
+    def attach(self, client) -> None:
+        """The parent run is known (spec.parent_run_id): the process gets the spec and reports
+        from now on; without a parent run it is let go."""
+        self.client = client
+        if self.spec.parent_run_id is None:
+            self.let_go()
+            return
+        self.start()
         self._send_raw(encode_spec(self.spec))
+        self.attached = True
+
+    def let_go(self) -> None:
+        """No report after all: its stdin closed, the process exits once its imports are done."""
+        if self.process is not None and not self.attached and self.process.stdin is not None:
+            with contextlib.suppress(OSError):
+                self.process.stdin.close()
 
     def _send(self, line: str) -> None:
         if self.spec.parent_run_id is None:
             return
-        self.start()
+        if not self.attached:
+            self.attach(self.client)
         self._send_raw(line)
 
     def _send_raw(self, line: str) -> None:
@@ -341,7 +478,7 @@ class Reporter:
         try:
             self.process.stdin.write(line + "\n")
             self.process.stdin.flush()
-        except (BrokenPipeError, OSError):  # the report process died: its error went to stderr
+        except (BrokenPipeError, OSError, ValueError):  # it died (its error went to stderr)
             pass
 
     def refresh(self) -> None:
@@ -421,11 +558,20 @@ def serve() -> int:
     os.environ["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] = "false"  # config.yaml's download
     optuna.logging.set_verbosity(optuna.logging.ERROR)
     spec = None
+    with contextlib.suppress(OSError):
+        os.nice(10)  # background work: the driver's start-up and the training come first
     try:
-        spec = decode_spec(sys.stdin.readline())
-        with contextlib.suppress(OSError):
-            os.nice(10)  # background work: the workers' start-up and training come first
-        import_what_a_report_needs()
+        try:  # before the spec comes: the driver is still setting up
+            import_what_a_report_needs()
+            failed_imports = None
+        except Exception as error:
+            failed_imports = error  # said once the spec is read: its parent run is still ended
+        first = sys.stdin.readline()
+        if not first:
+            return 0  # no parent run to report on after all (e.g. a check failed)
+        spec = decode_spec(first)
+        if failed_imports is not None:
+            raise failed_imports
         space = spec.space()
         s = spec.settings
         study = optuna.load_study(

@@ -388,6 +388,13 @@ def ranked_complete(study: optuna.Study) -> list[FrozenTrial]:
     return [t for _, t in ranked]
 
 
+def shown_params(params: dict) -> str:
+    """A trial's parameters on one line, floats to 4 significant digits: `optim.lr=0.01, ...`."""
+    return ", ".join(
+        f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in params.items()
+    )
+
+
 def best_complete(study: optuna.Study) -> FrozenTrial | None:
     """The best trial by `ranked_complete`'s rule; None before any complete trial."""
     ranked = ranked_complete(study)

@@ -75,8 +75,18 @@ DEFAULT_SETTINGS: dict[str, Any] = {
     "slurm": {},
     # The manifests `--kubernetes` prints (search/kubernetes.py: KUBERNETES_DEFAULTS)
     "kubernetes": {},
+    # After the search, its `top` configurations trained again with `seeds` fresh seeds each
+    # (search/confirm.py); the champion is the best mean. top 0: no confirmation
+    "confirm": {},
 }
-NESTED_SETTINGS = {"slurm": SLURM_DEFAULTS, "kubernetes": KUBERNETES_DEFAULTS}
+# population: the confirmation's trials trained at once as one stacked model (auto: all of them,
+# up to what pays on the device: search/population_worker.py resolve_population)
+CONFIRM_DEFAULTS: dict[str, Any] = {"top": 0, "seeds": 5, "population": "auto"}
+NESTED_SETTINGS = {
+    "slurm": SLURM_DEFAULTS,
+    "kubernetes": KUBERNETES_DEFAULTS,
+    "confirm": CONFIRM_DEFAULTS,
+}
 
 
 @dataclass
@@ -300,6 +310,7 @@ def check_settings(s: dict) -> None:
             "on this machine) or slurm (an array job of workers on a SLURM cluster)."
         )
     check_slurm_settings(s["slurm"])
+    check_confirm_settings(s["confirm"])
     check_kubernetes_settings(s["kubernetes"])
     if not isinstance(s["study_name"], str) or not s["study_name"].strip():
         raise ConfigError(f"sweep.study_name={s['study_name']!r} is not allowed: a non-empty name.")
@@ -308,6 +319,32 @@ def check_settings(s: dict) -> None:
     # MLflow's search filters find a study's runs by this name: one no filter can carry is
     # refused here, before anything is made (tracking/filters.py says which)
     check_filter_value(s["study_name"], "sweep.study_name")
+
+
+def check_confirm_settings(confirm: Any) -> None:
+    if not isinstance(confirm, Mapping):
+        raise ConfigError(
+            f"sweep.confirm={confirm!r} is not allowed: a mapping such as {{top: 5, seeds: 5}}."
+        )
+    unknown = set(confirm) - set(CONFIRM_DEFAULTS)
+    if unknown:
+        raise ConfigError(
+            f"sweep.confirm has unknown setting(s) {', '.join(sorted(map(str, unknown)))}; "
+            f"allowed: {', '.join(CONFIRM_DEFAULTS)}."
+        )
+    population = confirm["population"]
+    if population != "auto" and (not is_int(population) or population < 1):
+        raise ConfigError(
+            f"sweep.confirm.population={population!r} is not allowed: auto (all the "
+            "confirmation's trials at once, as far as it pays on the device) or an integer >= 1."
+        )
+    for key in ("top", "seeds"):
+        if not is_int(confirm[key]) or confirm[key] < 0:
+            raise ConfigError(
+                f"sweep.confirm.{key}={confirm[key]!r} is not allowed: an integer >= 0 (top: "
+                "the search's best configurations trained again, 0 for none; seeds: fresh "
+                "seeds for each)."
+            )
 
 
 def check_space(spec: SweepSpec, space: SearchSpace) -> Any:
@@ -355,7 +392,7 @@ def check_space(spec: SweepSpec, space: SearchSpace) -> Any:
 def check_population(spec: SweepSpec, space: SearchSpace) -> None:
     """Members of a population share the model, batch size, epochs and data: a sweep that
     searches one of them trains one trial at a time (population=auto) or is refused."""
-    from mnist_sweep.population.population import SHARED_KEYS
+    from mnist_sweep.population import SHARED_KEYS
 
     searched = [p.key for p in space.all_params() if is_under(p.key, SHARED_KEYS)]
     if not searched:

@@ -32,7 +32,7 @@ from mnist_sweep.search.bookkeeping import (  # noqa: F401
     TooManyFailures,
     settled,
 )
-from mnist_sweep.search.study import StorageUnavailable, open_study
+from mnist_sweep.search.study import StorageUnavailable, open_study, shown_params
 from mnist_sweep.search.sweepfile import SweepSpec
 
 log = logging.getLogger("mnist_sweep")
@@ -243,10 +243,10 @@ class Worker(WorkerSetup):
                 result, end_tags=trial_end_tags("complete", len(result.epochs), metric, value)
             )
             if self.log_champions and self.book.beats_the_best(value):
-                from mnist_sweep.tracking.runs import log_torch_model
+                from mnist_sweep.tracking.runs import log_champion_weights
 
                 if run.client is not None and run.run_id is not None and result.model is not None:
-                    log_torch_model(run.client, run.run_id, result.model)
+                    log_champion_weights(run.client, run.run_id, result.model)
         return ending
 
     def run_trial(self, cfg, callbacks):
@@ -285,6 +285,16 @@ def run_tags(spec: SweepSpec, trial: optuna.Trial, **more: str) -> dict[str, str
     ran (a SLURM task's job, array task and node; the GPUs it was given)."""
     from mnist_sweep.search.slurm import placement_tags
 
+    confirming = {}
+    if spec.settings.get("confirms"):  # a confirmation run (confirm.py): what and which seed
+        attrs = trial.user_attrs
+        confirming = {
+            "sweep_role": "confirmation",
+            "confirms_study": spec.settings["confirms"],
+            "confirms_trial": str(attrs.get("confirms_trial")),
+            "confirm_seed": str(attrs.get("confirm_seed")),
+            "confirm_label": str(attrs.get("confirm_label")),
+        }
     return {
         "sweep_role": "trial",
         "study_name": spec.study_name,
@@ -292,6 +302,7 @@ def run_tags(spec: SweepSpec, trial: optuna.Trial, **more: str) -> dict[str, str
         "optuna_trial_id": str(trial._trial_id),
         "state": "running",
         **placement_tags(),
+        **confirming,
         **more,
     }
 
@@ -312,11 +323,9 @@ def end_tags_of(ending: Ending, metric: str, pruner: str) -> dict[str, str]:
 def log_ending(prefix: str, ending: Ending, metric: str, trial: optuna.Trial) -> None:
     """The line a trial's end prints."""
     if ending.state == "complete":
-        shown = ", ".join(
-            f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in trial.params.items()
-        )
         log.info(
-            f"{prefix}complete: {metric} {ending.value:.4f}, test_acc {ending.test_acc:.4f} | {shown}"
+            f"{prefix}complete: {metric} {ending.value:.4f}, test_acc {ending.test_acc:.4f} | "
+            f"{shown_params(trial.params)}"
         )
     elif ending.state == "pruned":
         log.info(f"{prefix}pruned after epoch {ending.epochs}: {metric} {ending.value:.4f}")

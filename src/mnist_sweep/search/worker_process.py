@@ -24,7 +24,10 @@ def make_worker(
     from mnist_sweep.search.population_worker import PopulationWorker, resolve_population
 
     size = resolve_population(
-        spec.settings["population"], compose(spec.fixed), spec.settings["n_trials"]
+        spec.settings["population"],
+        compose(spec.fixed),
+        spec.settings["n_trials"],
+        confirmation=bool(spec.settings.get("confirms")),
     )
     if size > 1:
         return PopulationWorker(spec, index, n_workers, size, monitor)

@@ -82,11 +82,11 @@ class RunWriter:
         self.requests.put(("epoch", key, result))
 
     def end(
-        self, key: Hashable, status: str, tags: dict, result=None, log_model: bool = False
+        self, key: Hashable, status: str, tags: dict, result=None, champion: bool = False
     ) -> None:
-        """The member's test result (if it finished), its final tags, the run's status; with
-        log_model, its model too (the best trial so far: the registry's champion)."""
-        self.requests.put(("end", key, (status, tags, result, log_model)))
+        """The member's test result (if it finished), its final tags, the run's status; a
+        champion (the best trial so far) saves its weights too (runs.log_champion_weights)."""
+        self.requests.put(("end", key, (status, tags, result, champion)))
 
     def poll(self) -> None:
         """Errors (kept in .error) and, at the end, the writer's statistics."""
@@ -195,16 +195,16 @@ def _serve(tracking_cfg_yaml: str, requests, replies) -> None:
                 run.log_epoch(payload)
                 stats.rows += len(payload.batch_loss) // run.batch_curve_every + 8
             elif key in runs and kind == "end":
-                status, tags, result, log_model = payload
+                status, tags, result, champion = payload
                 run = runs.pop(key)
                 if result is not None:
                     run.log_result(result, end_tags=tags)  # one write
                 else:
                     run.set_tags(tags)
-                if log_model and run.client is not None and result.model is not None:
-                    from mnist_sweep.tracking.runs import log_torch_model
+                if champion and run.client is not None and result.model is not None:
+                    from mnist_sweep.tracking.runs import log_champion_weights
 
-                    log_torch_model(run.client, run.run_id, result.model)
+                    log_champion_weights(run.client, run.run_id, result.model)
                 if run.client is not None:
                     run.client.set_terminated(run.run_id, status)
         except Exception as error:  # a write that failed: say so, go on with the others

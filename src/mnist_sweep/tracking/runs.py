@@ -370,6 +370,23 @@ def log_torch_model(client, run_id: str, model: torch.nn.Module) -> str:
     return info.model_uri
 
 
+CHAMPION_WEIGHTS = "champion/state_dict.pt"  # a leading trial's weights, in its run
+
+
+def log_champion_weights(client, run_id: str, model: torch.nn.Module) -> None:
+    """A trial that leads saves its weights into its run: a state dict, ~0.02 s. The MLflow
+    model (log_torch_model: torch.export imports torch._dynamo, 1-3 s of a trial's end) is
+    built once, for the final best, by the report process (registry.register_best)."""
+    import tempfile
+
+    import torch
+
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / Path(CHAMPION_WEIGHTS).name
+        torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, path)
+        client.log_artifact(run_id, str(path), str(Path(CHAMPION_WEIGHTS).parent))
+
+
 # ----------------------------------------------------------------------------- runs
 
 
