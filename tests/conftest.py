@@ -7,6 +7,7 @@ import hashlib
 import os
 import shutil
 import signal
+import sqlite3
 import struct
 import subprocess
 import sys
@@ -97,6 +98,25 @@ def stopped_if_still(pid: int, look, group: bool = False):
         send(pid, signal.SIGCONT)
         return None
     return seen
+
+
+def sqlite_free(*paths: Path) -> bool:
+    """Whether each SQLite file can be locked for writing now. A process stopped (SIGSTOP) in the
+    middle of a write transaction holds its lock until it runs again: every other process that
+    writes the store waits for it (a test once stopped one driver mid-epoch-log, and the other
+    driver's SIGTERM clean-up waited on MLflow's "database is locked" until the test timed out)."""
+    for path in paths:
+        if not Path(path).exists():
+            continue
+        db = sqlite3.connect(path, timeout=0.5, isolation_level=None)
+        try:
+            db.execute("BEGIN EXCLUSIVE")  # no other writer (nor, out of WAL mode, reader)
+            db.execute("ROLLBACK")
+        except sqlite3.OperationalError:
+            return False
+        finally:
+            db.close()
+    return True
 
 
 def caught(pid: int, look, process: subprocess.Popen, timeout: float = 120, step: float = 0.1):

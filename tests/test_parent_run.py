@@ -22,7 +22,15 @@ import pytest
 from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
 
-from conftest import finish, needs_postgres, run_cli, spawn, stopped_if_still, study_runs
+from conftest import (
+    finish,
+    needs_postgres,
+    run_cli,
+    spawn,
+    sqlite_free,
+    stopped_if_still,
+    study_runs,
+)
 from conftest import test_processes as processes_of_the_test
 from conftest import wait_for
 from test_sweep import TINY, finished
@@ -184,7 +192,8 @@ def test_a_driver_stopped_while_another_trains_leaves_the_parent_running_for_it(
         return running if set(running) == set(host_pid) else None
 
     def still_running(number):
-        return lambda: [
+        # ... and the stopped driver holds no store's write lock, which the other needs to end
+        return lambda: sqlite_free(tmp_path / "optuna.db", tmp_path / "mlflow.db") and [
             t
             for t in optuna.load_study(study_name="momentum", storage=storage).trials
             if t.number == number and t.state == TrialState.RUNNING

@@ -2,8 +2,11 @@
 
 import json
 import os
+import subprocess
+import sys
 
 import pytest
+from conftest import FAST
 from mlflow.tracking import MlflowClient
 
 from mnist_sweep.tracking.runs import fluent_target, open_tracker, redact_uri
@@ -87,6 +90,54 @@ def test_ctrl_c_ends_its_run_killed(cfg_factory, store):
         with tracker.trial_run(cfg, device="cpu") as run:
             run_trial(cfg, [run.log_epoch, ctrl_c])
     assert only_run(store)[1].info.status == "KILLED"
+
+
+@pytest.mark.parametrize("stop", ["exception", "ctrl-c"])
+def test_make_train_ends_its_written_run_failed_or_killed_after_its_epochs(stop, cfg_factory,
+                                                                         store, monkeypatch):
+    """`make train`'s run is made and written by a writer process (run_writer.SingleRun): what
+    the trial measured before it stopped is in the run, which ends as trial_run would end it."""
+    import mnist_sweep.trial.loop as loop
+
+    class Stop:
+        def __init__(self, prefix=""):
+            pass
+
+        def __call__(self, epoch):
+            if epoch.epoch == 2:
+                raise RuntimeError("boom") if stop == "exception" else KeyboardInterrupt
+
+    monkeypatch.setattr(loop, "EpochProgress", Stop)  # the command's own callback, stopping it
+    with pytest.raises(RuntimeError if stop == "exception" else KeyboardInterrupt):
+        train_and_track(cfg_factory("train.epochs=3", "train.progress=true"))
+    client, run = only_run(store)
+    assert run.info.status == ("FAILED" if stop == "exception" else "KILLED")
+    # epoch 2 stopped in the progress line, before the run's callback: epoch 1 is the last logged
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "train_loss")] == [1]
+    assert "test_acc" not in run.data.metrics
+    if stop == "exception":
+        assert run.data.tags["fail_reason"] == "RuntimeError: boom"
+
+
+def test_make_train_trains_without_importing_mlflow(mnist_dir, tmp_path):
+    """MLflow (1-4 s of imports, its store's first open, the run's creation) is the writer
+    process's: the training process never imports it, and its run is complete all the same."""
+    store = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    code = (
+        "import atexit, runpy, sys\n"
+        "atexit.register(lambda: print('mlflow imported:', 'mlflow' in sys.modules, flush=True))\n"
+        f"sys.argv = ['train', 'data.root={mnist_dir}', 'tracking.tracking_uri={store}', "
+        f"*{FAST!r}]\n"
+        "runpy.run_module('mnist_sweep.train', run_name='__main__')\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True,
+                         text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "mlflow imported: False" in out.stdout, out.stdout
+    client, run = only_run(store)
+    assert run.info.status == "FINISHED" and run.info.run_id in out.stderr + out.stdout
+    assert {"test_acc", "val_acc", "batch_train_loss"} <= set(run.data.metrics)
+    assert len(run.inputs.dataset_inputs) == 3 and run.data.tags["mlflow.user"]
 
 
 def test_log_model_stores_a_loadable_model(cfg_factory, store):

@@ -29,13 +29,22 @@ def train_and_track(cfg: DictConfig) -> TrialResult:
     """The `make train` job: one trial, recorded in MLflow unless tracking.enabled=false."""
     # Imported here, after this line: the command says what it does from its first second.
     log.info("loading PyTorch and the data" + (", MLflow" if cfg.tracking.enabled else "") + " ...")
-    from mnist_sweep.tracking.runs import open_tracker
-    from mnist_sweep.trial.loop import EpochCallback, EpochProgress, prepare, run_trial
+    from mnist_sweep.tracking.run_writer import SingleRun
+    from mnist_sweep.tracking.runs import NullTracker
 
+    # MLflow in a process of its own, from now: its import and store overlap torch's and the data's
+    tracking = SingleRun(cfg.tracking) if cfg.tracking.enabled else NullTracker()
+    try:
+        from mnist_sweep.trial.loop import EpochCallback, EpochProgress, prepare, run_trial
+
+        device, _ = prepare(cfg)  # config and data errors surface before a run is made
+    except BaseException:
+        if isinstance(tracking, SingleRun):
+            tracking.writer.abandon()
+        raise
     callbacks: list[EpochCallback] = [EpochProgress()] if cfg.train.get("progress", True) else []
-    device, _ = prepare(cfg)  # config and data errors surface before the store is touched
-    tracker = open_tracker(cfg.tracking)
-    with tracker.trial_run(cfg, device=device) as run:
+    opened = tracking.started if isinstance(tracking, SingleRun) else tracking.trial_run
+    with opened(cfg, device) as run:
         with INTERRUPTS.allowed():  # Ctrl-C stops training at once, but not an epoch's logging
             result = run_trial(cfg, callbacks=[*callbacks, INTERRUPTS.shielded(run.log_epoch)])
         run.log_result(result)

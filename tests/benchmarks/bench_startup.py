@@ -79,8 +79,9 @@ def train(folder: Path, data: str, source: Path | None) -> dict:
     folder.mkdir(parents=True)
     lines, exited = timed_lines([sys.executable, "-m", "mnist_sweep.train", f"data.root={data}",
                                  "train.epochs=2"], folder, environment(source))
-    first = next(t for t, line in lines if EPOCH_LINE.search(line))
-    return {"first_line": lines[0][0], "first_epoch_line": first, "exit": exited}
+    first, seconds = next((t, float(m.group(2))) for t, line in lines if (m := EPOCH_LINE.search(line)))
+    return {"first_line": lines[0][0], "first_epoch_line": first, "first_epoch": seconds,
+            "before_training": first - seconds, "exit": exited}
 
 
 def sweep_4x2(folder: Path, data: str, source: Path | None) -> dict:
@@ -187,6 +188,13 @@ def report(results: dict[str, dict[str, list[dict]]]) -> None:
         results[label]["train_ratio"] = [
             {"r": t["first_epoch_line"] / median(results[label]["floor"], "floor")} for t in results[label]["train"]]
     row("make train: first epoch's line / floor", "train_ratio", "r", "<= 1.5x", "{:.2f}x")
+    row("make train: the first epoch's own seconds", "train", "first_epoch")
+    row("make train: before training (first epoch's line - its seconds)", "train", "before_training")
+    for label in labels:
+        results[label]["train_start"] = [
+            {"r": t["before_training"] / median(results[label]["floor"], "floor")} for t in results[label]["train"]]
+    row("make train: before training / floor", "train_start", "r", "", "{:.2f}x")
+    row("make train: exit", "train", "exit")
     row("4x2 sweep: first line", "sweep", "first_line")
     row("4x2 sweep: driver ready", "sweep", "driver_ready")
     row("4x2 sweep: first epoch starts", "sweep", "first_epoch_start")

@@ -16,8 +16,6 @@ import json
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from mnist_sweep.trial.data import KNOWN_DIGESTS, load_raw, split_sizes
-
 if TYPE_CHECKING:
     from mlflow.entities import Dataset
 
@@ -34,6 +32,7 @@ def split_entity(
     num_images: int,
     split_seed: int | None,
     val_size: int,
+    known_as: str,
 ):
     """`mnist/train`: one split of an IDX dataset as an mlflow.entities.Dataset."""
     from mlflow.entities import Dataset
@@ -41,7 +40,7 @@ def split_entity(
     profile = {
         "num_images": num_images,
         "files_digest": files_digest,
-        "known_as": KNOWN_DIGESTS.get(files_digest, "unknown (own data)"),
+        "known_as": known_as,
         "split_seed": split_seed,
         "val_size": val_size,
     }
@@ -62,7 +61,18 @@ def split_entity(
 def split_datasets(data_cfg) -> list[tuple[str, Dataset]]:
     """[(MLflow context, dataset entity)] for the splits of a `data` config (no validation split
     when val_size is 0). The files are read once per process (load_raw is cached)."""
-    return _split_datasets(
+    return datasets_of(split_descriptions(data_cfg))
+
+
+def datasets_of(descriptions: list[tuple[str, dict]]) -> list[tuple[str, Dataset]]:
+    """The entities of `split_descriptions`: built where MLflow is imported (`make train`'s
+    writer process), the descriptions taken where the data is read."""
+    return [(context, split_entity(**fields)) for context, fields in descriptions]
+
+
+def split_descriptions(data_cfg) -> list[tuple[str, dict]]:
+    """[(MLflow context, split_entity's arguments)]: plain data, without MLflow."""
+    return _split_descriptions(
         str(data_cfg.root),
         data_cfg.name,
         bool(data_cfg.download),
@@ -72,22 +82,26 @@ def split_datasets(data_cfg) -> list[tuple[str, Dataset]]:
 
 
 @functools.lru_cache(maxsize=4)
-def _split_datasets(
+def _split_descriptions(
     root: str, name: str, download: bool, val_size: int, seed: int
-) -> list[tuple[str, Dataset]]:
+) -> list[tuple[str, dict]]:
+    # here, not at the top: the data module imports torch, which a writer process does not need
+    from mnist_sweep.trial.data import KNOWN_DIGESTS, load_raw, split_sizes
+
     raw = load_raw(root, name, download)
     return [
         (
             CONTEXTS[split],
-            split_entity(
-                raw["folder"],
-                name,
-                raw["digest"],
-                split,
-                n,
-                seed if split != "test" else None,  # test: the whole file
-                val_size if split != "test" else 0,
-            ),
+            {
+                "folder": raw["folder"],
+                "name": name,
+                "files_digest": raw["digest"],
+                "split": split,
+                "num_images": n,
+                "split_seed": seed if split != "test" else None,  # test: the whole file
+                "val_size": val_size if split != "test" else 0,
+                "known_as": KNOWN_DIGESTS.get(raw["digest"], "unknown (own data)"),
+            },
         )
         for split, n in split_sizes(raw, val_size).items()
         if n > 0

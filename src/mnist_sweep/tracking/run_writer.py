@@ -1,4 +1,10 @@
-"""The MLflow runs of a population's members, written by a process of their own.
+"""The MLflow runs of a population's members, and `make train`'s run, written by a process of
+their own.
+
+`make train` (SingleRun): the writer starts with the command, imports MLflow and opens the store
+while the training process imports torch and reads the data (on 2 cores, side by side instead of
+one after the other), makes the run once the trial's device is known, and writes its epochs as
+they come. The training process never imports MLflow.
 
 A population of K members ends an epoch with K epochs to record: on SQLite each metric row costs
 ~80 us inside MLflow. Written in the training process, that would stall the device between
@@ -29,9 +35,13 @@ import os
 import queue
 import signal
 import time
-from collections.abc import Hashable
-from dataclasses import dataclass
-from typing import Any
+from collections.abc import Hashable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from omegaconf import DictConfig
 
 log = logging.getLogger("mnist_sweep")
 
@@ -56,6 +66,8 @@ class RunWriter:
         self.args = (tracking_cfg_yaml, self.requests, self.replies)
         self.stats = WriterStats()
         self.error: str | None = None
+        self.run_ids: dict[Hashable, str] = {}  # of the runs made by `create`
+        self.refused = False  # the store could not be opened: said in .error
         self.serving = False  # the writer said so: it ignores signals, it reads requests
         self.closed = False
         self.process = self.start_process()
@@ -72,6 +84,36 @@ class RunWriter:
 
     def __exit__(self, *exc_info) -> None:
         self.close()
+
+    def create(
+        self, key: Hashable, run_name: str, tags: dict, resolved: dict, splits: list
+    ) -> None:
+        """A run the writer makes itself (`make train`'s, see SingleRun): MLflow's context tags
+        added to `tags`, then described like a member's; its curves are whole (not sampled)."""
+        self.requests.put(("create", key, (run_name, tags, resolved, splits)))
+
+    def created(self, key: Hashable, timeout: float = 300) -> str:
+        """The id of the run `create` asked for, once it exists; a TrackingError where the
+        store or the run could not be made (the store's own message)."""
+        from mnist_sweep.base.errors import TrackingError
+
+        deadline = time.time() + timeout
+        while key not in self.run_ids:
+            self.poll()
+            if self.error is not None:
+                raise TrackingError(self.error)
+            if key in self.run_ids:
+                break
+            if not self.process.is_alive() or time.time() > deadline:
+                self.poll()
+                if key in self.run_ids or self.error is not None:
+                    continue
+                raise TrackingError(
+                    f"the MLflow writer process made no run in {timeout:.0f} s (exit code "
+                    f"{self.process.exitcode}): see its messages above"
+                )
+            self.process.join(0.05)
+        return self.run_ids[key]
 
     def start(self, key: Hashable, run_id: str, description: dict) -> None:
         """The member's run, made by the worker: the writer adds its params, config and datasets
@@ -97,10 +139,22 @@ class RunWriter:
                 return
             if kind == "error":
                 self.error = value
+                self.refused = self.refused or key is None  # the store, at the writer's start
             elif kind == "stats":
                 self.stats = value
             elif kind == "serving":
                 self.serving = True
+            elif kind == "created":
+                self.run_ids[key] = value
+
+    def abandon(self) -> None:
+        """Stop a writer that was sent nothing (`make train`'s config or data refused): killed,
+        not waited for, as it may still be importing MLflow. Its store's writes are
+        transactions, and a new SQLite store appears whole or not at all (runs.new_sqlite_store)."""
+        self.closed = True
+        self.process.kill()
+        self.process.join()
+        self.requests.cancel_join_thread()
 
     def close(self, timeout: float = 300) -> WriterStats:
         """Wait until everything sent is written (at most `timeout` seconds; a second call returns
@@ -135,6 +189,7 @@ class RunWriter:
             if self.process.exitcode != 0:
                 # what it did not read is lost: this process's exit must not wait to send it
                 self.requests.cancel_join_thread()
+            if self.process.exitcode != 0 and not self.refused:  # (a refusal was said already)
                 log.warning(
                     f"the MLflow writer process ended with exit code {self.process.exitcode}: "
                     "runs it had not ended are ended by the sweep's last look"
@@ -153,19 +208,28 @@ def _serve(tracking_cfg_yaml: str, requests, replies) -> None:
     requests._writer.close()
     from omegaconf import DictConfig, OmegaConf
 
-    from mnist_sweep.base.errors import failure_reason
+    from mnist_sweep.base.errors import UserError, failure_reason
     from mnist_sweep.base.interrupts import dump_stacks_on_sigusr1
     from mnist_sweep.servers import sqlite_stores
-    from mnist_sweep.tracking.runs import MlflowTracker, TrialRun, open_tracker
+    from mnist_sweep.tracking.runs import MlflowTracker, TrialRun, context_tags, open_tracker
 
     dump_stacks_on_sigusr1()
     parent = multiprocessing.parent_process()  # its sentinel tells when the worker is gone too
     os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
     tracking_cfg = OmegaConf.create(tracking_cfg_yaml)
     assert isinstance(tracking_cfg, DictConfig)
-    tracker = open_tracker(tracking_cfg)
+    try:
+        tracker = open_tracker(tracking_cfg)
+    except Exception as error:  # the store refused: said once, in the user's terms
+        replies.put(
+            ("error", None, str(error) if isinstance(error, UserError) else failure_reason(error))
+        )
+        replies.close()
+        replies.join_thread()
+        raise SystemExit(1) from None
     assert isinstance(tracker, MlflowTracker)  # a writer only where tracking is enabled
     runs: dict[Any, Any] = {}
+    sampled: set = set()  # members' runs: their batch curves sampled (BATCH_POINTS_PER_EPOCH)
     stats = WriterStats()
     while True:
         try:
@@ -185,18 +249,31 @@ def _serve(tracking_cfg_yaml: str, requests, replies) -> None:
             if kind == "start":
                 run_id, description = payload
                 runs[key] = TrialRun(tracker.client, run_id, max_lr_points=BATCH_POINTS_PER_EPOCH)
+                sampled.add(key)
                 tracker.describe(run_id, description)
+                stats.runs += 1
+            elif kind == "create":
+                run_name, tags, resolved, splits = payload
+                run_id = tracker.start_run(run_name, tags={**context_tags(), **tags})
+                runs[key] = TrialRun(
+                    tracker.client, run_id, tracker.log_model, False, tracker.batch_curve_every
+                )
+                tracker.describe(run_id, resolved, splits)
+                replies.put(("created", key, run_id))
                 stats.runs += 1
             elif key in runs and kind == "epoch":
                 run = runs[key]
-                run.batch_curve_every = max(
-                    run.batch_curve_every, -(-len(payload.batch_loss) // BATCH_POINTS_PER_EPOCH)
-                )
+                if key in sampled:
+                    run.batch_curve_every = max(
+                        run.batch_curve_every,
+                        -(-len(payload.batch_loss) // BATCH_POINTS_PER_EPOCH),
+                    )
                 run.log_epoch(payload)
                 stats.rows += len(payload.batch_loss) // run.batch_curve_every + 8
             elif key in runs and kind == "end":
                 status, tags, result, champion = payload
                 run = runs.pop(key)
+                sampled.discard(key)
                 if result is not None:
                     run.log_result(result, end_tags=tags)  # one write
                 else:
@@ -212,6 +289,78 @@ def _serve(tracking_cfg_yaml: str, requests, replies) -> None:
         stats.seconds_in_mlflow += time.perf_counter() - started
     replies.cancel_join_thread()  # nobody reads them: the exit must not wait to send them
     sqlite_stores.close_all()
+
+
+class SingleRun:
+    """`make train`'s MLflow run, made and written by a writer process: MLflow's import (1-4 s),
+    its store's first open and the run's creation overlap torch's import and the data's loading
+    instead of preceding them. The same use as MlflowTracker.trial_run: `with run.started(cfg,
+    device)` waits for the run to exist (a store that cannot be used is refused before any
+    training), then `log_epoch` sends an epoch and returns; the run ends FINISHED, KILLED on
+    Ctrl-C or a kill signal, FAILED (with the reason) on an exception, once all is written."""
+
+    KEY = "single"
+
+    def __init__(self, tracking_cfg: DictConfig):
+        from omegaconf import OmegaConf
+
+        self.writer = RunWriter(OmegaConf.to_yaml(tracking_cfg, resolve=True))  # starts at once
+        self.run_id: str | None = None
+        self.result = None
+
+    def log_epoch(self, epoch_result) -> None:
+        self.writer.epoch(self.KEY, epoch_result)
+
+    def log_result(self, result) -> None:
+        self.result = result  # written with the run's end
+
+    @contextmanager
+    def started(self, cfg: DictConfig, device) -> Iterator[SingleRun]:
+        from mnist_sweep.base.errors import failure_reason
+        from mnist_sweep.base.hydra_config import resolved as resolved_config
+        from mnist_sweep.base.urls import redact_passwords
+        from mnist_sweep.tracking.datasets import split_descriptions
+        from mnist_sweep.tracking.runs import single_run_name, where_it_ran
+
+        try:
+            resolved = redact_passwords(resolved_config(cfg))
+            resolved.pop("hydra", None)
+            name = cfg.tracking.get("run_name") or single_run_name(cfg)
+            tags = {"sweep_role": "single", **where_it_ran(cfg, device)}
+            self.writer.create(self.KEY, name, tags, resolved, split_descriptions(cfg.data))
+            self.run_id = self.writer.created(self.KEY)
+        except BaseException as error:  # a run made meanwhile is ended (by its key) before close
+            interrupted = isinstance(error, (KeyboardInterrupt, SystemExit))
+            self.writer.end(self.KEY, "KILLED" if interrupted else "FAILED", {})
+            self.writer.close()
+            raise
+        status, tags = "FAILED", {}
+        try:
+            yield self
+            status = "FINISHED"
+        except (KeyboardInterrupt, SystemExit):
+            status = "KILLED"
+            raise
+        except Exception as error:  # the run says why it failed
+            reason = failure_reason(error)
+            tags = {"fail_reason": reason, "mlflow.note.content": f"**Failed**: {reason}"}
+            raise
+        finally:
+            result = self.result if status == "FINISHED" else None
+            if result is not None and not self.writer_logs_model(cfg):
+                result = replace(result, model=None)  # not pickled to a writer that needs no torch
+            self.writer.end(self.KEY, status, tags, result)
+            self.writer.close()
+            if self.writer.error is not None and status == "FINISHED":
+                from mnist_sweep.base.errors import TrackingError
+
+                raise TrackingError(
+                    f"the MLflow run {self.run_id} was not written whole: {self.writer.error}"
+                )
+
+    @staticmethod
+    def writer_logs_model(cfg: DictConfig) -> bool:
+        return bool(cfg.tracking.get("log_model", False))
 
 
 class NullWriter:

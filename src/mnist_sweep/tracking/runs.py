@@ -23,7 +23,6 @@ from omegaconf import DictConfig, OmegaConf
 from mnist_sweep.base.errors import TrackingError, failure_reason
 from mnist_sweep.base.hydra_config import resolved as resolved_config
 from mnist_sweep.base.urls import not_sqlite, redact_passwords, redact_reason, redact_uri, scheme_of
-from mnist_sweep.servers import sqlite_stores
 from mnist_sweep.tracking.filters import filter_value, tag_equals
 
 if TYPE_CHECKING:  # a sweep's driver tracks without torch: only the trials need it
@@ -105,6 +104,8 @@ def check_tracking_uri(uri: str) -> None:
                 f"tracking.tracking_uri={shown!r}: {path} exists but is not a "
                 "SQLite database; move it away or use another file name."
             )
+        from mnist_sweep.servers import sqlite_stores  # SQLAlchemy: ~0.4 s, only for a store
+
         sqlite_stores.install()
         if not path.exists():
             new_sqlite_store(path)
@@ -164,6 +165,8 @@ def new_sqlite_store(path: Path) -> None:
                 # A WAL database is its file and its -wal: copied whole (MLflow's engine still
                 # holds it open), then made a single file in a rollback journal, to be copied
                 clean = Path(folder) / "template.db"
+                from mnist_sweep.servers import sqlite_stores
+
                 sqlite_stores.copy_database(made, clean)
                 with sqlite3.connect(clean) as db:  # MLflow makes it again where the store is used
                     db.execute("DELETE FROM experiment_tags WHERE experiment_id = 0")
@@ -211,10 +214,15 @@ def context_tags() -> dict[str, str]:
 
 def trial_tags(cfg: DictConfig, device: torch.device) -> dict[str, str]:
     """What a run's params leave out (where and how it ran) and what MLflow's columns show."""
+    return {**context_tags(), **where_it_ran(cfg, device)}
+
+
+def where_it_ran(cfg: DictConfig, device: torch.device) -> dict[str, str]:
+    """trial_tags without MLflow's context tags: taken where the trial runs (torch's figures),
+    so that `make train`'s writer process, which adds the rest, need not import torch."""
     import torch
 
     return {
-        **context_tags(),
         "dataset": cfg.data.name,
         "model": cfg.model._target_.rsplit(".", 1)[-1].lower(),
         "schedule": cfg.schedule.get("name", "none"),
@@ -594,23 +602,24 @@ class MlflowTracker:
         )
         return run_id, resolved
 
-    def describe(self, run_id: str, resolved: dict) -> None:
-        """A run's params, config.yaml and datasets, from its resolved config."""
+    def describe(self, run_id: str, resolved: dict, splits: list | None = None) -> None:
+        """A run's params, config.yaml and datasets, from its resolved config (and `splits`,
+        datasets.split_descriptions, where they were taken in another process)."""
         self.log_params(run_id, trial_params(resolved))
         self.client.log_text(run_id, OmegaConf.to_yaml(resolved), "config.yaml")
-        self.log_datasets(run_id, OmegaConf.create(resolved["data"]))
+        self.log_datasets(run_id, OmegaConf.create(resolved["data"]), splits)
 
-    def log_datasets(self, run_id: str, data_cfg: DictConfig) -> None:
+    def log_datasets(self, run_id: str, data_cfg: DictConfig, splits: list | None = None) -> None:
         """The run's train, val and test splits as MLflow datasets (its Dataset column): name,
         the files' content digest, sizes, split seed, the folder they were read from."""
         from mlflow.entities import DatasetInput, InputTag
         from mlflow.exceptions import MlflowException
 
-        from mnist_sweep.tracking.datasets import split_datasets
+        from mnist_sweep.tracking.datasets import datasets_of, split_descriptions
 
         inputs = [
             DatasetInput(dataset, [InputTag("mlflow.data.context", context)])
-            for context, dataset in split_datasets(data_cfg)
+            for context, dataset in datasets_of(splits or split_descriptions(data_cfg))
         ]
         # MLflow stores a dataset once per experiment: it looks for it, then inserts it. Workers
         # whose trials start together all insert, and all but one fail on the unique key. The

@@ -11,7 +11,6 @@ import logging
 import math
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -20,53 +19,13 @@ from omegaconf import DictConfig
 
 from mnist_sweep.base.errors import UserError
 from mnist_sweep.trial import data
+from mnist_sweep.trial.results import EpochResult, TrialResult
 from mnist_sweep.trial.schedules import build_schedule
 from mnist_sweep.trial.validation import check_against_data, check_trial_config, resolve_device
 
 log = logging.getLogger("mnist_sweep")
 
 EVAL_CHUNK = 2000  # images per forward pass when evaluating: bounds the CNN's activations
-
-
-@dataclass
-class EpochResult:
-    epoch: int  # 1-based
-    epochs: int  # of the trial
-    first_step: int  # global index of this epoch's first batch
-    batch_loss: list[float]  # per batch, in order
-    batch_lr: list[float]  # LR each batch was trained with
-    train_loss: float
-    train_acc: float
-    val_loss: float | None
-    val_acc: float | None
-    lr: float  # LR after this epoch's scheduler steps: the next epoch's
-    seconds: float
-
-    def metrics(self) -> dict[str, float]:
-        """Per-epoch scalars by MLflow metric name (validation ones only when there is a split)."""
-        values = {
-            "train_loss": self.train_loss,
-            "train_acc": self.train_acc,
-            "val_loss": self.val_loss,
-            "val_acc": self.val_acc,
-            "lr": self.lr,
-            "epoch_seconds": self.seconds,
-        }
-        return {k: v for k, v in values.items() if v is not None}
-
-
-@dataclass
-class TrialResult:
-    epochs: list[EpochResult] = field(default_factory=list)
-    test_loss: float = float("nan")
-    test_acc: float = float("nan")
-    test_correct: int = 0
-    test_size: int = 0
-    model: torch.nn.Module | None = None
-
-    @property
-    def final_val_acc(self) -> float | None:
-        return self.epochs[-1].val_acc if self.epochs else None
 
 
 EpochCallback = Callable[[EpochResult], None]
