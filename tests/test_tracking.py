@@ -119,6 +119,34 @@ def test_make_train_ends_its_written_run_failed_or_killed_after_its_epochs(stop,
         assert run.data.tags["fail_reason"] == "RuntimeError: boom"
 
 
+def test_make_train_whose_writer_dies_mid_training_fails_and_leaves_no_run_running(
+        cfg_factory, store, monkeypatch):
+    """The writer process killed (-9, out of memory) while the trial trains: the command does not
+    claim success, and the run it had made is ended FAILED with the reason."""
+    import multiprocessing
+    import signal
+
+    import mnist_sweep.trial.loop as loop
+    from mnist_sweep.base.errors import TrackingError
+
+    class KillWriter:
+        def __init__(self, prefix=""):
+            pass
+
+        def __call__(self, epoch):
+            if epoch.epoch == 2:  # the run exists (epoch 1 waited for it)
+                writer, = [p for p in multiprocessing.active_children() if p.name == "mlflow-writer"]
+                os.kill(writer.pid, signal.SIGKILL)
+                writer.join()
+
+    monkeypatch.setattr(loop, "EpochProgress", KillWriter)
+    with pytest.raises(TrackingError, match="exit code -9"):
+        train_and_track(cfg_factory("train.epochs=3", "train.progress=true"))
+    _, run = only_run(store)
+    assert run.info.status == "FAILED"
+    assert run.data.tags["fail_reason"].startswith("its MLflow writer process died")
+
+
 def test_make_train_trains_without_importing_mlflow(mnist_dir, tmp_path):
     """MLflow (1-4 s of imports, its store's first open, the run's creation) is the writer
     process's: the training process never imports it, and its run is complete all the same."""

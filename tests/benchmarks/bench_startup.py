@@ -15,7 +15,7 @@ In one run, on real MNIST (../shared/data/mnist), each measured --runs times (me
 (3) with --default-sweep: the default sweep's search (momentum_decay, sweep.confirm.top=0: its
     confirmation trains 25 members at once, whose epochs overlap), wall minus the epochs'
     seconds (MLflow's epoch_seconds of every run). Target: <= 5 % of the wall.
-Before and after, side by side: with --against REV (default 7767e41, main before this work; `none`
+Before and after, side by side: with --against REV (default ccaf8d6, main before this work; `none`
 to skip) each measurement runs with that commit's code (a git worktree first on PYTHONPATH) and
 then with this checkout's, interleaved. (Solo bookkeeping per trial: `make bench-bookkeeping`.)
 """
@@ -34,7 +34,7 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
-BEFORE = "7767e41"
+BEFORE = "ccaf8d6"
 EPOCH_LINE = re.compile(r"epoch (\d+)/\d+ .*\| ([0-9.]+)s \| ETA")
 
 

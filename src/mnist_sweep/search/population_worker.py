@@ -61,6 +61,8 @@ class PopulationWorker(WorkerSetup):
                     thread.join(timeout=60)
                     channel.stopping.set()  # the bookkeeper, if still running, stops
                     self.log_figures(bookkeeper, trainer, writer.close(), started)
+                    if writer.error:  # what the bookkeeper's last look did not see
+                        log.warning(f"[w{self.index}] MLflow: {writer.error}")
         channel.raise_bookkeeper_error()
 
     def log_figures(self, bookkeeper, trainer, written, started: float) -> None:

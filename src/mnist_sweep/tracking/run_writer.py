@@ -34,6 +34,8 @@ import multiprocessing
 import os
 import queue
 import signal
+import sys
+import threading
 import time
 from collections.abc import Hashable, Iterator
 from contextlib import contextmanager
@@ -60,8 +62,10 @@ class RunWriter:
     (`close`, or `with RunWriter(...) as writer`): a writer left running, which ignores SIGTERM,
     would hold up this process's exit (multiprocessing joins its daemonic children there)."""
 
-    def __init__(self, tracking_cfg_yaml: str):
-        self.context = multiprocessing.get_context("spawn")
+    def __init__(self, tracking_cfg_yaml: str, start_method: str = "spawn"):
+        # spawn: a worker's threads and torch's must not be forked; `make train` forks its
+        # writer before either exists (SingleRun), which spares an interpreter's start-up
+        self.context = multiprocessing.get_context(start_method)
         self.requests, self.replies = self.context.Queue(), self.context.Queue()
         self.args = (tracking_cfg_yaml, self.requests, self.replies)
         self.stats = WriterStats()
@@ -97,7 +101,7 @@ class RunWriter:
         store or the run could not be made (the store's own message)."""
         from mnist_sweep.base.errors import TrackingError
 
-        deadline = time.time() + timeout
+        deadline, restarted = time.time() + timeout, False
         while key not in self.run_ids:
             self.poll()
             if self.error is not None:
@@ -108,9 +112,14 @@ class RunWriter:
                 self.poll()
                 if key in self.run_ids or self.error is not None:
                     continue
+                if not self.process.is_alive() and not self.serving and not restarted:
+                    # killed in its start-up (a signal before it ignored them): it read
+                    # nothing, all is still queued (as in `close`)
+                    self.process, restarted = self.start_process(), True
+                    continue
                 raise TrackingError(
-                    f"the MLflow writer process made no run in {timeout:.0f} s (exit code "
-                    f"{self.process.exitcode}): see its messages above"
+                    f"the MLflow writer process made no run (exit code {self.process.exitcode}"
+                    f", {timeout:.0f} s at most): see its messages above"
                 )
             self.process.join(0.05)
         return self.run_ids[key]
@@ -274,41 +283,66 @@ def _serve(tracking_cfg_yaml: str, requests, replies) -> None:
                 status, tags, result, champion = payload
                 run = runs.pop(key)
                 sampled.discard(key)
-                if result is not None:
-                    run.log_result(result, end_tags=tags)  # one write
-                else:
-                    run.set_tags(tags)
-                if champion and run.client is not None and result.model is not None:
-                    from mnist_sweep.tracking.runs import log_champion_weights
+                try:
+                    if result is not None:
+                        run.log_result(result, end_tags=tags)  # one write
+                    else:
+                        run.set_tags(tags)
+                    if champion and run.client is not None and result.model is not None:
+                        from mnist_sweep.tracking.runs import log_champion_weights
 
-                    log_champion_weights(run.client, run.run_id, result.model)
-                if run.client is not None:
-                    run.client.set_terminated(run.run_id, status)
+                        log_champion_weights(run.client, run.run_id, result.model)
+                except Exception as error:  # the run is ended all the same, saying so
+                    reason = f"its end could not be written whole: {failure_reason(error)}"
+                    status = "FAILED" if status == "FINISHED" else status
+                    try:
+                        run.set_tags({"fail_reason": reason})
+                    except Exception:
+                        pass
+                    raise
+                finally:
+                    if run.client is not None:
+                        run.client.set_terminated(run.run_id, status)
         except Exception as error:  # a write that failed: say so, go on with the others
             replies.put(("error", key, failure_reason(error)))
         stats.seconds_in_mlflow += time.perf_counter() - started
+    # `make train`'s process was killed: nobody else ends the run it asked for (a sweep's runs
+    # are its driver's and heartbeats' to end)
+    for key in set(runs) - sampled:
+        try:
+            tracker.client.set_terminated(runs[key].run_id, "KILLED")
+        except Exception:
+            pass
     replies.cancel_join_thread()  # nobody reads them: the exit must not wait to send them
     sqlite_stores.close_all()
 
 
 class SingleRun:
     """`make train`'s MLflow run, made and written by a writer process: MLflow's import (1-4 s),
-    its store's first open and the run's creation overlap torch's import and the data's loading
-    instead of preceding them. The same use as MlflowTracker.trial_run: `with run.started(cfg,
-    device)` waits for the run to exist (a store that cannot be used is refused before any
-    training), then `log_epoch` sends an epoch and returns; the run ends FINISHED, KILLED on
-    Ctrl-C or a kill signal, FAILED (with the reason) on an exception, once all is written."""
+    its store's first open and the run's creation overlap torch's import, the data's loading and
+    the first epoch instead of preceding them. The same use as MlflowTracker.trial_run:
+    `with run.started(cfg, device)` asks for the run; the first epoch's `log_epoch` waits until
+    it exists (a store that cannot be used stops the trial there, before a second epoch, with
+    the store's own message), later ones send the epoch and return. The run ends FINISHED,
+    KILLED on Ctrl-C or a kill signal, FAILED (with the reason) on an exception, once all is
+    written."""
 
     KEY = "single"
 
     def __init__(self, tracking_cfg: DictConfig):
         from omegaconf import OmegaConf
 
-        self.writer = RunWriter(OmegaConf.to_yaml(tracking_cfg, resolve=True))  # starts at once
+        # forked while this process has no other thread and no torch (`make train`), else spawned
+        fork = threading.active_count() == 1 and "torch" not in sys.modules
+        self.writer = RunWriter(
+            OmegaConf.to_yaml(tracking_cfg, resolve=True), "fork" if fork else "spawn"
+        )  # starts at once
         self.run_id: str | None = None
         self.result = None
 
     def log_epoch(self, epoch_result) -> None:
+        if self.run_id is None:
+            self.run_id = self.writer.created(self.KEY)
         self.writer.epoch(self.KEY, epoch_result)
 
     def log_result(self, result) -> None:
@@ -328,7 +362,6 @@ class SingleRun:
             name = cfg.tracking.get("run_name") or single_run_name(cfg)
             tags = {"sweep_role": "single", **where_it_ran(cfg, device)}
             self.writer.create(self.KEY, name, tags, resolved, split_descriptions(cfg.data))
-            self.run_id = self.writer.created(self.KEY)
         except BaseException as error:  # a run made meanwhile is ended (by its key) before close
             interrupted = isinstance(error, (KeyboardInterrupt, SystemExit))
             self.writer.end(self.KEY, "KILLED" if interrupted else "FAILED", {})
@@ -337,6 +370,8 @@ class SingleRun:
         status, tags = "FAILED", {}
         try:
             yield self
+            if self.run_id is None:  # (no epoch was trained)
+                self.run_id = self.writer.created(self.KEY)
             status = "FINISHED"
         except (KeyboardInterrupt, SystemExit):
             status = "KILLED"
@@ -351,12 +386,31 @@ class SingleRun:
                 result = replace(result, model=None)  # not pickled to a writer that needs no torch
             self.writer.end(self.KEY, status, tags, result)
             self.writer.close()
-            if self.writer.error is not None and status == "FINISHED":
+            failed = self.writer.error or (
+                self.writer.process.exitcode and f"exit code {self.writer.process.exitcode}"
+            )
+            if self.writer.process.exitcode and self.run_id is not None:
+                self.end_left_run(cfg, "FAILED" if status == "FINISHED" else status, str(failed))
+            if failed and status == "FINISHED":  # (else the exception that ended it is raised)
                 from mnist_sweep.base.errors import TrackingError
 
                 raise TrackingError(
-                    f"the MLflow run {self.run_id} was not written whole: {self.writer.error}"
+                    f"the MLflow run {self.run_id} was not written whole (the writer process: "
+                    f"{failed}); see MLflow for what it holds"
                 )
+
+    def end_left_run(self, cfg: DictConfig, status: str, failed: str) -> None:
+        """The writer died (killed, out of memory) before it ended the run: ended here, so that
+        no run of a command that has exited stays RUNNING (MLflow imported now, on this rare
+        path only)."""
+        from mnist_sweep.tracking.runs import open_tracker
+
+        reason = f"its MLflow writer process died ({failed}): epochs after it are missing"
+        try:
+            assert self.run_id is not None
+            open_tracker(cfg.tracking).end_run(self.run_id, status, {"fail_reason": reason})
+        except Exception as error:
+            log.warning(f"the MLflow run {self.run_id} is left RUNNING: {error}")
 
     @staticmethod
     def writer_logs_model(cfg: DictConfig) -> bool:

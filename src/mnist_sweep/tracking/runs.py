@@ -228,7 +228,7 @@ def where_it_ran(cfg: DictConfig, device: torch.device) -> dict[str, str]:
         "schedule": cfg.schedule.get("name", "none"),
         "device": str(device),
         "threads": str(cfg.train.get("threads") or torch.get_num_threads()),
-        "torch_version": torch.__version__,
+        "torch_version": str(torch.__version__),  # a str: a TorchVersion unpickled imports torch
         "python_version": platform.python_version(),
     }
 
