@@ -79,6 +79,14 @@ def test_confirmation_trains_the_top_configurations_with_fresh_seeds(tmp_path, m
     assert parent.data.tags["confirmed_champion_trial"] == str(result["champion_trial"])
     assert parent.data.tags["best_trial"] == str(result["champion_trial"])
     assert "Confirmed over fresh seeds" in parent.data.tags["mlflow.note.content"]
+    # the parent's params: the champion's search trial's, not a confirmation run's fresh seed
+    champion = search.trials[result["champion_trial"]]
+    assert parent.data.tags["params_trial"] == str(champion.number)
+    search_run = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}").get_run(
+        champion.user_attrs["mlflow_run_id"])
+    assert parent.data.params["train.seed"] == search_run.data.params["train.seed"]
+    assert int(parent.data.params["train.seed"]) not in {seed for _, seed in slots}
+    assert "params are trial" not in parent.data.tags["mlflow.note.content"]
 
 
 def planted_search(folder, mnist_dir) -> tuple[int, int]:

@@ -4,9 +4,10 @@ of a search that reads one run per configuration).
 
 The top `sweep.confirm.top` configurations of a finished search (by its metric, the one rule of
 study.ranked_complete) are each trained `sweep.confirm.seeds` times, with train.seed values the
-search never used (its own seed + 1, + 2, ...: model initialisation and batch order differ; the
-validation split stays the search's, so validation picks among configurations on the same
-images). Validation picks (the best mean of the metric over the seeds), test reports (mean, std
+search never used (its own seed + 1, + 2, ...: the initial weights differ, and so does the batch
+order where trials train alone; the members of one population share its batches, so there the
+spread is the initialisation's only: docs/sweeps.md; the validation split stays the search's, so
+validation picks among configurations on the same images). Validation picks (the best mean of the metric over the seeds), test reports (mean, std
 and a 95 % confidence interval of the mean).
 
 The confirmation runs are trials of a linked Optuna study, `<study>-confirm-<finished trials>`
@@ -111,15 +112,17 @@ class ConfigResult:
         return float(t.ppf(0.975, n - 1)) * self.test_std / math.sqrt(n)
 
     def representative_run(self) -> str | None:
-        """The run whose test accuracy is closest to the mean: the model registered for this
-        configuration is a typical one, not its luckiest seed (a best seed would bring the
-        winner's curse back)."""
-        finite = [
-            (abs(a - self.test_mean), r)
-            for a, r in zip(self.test_accs, self.run_ids)
-            if r and math.isfinite(a)
-        ]
-        return min(finite)[1] if finite else None
+        """The run whose validation metric is closest to its mean over the seeds: the model
+        registered for this configuration is a typical one, not its luckiest seed (a best seed
+        would bring the winner's curse back), picked by validation as the configuration was
+        (the test set only reports)."""
+        finite = [v for v in self.values if math.isfinite(v)]
+        if not finite:
+            return None
+        mean = statistics.fmean(finite)
+        return min(
+            (abs(v - mean), r) for v, r in zip(self.values, self.run_ids) if r and math.isfinite(v)
+        )[1]
 
 
 def settings_of(spec: SweepSpec) -> tuple[int, int]:
@@ -237,20 +240,24 @@ def open_linked(
     """The linked study, made (its slots enqueued, then recorded: `slots_of`) or found; a maker
     killed before it recorded them is taken over (the missing slots enqueued and recorded). A
     joining worker (`make worker`, a Kubernetes pod) waits a while for the command that makes
-    it, and leaves (None) if none does: it enqueues nothing."""
+    it, and leaves (None) if none does: it enqueues nothing. Another driver that found it made
+    waits as long for its slots, then takes over."""
     from mnist_sweep.search.study import open_study
 
     deadline = time.time() + JOIN_WAIT_SECONDS
     while True:
         try:
-            study, _ = open_study(spec, space, base, create=not join)
+            study, made_here = open_study(spec, space, base, create=not join)
         except ConfigError:  # a worker that finished the search first: not made yet
             if not join:
                 raise
-            study = None
+            study, made_here = None, False
         if study is not None and (recorded := slots_of(study)) is not None:
             return study, recorded
-        if study is not None and not join:  # made here, or its maker stopped before recording
+        # Made here; or made by another driver (several `make sweep`s on one study end their
+        # search together) that has not recorded the slots for a while: it stopped before, and
+        # this one takes over. Drivers enqueueing at once would each add every slot.
+        if study is not None and not join and (made_here or time.time() > deadline):
             enqueue_missing(study, slots, spec.settings["max_retry"])
             study.set_user_attr(READY_ATTR, [dataclasses.asdict(s) for s in slots])
             return study, slots

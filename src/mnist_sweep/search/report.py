@@ -340,8 +340,12 @@ def describe_parent(
             # confirmed: the champion's run whose test accuracy is closest to its mean
             best_run = client.get_run(representative or best.user_attrs["mlflow_run_id"])
             tags.append(RunTag("best_run_id", best_run.info.run_id))
+            # the params of the search trial (a confirmation run's are its fresh seed's, and its
+            # trial number is the linked study's)
+            search_run = best.user_attrs.get("mlflow_run_id")
+            params_from = client.get_run(search_run) if representative and search_run else best_run
             params_trial = (
-                log_best_params(client, run_id, best_run)
+                log_best_params(client, run_id, params_from)
                 if final
                 else parent.data.tags.get("params_trial")
             )
