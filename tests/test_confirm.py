@@ -222,3 +222,21 @@ def test_two_workers_confirm_each_slot_once_and_register_the_confirmed_champion(
     champion = client.get_model_version_by_alias("momentum", "champion")
     assert champion.run_id == result["champion_run_id"]
     assert client.get_run(champion.run_id).data.tags["sweep_role"] == "confirmation"
+
+
+def test_the_registered_seed_is_the_one_closest_to_the_mean_by_validation():
+    """Validation picks the model too (the test set only reports); a diverged seed (NaN) or a
+    seed without a run (tracking off) is never picked, and none at all gives None, not an
+    error after the whole confirmation."""
+    from mnist_sweep.search.confirm import ConfigResult
+
+    def result(values, test_accs, run_ids):
+        return ConfigResult(0, 3, "#3", {}, [1, 2, 3, 4][:len(values)], values, test_accs, run_ids, 0)
+
+    nan = float("nan")
+    # by validation: seed a (0.95 against a mean of 0.9525); by test it would be seed c
+    assert result([0.95, 0.96, 0.98, 0.92], [0.97, 0.90, 0.93, 0.99], ["a", "b", "c", "d"]) \
+        .representative_run() == "a"
+    assert result([0.9, nan, 0.93], [0.9, nan, 0.93], ["a", "b", "c"]).representative_run() in {"a", "c"}
+    assert result([0.9, 0.91], [0.9, 0.91], ["", ""]).representative_run() is None
+    assert result([nan], [nan], ["a"]).representative_run() is None

@@ -48,10 +48,12 @@ def train_and_track(cfg: DictConfig) -> TrialResult:
         with INTERRUPTS.allowed():  # Ctrl-C stops training at once, but not an epoch's logging
             result = run_trial(cfg, callbacks=[*callbacks, INTERRUPTS.shielded(run.log_epoch)])
         run.log_result(result)
-    log.info(
-        f"test accuracy {result.test_acc:.2%} ({result.test_correct}/{result.test_size}), "
-        f"test loss {result.test_loss:.4f}" + (f" | MLflow run {run.run_id}" if run.run_id else "")
-    )
+        # said before the run ends: an error in its last writes must not hide the result
+        log.info(
+            f"test accuracy {result.test_acc:.2%} ({result.test_correct}/{result.test_size}), "
+            f"test loss {result.test_loss:.4f}"
+            + (f" | MLflow run {run.run_id}" if run.run_id else "")
+        )
     return result
 
 

@@ -117,12 +117,11 @@ class ConfigResult:
         would bring the winner's curse back), picked by validation as the configuration was
         (the test set only reports)."""
         finite = [v for v in self.values if math.isfinite(v)]
-        if not finite:
+        with_runs = [(v, r) for v, r in zip(self.values, self.run_ids) if r and math.isfinite(v)]
+        if not with_runs:  # (tracking off: no runs)
             return None
         mean = statistics.fmean(finite)
-        return min(
-            (abs(v - mean), r) for v, r in zip(self.values, self.run_ids) if r and math.isfinite(v)
-        )[1]
+        return min((abs(v - mean), r) for v, r in with_runs)[1]
 
 
 def settings_of(spec: SweepSpec) -> tuple[int, int]:

@@ -343,12 +343,10 @@ def describe_parent(
             # the params of the search trial (a confirmation run's are its fresh seed's, and its
             # trial number is the linked study's)
             search_run = best.user_attrs.get("mlflow_run_id")
-            params_from = client.get_run(search_run) if representative and search_run else best_run
-            params_trial = (
-                log_best_params(client, run_id, params_from)
-                if final
-                else parent.data.tags.get("params_trial")
-            )
+            params_trial = parent.data.tags.get("params_trial")
+            if final and (search_run or not representative):
+                params_from = client.get_run(search_run) if representative else best_run
+                params_trial = log_best_params(client, run_id, params_from)
         client.log_batch(run_id, tags=tags)
     client.log_batch(run_id, metrics=metrics)
     note = parent_description(

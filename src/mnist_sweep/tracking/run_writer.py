@@ -112,7 +112,12 @@ class RunWriter:
                 self.poll()
                 if key in self.run_ids or self.error is not None:
                     continue
-                if not self.process.is_alive() and not self.serving and not restarted:
+                if (
+                    not self.process.is_alive()
+                    and not self.serving
+                    and not restarted
+                    and self.context.get_start_method() != "fork"  # (no fork with torch loaded)
+                ):
                     # killed in its start-up (a signal before it ignored them): it read
                     # nothing, all is still queued (as in `close`)
                     self.process, restarted = self.start_process(), True
@@ -180,8 +185,8 @@ class RunWriter:
                     self.process.join(0.2)
                     continue
                 self.poll()  # once it has exited, all it sent is in the pipe
-                if self.serving or restarted:
-                    break
+                if self.serving or restarted or self.context.get_start_method() == "fork":
+                    break  # (a forked writer is not forked again: this process has torch now)
                 # Killed in its start-up (a signal before it could ignore it): it read nothing,
                 # all is still queued. Started again, it inherits this process's signal
                 # dispositions: after Ctrl-C or SIGTERM, ignored (base/interrupts.py).
@@ -201,7 +206,8 @@ class RunWriter:
             if self.process.exitcode != 0 and not self.refused:  # (a refusal was said already)
                 log.warning(
                     f"the MLflow writer process ended with exit code {self.process.exitcode}: "
-                    "runs it had not ended are ended by the sweep's last look"
+                    "runs it had not ended are ended by the sweep's last look (or by `make "
+                    "train` itself)"
                 )
         return self.stats
 
@@ -267,8 +273,8 @@ def _serve(tracking_cfg_yaml: str, requests, replies) -> None:
                 runs[key] = TrialRun(
                     tracker.client, run_id, tracker.log_model, False, tracker.batch_curve_every
                 )
+                replies.put(("created", key, run_id))  # now: a writer dying next leaves its id
                 tracker.describe(run_id, resolved, splits)
-                replies.put(("created", key, run_id))
                 stats.runs += 1
             elif key in runs and kind == "epoch":
                 run = runs[key]
@@ -407,8 +413,10 @@ class SingleRun:
 
         reason = f"its MLflow writer process died ({failed}): epochs after it are missing"
         try:
-            assert self.run_id is not None
-            open_tracker(cfg.tracking).end_run(self.run_id, status, {"fail_reason": reason})
+            tracker = open_tracker(cfg.tracking)
+            assert self.run_id is not None and tracker.client is not None  # (tracking is on)
+            if tracker.client.get_run(self.run_id).info.status == "RUNNING":  # (else it ended it)
+                tracker.end_run(self.run_id, status, {"fail_reason": reason})
         except Exception as error:
             log.warning(f"the MLflow run {self.run_id} is left RUNNING: {error}")
 
