@@ -95,6 +95,10 @@ class Bookkeeper:
         started = time.perf_counter()
         try:
             if self.deadline and time.time() > self.deadline:
+                # sweep.timeout: on its way out, this worker fails what has gone stale (a dead
+                # worker's trial, retried by a resume), as a driver's last look does; workers
+                # joined without a driver (`make worker`, a cluster's tasks) have no other
+                self.last_stale_check()
                 return None
             c = counts(self.study, self.max_retry)
             if self.spec.settings.get("confirms"):
@@ -115,6 +119,15 @@ class Bookkeeper:
             return max(free, 0) + c["waiting"]
         finally:
             self.seconds += time.perf_counter() - started
+
+    def last_stale_check(self) -> None:
+        if getattr(self, "_left", False):  # once (a population asks again while members end)
+            return
+        self._left = True
+        try:
+            self.fail_stale_trials(every=0)
+        except Exception as error:  # leaving anyway: the next command's look does it then
+            log.warning(f"stale trials could not be checked on the way out: {error}")
 
     def fail_stale_trials(self, every: float | None = None) -> None:
         """Optuna's check of the heartbeats (what its optimize does before each trial), at most
