@@ -181,19 +181,20 @@ def report(results: dict[str, dict[str, list[dict]]]) -> None:
         values = [fmt.format(median(results[lab][part], key)) if part in results[lab] else "" for lab in labels]
         print(f"| {name} | " + " | ".join(values) + f" | {target} |")
 
+    def over_floor(name: str, key: str, target: str = "") -> None:
+        """make train's `key` divided by the floor of its own run, as a row."""
+        for label in labels:
+            floor_s = median(results[label]["floor"], "floor")
+            results[label][f"{key}/floor"] = [{"r": t[key] / floor_s} for t in results[label]["train"]]
+        row(name, f"{key}/floor", "r", target, "{:.2f}x")
+
     row("floor: `import torch`", "floor", "floor")
     row("make train: first line", "train", "first_line")
     row("make train: first epoch's line", "train", "first_epoch_line")
-    for label in labels:
-        results[label]["train_ratio"] = [
-            {"r": t["first_epoch_line"] / median(results[label]["floor"], "floor")} for t in results[label]["train"]]
-    row("make train: first epoch's line / floor", "train_ratio", "r", "<= 1.5x", "{:.2f}x")
+    over_floor("make train: first epoch's line / floor", "first_epoch_line", "<= 1.5x")
     row("make train: the first epoch's own seconds", "train", "first_epoch")
     row("make train: before training (first epoch's line - its seconds)", "train", "before_training")
-    for label in labels:
-        results[label]["train_start"] = [
-            {"r": t["before_training"] / median(results[label]["floor"], "floor")} for t in results[label]["train"]]
-    row("make train: before training / floor", "train_start", "r", "", "{:.2f}x")
+    over_floor("make train: before training / floor", "before_training")
     row("make train: exit", "train", "exit")
     row("4x2 sweep: first line", "sweep", "first_line")
     row("4x2 sweep: driver ready", "sweep", "driver_ready")

@@ -112,16 +112,10 @@ class RunWriter:
                 self.poll()
                 if key in self.run_ids or self.error is not None:
                     continue
-                if (
-                    not self.process.is_alive()
-                    and not self.serving
-                    and not restarted
-                    and self.context.get_start_method() != "fork"  # (no fork with torch loaded)
-                ):
-                    # killed in its start-up (a signal before it ignored them): it read
-                    # nothing, all is still queued (as in `close`)
-                    self.process, restarted = self.start_process(), True
-                    continue
+                if not self.process.is_alive() and not restarted:
+                    if self.restarted_after_early_death():
+                        restarted = True
+                        continue
                 raise TrackingError(
                     f"the MLflow writer process made no run (exit code {self.process.exitcode}"
                     f", {timeout:.0f} s at most): see its messages above"
@@ -161,6 +155,21 @@ class RunWriter:
             elif kind == "created":
                 self.run_ids[key] = value
 
+    def restarted_after_early_death(self) -> bool:
+        """Whether the writer, which has exited without ever serving, was started again: killed
+        in its start-up (a signal before it could ignore it), it read nothing and all is still
+        queued. Started again, it inherits this process's signal dispositions: after Ctrl-C or
+        SIGTERM, ignored (base/interrupts.py). A forked writer is not forked again: this process
+        has torch by then."""
+        if self.serving or self.context.get_start_method() == "fork":
+            return False
+        log.warning(
+            f"the MLflow writer process ended in its start-up (exit code "
+            f"{self.process.exitcode}): started again"
+        )
+        self.process = self.start_process()
+        return True
+
     def abandon(self) -> None:
         """Stop a writer that was sent nothing (`make train`'s config or data refused): killed,
         not waited for, as it may still be importing MLflow. Its store's writes are
@@ -185,16 +194,9 @@ class RunWriter:
                     self.process.join(0.2)
                     continue
                 self.poll()  # once it has exited, all it sent is in the pipe
-                if self.serving or restarted or self.context.get_start_method() == "fork":
-                    break  # (a forked writer is not forked again: this process has torch now)
-                # Killed in its start-up (a signal before it could ignore it): it read nothing,
-                # all is still queued. Started again, it inherits this process's signal
-                # dispositions: after Ctrl-C or SIGTERM, ignored (base/interrupts.py).
-                log.warning(
-                    f"the MLflow writer process ended in its start-up (exit code "
-                    f"{self.process.exitcode}): started again"
-                )
-                self.process, restarted = self.start_process(), True
+                if restarted or not self.restarted_after_early_death():
+                    break
+                restarted = True
         finally:  # (an interrupt while waiting, where nothing ignores it, stops the writer too)
             self.poll()
             if self.process.is_alive():
