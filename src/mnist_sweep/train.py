@@ -43,8 +43,7 @@ def train_and_track(cfg: DictConfig) -> TrialResult:
             tracking.writer.abandon()
         raise
     callbacks: list[EpochCallback] = [EpochProgress()] if cfg.train.get("progress", True) else []
-    opened = tracking.started if isinstance(tracking, SingleRun) else tracking.trial_run
-    with opened(cfg, device) as run:
+    with tracking.trial_run(cfg, device) as run:
         with INTERRUPTS.allowed():  # Ctrl-C stops training at once, but not an epoch's logging
             result = run_trial(cfg, callbacks=[*callbacks, INTERRUPTS.shielded(run.log_epoch)])
         run.log_result(result)

@@ -329,7 +329,7 @@ class SingleRun:
     """`make train`'s MLflow run, made and written by a writer process: MLflow's import (1-4 s),
     its store's first open and the run's creation overlap torch's import, the data's loading and
     the first epoch instead of preceding them. The same use as MlflowTracker.trial_run:
-    `with run.started(cfg, device)` asks for the run; the first epoch's `log_epoch` waits until
+    `with run.trial_run(cfg, device)` asks for the run; the first epoch's `log_epoch` waits until
     it exists (a store that cannot be used stops the trial there, before a second epoch, with
     the store's own message), later ones send the epoch and return. The run ends FINISHED,
     KILLED on Ctrl-C or a kill signal, FAILED (with the reason) on an exception, once all is
@@ -357,7 +357,7 @@ class SingleRun:
         self.result = result  # written with the run's end
 
     @contextmanager
-    def started(self, cfg: DictConfig, device) -> Iterator[SingleRun]:
+    def trial_run(self, cfg: DictConfig, device) -> Iterator[SingleRun]:
         from mnist_sweep.base.errors import failure_reason
         from mnist_sweep.base.hydra_config import resolved as resolved_config
         from mnist_sweep.base.urls import redact_passwords
