@@ -329,6 +329,68 @@ def create_study(spec) -> None:
     spec.parent_run_id = start_parent_run(spec, study, open_tracker(base.tracking), made_here)
 
 
+def launch(spec, folder: Path, indices: range, per_process: int, seconds: float,
+           epoch_seconds: float, total: int | None = None) -> tuple[list, list[Path]]:
+    """Processes of simulated workers (`per_process` each) for the worker indices given, each
+    waiting for the go file in `folder` and stopping `seconds` after it (or at n_trials)."""
+    from mnist_sweep.servers.local import write_private
+
+    processes, outs = [], []
+    for first in range(indices.start, indices.stop, per_process):
+        out = folder / f"process-{first}.json"
+        config = {
+            "spec": asdict(spec), "first": first,
+            "count": min(per_process, indices.stop - first),
+            "total": total or indices.stop, "seconds": seconds, "epoch_seconds": epoch_seconds,
+            "out": str(out), "go": str(folder / "go"),
+        }
+        log = open(folder / f"process-{first}.log", "wb")
+        # in a file of mode 600, not on the command line: the storage URL holds the password
+        config_file = folder / f"process-{first}.config.json"
+        write_private(config_file, json.dumps(config))
+        processes.append(subprocess.Popen(
+            [sys.executable, __file__, "--simulate", str(config_file)],
+            stdout=log, stderr=subprocess.STDOUT, start_new_session=True))
+        outs.append(out)
+    return processes, outs
+
+
+def finish_left_over(servers, spec, folder: Path, workers: int, per_process: int,
+                     epoch_seconds: float) -> dict:
+    """The same sweep run again after the window, as a user resumes one that sweep.timeout
+    ended: what the window left unfinished (a killed trial failed by heartbeat shortly before
+    its end has its retry WAITING, or a trial not yet failed is still RUNNING) must be
+    finished, each retried once, nothing lost. Whether a retry appears in time for the
+    window's last asks is a race with the window's end, not something the sweep guarantees:
+    the guarantee is that the resume finishes exactly what was left. New workers, n_trials =
+    what the window counted plus what it left, no deadline (they stop at n_trials)."""
+    import optuna
+
+    from mnist_sweep.search.study import counts
+
+    study = optuna.load_study(study_name=spec.study_name, storage=servers.direct_storage_url)
+    c = counts(study, int(spec.settings.get("max_retry", 1)))
+    left = c["running"] + c["waiting"] + c["awaiting_retry"]
+    if not left:
+        return {"left_at_window_end": 0, "resume_s": 0.0, "resume_crashed": []}
+    resumed = type(spec)(**{**asdict(spec),
+                            "settings": {**spec.settings, "n_trials": c["done"] + left}})
+    (folder / "go").unlink()
+    processes, outs = launch(resumed, folder, range(workers, workers + min(left, per_process)),
+                             per_process, 3600, epoch_seconds)
+    started = time.time()
+    (folder / "go").write_text(repr(started))
+    crashed = []
+    for process, out in zip(processes, outs):
+        process.wait(timeout=900)
+        if not out.exists():
+            crashed.append(f"{out.name}: no result (exit code {process.returncode})")
+        else:
+            crashed += json.loads(out.read_text())["crashed"]
+    return {"left_at_window_end": left, "resume_s": round(time.time() - started, 1),
+            "resume_crashed": crashed}
+
+
 def run_point(servers, work: Path, data_root: Path, workers: int, seconds: float,
               per_process: int = 100, epoch_seconds: float = 5.0, faults: bool = False,
               overrides: list[str] = ()) -> dict:
@@ -341,24 +403,8 @@ def run_point(servers, work: Path, data_root: Path, workers: int, seconds: float
     folder = work / study_name
     folder.mkdir(parents=True)
     go = folder / "go"
-    processes, outs = [], []
-    for first in range(0, workers, per_process):
-        out = folder / f"process-{first}.json"
-        config = {
-            "spec": asdict(spec), "first": first, "count": min(per_process, workers - first),
-            "total": workers, "seconds": seconds, "epoch_seconds": epoch_seconds,
-            "out": str(out), "go": str(go),
-        }
-        log = open(folder / f"process-{first}.log", "wb")
-        # in a file of mode 600, not on the command line: the storage URL holds the password
-        from mnist_sweep.servers.local import write_private
-
-        config_file = folder / f"process-{first}.config.json"
-        write_private(config_file, json.dumps(config))
-        processes.append(subprocess.Popen(
-            [sys.executable, __file__, "--simulate", str(config_file)],
-            stdout=log, stderr=subprocess.STDOUT, start_new_session=True))
-        outs.append(out)
+    processes, outs = launch(spec, folder, range(0, workers), per_process, seconds,
+                             epoch_seconds)
     setup_started = time.time()
     while not all(Path(str(o) + ".ready").exists() for o in outs):
         dead = [p for p in processes if p.poll() is not None]
@@ -406,6 +452,7 @@ def run_point(servers, work: Path, data_root: Path, workers: int, seconds: float
     counters = {k: v - counters_before[k] for k, v in database_counters(servers).items()}
     sampler.stopping.set()
     sampler.join()
+    left_over = finish_left_over(servers, spec, folder, workers, per_process, epoch_seconds)
 
     merged: dict[str, list[float]] = collections.defaultdict(list)
     problems, crashed = [], []
@@ -427,7 +474,7 @@ def run_point(servers, work: Path, data_root: Path, workers: int, seconds: float
     figures = {
         "workers": workers, "processes": len(processes), "window_s": seconds,
         "setup_s": round(setup_s, 1), "wall_s": round(wall, 1),
-        **checked,
+        **checked, **left_over,
         "job_trials_per_min": round(checked["finished"] / wall * 60, 1),
         "ask_p50_ms": 1000 * percentile(merged["ask"], 0.5),
         "ask_p99_ms": 1000 * percentile(merged["ask"], 0.99),
@@ -449,7 +496,7 @@ def run_point(servers, work: Path, data_root: Path, workers: int, seconds: float
         "crashed": crashed, "faults": fault_log,
     }
     figures["errors"] = (
-        len(crashed) + figures["failed_trials"] + figures["trials_left_open"]
+        len(crashed) + len(left_over["resume_crashed"]) + figures["failed_trials"] + figures["trials_left_open"]
         + figures["runs_left_running"] + figures["trials_without_complete_run"]
         + figures["killed_not_failed"] + figures["killed_not_retried"]
         + figures["killed_runs_not_ended"]
@@ -489,7 +536,9 @@ def check_study(servers, study_name: str, start: float, seconds: float,
     # A worker killed mid-ask leaves a trial made but not yet named with its worker (the name is
     # written after ask returns, and asks take tens of seconds at 1,000): counted as killed
     # when a kill happened, since no live worker leaves a trial so (it would have crashed)
-    by_killed = [t for t in trials if t.state not in (TrialState.COMPLETE, TrialState.PRUNED)
+    # (a WAITING trial is a retry not taken yet: it inherited the killed worker's attributes)
+    by_killed = [t for t in trials
+                 if t.state not in (TrialState.COMPLETE, TrialState.PRUNED, TrialState.WAITING)
                  and (t.user_attrs.get("worker") in killed
                       or (killed and "worker" not in t.user_attrs
                           and t.system_attrs.get("failed_trial") is None))]
@@ -539,7 +588,8 @@ def check_study(servers, study_name: str, start: float, seconds: float,
                  if t.datetime_complete]
     retries = [t for t in trials if t.system_attrs.get("failed_trial") in
                {k.number for k in killed_failed}]
-    taken_at = [t.datetime_start.timestamp() - start for t in retries if t.datetime_start]
+    taken_at = [t.datetime_start.timestamp() - start for t in retries if t.datetime_start
+                and t.datetime_start.timestamp() <= start + seconds]  # in the window
     killed_runs_open = sum(
         1 for t in killed_failed for _, status, _ in runs_of.get(str(t._trial_id), [])
         if status != "FAILED")
@@ -558,7 +608,7 @@ def check_study(servers, study_name: str, start: float, seconds: float,
         "killed_trials": len(killed_failed), "killed_mid_ask": killed_mid_ask,
         "killed_failed_s": [round(min(failed_at, default=0)), round(max(failed_at, default=0))],
         "retries_taken_by_s": round(max(taken_at, default=0)),
-        "retries_not_taken": len(retries) - len(taken_at),
+        "retries_not_taken": len(retries) - len(taken_at),  # in the window
         "killed_not_failed": len(by_killed) - len(killed_failed),
         "killed_not_retried": sum(1 for t in killed_failed if retried_from[t.number] != 1),
         "killed_runs_not_ended": killed_runs_open,
@@ -601,7 +651,8 @@ def show(f: dict) -> None:
               f"{f['killed_not_retried']}, runs not ended FAILED {f['killed_runs_not_ended']}; "
               f"failed from {f['killed_failed_s'][0]} s to {f['killed_failed_s'][1]} s, the "
               f"last retry taken at {f['retries_taken_by_s']} s ({f['retries_not_taken']} not "
-              "taken)", flush=True)
+              f"taken in the window); left at the window's end {f['left_at_window_end']}, "
+              f"finished by the same sweep resumed in {f['resume_s']} s", flush=True)
     if f["warning_examples"] or f["crashed"]:
         print(f"      warnings: {f['warning_examples']} crashed: {f['crashed'][:3]}", flush=True)
 
