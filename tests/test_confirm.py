@@ -87,6 +87,15 @@ def test_confirmation_trains_the_top_configurations_with_fresh_seeds(tmp_path, m
     assert parent.data.params["train.seed"] == search_run.data.params["train.seed"]
     assert int(parent.data.params["train.seed"]) not in {seed for _, seed in slots}
     assert "params are trial" not in parent.data.tags["mlflow.note.content"]
+    # asked again with more seeds: not the recorded 2 x 2 (it was ignored: only the search's
+    # trial count was compared), a confirmation of 2 x 3 that the parent then reports
+    assert result["asked"] == [2, 2]
+    out = sweep_cli(tmp_path, mnist_dir, "--sweep", "momentum", "--confirm", "sweep.n_trials=3",
+                    "sweep.confirm.top=2", "sweep.confirm.seeds=3", "sweep.pruner=none")
+    assert out.returncode == 0, out.stderr[-3000:]
+    result = load(tmp_path, "momentum").user_attrs["confirmation"]
+    assert result["asked"] == [2, 3] and result["seeds"] == [1, 2, 3]
+    assert len(confirmation_trials(load(tmp_path, "momentum-confirm-3-2x3"))) == 6
 
 
 def planted_search(folder, mnist_dir) -> tuple[int, int]:
@@ -240,3 +249,28 @@ def test_the_registered_seed_is_the_one_closest_to_the_mean_by_validation():
     assert result([0.9, nan, 0.93], [0.9, nan, 0.93], ["a", "b", "c"]).representative_run() in {"a", "c"}
     assert result([0.9, 0.91], [0.9, 0.91], ["", ""]).representative_run() is None
     assert result([nan], [nan], ["a"]).representative_run() is None
+
+
+def test_a_command_that_cannot_confirm_leaves_a_finished_parent_ended(tmp_path, mnist_dir, monkeypatch):
+    """A search over, its confirmation not made: a joining worker (`--join`) or --create-only
+    never makes it (its maker, `make sweep`, does), so it must not set the ended parent back to
+    RUNNING (nobody would end it again); the command that confirms does."""
+    out = sweep_cli(tmp_path, mnist_dir, "--sweep", "momentum", "sweep.n_trials=1",
+                    "sweep.confirm.top=0", "sweep.pruner=none")
+    assert out.returncode == 0, out.stderr[-3000:]
+    from mnist_sweep.base.hydra_config import compose
+    from mnist_sweep.search.driver import start_parent_run
+    from mnist_sweep.search.sweepfile import load_spec
+    from mnist_sweep.tracking.runs import open_tracker
+
+    monkeypatch.chdir(tmp_path)  # the default stores: ./optuna.db, ./mlflow.db
+    spec = load_spec("momentum", ["sweep.n_trials=1", "sweep.pruner=none", *CONFIRM[:2],
+                                  f"data.root={mnist_dir}", *TINY])
+    study = load(tmp_path, "momentum")
+    tracker = open_tracker(compose(spec.fixed).tracking)
+    parent = study.user_attrs["mlflow_parent_run_id"]
+    assert tracker.client.get_run(parent).info.status == "FINISHED"
+    assert start_parent_run(spec, study, tracker, made_here=False, confirms=False) == parent
+    assert tracker.client.get_run(parent).info.status == "FINISHED"
+    assert start_parent_run(spec, study, tracker, made_here=False, confirms=True) == parent
+    assert tracker.client.get_run(parent).info.status == "RUNNING"  # until its confirmation ends

@@ -387,6 +387,9 @@ def finish_left_over(servers, spec, folder: Path, workers: int, per_process: int
             crashed.append(f"{out.name}: no result (exit code {process.returncode})")
         else:
             crashed += json.loads(out.read_text())["crashed"]
+    finished = counts(study)["done"]
+    if finished != c["done"] + left:  # the resume's workers stop at exactly its n_trials
+        crashed.append(f"the resume finished {finished - c['done']} trials, not the {left} left")
     return {"left_at_window_end": left, "resume_s": round(time.time() - started, 1),
             "resume_crashed": crashed}
 
@@ -470,12 +473,12 @@ def run_point(servers, work: Path, data_root: Path, workers: int, seconds: float
         crashed += result["crashed"]
         workers_cpu += result["cpu_s"]
         max_rss = max(max_rss, result["max_rss_mb"])
-    checked = check_study(servers, study_name, start, seconds, killed, workers)
+    checked = check_study(servers, study_name, start, seconds, killed, workers, wall)
     figures = {
         "workers": workers, "processes": len(processes), "window_s": seconds,
         "setup_s": round(setup_s, 1), "wall_s": round(wall, 1),
         **checked, **left_over,
-        "job_trials_per_min": round(checked["finished"] / wall * 60, 1),
+        "job_trials_per_min": round(checked["finished_in_run"] / wall * 60, 1),
         "ask_p50_ms": 1000 * percentile(merged["ask"], 0.5),
         "ask_p99_ms": 1000 * percentile(merged["ask"], 0.99),
         "tell_p50_ms": 1000 * percentile(merged["tell"], 0.5),
@@ -506,7 +509,7 @@ def run_point(servers, work: Path, data_root: Path, workers: int, seconds: float
 
 
 def check_study(servers, study_name: str, start: float, seconds: float,
-                killed_pids: list[int], workers: int) -> dict:
+                killed_pids: list[int], workers: int, wall_s: float) -> dict:
     """What the stores hold after the load: every trial finished or failed-and-retried once,
     every finished trial with one FINISHED run and its whole curves, nothing left RUNNING."""
     import optuna
@@ -596,6 +599,8 @@ def check_study(servers, study_name: str, start: float, seconds: float,
     return {
         "trials": len(trials), "finished": len(finished),
         "finished_in_window": len(in_window),
+        "finished_in_run": sum(  # before the resume of what the window left
+            1 for t in finished if t.datetime_complete.timestamp() <= start + wall_s),
         "trials_per_min": round(len(in_window) / steady_s * 60, 1),
         "first_finished_s": round(first - start, 1),
         "steady_trials_per_min": steady,

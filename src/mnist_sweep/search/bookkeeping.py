@@ -26,7 +26,7 @@ from typing import Any
 import optuna
 from optuna.trial import TrialState
 
-from mnist_sweep.base.errors import UserError
+from mnist_sweep.base.errors import UserError, failure_reason
 from mnist_sweep.search.confirm import SLOT_ATTR
 from mnist_sweep.search.study import best_complete, claimed_before, counts, deadline, our_storage
 
@@ -121,13 +121,15 @@ class Bookkeeper:
             self.seconds += time.perf_counter() - started
 
     def last_stale_check(self) -> None:
-        if getattr(self, "_left", False):  # once (a population asks again while members end)
-            return
-        self._left = True
+        """At once the first time; then at most once a heartbeat interval, not never again: a
+        population asks again each time a member ends, and a worker may die meanwhile."""
+        first, self._left = not getattr(self, "_left", False), True
         try:
-            self.fail_stale_trials(every=0)
+            self.fail_stale_trials(every=0 if first else None)
         except Exception as error:  # leaving anyway: the next command's look does it then
-            log.warning(f"stale trials could not be checked on the way out: {error}")
+            log.warning(
+                f"stale trials could not be checked on the way out: {failure_reason(error)}"
+            )
 
     def fail_stale_trials(self, every: float | None = None) -> None:
         """Optuna's check of the heartbeats (what its optimize does before each trial), at most
@@ -381,8 +383,6 @@ class Heartbeats:
         self.thread.join(timeout=60)
 
     def run(self) -> None:
-        from mnist_sweep.base.errors import failure_reason
-
         storage = self.book.storage
         while not self.stopping.wait(self.interval):
             ids = set(storage.running_here)  # a copy: the other threads add and end trials

@@ -37,7 +37,7 @@ from dataclasses import dataclass
 import optuna
 from optuna.trial import TrialState
 
-from mnist_sweep.base.errors import ConfigError
+from mnist_sweep.base.errors import ConfigError, failure_reason
 from mnist_sweep.search.study import shown_params
 from mnist_sweep.search.sweepfile import CONFIRM_DEFAULTS, SweepSpec
 
@@ -204,7 +204,7 @@ def enqueue_missing(study: optuna.Study, slots: list[Slot], max_retry: int = 0) 
     try:
         optuna.storages.fail_stale_trials(study)
     except Exception as error:  # the check below decides as before
-        log.warning(f"stale trials could not be checked: {error}")
+        log.warning(f"stale trials could not be checked: {failure_reason(error)}")
     covered = slots_done_or_going(study)
     trials = study.get_trials(deepcopy=False)
     retrying = awaiting_retry(trials, max_retry)  # failed by a heartbeat a moment ago

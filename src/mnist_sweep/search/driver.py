@@ -42,6 +42,7 @@ from mnist_sweep.search.study import (
     shown_params,
 )
 from mnist_sweep.search.sweepfile import SweepSpec, check_space
+from mnist_sweep.search.worker import LAST_TRIALS_POLL_SECONDS
 from mnist_sweep.search.worker_process import make_worker, run_worker
 
 log = logging.getLogger("mnist_sweep")
@@ -57,8 +58,12 @@ TRIAL_STATE_TAGS = {
 }  # a trial run's `state` tag
 
 
-def start_parent_run(spec: SweepSpec, study: optuna.Study, tracker, made_here: bool) -> str | None:
+def start_parent_run(
+    spec: SweepSpec, study: optuna.Study, tracker, made_here: bool, confirms: bool = True
+) -> str | None:
     """One MLflow parent run per study, found again on resume (its id is a study attribute).
+    `confirms`: whether this command may make the confirmation (not a joining worker, not
+    --create-only): only such a command reopens a parent whose search is over for it.
 
     Drivers that start together on a new study (a cluster array, `docker compose --scale`):
     the one that made the study makes the parent; the others wait for its id. A resume with
@@ -76,7 +81,7 @@ def start_parent_run(spec: SweepSpec, study: optuna.Study, tracker, made_here: b
             try:
                 run = client.get_run(run_id)
                 if run.info.lifecycle_stage == "active":
-                    if trials_to_run(study, spec):
+                    if trials_to_run(study, spec, confirmation=confirms):
                         release_parent_ending(study, run_id)
                         client.update_run(run_id, status="RUNNING")
                     elif run.info.status == "RUNNING" and release_stale_parent_claim(
@@ -138,7 +143,30 @@ def confirmation_left(study: optuna.Study, spec: SweepSpec) -> bool:
     ):
         return False
     recorded = study.user_attrs.get(RESULT_ATTR) or {}
-    return recorded.get("search_trials") != counts(study)["done"]
+    asked = list(settings_of(spec))
+    return (
+        recorded.get("search_trials") != counts(study)["done"]
+        or recorded.get("asked", asked) != asked  # sweep.confirm.top or .seeds changed since
+        # seeds given up (failed twice in a row): the same command tries them again
+        or any(c.get("missing") for c in recorded.get("configs", []))
+    )
+
+
+def wait_for_the_search_to_end(study: optuna.Study, spec: SweepSpec) -> None:
+    """Trials other drivers' workers still train (sweep.timeout stops new trials, not running
+    ones): the confirmation takes the search as it ends, not as it was a moment before (its
+    recorded search_trials would be out of date, and the parent ended from the wrong best)."""
+    said = False
+    while fail_stale_then_count_running(study):
+        if not said and not spec.settings["quiet"]:
+            print(
+                f"[{spec.study_name}] waiting for the trials other workers still train before "
+                "confirming",
+                flush=True,
+            )
+            said = True
+        with INTERRUPTS.allowed():
+            time.sleep(LAST_TRIALS_POLL_SECONDS)
 
 
 def confirm_top(spec: SweepSpec, study: optuna.Study, tracker, join: bool) -> None:
@@ -148,6 +176,7 @@ def confirm_top(spec: SweepSpec, study: optuna.Study, tracker, join: bool) -> No
     from mnist_sweep.search import confirm
 
     top, n_seeds = settings_of(spec)
+    wait_for_the_search_to_end(study, spec)
     done = counts(study)["done"]
     configs = [
         (number, f"#{number}", params) for number, params in confirm.top_configurations(study, top)
@@ -169,13 +198,14 @@ def confirm_top(spec: SweepSpec, study: optuna.Study, tracker, join: bool) -> No
         return  # the command that made the confirmation records it (parent_ending)
     maximize = spec.settings["direction"] == "maximize"
     result = confirm.summary(configs_done, maximize, spec.settings["metric"])
-    result.update(search_trials=done, study=cspec.study_name, seeds=seeds)
+    result.update(search_trials=done, study=cspec.study_name, seeds=seeds, asked=[top, n_seeds])
     study.set_user_attr(confirm.RESULT_ATTR, result)
     missing = sum(c["missing"] for c in result["configs"])
     if missing:
         log.warning(
             f"[{spec.study_name}] {missing} confirmation run(s) failed twice in a row and were "
-            "given up: their configurations are ranked after the complete ones"
+            "given up: their configurations are ranked after the complete ones; the same "
+            "command tries them again"
         )
 
 
@@ -388,7 +418,9 @@ def run_sweep(
         if on_slurm:  # stores, sbatch, data, the batch script: before anything is made
             check_before_submitting(spec, base)
         tracker, study, made_here = open_stores(spec, space, base, join, confirm_only)
-        spec.parent_run_id = start_parent_run(spec, study, tracker, made_here)
+        spec.parent_run_id = start_parent_run(
+            spec, study, tracker, made_here, confirms=not (join or create_only)
+        )
     except BaseException:
         reporter.let_go()  # started for nothing: it exits once its imports are done
         raise

@@ -178,7 +178,7 @@ def register_champion(client, study: optuna.Study, spec, confirmation: dict | No
     from mnist_sweep.tracking.registry import register_best
 
     if confirmation is not None and confirmation.get("champion_run_id"):
-        # the confirmed champion, from its seed whose test accuracy is closest to its mean
+        # the confirmed champion, from its seed whose validation metric is closest to its mean
         run_id, number = confirmation["champion_run_id"], confirmation["champion_trial"]
         what = "the confirmed champion's model"
     else:
@@ -260,8 +260,8 @@ def confirmation_note(result: dict) -> str:
         )
     rows += [
         "",
-        "The registered model is the champion's run whose test accuracy is closest to its "
-        "mean (a typical seed, not the luckiest). Plot: `plots/confirmation_seed_spread.png`.",
+        "The registered model is the champion's run whose validation metric is closest to "
+        "its mean (a typical seed, not the luckiest; the test set only reports). Plot: `plots/confirmation_seed_spread.png`.",
     ]
     return "\n".join(rows)
 
@@ -337,7 +337,7 @@ def describe_parent(
         tags = [RunTag("best_trial", str(best.number))]
         representative = (confirmation or {}).get("champion_run_id")
         if representative or best.user_attrs.get("mlflow_run_id"):
-            # confirmed: the champion's run whose test accuracy is closest to its mean
+            # confirmed: the champion's run whose validation metric is closest to its mean
             best_run = client.get_run(representative or best.user_attrs["mlflow_run_id"])
             tags.append(RunTag("best_run_id", best_run.info.run_id))
             # the params of the search trial (a confirmation run's are its fresh seed's, and its

@@ -247,6 +247,7 @@ def _serve(tracking_cfg_yaml: str, requests, replies) -> None:
     assert isinstance(tracker, MlflowTracker)  # a writer only where tracking is enabled
     runs: dict[Any, Any] = {}
     sampled: set = set()  # members' runs: their batch curves sampled (BATCH_POINTS_PER_EPOCH)
+    lost: dict[Any, str] = {}  # a run's first write that failed: it does not end FINISHED
     stats = WriterStats()
     while True:
         try:
@@ -291,6 +292,10 @@ def _serve(tracking_cfg_yaml: str, requests, replies) -> None:
                 status, tags, result, champion = payload
                 run = runs.pop(key)
                 sampled.discard(key)
+                failed_write = lost.pop(key, None)
+                if failed_write and status == "FINISHED":  # its curves or params are not whole
+                    status = "FAILED"
+                    tags = {**tags, "fail_reason": f"a write to its run failed: {failed_write}"}
                 try:
                     if result is not None:
                         run.log_result(result, end_tags=tags)  # one write
@@ -312,6 +317,8 @@ def _serve(tracking_cfg_yaml: str, requests, replies) -> None:
                     if run.client is not None:
                         run.client.set_terminated(run.run_id, status)
         except Exception as error:  # a write that failed: say so, go on with the others
+            if key in runs:
+                lost.setdefault(key, failure_reason(error))
             replies.put(("error", key, failure_reason(error)))
         stats.seconds_in_mlflow += time.perf_counter() - started
     # `make train`'s process was killed: nobody else ends the run it asked for (a sweep's runs
