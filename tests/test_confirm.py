@@ -260,13 +260,14 @@ def test_a_command_that_cannot_confirm_leaves_a_finished_parent_ended(tmp_path, 
     assert out.returncode == 0, out.stderr[-3000:]
     from mnist_sweep.base.hydra_config import compose
     from mnist_sweep.search.driver import start_parent_run
+    from mnist_sweep.search.study import open_study
     from mnist_sweep.search.sweepfile import load_spec
     from mnist_sweep.tracking.runs import open_tracker
 
     monkeypatch.chdir(tmp_path)  # the default stores: ./optuna.db, ./mlflow.db
     spec = load_spec("momentum", ["sweep.n_trials=1", "sweep.pruner=none", *CONFIRM[:2],
                                   f"data.root={mnist_dir}", *TINY])
-    study = load(tmp_path, "momentum")
+    study = open_study(spec, spec.space(), compose(spec.fixed), create=False)[0]
     tracker = open_tracker(compose(spec.fixed).tracking)
     parent = study.user_attrs["mlflow_parent_run_id"]
     assert tracker.client.get_run(parent).info.status == "FINISHED"

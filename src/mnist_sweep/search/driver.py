@@ -78,23 +78,30 @@ def start_parent_run(
     while True:
         run_id = study.user_attrs.get("mlflow_parent_run_id")
         if run_id:
+            from mlflow.exceptions import MlflowException
+
             try:
                 run = client.get_run(run_id)
-                if run.info.lifecycle_stage == "active":
-                    if trials_to_run(study, spec, confirmation=confirms):
-                        release_parent_ending(study, run_id)
-                        client.update_run(run_id, status="RUNNING")
-                    elif run.info.status == "RUNNING" and release_stale_parent_claim(
-                        study, run_id, STALE_PARENT_CLAIM_SECONDS
-                    ):  # the study is over, its parent never ended: this driver ends it
-                        log.warning(
-                            f"[{spec.study_name}] the parent run was claimed over "
-                            f"{STALE_PARENT_CLAIM_SECONDS} s ago and never ended: ended now"
-                        )
-                    return run_id
-            except Exception:
-                pass  # the tracking store changed: make a new parent
-            break
+            except MlflowException as error:
+                # not in this tracking store (another one since): a new parent. Anything else
+                # (the store unreachable) stops the command: a second parent would split the
+                # study's runs between two
+                if error.error_code != "RESOURCE_DOES_NOT_EXIST":
+                    raise
+                break
+            if run.info.lifecycle_stage == "active":
+                if trials_to_run(study, spec, confirmation=confirms):
+                    release_parent_ending(study, run_id)
+                    client.update_run(run_id, status="RUNNING")
+                elif run.info.status == "RUNNING" and release_stale_parent_claim(
+                    study, run_id, STALE_PARENT_CLAIM_SECONDS
+                ):  # the study is over, its parent never ended: this driver ends it
+                    log.warning(
+                        f"[{spec.study_name}] the parent run was claimed over "
+                        f"{STALE_PARENT_CLAIM_SECONDS} s ago and never ended: ended now"
+                    )
+                return run_id
+            break  # deleted: a new parent
         if time.time() >= deadline:
             break
         time.sleep(0.5)  # study.user_attrs reads the storage again
