@@ -51,7 +51,7 @@ import tempfile
 import threading
 import time
 import traceback
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -373,8 +373,7 @@ def finish_left_over(servers, spec, folder: Path, workers: int, per_process: int
     left = c["running"] + c["waiting"] + c["awaiting_retry"]
     if not left:
         return {"left_at_window_end": 0, "resume_s": 0.0, "resume_crashed": []}
-    resumed = type(spec)(**{**asdict(spec),
-                            "settings": {**spec.settings, "n_trials": c["done"] + left}})
+    resumed = replace(spec, settings={**spec.settings, "n_trials": c["done"] + left})
     (folder / "go").unlink()
     processes, outs = launch(resumed, folder, range(workers, workers + min(left, per_process)),
                              per_process, 3600, epoch_seconds)

@@ -7,8 +7,8 @@ study.ranked_complete) are each trained `sweep.confirm.seeds` times, with train.
 search never used (its own seed + 1, + 2, ...: the initial weights differ, and so does the batch
 order where trials train alone; the members of one population share its batches, so there the
 spread is the initialisation's only: docs/sweeps.md; the validation split stays the search's, so
-validation picks among configurations on the same images). Validation picks (the best mean of the metric over the seeds), test reports (mean, std
-and a 95 % confidence interval of the mean).
+validation picks among configurations on the same images). Validation picks (the best mean of
+the metric over the seeds), test reports (mean, std and a 95 % confidence interval of the mean).
 
 The confirmation runs are trials of a linked Optuna study, `<study>-confirm-<finished trials>`
 in the same storage: one enqueued trial per (configuration, seed) "slot", with fixed parameters

@@ -261,7 +261,8 @@ def confirmation_note(result: dict) -> str:
     rows += [
         "",
         "The registered model is the champion's run whose validation metric is closest to "
-        "its mean (a typical seed, not the luckiest; the test set only reports). Plot: `plots/confirmation_seed_spread.png`.",
+        "its mean (a typical seed, not the luckiest; the test set only reports). "
+        "Plot: `plots/confirmation_seed_spread.png`.",
     ]
     return "\n".join(rows)
 
