@@ -275,3 +275,13 @@ def test_a_command_that_cannot_confirm_leaves_a_finished_parent_ended(tmp_path, 
     assert tracker.client.get_run(parent).info.status == "FINISHED"
     assert start_parent_run(spec, study, tracker, made_here=False, confirms=True) == parent
     assert tracker.client.get_run(parent).info.status == "RUNNING"  # until its confirmation ends
+    # when a recorded confirmation is made again: other k x n asked, or seeds given up (once)
+    from mnist_sweep.search.driver import confirmation_left
+
+    recorded = {"search_trials": 1, "asked": [2, 2], "attempts": 1,
+                "configs": [{"trial": 0, "missing": 0}]}
+    for changes, left in [({}, False), ({"asked": [2, 3]}, True),
+                          ({"configs": [{"trial": 0, "missing": 1}]}, True),
+                          ({"configs": [{"trial": 0, "missing": 1}], "attempts": 2}, False)]:
+        study.set_user_attr("confirmation", {**recorded, **changes})
+        assert confirmation_left(study, spec) is left, changes

@@ -13,6 +13,7 @@ end of the sweep.
 from __future__ import annotations
 
 import logging
+import math
 import multiprocessing
 import multiprocessing.connection
 import os
@@ -51,6 +52,9 @@ WORKER_STOP_SECONDS = 30  # a worker's time to end its run KILLED after SIGTERM
 # A claim on the parent's end older than this whose run is still RUNNING: its winner died (see
 # study.release_stale_parent_claim); the final report and registration take seconds
 STALE_PARENT_CLAIM_SECONDS = 600
+# Commands that make one confirmation: seeds it gave up (failed twice in a row) are tried once
+# more by the next command, not by every command after it (a seed that always fails)
+CONFIRMATION_ATTEMPTS = 2
 TRIAL_STATE_TAGS = {
     TrialState.COMPLETE: "complete",
     TrialState.PRUNED: "pruned",
@@ -154,17 +158,33 @@ def confirmation_left(study: optuna.Study, spec: SweepSpec) -> bool:
     return (
         recorded.get("search_trials") != counts(study)["done"]
         or recorded.get("asked", asked) != asked  # sweep.confirm.top or .seeds changed since
-        # seeds given up (failed twice in a row): the same command tries them again
-        or any(c.get("missing") for c in recorded.get("configs", []))
+        # seeds given up (failed twice in a row): the next command tries them once more
+        or (
+            any(c.get("missing") for c in recorded.get("configs", []))
+            and recorded.get("attempts", 1) < CONFIRMATION_ATTEMPTS
+        )
     )
 
 
-def wait_for_the_search_to_end(study: optuna.Study, spec: SweepSpec) -> None:
+def wait_for_the_search_to_end(study: optuna.Study, spec: SweepSpec, tracker) -> None:
     """Trials other drivers' workers still train (sweep.timeout stops new trials, not running
     ones): the confirmation takes the search as it ends, not as it was a moment before (its
-    recorded search_trials would be out of date, and the parent ended from the wrong best)."""
-    said = False
-    while fail_stale_then_count_running(study):
+    recorded search_trials would be out of date, and the parent ended from the wrong best).
+    Dead workers' trials are failed on the way (at most once a heartbeat interval: a trial
+    cannot go stale faster), and their runs ended now, not after the confirmation."""
+    said, checked = False, -math.inf
+    while True:
+        if time.monotonic() - checked >= spec.settings["heartbeat_interval"]:
+            checked = time.monotonic()
+            running = fail_stale_then_count_running(study)
+            try:
+                close_orphan_runs(study, spec, tracker)
+            except Exception as error:  # the command's own end tries again
+                log.warning(f"[{spec.study_name}] runs left open: {failure_reason(error)}")
+        else:
+            running = running_trials(study)
+        if not running:
+            return
         if not said and not spec.settings["quiet"]:
             print(
                 f"[{spec.study_name}] waiting for the trials other workers still train before "
@@ -183,7 +203,7 @@ def confirm_top(spec: SweepSpec, study: optuna.Study, tracker, join: bool) -> No
     from mnist_sweep.search import confirm
 
     top, n_seeds = settings_of(spec)
-    wait_for_the_search_to_end(study, spec)
+    wait_for_the_search_to_end(study, spec, tracker)
     done = counts(study)["done"]
     configs = [
         (number, f"#{number}", params) for number, params in confirm.top_configurations(study, top)
@@ -205,14 +225,26 @@ def confirm_top(spec: SweepSpec, study: optuna.Study, tracker, join: bool) -> No
         return  # the command that made the confirmation records it (parent_ending)
     maximize = spec.settings["direction"] == "maximize"
     result = confirm.summary(configs_done, maximize, spec.settings["metric"])
-    result.update(search_trials=done, study=cspec.study_name, seeds=seeds, asked=[top, n_seeds])
+    before = study.user_attrs.get(confirm.RESULT_ATTR) or {}
+    attempts = before.get("attempts", 1) + 1 if before.get("study") == cspec.study_name else 1
+    result.update(
+        search_trials=done,
+        study=cspec.study_name,
+        seeds=seeds,
+        asked=[top, n_seeds],
+        attempts=attempts,  # commands that made this linked study: given-up seeds, retried once
+    )
     study.set_user_attr(confirm.RESULT_ATTR, result)
     missing = sum(c["missing"] for c in result["configs"])
     if missing:
         log.warning(
             f"[{spec.study_name}] {missing} confirmation run(s) failed twice in a row and were "
-            "given up: their configurations are ranked after the complete ones; the same "
-            "command tries them again"
+            "given up: their configurations are ranked after the complete ones"
+            + (
+                "; the same command tries them once more"
+                if attempts < CONFIRMATION_ATTEMPTS
+                else ""
+            )
         )
 
 

@@ -247,7 +247,7 @@ def _serve(tracking_cfg_yaml: str, requests, replies) -> None:
     assert isinstance(tracker, MlflowTracker)  # a writer only where tracking is enabled
     runs: dict[Any, Any] = {}
     sampled: set = set()  # members' runs: their batch curves sampled (BATCH_POINTS_PER_EPOCH)
-    lost: dict[Any, str] = {}  # a run's first write that failed: it does not end FINISHED
+    lost: dict[Any, str] = {}  # a run's first write that failed: its end says so
     stats = WriterStats()
     while True:
         try:
@@ -291,11 +291,16 @@ def _serve(tracking_cfg_yaml: str, requests, replies) -> None:
             elif key in runs and kind == "end":
                 status, tags, result, champion = payload
                 run = runs.pop(key)
+                member = key in sampled
                 sampled.discard(key)
                 failed_write = lost.pop(key, None)
-                if failed_write and status == "FINISHED":  # its curves or params are not whole
-                    status = "FAILED"
-                    tags = {**tags, "fail_reason": f"a write to its run failed: {failed_write}"}
+                if failed_write:  # its curves or params are not whole: the run says so
+                    tags = {**tags, "incomplete_writes": failed_write}
+                    if not member and status == "FINISHED":
+                        # `make train`'s: the command fails too. A member's trial is recorded in
+                        # Optuna already (COMPLETE or PRUNED): its run keeps the same status
+                        status = "FAILED"
+                        tags["fail_reason"] = f"a write to its run failed: {failed_write}"
                 try:
                     if result is not None:
                         run.log_result(result, end_tags=tags)  # one write
