@@ -32,6 +32,16 @@ class TrackingError(UserError):
     """The MLflow tracking store cannot be used."""
 
 
+class RaisedElsewhere(Exception):
+    """An exception raised in another process (a trial's training process), re-raised here
+    with its message and the reason `failure_reason` gave it there (its own type is not
+    imported here: a CUDA error would import torch)."""
+
+    def __init__(self, message: str, reason: str):
+        super().__init__(message)
+        self.reason = reason
+
+
 def debug_enabled() -> bool:
     return os.environ.get("MNIST_SWEEP_DEBUG", "").lower() in {"1", "true", "yes"}
 
@@ -70,6 +80,8 @@ def failure_reason(error: BaseException) -> str:
     (user attribute fail_reason) and on its MLflow run. Passwords of URLs in it are masked."""
     from mnist_sweep.base.urls import mask_secrets
 
+    if isinstance(error, RaisedElsewhere):
+        return error.reason  # made by this function where it was raised
     if type(error).__name__ == "InstantiationException" and error.__cause__ is not None:
         error = error.__cause__  # Hydra's wrapper of what the model's constructor raised
     text = " ".join(str(error).split()) or "(no message)"

@@ -20,6 +20,7 @@ import os
 import socket
 import time
 from dataclasses import asdict
+from typing import Any
 
 import optuna
 from optuna.trial import TrialState
@@ -450,8 +451,9 @@ def run_sweep(
         start_fork_server()
     space = spec.space()
     base = check_space(spec, space)
+    start_solo_training(spec, base, on_slurm or create_only)
     reporter = Reporter(spec)
-    if base.tracking.enabled and not create_only:
+    if base.tracking.enabled and not create_only and not SOLO_TRAINING:
         reporter.start()  # it imports while this process sets up (report.py, Reporter.start)
     try:
         if on_slurm:  # stores, sbatch, data, the batch script: before anything is made
@@ -462,6 +464,7 @@ def run_sweep(
         )
     except BaseException:
         reporter.let_go()  # started for nothing: it exits once its imports are done
+        close_solo_training()
         raise
     if create_only:  # no report process was started: the workers' drivers report
         print(
@@ -515,6 +518,7 @@ def run_sweep(
                 f"[{spec.study_name}] the parent run is left RUNNING: whether other drivers still "
                 f"run could not be read ({failure_reason(error)}); the same command ends it"
             )
+        close_solo_training()  # before the last report: nothing is left to train
         background = final_report_in_background(spec)
         reporter.final(ending, background)
         if not quiet:
@@ -588,7 +592,7 @@ def run_workers(spec: SweepSpec, study: optuna.Study, monitor: Monitor, tracker)
     worker killed as it would not stop (or that died) has its trials failed, not left RUNNING."""
     n_workers = spec.settings["workers"]
     if n_workers == 1:
-        make_worker(spec, 0, 1, monitor).loop()
+        make_worker(spec, 0, 1, monitor, SOLO_TRAINING.get("process")).loop()
         return [0]
     ctx = worker_context()
     workers = [
@@ -608,6 +612,33 @@ def run_workers(spec: SweepSpec, study: optuna.Study, monitor: Monitor, tracker)
                         f"[{spec.study_name}] the trials of worker {w.pid} could not be "
                         f"failed: {failure_reason(error)}"
                     )
+
+
+# A one-worker sweep's training process (trial/process.py), started as the command starts.
+SOLO_TRAINING: dict[str, Any] = {}
+
+
+def start_solo_training(spec: SweepSpec, base, elsewhere: bool) -> None:
+    """A sweep whose one worker runs in this process trains in a process forked now, before
+    this one imports MLflow and opens the stores: it imports torch and reads the data
+    meanwhile, on the other core. Only where it can be forked (no thread, no torch here yet:
+    the command's start), and not with tracking.log_model (the model is logged from this
+    process) nor when the trials run `elsewhere` (SLURM tasks, --create-only)."""
+    from mnist_sweep.trial.process import TrainingProcess
+
+    if (
+        spec.settings["workers"] == 1
+        and not elsewhere
+        and not base.tracking.get("log_model", False)
+        and TrainingProcess.can_fork()
+    ):
+        SOLO_TRAINING["process"] = TrainingProcess(preload=base)
+
+
+def close_solo_training() -> None:
+    process = SOLO_TRAINING.pop("process", None)
+    if process is not None:
+        process.close()
 
 
 # What a worker imports (~3.5 s of CPU here): done once, by the fork server, not by each worker.

@@ -459,7 +459,8 @@ class Reporter:
         if self.spec.parent_run_id is None:
             self.let_go()
             return
-        self.start()
+        if self.process is None:
+            return  # started by its first request (see start)
         self._send_raw(encode_spec(self.spec))
         self.attached = True
 
@@ -473,6 +474,7 @@ class Reporter:
         if self.spec.parent_run_id is None:
             return
         if not self.attached:
+            self.start()
             self.attach(self.client)
         self._send_raw(line)
 

@@ -41,23 +41,6 @@ log = logging.getLogger("mnist_sweep")
 LAST_TRIALS_POLL_SECONDS = 0.5
 
 
-def worker_threads_and_device(base_cfg, index: int, n_workers: int) -> list[str]:
-    """Overrides that give worker `index` its share: its own GPU, or its share of the CPU cores."""
-    import torch
-
-    device = str(base_cfg.train.device)
-    overrides = []
-    if device in ("auto", "cuda") and torch.cuda.is_available():
-        overrides.append(f"train.device=cuda:{index % torch.cuda.device_count()}")
-    elif device == "auto":
-        overrides.append("train.device=cpu")
-    if base_cfg.train.threads is None and not (
-        overrides and overrides[0].startswith("train.device=cuda")
-    ):
-        overrides.append(f"train.threads={max(1, (os.cpu_count() or 1) // n_workers)}")
-    return overrides
-
-
 def configure_output(spec: SweepSpec) -> None:
     """A worker's output: its progress lines on stdout (none with sweep.quiet), Optuna's only
     for warnings, and no "View run at" line per run (the progress says enough)."""
@@ -73,18 +56,24 @@ def configure_output(spec: SweepSpec) -> None:
 
 class WorkerSetup:
     """What every worker holds, solo or population: its sweep, the search space, the study (with
-    its stale-trial callback), the bookkeeper, the MLflow tracker, and where its trials run."""
+    its stale-trial callback), the bookkeeper, the MLflow tracker, and where its trials run
+    (the process that trains them, the device, the threads)."""
 
-    def __init__(self, spec: SweepSpec, index: int, n_workers: int, monitor=None):
+    def __init__(self, spec: SweepSpec, index: int, n_workers: int, monitor=None, training=None):
         from mnist_sweep.tracking.runs import open_tracker
+        from mnist_sweep.trial.process import LocalTraining, placement
 
         self.spec, self.index = spec, index
         self.space = spec.space()
         base = compose(spec.fixed)
         self.tracker = open_tracker(base.tracking)
         self.study, _ = open_study(spec, self.space, base, on_stale=self.end_stale_run)
+        # where its trials train: here, or a training process (trial/process.py)
+        self.training = training or LocalTraining()
         # where its trials run: overrides of train.device and train.threads
-        self.placement = worker_threads_and_device(base, index, n_workers)
+        self.placement = self.training.call(
+            placement, str(base.train.device), base.train.threads, index, n_workers
+        )
         self.book = Bookkeeper(spec, self.study, index, monitor)
         # a trial that becomes the best so far logs its model as it ends (~0.1 s): the sweep's
         # end registers the best one without training it again
@@ -151,9 +140,7 @@ class Worker(WorkerSetup):
         except Exception as error:  # this trial fails; the worker goes on
             ending = Ending("failed", reason=failure_reason(error))
             if "out of memory" in ending.reason.lower():
-                from mnist_sweep.trial.loop import empty_cuda_cache
-
-                empty_cuda_cache()
+                self.training.after_out_of_memory()
         log_ending(prefix, ending, self.spec.settings["metric"], trial)
         run_id = self.book.open[trial.number].run_id
         if self.book.end({trial.number: ending}) and ending.state != "ended elsewhere":
@@ -163,22 +150,28 @@ class Worker(WorkerSetup):
                 self.tracker.end_run(run_id, "FAILED", ended_elsewhere_tags())
 
     def train(self, trial: optuna.Trial, values: dict, cfg, prefix: str) -> Ending:
-        import torch
-
-        from mnist_sweep.tracking.runs import trial_end_tags, trial_run_name
-        from mnist_sweep.trial.loop import EpochCallback, EpochProgress, TrainingDiverged
+        from mnist_sweep.tracking.datasets import split_descriptions
+        from mnist_sweep.tracking.runs import trial_end_tags, trial_run_name, where_it_ran
+        from mnist_sweep.trial.process import EpochCallback
+        from mnist_sweep.trial.results import EpochProgress, TrainingDiverged
 
         metric, number = self.spec.settings["metric"], trial.number
         callbacks: list[EpochCallback] = (
             [] if self.spec.settings["quiet"] else [EpochProgress(prefix)]
         )
         run_name = trial_run_name(number, values, self.spec.settings["n_trials"])
+        where = splits = None
+        if self.tracker.client is not None:  # torch's figures and the data's: where it trains
+            where = self.training.call(where_it_ran, cfg, str(cfg.train.device))
+            splits = self.training.call(split_descriptions, cfg.data)
         with self.tracker.trial_run(
             cfg,
-            device=torch.device(cfg.train.device),
+            device=str(cfg.train.device),
             run_name=run_name,
             parent_run_id=self.spec.parent_run_id,
             extra_tags=run_tags(self.spec, trial),
+            where=where,
+            splits=splits,
         ) as run:
             if run.run_id:
                 trial.set_user_attr("mlflow_run_id", run.run_id)
@@ -243,18 +236,17 @@ class Worker(WorkerSetup):
                 result, end_tags=trial_end_tags("complete", len(result.epochs), metric, value)
             )
             if self.log_champions and self.book.beats_the_best(value):
-                from mnist_sweep.tracking.runs import log_champion_weights
+                from mnist_sweep.tracking.runs import log_champion_weights_with
 
-                if run.client is not None and run.run_id is not None and result.model is not None:
-                    log_champion_weights(run.client, run.run_id, result.model)
+                if run.client is not None and run.run_id is not None:
+                    log_champion_weights_with(run.client, run.run_id, self.training.save_weights)
         return ending
 
     def run_trial(self, cfg, callbacks):
-        """The training itself: `run_trial` (the scale-out benchmark's simulated workers sleep
-        instead and make the same store calls: tests/benchmarks/bench_scale_out.py)."""
-        from mnist_sweep.trial.loop import run_trial
-
-        return run_trial(cfg, callbacks=callbacks)
+        """The training itself: `run_trial`, here or in the training process (the scale-out
+        benchmark's simulated workers sleep instead and make the same store calls:
+        tests/benchmarks/bench_scale_out.py)."""
+        return self.training.run(cfg, callbacks)
 
 
 class Pruned(Exception):

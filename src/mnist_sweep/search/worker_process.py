@@ -17,21 +17,26 @@ if TYPE_CHECKING:  # imported where made: the driver imports this module and mus
 
 
 def make_worker(
-    spec: SweepSpec, index: int, n_workers: int, monitor=None
+    spec: SweepSpec, index: int, n_workers: int, monitor=None, training=None
 ) -> Worker | PopulationWorker:
-    """A solo worker, or a population worker when sweep.population resolves to more than 1."""
+    """A solo worker, or a population worker when sweep.population resolves to more than 1.
+    `training`: a one-worker sweep's training process (trial/process.py), for a solo worker;
+    a population trains in the worker's own process."""
+    setting = spec.settings["population"]
+    if setting != "auto" and int(setting) <= 1:  # without importing torch here
+        return Worker(spec, index, n_workers, monitor, training)
     # here, not at the top: the driver imports this module and must not import torch
     from mnist_sweep.search.population_worker import PopulationWorker, resolve_population
 
     size = resolve_population(
-        spec.settings["population"],
+        setting,
         compose(spec.fixed),
         spec.settings["n_trials"],
         confirmation=bool(spec.settings.get("confirms")),
     )
     if size > 1:
         return PopulationWorker(spec, index, n_workers, size, monitor)
-    return Worker(spec, index, n_workers, monitor)
+    return Worker(spec, index, n_workers, monitor, training)
 
 
 def run_worker(spec_dict: dict, index: int, n_workers: int) -> None:

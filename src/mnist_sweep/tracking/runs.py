@@ -12,7 +12,7 @@ import logging
 import os
 import platform
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -212,14 +212,10 @@ def context_tags() -> dict[str, str]:
     return {k: v for k, v in resolve_tags({}).items() if k.startswith("mlflow.")}
 
 
-def trial_tags(cfg: DictConfig, device: torch.device) -> dict[str, str]:
-    """What a run's params leave out (where and how it ran) and what MLflow's columns show."""
-    return {**context_tags(), **where_it_ran(cfg, device)}
-
-
-def where_it_ran(cfg: DictConfig, device: torch.device) -> dict[str, str]:
-    """trial_tags without MLflow's context tags: taken where the trial runs (torch's figures),
-    so that `make train`'s writer process, which adds the rest, need not import torch."""
+def where_it_ran(cfg: DictConfig, device: torch.device | str) -> dict[str, str]:
+    """What a run's params leave out (where and how it ran) and MLflow's columns show, besides
+    MLflow's context tags: taken where the trial runs (torch's figures), so that `make train`'s
+    writer process and a one-worker sweep's driver need not import torch."""
     import torch
 
     return {
@@ -385,13 +381,19 @@ def log_champion_weights(client, run_id: str, model: torch.nn.Module) -> None:
     """A trial that leads saves its weights into its run: a state dict, ~0.02 s. The MLflow
     model (log_torch_model: torch.export imports torch._dynamo, 1-3 s of a trial's end) is
     built once, for the final best, by the report process (registry.register_best)."""
-    import tempfile
+    from mnist_sweep.trial.process import save_state_dict
 
-    import torch
+    log_champion_weights_with(client, run_id, lambda path: save_state_dict(model, path))
+
+
+def log_champion_weights_with(client, run_id: str, save: Callable[[str], None]) -> None:
+    """log_champion_weights, the state dict written by `save(path)`: where the model is in
+    another process (a one-worker sweep's training process, trial/process.py)."""
+    import tempfile
 
     with tempfile.TemporaryDirectory() as folder:
         path = Path(folder) / Path(CHAMPION_WEIGHTS).name
-        torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, path)
+        save(str(path))
         client.log_artifact(run_id, str(path), str(Path(CHAMPION_WEIGHTS).parent))
 
 
@@ -566,13 +568,17 @@ class MlflowTracker:
         extra_tags: dict | None = None,
         batch_curve_every: int | None = None,
         max_lr_points: int | None = None,
+        where: dict[str, str] | None = None,
+        splits: list | None = None,
     ) -> TrialRun:
         """Start a trial's run: params (what defines the trial, passwords masked), tags (MLflow's
         context, where it ran), the datasets it trains, validates and tests on, config.yaml (the
         whole resolved config). Whoever begins it ends it (trial_run does; a population's
-        writer does). A run not of a sweep is tagged sweep_role=single."""
-        run_id, description = self.create(cfg, device, run_name, parent_run_id, extra_tags)
-        self.describe(run_id, description)
+        writer does). A run not of a sweep is tagged sweep_role=single. `where` and `splits`:
+        where_it_ran's tags and the datasets' descriptions, taken in the process that trains
+        (trial/process.py), so that this one need not import torch."""
+        run_id, description = self.create(cfg, device, run_name, parent_run_id, extra_tags, where)
+        self.describe(run_id, description, splits)
         return TrialRun(
             self.client,
             run_id,
@@ -589,12 +595,14 @@ class MlflowTracker:
         run_name: str | None = None,
         parent_run_id: str | None = None,
         extra_tags: dict | None = None,
+        where: dict[str, str] | None = None,
     ) -> tuple[str, dict]:
         """The run with its tags (one write), and what `describe` adds to it: plain data, so
         that a population's writer process adds it while its worker goes on."""
         resolved = redact_passwords(resolved_config(cfg))
         resolved.pop("hydra", None)
-        tags = {"sweep_role": "single", **trial_tags(cfg, device), **(extra_tags or {})}
+        where = where if where is not None else where_it_ran(cfg, device)
+        tags = {"sweep_role": "single", **context_tags(), **where, **(extra_tags or {})}
         run_id = self.start_run(
             run_name or cfg.tracking.get("run_name") or single_run_name(cfg),
             tags=tags,
@@ -642,10 +650,15 @@ class MlflowTracker:
         parent_run_id: str | None = None,
         extra_tags: dict | None = None,
         normal_ends: tuple[type[BaseException], ...] = (),
+        where: dict[str, str] | None = None,
+        splits: list | None = None,
     ) -> Iterator[TrialRun]:
         """A run for one trial. Ends FINISHED (also on a `normal_ends` exception, such as a
-        pruned trial), KILLED on Ctrl-C or a kill signal, FAILED on any other exception."""
-        run = self.begin(cfg, device, run_name, parent_run_id, extra_tags)
+        pruned trial), KILLED on Ctrl-C or a kill signal, FAILED on any other exception.
+        `where`, `splits`: see `begin`."""
+        run = self.begin(
+            cfg, device, run_name, parent_run_id, extra_tags, where=where, splits=splits
+        )
         run_id = run.run_id
         assert run_id is not None  # begin made it
         status = "FAILED"

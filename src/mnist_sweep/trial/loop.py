@@ -17,9 +17,13 @@ import torch.nn.functional as F
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 
-from mnist_sweep.base.errors import UserError
 from mnist_sweep.trial import data
-from mnist_sweep.trial.results import EpochResult, TrialResult
+from mnist_sweep.trial.results import (  # noqa: F401  (EpochProgress, TrainingDiverged: theirs)
+    EpochProgress,
+    EpochResult,
+    TrainingDiverged,
+    TrialResult,
+)
 from mnist_sweep.trial.schedules import build_schedule
 from mnist_sweep.trial.validation import check_against_data, check_trial_config, resolve_device
 
@@ -29,23 +33,6 @@ EVAL_CHUNK = 2000  # images per forward pass when evaluating: bounds the CNN's a
 
 
 EpochCallback = Callable[[EpochResult], None]
-
-
-class TrainingDiverged(UserError):
-    """The loss became NaN or infinite in `epoch`: the trial cannot go on. A sweep tells Optuna
-    it was pruned there (a result: this configuration does not train), not that it failed."""
-
-    def __init__(self, message: str, epoch: int):
-        super().__init__(message)
-        self.epoch = epoch
-
-    @classmethod
-    def at(cls, train_loss: float, epoch: int, lr) -> TrainingDiverged:
-        return cls(
-            f"The training loss became {train_loss} in epoch {epoch} (optim.lr={lr}): the "
-            "trial diverged; a smaller learning rate or momentum trains.",
-            epoch,
-        )
 
 
 @torch.inference_mode()
@@ -152,24 +139,6 @@ def run_trial(
     result.test_loss, result.test_acc, result.test_correct = evaluate(model, splits.test)
     result.test_size = len(splits.test)
     return result
-
-
-class EpochProgress:
-    """Epoch callback printing one line per epoch: loss, accuracy, LR, time and ETA."""
-
-    def __init__(self, prefix: str = ""):
-        self.prefix = prefix
-        self.seconds: list[float] = []
-
-    def __call__(self, r: EpochResult) -> None:
-        self.seconds.append(r.seconds)
-        eta = sum(self.seconds) / len(self.seconds) * (r.epochs - r.epoch)
-        val = f" | val loss {r.val_loss:.4f} acc {r.val_acc:6.2%}" if r.val_acc is not None else ""
-        log.info(
-            f"{self.prefix}epoch {r.epoch:>{len(str(r.epochs))}}/{r.epochs} | "
-            f"train loss {r.train_loss:.4f} acc {r.train_acc:6.2%}{val} | lr {r.lr:.3g} | "
-            f"{r.seconds:.2f}s | ETA {eta:.0f}s"
-        )
 
 
 def empty_cuda_cache() -> None:

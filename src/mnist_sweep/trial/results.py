@@ -1,14 +1,19 @@
-"""What a trial reports: an epoch's curves and scalars, the trial's test result. Plain data,
-importable without torch, so that a process that only records them (`make train`'s MLflow
-writer, tracking/run_writer.py) does not import torch to read them."""
+"""What a trial reports: an epoch's curves and scalars, the trial's test result, its divergence,
+its progress line. Plain data, importable without torch, so that a process that only records
+them (`make train`'s MLflow writer, a one-worker sweep's driver) does not import torch."""
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from mnist_sweep.base.errors import UserError
+
 if TYPE_CHECKING:
     import torch
+
+log = logging.getLogger("mnist_sweep")
 
 
 @dataclass
@@ -50,3 +55,38 @@ class TrialResult:
     @property
     def final_val_acc(self) -> float | None:
         return self.epochs[-1].val_acc if self.epochs else None
+
+
+class TrainingDiverged(UserError):
+    """The loss became NaN or infinite in `epoch`: the trial cannot go on. A sweep tells Optuna
+    it was pruned there (a result: this configuration does not train), not that it failed."""
+
+    def __init__(self, message: str, epoch: int):
+        super().__init__(message)
+        self.epoch = epoch
+
+    @classmethod
+    def at(cls, train_loss: float, epoch: int, lr) -> TrainingDiverged:
+        return cls(
+            f"The training loss became {train_loss} in epoch {epoch} (optim.lr={lr}): the "
+            "trial diverged; a smaller learning rate or momentum trains.",
+            epoch,
+        )
+
+
+class EpochProgress:
+    """Epoch callback printing one line per epoch: loss, accuracy, LR, time and ETA."""
+
+    def __init__(self, prefix: str = ""):
+        self.prefix = prefix
+        self.seconds: list[float] = []
+
+    def __call__(self, r: EpochResult) -> None:
+        self.seconds.append(r.seconds)
+        eta = sum(self.seconds) / len(self.seconds) * (r.epochs - r.epoch)
+        val = f" | val loss {r.val_loss:.4f} acc {r.val_acc:6.2%}" if r.val_acc is not None else ""
+        log.info(
+            f"{self.prefix}epoch {r.epoch:>{len(str(r.epochs))}}/{r.epochs} | "
+            f"train loss {r.train_loss:.4f} acc {r.train_acc:6.2%}{val} | lr {r.lr:.3g} | "
+            f"{r.seconds:.2f}s | ETA {eta:.0f}s"
+        )

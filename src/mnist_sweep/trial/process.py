@@ -1,0 +1,317 @@
+"""Trials trained in a process of their own: a one-worker sweep's training process.
+
+A sweep with one worker used to import MLflow, open its stores, then import torch and read the
+data, all in one process: on 2 cores, one core idle for seconds. `TrainingProcess` is forked as
+the sweep starts, before the driver imports MLflow (no thread, no torch there yet): it imports
+torch and reads the data on one core while the driver opens the stores on the other, and then
+trains the trials the worker sends it, one at a time. The worker keeps everything else (Optuna,
+MLflow, the progress lines): it gets each epoch's result, runs its callbacks on it (which may
+prune the trial) and tells the process to go on or stop, so a trial ends at the same epoch as
+in-process. The training process never imports MLflow or Optuna; the driver never imports torch.
+
+`LocalTraining` is the same interface in-process (the workers of a multi-worker sweep, whose
+fork server has imported torch already).
+
+The process ignores Ctrl-C and SIGTERM: the worker decides (it kills the process when it is
+interrupted). It exits when the worker closes it, or when the worker is gone (its pipe ends).
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import signal
+import sys
+import threading
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any
+
+from mnist_sweep.base.errors import RaisedElsewhere, UserError, failure_reason
+from mnist_sweep.trial.results import EpochResult, TrainingDiverged, TrialResult
+
+if TYPE_CHECKING:
+    from multiprocessing.connection import Connection
+
+    from omegaconf import DictConfig
+
+EpochCallback = Callable[[EpochResult], None]
+
+
+class Stopped(Exception):
+    """The worker stopped the trial after an epoch (its callback raised: pruned, say)."""
+
+
+class LocalTraining:
+    """Trials trained in this process (torch imported here)."""
+
+    def __init__(self) -> None:
+        self.model = None  # the last trial's, for save_weights
+
+    def call(self, function: Callable, *args) -> Any:
+        return function(*args)
+
+    def run(self, cfg: DictConfig, callbacks: Sequence[EpochCallback]) -> TrialResult:
+        from mnist_sweep.trial.loop import run_trial
+
+        result = run_trial(cfg, callbacks=callbacks)
+        self.model = result.model
+        return result
+
+    def save_weights(self, path: str) -> None:
+        save_state_dict(self.model, path)
+
+    def after_out_of_memory(self) -> None:
+        from mnist_sweep.trial.loop import empty_cuda_cache
+
+        empty_cuda_cache()  # the cached blocks go back to the device for the next trial
+
+    def close(self) -> None:
+        self.model = None
+
+
+class TrainingProcess:
+    """The worker's side of a training process (see the module's doc)."""
+
+    def __init__(self, preload: DictConfig | None = None):
+        self.preload = preload
+        self.busy = False  # a trial is running there
+        self.start()
+
+    def start(self) -> None:
+        # fork: no interpreter start-up, torch imported once; only while this process has no
+        # other thread and no torch (the sweep's start); one started again later is spawned
+        fork = threading.active_count() == 1 and "torch" not in sys.modules
+        context = multiprocessing.get_context("fork" if fork else "spawn")
+        self.connection, child_end = context.Pipe()
+        self.process = context.Process(
+            target=_serve,
+            args=(child_end, self.connection if fork else None, self.preload),
+            name="training",
+            daemon=True,
+        )
+        self.process.start()
+        child_end.close()  # the child's: a child that dies ends the pipe
+
+    @staticmethod
+    def can_fork() -> bool:
+        """Whether one can be forked now: what makes it pay (see the module's doc)."""
+        return threading.active_count() == 1 and "torch" not in sys.modules
+
+    def call(self, function: Callable, *args) -> Any:
+        """function(*args) in the training process (a module-level function: sent by name)."""
+        self._send_first(("call", (function, args)))
+        return self._reply()
+
+    def run(self, cfg: DictConfig, callbacks: Sequence[EpochCallback]) -> TrialResult:
+        """run_trial(cfg) there; each epoch's result goes through `callbacks` here. A callback
+        that raises stops the trial there after that epoch, and its exception is raised here.
+        The result has no model (save_weights saves it from there)."""
+        self._send_first(("train", cfg))
+        self.busy = True
+        while True:
+            kind, payload = self._receive()
+            if kind != "epoch":
+                self.busy = False
+                return self._value(kind, payload)
+            try:
+                for callback in callbacks:
+                    callback(payload)
+            except (KeyboardInterrupt, SystemExit):
+                self.kill()  # at once: the command is ending
+                raise
+            except BaseException:
+                self._stop()
+                raise
+            self._send(("go", None))
+
+    def save_weights(self, path: str) -> None:
+        """The last trial's model's state dict, saved to `path` by the training process."""
+        self.call(save_last_model, path)
+
+    def after_out_of_memory(self) -> None:
+        pass  # the training process emptied its CUDA cache as the error came
+
+    def close(self) -> None:
+        """Nothing is left to write there: the process ends at once (os._exit, no teardown)."""
+        if self.process.is_alive():
+            try:
+                self._send(("close", None))
+            except OSError:
+                pass
+            self.process.join(5)
+        self.kill()
+
+    def kill(self) -> None:
+        if self.process.is_alive():
+            self.process.kill()
+            self.process.join(5)
+        self.connection.close()
+        self.busy = False
+
+    @property
+    def alive(self) -> bool:
+        return self.process.is_alive() and not self.connection.closed
+
+    def _stop(self) -> None:
+        """Stop the running trial after the epoch it just sent: the process is free again."""
+        try:
+            self._send(("stop", None))
+            while True:
+                kind, _ = self._receive()
+                if kind != "epoch":
+                    break
+        except RaisedElsewhere:
+            pass  # it died meanwhile: the next trial starts another
+        self.busy = False
+
+    def _send_first(self, message: tuple) -> None:
+        """A request's first message: to a process started again if the last one died (its
+        trial failed saying so; the next one must not fail for it too)."""
+        if not self.alive:
+            self.kill()
+            self.start()
+        self._send(message)
+
+    def _send(self, message: tuple) -> None:
+        try:
+            self.connection.send(message)
+        except (OSError, ValueError):  # ValueError: closed (killed before)
+            raise self._died() from None
+
+    def _receive(self) -> tuple[str, Any]:
+        try:
+            kind, payload = self.connection.recv()
+        except (EOFError, OSError):
+            raise self._died() from None
+        except BaseException:  # interrupted mid-message: the pipe cannot be read again
+            self.kill()
+            raise
+        return kind, payload
+
+    def _reply(self) -> Any:
+        kind, payload = self._receive()
+        return self._value(kind, payload)
+
+    def _died(self) -> RaisedElsewhere:
+        self.process.join(1)
+        code = self.process.exitcode
+        self.kill()
+        reason = f"TrainingProcessDied: the training process exited with code {code}"
+        return RaisedElsewhere(reason, reason)
+
+    @staticmethod
+    def _value(kind: str, payload: Any) -> Any:
+        if kind == "value":
+            return payload
+        if kind == "diverged":
+            message, epoch = payload
+            raise TrainingDiverged(message, epoch)
+        assert kind == "raised", kind
+        message, reason, user_error = payload
+        raise (RaisedUserError if user_error else RaisedElsewhere)(message, reason)
+
+
+class RaisedUserError(RaisedElsewhere, UserError):
+    """A UserError raised in the training process (a dataset folder without MNIST, say)."""
+
+
+def _serve(
+    connection: Connection, workers_end: Connection | None, preload: DictConfig | None
+) -> None:
+    """The training process: torch and the data first, then what the worker sends."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the worker decides, and kills this process
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    if workers_end is not None:
+        workers_end.close()  # forked with it: without this, the worker's death would not end
+    try:  # the pipe
+        warm_up(preload)
+    except Exception:  # the trial that needs it says why, with the worker's handling
+        pass
+    while True:
+        try:
+            kind, payload = connection.recv()
+        except (EOFError, OSError):  # the worker is gone
+            os._exit(0)
+        if kind == "close":
+            os._exit(0)
+        try:
+            if kind == "call":
+                function, args = payload
+                connection.send(("value", function(*args)))
+            elif kind == "train":
+                connection.send(("value", _train(connection, payload)))
+        except Stopped:
+            connection.send(("stopped", None))
+        except TrainingDiverged as error:
+            connection.send(("diverged", (str(error), error.epoch)))
+        except (BrokenPipeError, EOFError):
+            os._exit(0)
+        except Exception as error:
+            if "out of memory" in str(error).lower():
+                from mnist_sweep.trial.loop import empty_cuda_cache
+
+                empty_cuda_cache()
+            reason = failure_reason(error)
+            connection.send(("raised", (str(error), reason, isinstance(error, UserError))))
+
+
+_LAST: dict[str, Any] = {}  # the training process's last trained model
+
+
+def _train(connection: Connection, cfg: DictConfig) -> TrialResult:
+    from mnist_sweep.trial.loop import run_trial
+
+    _LAST.clear()
+
+    def send_and_wait(epoch: EpochResult) -> None:
+        connection.send(("epoch", epoch))
+        kind, _ = connection.recv()
+        if kind == "stop":
+            raise Stopped()
+
+    result = run_trial(cfg, callbacks=[send_and_wait])
+    _LAST["model"], result.model = result.model, None
+    return result
+
+
+def warm_up(cfg: DictConfig | None) -> None:
+    """What the first trial would otherwise wait for: torch, the training loop's modules, the
+    data files read (the cache run_trial reads them from)."""
+    from mnist_sweep.trial import data, loop  # noqa: F401  (torch, the models, the optimizer)
+
+    if cfg is not None:
+        data.load_raw(str(cfg.data.root), cfg.data.name, bool(cfg.data.download))
+
+
+def save_last_model(path: str) -> None:
+    save_state_dict(_LAST.get("model"), path)
+
+
+def save_state_dict(model, path: str) -> None:
+    """A model's weights as a state dict on the CPU (what a champion's run keeps)."""
+    import torch
+
+    if model is None:
+        raise RuntimeError("no trained model to save")
+    torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, path)
+
+
+def placement(device: str, threads: int | None, index: int, n_workers: int) -> list[str]:
+    """Overrides that give worker `index` of `n_workers` its share: its own GPU, or its share of
+    the CPU cores (train.device auto or cuda; train.threads unset)."""
+    import torch
+
+    overrides = []
+    if device in ("auto", "cuda") and torch.cuda.is_available():
+        overrides.append(f"train.device=cuda:{index % torch.cuda.device_count()}")
+    elif device == "auto":
+        overrides.append("train.device=cpu")
+    if threads is None and not (overrides and overrides[0].startswith("train.device=cuda")):
+        overrides.append(f"train.threads={max(1, (os.cpu_count() or 1) // n_workers)}")
+    return overrides
+
+
+def cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()

@@ -1,0 +1,129 @@
+"""A one-worker sweep trains in a process of its own (trial/process.py), forked as the command
+starts, so that torch's import and the data's reading overlap the driver's MLflow and Optuna
+start-up: what it trains is what run_trial trains here, a callback that raises stops the trial
+after that epoch, errors and divergence come back with their reasons, a killed training process
+fails its trial only, and the driver never imports torch."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+
+import pytest
+import torch
+from mlflow.tracking import MlflowClient
+from optuna.trial import TrialState
+
+from conftest import study_runs
+from mnist_sweep.base.errors import RaisedElsewhere, failure_reason
+from mnist_sweep.trial.loop import run_trial
+from mnist_sweep.trial.process import TrainingProcess
+from mnist_sweep.trial.results import TrainingDiverged
+from test_sweep import TINY, load
+
+
+@pytest.fixture()
+def training():
+    process = TrainingProcess()
+    yield process
+    process.close()
+
+
+def test_a_trial_trained_there_is_the_trial_trained_here(cfg_factory, training, tmp_path):
+    cfg = cfg_factory("tracking.enabled=false", "train.threads=1", "train.epochs=2",
+                      "schedule=step")
+    here = run_trial(cfg)
+    seen = []
+    there = training.run(cfg, [seen.append])
+    assert there.model is None  # it stays there: save_weights
+    assert seen == there.epochs
+    assert [(e.batch_loss, e.batch_lr, e.val_loss, e.val_acc, e.lr) for e in there.epochs] == [
+        (e.batch_loss, e.batch_lr, e.val_loss, e.val_acc, e.lr) for e in here.epochs]
+    assert (there.test_loss, there.test_correct) == (here.test_loss, here.test_correct)
+    training.save_weights(str(tmp_path / "weights.pt"))
+    saved = torch.load(tmp_path / "weights.pt")
+    assert saved.keys() == here.model.state_dict().keys()
+    assert all(torch.equal(saved[k], v) for k, v in here.model.state_dict().items())
+
+
+def test_a_callback_that_raises_stops_the_trial_after_that_epoch(cfg_factory, training):
+    cfg = cfg_factory("tracking.enabled=false", "train.epochs=3")
+
+    class Halt(Exception):
+        pass
+
+    def halt_after_the_second(epoch) -> None:
+        if epoch.epoch == 2:
+            raise Halt()
+
+    seen = []
+    with pytest.raises(Halt):
+        training.run(cfg, [seen.append, halt_after_the_second])
+    assert [e.epoch for e in seen] == [1, 2]
+    pid = training.process.pid
+    assert len(training.run(cfg, []).epochs) == 3  # the same process, free again
+    assert training.process.pid == pid
+
+
+def test_divergence_and_errors_come_back_with_their_reasons(cfg_factory, training):
+    with pytest.raises(TrainingDiverged) as diverged:
+        training.run(cfg_factory("tracking.enabled=false", "optim.lr=1000000.0"), [])
+    assert diverged.value.epoch == 1 and "diverged" in str(diverged.value)
+    huge = cfg_factory("tracking.enabled=false", "model=cnn", "model.hidden=400000000")
+    with pytest.raises(RaisedElsewhere) as refused:
+        training.run(huge, [])
+    try:
+        run_trial(huge)
+    except Exception as error:  # what the same trial raises here
+        assert failure_reason(refused.value) == failure_reason(error)
+    assert "can't allocate memory" in failure_reason(refused.value)
+
+
+def test_a_killed_training_process_fails_its_trial_and_the_next_one_starts_another(
+        cfg_factory, training):
+    cfg = cfg_factory("tracking.enabled=false", "train.epochs=3")
+    first = training.process.pid
+
+    def kill_it(epoch) -> None:
+        os.kill(first, signal.SIGKILL)
+
+    with pytest.raises(RaisedElsewhere) as died:
+        training.run(cfg, [kill_it])
+    assert failure_reason(died.value) == (
+        "TrainingProcessDied: the training process exited with code -9")
+    assert len(training.run(cfg, []).epochs) == 3
+    assert training.process.pid != first
+
+
+DRIVER = """
+import atexit, sys
+atexit.register(lambda: print("torch in the driver:", "torch" in sys.modules))
+from mnist_sweep.sweep import main
+main(sys.argv[1:])
+"""
+
+
+def test_a_one_worker_sweep_trains_in_its_own_process_and_its_driver_never_imports_torch(
+        tmp_path, mnist_dir):
+    out = subprocess.run(
+        [sys.executable, "-c", DRIVER, "--sweep", "momentum", "sweep.n_trials=3",
+         "sweep.pruner=none", "sweep.register_model=false", f"data.root={mnist_dir}", *TINY],
+        cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "torch in the driver: False" in out.stdout
+    study = load(tmp_path, "momentum")
+    assert [t.state for t in study.trials] == [TrialState.COMPLETE] * 3
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    _, children = study_runs(client, "momentum")
+    assert len(children) == 3
+    for run in children:  # what the training process measured, recorded by the driver
+        tags = run.data.tags
+        assert tags["torch_version"] == str(torch.__version__) and tags["device"] == "cpu"
+        assert tags["threads"] == str(os.cpu_count())
+        assert {i.tags[0].value for i in run.inputs.dataset_inputs} == {"training", "validation", "testing"}
+        assert len(client.get_metric_history(run.info.run_id, "val_acc")) == 3
+    best = study.best_trial.user_attrs["mlflow_run_id"]
+    champion_files = [f.path for f in client.list_artifacts(best, "champion")]
+    assert champion_files, "the best trial's weights, saved by the training process"
