@@ -43,7 +43,7 @@ def test_a_trial_trained_there_is_the_trial_trained_here(cfg_factory, training, 
         (e.batch_loss, e.batch_lr, e.val_loss, e.val_acc, e.lr) for e in here.epochs]
     assert (there.test_loss, there.test_correct) == (here.test_loss, here.test_correct)
     training.save_weights(str(tmp_path / "weights.pt"))
-    saved = torch.load(tmp_path / "weights.pt")
+    saved = torch.load(tmp_path / "weights.pt", weights_only=True)
     assert saved.keys() == here.model.state_dict().keys()
     assert all(torch.equal(saved[k], v) for k, v in here.model.state_dict().items())
 
@@ -109,7 +109,7 @@ def test_a_one_worker_sweep_trains_in_its_own_process_and_its_driver_never_impor
         tmp_path, mnist_dir):
     out = subprocess.run(
         [sys.executable, "-c", DRIVER, "--sweep", "momentum", "sweep.n_trials=3",
-         "sweep.pruner=none", "sweep.register_model=false", f"data.root={mnist_dir}", *TINY],
+         "sweep.pruner=none", f"data.root={mnist_dir}", *TINY],
         cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     assert "torch in the driver: False" in out.stdout

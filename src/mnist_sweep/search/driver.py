@@ -451,7 +451,7 @@ def run_sweep(
         start_fork_server()
     space = spec.space()
     base = check_space(spec, space)
-    start_solo_training(spec, base, on_slurm or create_only)
+    start_solo_training(spec, base, on_slurm or create_only or confirm_only)
     reporter = Reporter(spec)
     if base.tracking.enabled and not create_only and not SOLO_TRAINING:
         reporter.start()  # it imports while this process sets up (report.py, Reporter.start)
@@ -623,11 +623,13 @@ def start_solo_training(spec: SweepSpec, base, elsewhere: bool) -> None:
     this one imports MLflow and opens the stores: it imports torch and reads the data
     meanwhile, on the other core. Only where it can be forked (no thread, no torch here yet:
     the command's start), and not with tracking.log_model (the model is logged from this
-    process) nor when the trials run `elsewhere` (SLURM tasks, --create-only)."""
+    process), nor for a population (it trains in the worker's process), nor when no search
+    trial runs here (SLURM tasks, --create-only; --confirm: a population on a CPU)."""
     from mnist_sweep.trial.process import TrainingProcess
 
     if (
         spec.settings["workers"] == 1
+        and spec.settings["population"] in (1, "auto")
         and not elsewhere
         and not base.tracking.get("log_model", False)
         and TrainingProcess.can_fork()

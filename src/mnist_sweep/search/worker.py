@@ -162,8 +162,11 @@ class Worker(WorkerSetup):
         run_name = trial_run_name(number, values, self.spec.settings["n_trials"])
         where = splits = None
         if self.tracker.client is not None:  # torch's figures and the data's: where it trains
-            where = self.training.call(where_it_ran, cfg, str(cfg.train.device))
-            splits = self.training.call(split_descriptions, cfg.data)
+            try:
+                where = self.training.call(where_it_ran, cfg, str(cfg.train.device))
+                splits = self.training.call(split_descriptions, cfg.data)
+            except Exception:  # taken again by trial_run, here: it fails in the run, as it did
+                where = splits = None
         with self.tracker.trial_run(
             cfg,
             device=str(cfg.train.device),

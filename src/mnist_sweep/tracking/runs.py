@@ -562,7 +562,7 @@ class MlflowTracker:
     def begin(
         self,
         cfg: DictConfig,
-        device: torch.device,
+        device: torch.device | str,
         run_name: str | None = None,
         parent_run_id: str | None = None,
         extra_tags: dict | None = None,
@@ -591,7 +591,7 @@ class MlflowTracker:
     def create(
         self,
         cfg: DictConfig,
-        device: torch.device,
+        device: torch.device | str,
         run_name: str | None = None,
         parent_run_id: str | None = None,
         extra_tags: dict | None = None,
@@ -645,7 +645,7 @@ class MlflowTracker:
     def trial_run(
         self,
         cfg: DictConfig,
-        device: torch.device,
+        device: torch.device | str,
         run_name: str | None = None,
         parent_run_id: str | None = None,
         extra_tags: dict | None = None,

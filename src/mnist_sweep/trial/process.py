@@ -45,7 +45,7 @@ class LocalTraining:
     """Trials trained in this process (torch imported here)."""
 
     def __init__(self) -> None:
-        self.model = None  # the last trial's, for save_weights
+        self.model: Any = None  # the last trial's, for save_weights
 
     def call(self, function: Callable, *args) -> Any:
         return function(*args)
@@ -80,8 +80,11 @@ class TrainingProcess:
     def start(self) -> None:
         # fork: no interpreter start-up, torch imported once; only while this process has no
         # other thread and no torch (the sweep's start); one started again later is spawned
-        fork = threading.active_count() == 1 and "torch" not in sys.modules
-        context = multiprocessing.get_context("fork" if fork else "spawn")
+        fork = self.can_fork()
+        if fork:  # what this process printed must not be printed again by the child
+            sys.stdout.flush()
+            sys.stderr.flush()
+        context: Any = multiprocessing.get_context("fork" if fork else "spawn")
         self.connection, child_end = context.Pipe()
         self.process = context.Process(
             target=_serve,
@@ -177,6 +180,9 @@ class TrainingProcess:
             self.connection.send(message)
         except (OSError, ValueError):  # ValueError: closed (killed before)
             raise self._died() from None
+        except BaseException:  # interrupted mid-message: the pipe cannot be written again
+            self.kill()
+            raise
 
     def _receive(self) -> tuple[str, Any]:
         try:
@@ -230,7 +236,7 @@ def _serve(
     while True:
         try:
             kind, payload = connection.recv()
-        except (EOFError, OSError):  # the worker is gone
+        except BaseException:  # the worker is gone (or died mid-message)
             os._exit(0)
         if kind == "close":
             os._exit(0)
