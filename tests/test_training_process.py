@@ -16,7 +16,7 @@ import torch
 from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
 
-from conftest import study_runs
+from conftest import spawn, study_runs, wait_for
 from mnist_sweep.base.errors import RaisedElsewhere, failure_reason
 from mnist_sweep.trial.loop import run_trial
 from mnist_sweep.trial.process import TrainingProcess
@@ -127,3 +127,34 @@ def test_a_one_worker_sweep_trains_in_its_own_process_and_its_driver_never_impor
     best = study.best_trial.user_attrs["mlflow_run_id"]
     champion_files = [f.path for f in client.list_artifacts(best, "champion")]
     assert champion_files, "the best trial's weights, saved by the training process"
+
+
+def test_the_training_process_ends_with_its_worker_killed_mid_trial(tmp_path, cfg_factory):
+    """kill -9 of the worker (the driver): its training process must not train on alone."""
+    cfg = cfg_factory("tracking.enabled=false", "train.epochs=1000")
+    cfg_path = tmp_path / "cfg.yaml"
+    from omegaconf import OmegaConf
+
+    OmegaConf.save(cfg, cfg_path)
+    code = f"""
+import sys
+from omegaconf import OmegaConf
+from mnist_sweep.trial.process import TrainingProcess
+training = TrainingProcess()
+def show(epoch):
+    print(training.process.pid, flush=True)
+training.run(OmegaConf.load({str(cfg_path)!r}), [show])
+"""
+    worker = spawn(sys.executable, "-c", code, cwd=tmp_path)
+    child = int(worker.stdout.readline())  # after its first epoch: it trains on
+    os.kill(worker.pid, signal.SIGKILL)
+    worker.wait(30)
+    wait_for(lambda: not alive(child), "the training process's end", timeout=30)
+
+
+def alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().split(") ")[1][0] != "Z"  # a zombie has ended
+    except FileNotFoundError:
+        return False

@@ -201,7 +201,7 @@ def main() -> None:
             f"tracking.tracking_uri=sqlite:///{folder / 'mlflow.db'}", f"train.device={device}",
             f"data.root={args.data}"])
         from mnist_sweep.base.hydra_config import compose
-        from mnist_sweep.search.population_worker import resolve_population
+        from mnist_sweep.search.worker_process import resolve_population
 
         size = resolve_population("auto", compose(spec.fixed), spec.settings["n_trials"])
         started = time.perf_counter()

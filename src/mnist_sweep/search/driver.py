@@ -12,6 +12,7 @@ end of the sweep.
 
 from __future__ import annotations
 
+import atexit
 import logging
 import math
 import multiprocessing
@@ -498,6 +499,8 @@ def run_sweep(
         status = outcome(study, spec, codes)
         if status == "FINISHED" and confirmation_left(study, spec):
             status = "FAILED"  # until the confirmation is recorded: a failure in it is no finish
+            if spec.settings["confirm"]["population"] != 1:  # it trains here, on the device
+                close_solo_training()
             confirm_top(spec, study, tracker, join)
             status = "FINISHED"
     except KeyboardInterrupt:
@@ -635,6 +638,9 @@ def start_solo_training(spec: SweepSpec, base, elsewhere: bool) -> None:
         and TrainingProcess.can_fork()
     ):
         SOLO_TRAINING["process"] = TrainingProcess(preload=base)
+        # whatever way the command ends: the process ignores the SIGTERM multiprocessing's own
+        # exit handler sends its daemons before it joins them (without a timeout)
+        atexit.register(close_solo_training)
 
 
 def close_solo_training() -> None:

@@ -17,7 +17,6 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from typing import Any
 
 from omegaconf import OmegaConf
 
@@ -86,30 +85,3 @@ class PopulationWorker(WorkerSetup):
             f"{waited:.1f} s for them",
             extra={"population_figures": figures},
         )
-
-
-CPU_CONFIRMATION_POPULATION = 25
-
-
-def resolve_population(
-    setting: Any, base_cfg, n_trials: int | None = None, confirmation: bool = False
-) -> int:
-    """sweep.population as a number. `auto`: 1 on a CPU (GEMM-bound either way: a population
-    gains little there); on a GPU 64 members of the MLP (16 of the CNN), but no more than a
-    quarter of the study's trials, so that the sampler and the pruner learn from several
-    generations rather than drawing every trial blind at once. A confirmation (confirm.py) has
-    no sampler to learn: all its trials at once, up to the same 64 (16), and on a CPU up to
-    CPU_CONFIRMATION_POPULATION."""
-    if setting != "auto":
-        return int(setting)
-    import torch
-
-    device = str(base_cfg.train.device)
-    if device == "cpu" or not torch.cuda.is_available():
-        # a confirmation's trials all start together and train every epoch: 25 of them as one
-        # population ran 1.28x one at a time on a 2-core CPU (make bench-confirm)
-        return max(1, min(CPU_CONFIRMATION_POPULATION, n_trials or 1)) if confirmation else 1
-    size = 64 if "MLP" in str(base_cfg.model._target_) else 16
-    if not n_trials:
-        return size
-    return max(1, min(size, n_trials if confirmation else n_trials // 4))

@@ -80,7 +80,7 @@ DEFAULT_SETTINGS: dict[str, Any] = {
     "confirm": {},
 }
 # population: the confirmation's trials trained at once as one stacked model (auto: all of them,
-# up to what pays on the device: search/population_worker.py resolve_population)
+# up to what pays on the device: search/worker_process.py resolve_population)
 CONFIRM_DEFAULTS: dict[str, Any] = {"top": 0, "seeds": 5, "population": "auto"}
 NESTED_SETTINGS = {
     "slurm": SLURM_DEFAULTS,

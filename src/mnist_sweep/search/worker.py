@@ -12,6 +12,7 @@ scheduler's pre-emption) and Ctrl-C end the running trial's run KILLED and its t
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
@@ -162,11 +163,12 @@ class Worker(WorkerSetup):
         run_name = trial_run_name(number, values, self.spec.settings["n_trials"])
         where = splits = None
         if self.tracker.client is not None:  # torch's figures and the data's: where it trains
-            try:
+            # what cannot be described there is described by trial_run here: a failure (no data
+            # files) then fails in the trial's run, as it does in-process
+            with contextlib.suppress(Exception):
                 where = self.training.call(where_it_ran, cfg, str(cfg.train.device))
+            with contextlib.suppress(Exception):
                 splits = self.training.call(split_descriptions, cfg.data)
-            except Exception:  # taken again by trial_run, here: it fails in the run, as it did
-                where = splits = None
         with self.tracker.trial_run(
             cfg,
             device=str(cfg.train.device),
@@ -242,7 +244,15 @@ class Worker(WorkerSetup):
                 from mnist_sweep.tracking.runs import log_champion_weights_with
 
                 if run.client is not None and run.run_id is not None:
-                    log_champion_weights_with(run.client, run.run_id, self.training.save_weights)
+                    try:
+                        log_champion_weights_with(
+                            run.client, run.run_id, self.training.save_weights
+                        )
+                    except Exception as error:  # its result stands; the registry retrains it
+                        log.warning(
+                            f"{prefix}its weights could not be saved ({failure_reason(error)}): "
+                            "if it stays the best, the registry trains it again from its config"
+                        )
         return ending
 
     def run_trial(self, cfg, callbacks):

@@ -27,6 +27,7 @@ from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from mnist_sweep.base.errors import RaisedElsewhere, UserError, failure_reason
+from mnist_sweep.base.interrupts import INTERRUPTS
 from mnist_sweep.trial.results import EpochResult, TrainingDiverged, TrialResult
 
 if TYPE_CHECKING:
@@ -53,6 +54,7 @@ class LocalTraining:
     def run(self, cfg: DictConfig, callbacks: Sequence[EpochCallback]) -> TrialResult:
         from mnist_sweep.trial.loop import run_trial
 
+        self.model = None  # the last trial's is freed before this one's is built
         result = run_trial(cfg, callbacks=callbacks)
         self.model = result.model
         return result
@@ -74,7 +76,6 @@ class TrainingProcess:
 
     def __init__(self, preload: DictConfig | None = None):
         self.preload = preload
-        self.busy = False  # a trial is running there
         self.start()
 
     def start(self) -> None:
@@ -101,55 +102,53 @@ class TrainingProcess:
         return threading.active_count() == 1 and "torch" not in sys.modules
 
     def call(self, function: Callable, *args) -> Any:
-        """function(*args) in the training process (a module-level function: sent by name)."""
-        self._send_first(("call", (function, args)))
-        return self._reply()
+        """function(*args) in the training process (a module-level function: sent by name).
+        Interrupted at once by Ctrl-C (the first waits for torch's import, or a download)."""
+        with INTERRUPTS.allowed():
+            self._send_first(("call", (function, args)))
+            return self._reply()
 
     def run(self, cfg: DictConfig, callbacks: Sequence[EpochCallback]) -> TrialResult:
         """run_trial(cfg) there; each epoch's result goes through `callbacks` here. A callback
         that raises stops the trial there after that epoch, and its exception is raised here.
         The result has no model (save_weights saves it from there)."""
-        self._send_first(("train", cfg))
-        self.busy = True
-        while True:
-            kind, payload = self._receive()
-            if kind != "epoch":
-                self.busy = False
-                return self._value(kind, payload)
-            try:
-                for callback in callbacks:
-                    callback(payload)
-            except (KeyboardInterrupt, SystemExit):
-                self.kill()  # at once: the command is ending
-                raise
-            except BaseException:
-                self._stop()
-                raise
-            self._send(("go", None))
+        try:
+            self._send_first(("train", cfg))
+            while True:
+                kind, payload = self._receive()
+                if kind != "epoch":
+                    return self._value(kind, payload)
+                try:
+                    for callback in callbacks:
+                        callback(payload)
+                except Exception:
+                    self._stop()
+                    raise
+                self._send(("go", None))
+        except BaseException as error:  # Ctrl-C, SIGTERM: the command is ending
+            if not isinstance(error, Exception):
+                self.kill()
+            raise
 
     def save_weights(self, path: str) -> None:
-        """The last trial's model's state dict, saved to `path` by the training process."""
-        self.call(save_last_model, path)
+        """The last trial's model's state dict, saved to `path` by the training process (not by
+        one started again: it has no model)."""
+        self._send(("call", (save_last_model, (path,))))
+        self._reply()
 
     def after_out_of_memory(self) -> None:
-        pass  # the training process emptied its CUDA cache as the error came
+        pass  # the training process emptied its CUDA cache after the error
 
     def close(self) -> None:
-        """Nothing is left to write there: the process ends at once (os._exit, no teardown)."""
-        if self.process.is_alive():
-            try:
-                self._send(("close", None))
-            except OSError:
-                pass
-            self.process.join(5)
+        """Nothing is left there to write or keep: killed at once (no teardown, no wait for a
+        process still importing torch)."""
         self.kill()
 
     def kill(self) -> None:
         if self.process.is_alive():
             self.process.kill()
-            self.process.join(5)
+        self.process.join(5)
         self.connection.close()
-        self.busy = False
 
     @property
     def alive(self) -> bool:
@@ -165,7 +164,6 @@ class TrainingProcess:
                     break
         except RaisedElsewhere:
             pass  # it died meanwhile: the next trial starts another
-        self.busy = False
 
     def _send_first(self, message: tuple) -> None:
         """A request's first message: to a process started again if the last one died (its
@@ -224,9 +222,10 @@ class RaisedUserError(RaisedElsewhere, UserError):
 def _serve(
     connection: Connection, workers_end: Connection | None, preload: DictConfig | None
 ) -> None:
-    """The training process: torch and the data first, then what the worker sends."""
+    """The training process: torch and the data first, then what the worker sends, in turn."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the worker decides, and kills this process
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    end_with_the_worker()
     if workers_end is not None:
         workers_end.close()  # forked with it: without this, the worker's death would not end
     try:  # the pipe
@@ -240,25 +239,47 @@ def _serve(
             os._exit(0)
         if kind == "close":
             os._exit(0)
+        out_of_memory = False
         try:
             if kind == "call":
                 function, args = payload
-                connection.send(("value", function(*args)))
-            elif kind == "train":
-                connection.send(("value", _train(connection, payload)))
+                reply: tuple = ("value", function(*args))
+            else:
+                reply = ("value", _train(connection, payload))
         except Stopped:
-            connection.send(("stopped", None))
+            reply = ("stopped", None)
         except TrainingDiverged as error:
-            connection.send(("diverged", (str(error), error.epoch)))
-        except (BrokenPipeError, EOFError):
+            reply = ("diverged", (str(error), error.epoch))
+        except WorkerGone:
             os._exit(0)
         except Exception as error:
-            if "out of memory" in str(error).lower():
-                from mnist_sweep.trial.loop import empty_cuda_cache
+            out_of_memory = "out of memory" in str(error).lower()
+            reply = ("raised", (str(error), failure_reason(error), isinstance(error, UserError)))
+        if out_of_memory:  # here, the failed trial's frames released: its blocks can go back
+            from mnist_sweep.trial.loop import empty_cuda_cache
 
-                empty_cuda_cache()
-            reason = failure_reason(error)
-            connection.send(("raised", (str(error), reason, isinstance(error, UserError))))
+            empty_cuda_cache()
+        try:
+            connection.send(reply)
+        except BaseException:
+            os._exit(0)
+
+
+class WorkerGone(Exception):
+    """The pipe to the worker ended (it was killed, or killed this trial): nothing to say."""
+
+
+def end_with_the_worker() -> None:
+    """SIGKILL when the worker (the parent) dies, even mid-epoch or mid-download (Linux)."""
+    try:
+        import ctypes
+
+        PR_SET_PDEATHSIG = 1
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    except (OSError, AttributeError):  # not Linux: the pipe's end still ends it, a little later
+        pass
+    if os.getppid() == 1:  # the worker died before the line above
+        os._exit(0)
 
 
 _LAST: dict[str, Any] = {}  # the training process's last trained model
@@ -270,9 +291,14 @@ def _train(connection: Connection, cfg: DictConfig) -> TrialResult:
     _LAST.clear()
 
     def send_and_wait(epoch: EpochResult) -> None:
-        connection.send(("epoch", epoch))
-        kind, _ = connection.recv()
-        if kind == "stop":
+        try:
+            connection.send(("epoch", epoch))
+            kind, _ = connection.recv()
+        except (OSError, EOFError):
+            raise WorkerGone() from None
+        if kind == "close":
+            os._exit(0)
+        if kind != "go":
             raise Stopped()
 
     result = run_trial(cfg, callbacks=[send_and_wait])
