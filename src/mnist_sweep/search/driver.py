@@ -454,8 +454,12 @@ def run_sweep(
     base = check_space(spec, space)
     start_solo_training(spec, base, on_slurm or create_only or confirm_only)
     reporter = Reporter(spec)
-    if base.tracking.enabled and not create_only and not SOLO_TRAINING:
-        reporter.start()  # it imports while this process sets up (report.py, Reporter.start)
+    # A report process started now imports while this process sets up (report.py,
+    # Reporter.start); with a training process on the second core, at a terminal (the final
+    # report in the background), it starts with its first request instead.
+    lazy_report = bool(SOLO_TRAINING) and final_report_in_background(spec)
+    if base.tracking.enabled and not create_only and not lazy_report:
+        reporter.start()
     try:
         if on_slurm:  # stores, sbatch, data, the batch script: before anything is made
             check_before_submitting(spec, base)
@@ -472,7 +476,7 @@ def run_sweep(
             f"[{spec.study_name}] study and parent run ready: workers join with --join", flush=True
         )
         return study
-    reporter.attach(tracker.client)
+    reporter.attach(tracker.client, start=not lazy_report)
     quiet, n_workers = spec.settings["quiet"], spec.settings["workers"]
     where = (
         f"an array of {spec.settings['slurm']['tasks']} SLURM task(s) of {n_workers} worker(s)"

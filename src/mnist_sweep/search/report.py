@@ -1,9 +1,10 @@
 """The parent run's report: best value and params, the sweep file and resolved space, a CSV of all
 trials, and summary plots (Optuna's matplotlib visualizations plus the top trials' curves).
 
-Written by a process of its own (`Reporter`, `python -m mnist_sweep.search.report`), started with the
-sweep at a lower priority so that its imports are done before the last trial ends: training never
-waits for the report. A refresh (every sweep.report_every finished trials) writes the description,
+Written by a process of its own (`Reporter`, `python -m mnist_sweep.search.report`), at a lower
+priority: training never waits for the report. It starts with the sweep, so that its imports are
+done on the core the driver's start-up leaves idle; a one-worker sweep at a terminal, whose
+training process (trial/process.py) takes that core, starts it with its first request. A refresh (every sweep.report_every finished trials) writes the description,
 the sweep metrics and trials.csv; the plots are drawn at the end, and by a refresh at most every 5
 minutes. At the end of a sweep run from a terminal the command returns at once while the report
 is finished in the background.
@@ -441,7 +442,11 @@ class Reporter:
         """The report process, started as the driver starts: its imports (~3 s of CPU here,
         ~7 s on a slower machine: MLflow, matplotlib, scikit-learn for the importances) are done
         on the core the driver's start-up leaves idle. Started later, as the first epoch began,
-        they made it 5x slower (training's 2 threads on 2 cores), at nice 10 and at SCHED_IDLE."""
+        they made it 5x slower (training's 2 threads on 2 cores), at nice 10 and at SCHED_IDLE.
+        A one-worker sweep at a terminal, whose training process takes that core, starts it
+        with its first request instead (a refresh, or the final report in the background): a
+        short check's first epoch does not wait for it. A script, which waits for the final
+        report anyway, starts it with the sweep."""
         if self.process is not None:
             return
         self.process = subprocess.Popen(
@@ -452,15 +457,17 @@ class Reporter:
             env={**os.environ, "PYTHONUNBUFFERED": "1"},
         )
 
-    def attach(self, client) -> None:
+    def attach(self, client, start: bool = True) -> None:
         """The parent run is known (spec.parent_run_id): the process gets the spec and reports
-        from now on; without a parent run it is let go."""
+        from now on; without a parent run it is let go. start=False: a process not started
+        yet starts with its first request (see `start`)."""
         self.client = client
         if self.spec.parent_run_id is None:
             self.let_go()
             return
-        if self.process is None:
-            return  # started by its first request (see start)
+        if self.process is None and not start:
+            return
+        self.start()
         self._send_raw(encode_spec(self.spec))
         self.attached = True
 
