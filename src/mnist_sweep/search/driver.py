@@ -428,7 +428,8 @@ def run_sweep(
     confirm_only: bool = False,
 ) -> optuna.Study:
     """Run the study to n_trials with sweep.workers workers here: in this process when there is
-    one (no second start-up), else as processes; with sweep.launcher=slurm, as an array job on
+    one (no second start-up; its trials train in a process forked as it starts, trial/process.py),
+    else as processes; with sweep.launcher=slurm, as an array job on
     the cluster (search/slurm.py; wait=False: submitted, and the command returns). join=True
     (make worker, a SLURM task): the study must exist already (started by `make sweep`
     elsewhere); nothing is created. create_only: the study and its parent run are created (or
