@@ -131,3 +131,31 @@ def test_the_same_files_give_the_same_digest_whatever_their_compression(tmp_path
             shutil.copyfileobj(src, dst)
     assert (data.load_raw(str(mixed), "mnist", False)["digest"]
             == data.load_raw(str(plain), "mnist", False)["digest"])
+
+
+def test_files_read_ahead_decode_as_files_read_then(tmp_path):
+    """make train and a sweep's training process read the files in a thread while torch is
+    imported: the same tensors and digest as a read at load time, a corrupt file the same error."""
+    from mnist_sweep.trial.files import read_ahead
+
+    folder = make_synthetic_mnist(tmp_path / "data")
+    data.load_raw.cache_clear()
+    then = data.load_raw(str(folder), "mnist", False)
+    data.load_raw.cache_clear()
+    read_ahead(str(folder), "mnist")
+    ahead = data.load_raw(str(folder), "mnist", False)
+    data.load_raw.cache_clear()
+    assert ahead["digest"] == then["digest"]
+    assert all(torch.equal(a, b) for split in ("train", "test")
+               for a, b in zip(ahead[split], then[split]))
+    corrupt = tmp_path / "corrupt"
+    shutil.copytree(folder, corrupt)
+    images = data.locate(corrupt, "mnist")["train-images-idx3-ubyte"]
+    images.write_bytes(b"not gzip at all" if images.suffix == ".gz" else b"\x00\x00")
+    read_ahead(str(corrupt), "mnist")
+    with pytest.raises(DataError, match="train-images-idx3-ubyte") as error:
+        data.load_raw(str(corrupt), "mnist", False)
+    data.load_raw.cache_clear()
+    with pytest.raises(DataError) as error_then:
+        data.load_raw(str(corrupt), "mnist", False)
+    assert str(error.value) == str(error_then.value)

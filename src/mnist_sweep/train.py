@@ -34,6 +34,9 @@ def train_and_track(cfg: DictConfig) -> TrialResult:
 
     # MLflow in a process of its own, from now: its import and store overlap torch's and the data's
     tracking = SingleRun(cfg.tracking) if cfg.tracking.enabled else NullTracker()
+    from mnist_sweep.trial.files import read_ahead
+
+    read_ahead(str(cfg.data.root), str(cfg.data.name))  # in a thread, after the writer's fork
     try:
         from mnist_sweep.trial.loop import EpochCallback, EpochProgress, prepare, run_trial
 

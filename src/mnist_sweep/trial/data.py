@@ -10,7 +10,6 @@ DataLoader, transforms or worker processes in the hot path.
 from __future__ import annotations
 
 import functools
-import gzip
 import hashlib
 import math
 import struct
@@ -21,15 +20,14 @@ import numpy as np
 import torch
 
 from mnist_sweep.base.errors import DataError
-
-SPLIT_FILES = {
-    "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
-    "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
-}
-ALL_FILES = [name for pair in SPLIT_FILES.values() for name in pair]
-
-# dataset name -> torchvision class name (also the folder torchvision downloads into)
-TORCHVISION_CLASSES = {"mnist": "MNIST", "fashion_mnist": "FashionMNIST", "kmnist": "KMNIST"}
+from mnist_sweep.trial.files import (  # noqa: F401  (theirs: where the files are, read ahead)
+    ALL_FILES,
+    SPLIT_FILES,
+    TORCHVISION_CLASSES,
+    candidate_folders,
+    locate,
+    read_file,
+)
 
 _UBYTE = 0x08  # IDX type code of unsigned bytes, the only one the MNIST family uses
 
@@ -69,8 +67,7 @@ def read_idx(path: Path, expected_ndim: int, digests: list | None = None) -> tor
     """Decode one IDX file (raw or gzip) into a uint8 tensor, checking magic and length;
     the sha256 of its decompressed content goes to `digests`."""
     try:
-        with (gzip.open if path.suffix == ".gz" else open)(path, "rb") as f:
-            raw = f.read()
+        raw, digest = read_file(path)  # read ahead while torch was imported, or now
     except (OSError, EOFError) as error:  # gzip.BadGzipFile is an OSError
         raise DataError(
             f"Cannot read the IDX file {path}: {error}. Replace it with an intact "
@@ -95,38 +92,9 @@ def read_idx(path: Path, expected_ndim: int, digests: list | None = None) -> tor
             "Replace it with an intact copy."
         )
     if digests is not None:
-        digests.append(hashlib.sha256(raw).hexdigest())
+        digests.append(digest)
     array = np.frombuffer(raw, dtype=np.uint8, offset=header).reshape(dims)
     return torch.from_numpy(array.copy())
-
-
-def _find(folder: Path, name: str) -> Path | None:
-    for candidate in (folder / name, folder / f"{name}.gz"):
-        if candidate.is_file():
-            return candidate
-    return None
-
-
-def candidate_folders(root: Path, dataset: str) -> list[Path]:
-    """Where the four files may lie under `root`: itself, raw/, torchvision's layout, a named folder."""
-    cls = TORCHVISION_CLASSES[dataset]
-    return [
-        root,
-        root / "raw",
-        root / cls / "raw",
-        root / dataset,
-        root / dataset.replace("_", "-"),
-        root / dataset / "raw",
-    ]
-
-
-def locate(root: Path, dataset: str) -> dict[str, Path] | None:
-    """The four IDX files of `dataset` under `root`, or None when no folder holds all four."""
-    for folder in candidate_folders(root, dataset):
-        found = {name: _find(folder, name) for name in ALL_FILES}
-        if all(found.values()):
-            return found  # type: ignore[return-value]
-    return None
 
 
 def download(root: Path, dataset: str) -> None:

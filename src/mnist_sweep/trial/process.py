@@ -308,7 +308,11 @@ def _train(connection: Connection, cfg: DictConfig) -> TrialResult:
 
 def warm_up(cfg: DictConfig | None) -> None:
     """What the first trial would otherwise wait for: torch, the training loop's modules, the
-    data files read (the cache run_trial reads them from)."""
+    data files read (the cache run_trial reads them from), the files' bytes read meanwhile."""
+    from mnist_sweep.trial.files import read_ahead
+
+    if cfg is not None:
+        read_ahead(str(cfg.data.root), str(cfg.data.name))
     from mnist_sweep.trial import data, loop  # noqa: F401  (torch, the models, the optimizer)
 
     if cfg is not None:

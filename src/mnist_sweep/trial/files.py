@@ -1,0 +1,84 @@
+"""Where a dataset's IDX files are, and their bytes read ahead: without torch, so that a process
+can start reading them (a thread: file reads, zlib and sha256 release the GIL) before it imports
+torch, which takes the interpreter for seconds. `data.read_idx` takes the bytes from here."""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import threading
+from concurrent.futures import Future
+from pathlib import Path
+
+SPLIT_FILES = {
+    "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
+    "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
+}
+ALL_FILES = [name for pair in SPLIT_FILES.values() for name in pair]
+
+# dataset name -> torchvision class name (also the folder torchvision downloads into)
+TORCHVISION_CLASSES = {"mnist": "MNIST", "fashion_mnist": "FashionMNIST", "kmnist": "KMNIST"}
+
+_READS: dict[Path, Future] = {}  # path -> (decompressed bytes, their sha256), read ahead
+
+
+def _find(folder: Path, name: str) -> Path | None:
+    for candidate in (folder / name, folder / f"{name}.gz"):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def candidate_folders(root: Path, dataset: str) -> list[Path]:
+    """Where the four files may lie under `root`: itself, raw/, torchvision's layout, a named folder."""
+    cls = TORCHVISION_CLASSES[dataset]
+    return [
+        root,
+        root / "raw",
+        root / cls / "raw",
+        root / dataset,
+        root / dataset.replace("_", "-"),
+        root / dataset / "raw",
+    ]
+
+
+def locate(root: Path, dataset: str) -> dict[str, Path] | None:
+    """The four IDX files of `dataset` under `root`, or None when no folder holds all four."""
+    for folder in candidate_folders(root, dataset):
+        found = {name: _find(folder, name) for name in ALL_FILES}
+        if all(found.values()):
+            return found  # type: ignore[return-value]
+    return None
+
+
+def read_ahead(root: str, dataset: str) -> None:
+    """Start reading `dataset`'s four files under `root` in a thread, if they are there (a
+    download is `data.load_raw`'s to do). Call it before torch is imported, after any fork."""
+    found = locate(Path(root), dataset) if dataset in TORCHVISION_CLASSES else None
+    if found is None:
+        return
+    paths = [path for path in found.values() if path not in _READS]
+    for path in paths:
+        _READS[path] = Future()
+    threading.Thread(target=_read_all, args=(paths,), name="read-ahead", daemon=True).start()
+
+
+def _read_all(paths: list[Path]) -> None:
+    for path in paths:
+        try:
+            _READS[path].set_result(_read(path))
+        except BaseException as error:  # raised where the file is used, as it would be there
+            _READS[path].set_exception(error)
+
+
+def read_file(path: Path) -> tuple[bytes, str]:
+    """The file's decompressed bytes and their sha256: the read ahead (its error raised here),
+    else read now."""
+    ahead = _READS.pop(path, None)
+    return ahead.result() if ahead is not None else _read(path)
+
+
+def _read(path: Path) -> tuple[bytes, str]:
+    with (gzip.open if path.suffix == ".gz" else open)(path, "rb") as f:
+        raw = f.read()
+    return raw, hashlib.sha256(raw).hexdigest()
