@@ -7,6 +7,7 @@ fails its trial only, and the driver never imports torch."""
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -158,3 +159,17 @@ def alive(pid: int) -> bool:
             return stat.read().split(") ")[1][0] != "Z"  # a zombie has ended
     except FileNotFoundError:
         return False
+
+
+@pytest.mark.skipif(shutil.which("unshare") is None or os.geteuid() != 0,
+                    reason="a PID namespace needs unshare as root")
+def test_a_one_worker_sweep_whose_driver_is_pid_1_trains(tmp_path, mnist_dir):
+    """In a container the command is PID 1 (docker/entrypoint.sh execs it; Kubernetes' pods):
+    its training process must not take its parent's pid for a dead parent's."""
+    out = subprocess.run(
+        ["unshare", "--pid", "--fork", sys.executable, "-m", "mnist_sweep.sweep", "--sweep",
+         "momentum", "sweep.n_trials=2", "sweep.pruner=none", "sweep.register_model=false",
+         "tracking.enabled=false", f"data.root={mnist_dir}", *TINY],
+        cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert [t.state for t in load(tmp_path, "momentum").trials] == [TrialState.COMPLETE] * 2

@@ -526,7 +526,10 @@ def run_sweep(
                 f"[{spec.study_name}] the parent run is left RUNNING: whether other drivers still "
                 f"run could not be read ({failure_reason(error)}); the same command ends it"
             )
-        close_solo_training()  # before the last report: nothing is left to train
+        try:
+            close_solo_training()  # before the last report: nothing is left to train
+        except Exception as error:  # never at the cost of the parent run's end
+            log.warning(f"[{spec.study_name}] the training process: {failure_reason(error)}")
         background = final_report_in_background(spec)
         reporter.final(ending, background)
         if not quiet:
@@ -631,18 +634,23 @@ def start_solo_training(spec: SweepSpec, base, elsewhere: bool) -> None:
     this one imports MLflow and opens the stores: it imports torch and reads the data
     meanwhile, on the other core. Only where it can be forked (no thread, no torch here yet:
     the command's start), and not with tracking.log_model (the model is logged from this
-    process), nor for a population (it trains in the worker's process), nor when no search
-    trial runs here (SLURM tasks, --create-only; --confirm: a population on a CPU)."""
+    process), nor for a population, `auto` included (it trains in the worker's process; on a
+    GPU `auto` is one), nor when no search trial runs here (SLURM's submitting command,
+    --create-only; --confirm: a population on a CPU)."""
     from mnist_sweep.trial.process import TrainingProcess
 
     if (
         spec.settings["workers"] == 1
-        and spec.settings["population"] in (1, "auto")
+        and spec.settings["population"] == 1
         and not elsewhere
         and not base.tracking.get("log_model", False)
         and TrainingProcess.can_fork()
     ):
-        SOLO_TRAINING["process"] = TrainingProcess(preload=base)
+        try:
+            SOLO_TRAINING["process"] = TrainingProcess(preload=base)
+        except OSError as error:  # no process to spare (memory, a pids limit): trained here
+            log.warning(f"[{spec.study_name}] trials train in this process: {error}")
+            return
         # whatever way the command ends: the process ignores the SIGTERM multiprocessing's own
         # exit handler sends its daemons before it joins them (without a timeout)
         atexit.register(close_solo_training)

@@ -481,7 +481,11 @@ class Reporter:
         if self.spec.parent_run_id is None:
             return
         if not self.attached:
-            self.start()
+            try:
+                self.start()
+            except OSError as error:  # started late (a one-worker sweep): `final` ends the run
+                log.warning(f"[{self.spec.study_name}] no report process: {error}")
+                return
             self.attach(self.client)
         self._send_raw(line)
 
@@ -501,6 +505,9 @@ class Reporter:
             return
         if status is not None:
             self._send(f"final {status}")
+        if self.process is None and status is not None:  # it could not be started
+            self.end_parent_here(status, -1)
+            return
         if self.process is None or self.process.stdin is None:
             return
         try:

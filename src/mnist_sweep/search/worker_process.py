@@ -20,16 +20,13 @@ def make_worker(
     spec: SweepSpec, index: int, n_workers: int, monitor=None, training=None
 ) -> Worker | PopulationWorker:
     """A solo worker, or a population worker when sweep.population resolves to more than 1.
-    `training`: a one-worker sweep's training process (trial/process.py), for a solo worker;
-    a population trains in the worker's own process."""
-    setting, base = spec.settings["population"], compose(spec.fixed)
-    cuda = None  # asked where torch is: the driver of a one-worker sweep does not import it
-    if setting == "auto" and training is not None and str(base.train.device) != "cpu":
-        from mnist_sweep.trial.process import cuda_available
-
-        cuda = training.call(cuda_available)
+    `training`: a one-worker sweep's training process (trial/process.py), for a solo worker
+    (sweep.population=1); a population trains in the worker's own process."""
+    setting = spec.settings["population"]
+    if setting == 1:  # without composing, nor importing torch (a one-worker sweep's driver)
+        return Worker(spec, index, n_workers, monitor, training)
     confirmation = bool(spec.settings.get("confirms"))
-    size = resolve_population(setting, base, spec.settings["n_trials"], confirmation, cuda)
+    size = resolve_population(setting, compose(spec.fixed), spec.settings["n_trials"], confirmation)
     if size > 1:
         # here, not at the top: the driver imports this module and must not import torch
         from mnist_sweep.search.population_worker import PopulationWorker
@@ -42,27 +39,20 @@ CPU_CONFIRMATION_POPULATION = 25
 
 
 def resolve_population(
-    setting: Any,
-    base_cfg,
-    n_trials: int | None = None,
-    confirmation: bool = False,
-    cuda_available: bool | None = None,
+    setting: Any, base_cfg, n_trials: int | None = None, confirmation: bool = False
 ) -> int:
     """sweep.population as a number. `auto`: 1 on a CPU (GEMM-bound either way: a population
     gains little there); on a GPU 64 members of the MLP (16 of the CNN), but no more than a
     quarter of the study's trials, so that the sampler and the pruner learn from several
     generations rather than drawing every trial blind at once. A confirmation (confirm.py) has
     no sampler to learn: all its trials at once, up to the same 64 (16), and on a CPU up to
-    CPU_CONFIRMATION_POPULATION. `cuda_available`: as the training process found it (None:
-    torch is asked here)."""
+    CPU_CONFIRMATION_POPULATION."""
     if setting != "auto":
         return int(setting)
-    device = str(base_cfg.train.device)
-    if device != "cpu" and cuda_available is None:
-        import torch
+    import torch
 
-        cuda_available = torch.cuda.is_available()
-    if device == "cpu" or not cuda_available:
+    device = str(base_cfg.train.device)
+    if device == "cpu" or not torch.cuda.is_available():
         # a confirmation's trials all start together and train every epoch: 25 of them as one
         # population ran 1.28x one at a time on a 2-core CPU (make bench-confirm)
         return max(1, min(CPU_CONFIRMATION_POPULATION, n_trials or 1)) if confirmation else 1

@@ -87,14 +87,17 @@ class TrainingProcess:
             sys.stderr.flush()
         context: Any = multiprocessing.get_context("fork" if fork else "spawn")
         self.connection, child_end = context.Pipe()
-        self.process = context.Process(
+        process = context.Process(
             target=_serve,
-            args=(child_end, self.connection if fork else None, self.preload),
+            args=(child_end, self.connection if fork else None, self.preload, os.getpid()),
             name="training",
             daemon=True,
         )
-        self.process.start()
-        child_end.close()  # the child's: a child that dies ends the pipe
+        try:
+            process.start()
+        finally:
+            child_end.close()  # the child's: a child that dies ends the pipe
+        self.process = process  # only once started: kill() and join() need one that was
 
     @staticmethod
     def can_fork() -> bool:
@@ -145,14 +148,16 @@ class TrainingProcess:
         self.kill()
 
     def kill(self) -> None:
-        if self.process.is_alive():
-            self.process.kill()
-        self.process.join(5)
+        if getattr(self, "process", None) is not None:
+            if self.process.is_alive():
+                self.process.kill()
+            self.process.join(5)
         self.connection.close()
 
     @property
     def alive(self) -> bool:
-        return self.process.is_alive() and not self.connection.closed
+        process = getattr(self, "process", None)
+        return process is not None and process.is_alive() and not self.connection.closed
 
     def _stop(self) -> None:
         """Stop the running trial after the epoch it just sent: the process is free again."""
@@ -170,7 +175,12 @@ class TrainingProcess:
         trial failed saying so; the next one must not fail for it too)."""
         if not self.alive:
             self.kill()
-            self.start()
+            self.process = None
+            try:
+                self.start()
+            except OSError as error:  # no process to start (memory, a pids limit): this trial
+                reason = f"TrainingProcessDied: the training process could not start: {error}"
+                raise RaisedElsewhere(reason, reason) from None
         self._send(message)
 
     def _send(self, message: tuple) -> None:
@@ -197,8 +207,10 @@ class TrainingProcess:
         return self._value(kind, payload)
 
     def _died(self) -> RaisedElsewhere:
-        self.process.join(1)
-        code = self.process.exitcode
+        code = None
+        if self.process is not None:
+            self.process.join(1)
+            code = self.process.exitcode
         self.kill()
         reason = f"TrainingProcessDied: the training process exited with code {code}"
         return RaisedElsewhere(reason, reason)
@@ -220,12 +232,15 @@ class RaisedUserError(RaisedElsewhere, UserError):
 
 
 def _serve(
-    connection: Connection, workers_end: Connection | None, preload: DictConfig | None
+    connection: Connection,
+    workers_end: Connection | None,
+    preload: DictConfig | None,
+    worker: int,
 ) -> None:
     """The training process: torch and the data first, then what the worker sends, in turn."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the worker decides, and kills this process
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    end_with_the_worker()
+    end_with_the_worker(worker)
     if workers_end is not None:
         workers_end.close()  # forked with it: without this, the worker's death would not end
     try:  # the pipe
@@ -269,8 +284,9 @@ class WorkerGone(Exception):
     """The pipe to the worker ended (it was killed, or killed this trial): nothing to say."""
 
 
-def end_with_the_worker() -> None:
-    """SIGKILL when the worker (the parent) dies, even mid-epoch or mid-download (Linux)."""
+def end_with_the_worker(worker: int) -> None:
+    """SIGKILL when the worker (the parent, pid `worker`) dies, even mid-epoch or mid-download
+    (Linux)."""
     try:
         import ctypes
 
@@ -278,7 +294,7 @@ def end_with_the_worker() -> None:
         ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
     except (OSError, AttributeError):  # not Linux: the pipe's end still ends it, a little later
         pass
-    if os.getppid() == 1:  # the worker died before the line above
+    if os.getppid() != worker:  # it died before the line above (it may be pid 1: a container)
         os._exit(0)
 
 
@@ -345,9 +361,3 @@ def placement(device: str, threads: int | None, index: int, n_workers: int) -> l
     if threads is None and not (overrides and overrides[0].startswith("train.device=cuda")):
         overrides.append(f"train.threads={max(1, (os.cpu_count() or 1) // n_workers)}")
     return overrides
-
-
-def cuda_available() -> bool:
-    import torch
-
-    return torch.cuda.is_available()
