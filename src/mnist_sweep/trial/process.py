@@ -107,9 +107,14 @@ class TrainingProcess:
     def call(self, function: Callable, *args) -> Any:
         """function(*args) in the training process (a module-level function: sent by name).
         Interrupted at once by Ctrl-C (the first waits for torch's import, or a download)."""
-        with INTERRUPTS.allowed():
-            self._send_first(("call", (function, args)))
-            return self._reply()
+        try:
+            with INTERRUPTS.allowed():
+                self._send_first(("call", (function, args)))
+                return self._reply()
+        except BaseException as error:  # interrupted between the two: its reply left unread
+            if not isinstance(error, Exception):
+                self.kill()
+            raise
 
     def run(self, cfg: DictConfig, callbacks: Sequence[EpochCallback]) -> TrialResult:
         """run_trial(cfg) there; each epoch's result goes through `callbacks` here. A callback
