@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -18,7 +18,8 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig
 
 from mnist_sweep.trial import data
-from mnist_sweep.trial.results import (  # noqa: F401  (EpochProgress, TrainingDiverged: theirs)
+from mnist_sweep.trial.results import (  # noqa: F401  (EpochCallback & co.: theirs)
+    EpochCallback,
     EpochProgress,
     EpochResult,
     TrainingDiverged,
@@ -30,9 +31,6 @@ from mnist_sweep.trial.validation import check_against_data, check_trial_config,
 log = logging.getLogger("mnist_sweep")
 
 EVAL_CHUNK = 2000  # images per forward pass when evaluating: bounds the CNN's activations
-
-
-EpochCallback = Callable[[EpochResult], None]
 
 
 @torch.inference_mode()

@@ -28,14 +28,17 @@ from typing import TYPE_CHECKING, Any
 
 from mnist_sweep.base.errors import RaisedElsewhere, UserError, failure_reason
 from mnist_sweep.base.interrupts import INTERRUPTS
-from mnist_sweep.trial.results import EpochResult, TrainingDiverged, TrialResult
+from mnist_sweep.trial.results import (
+    EpochCallback,
+    EpochResult,
+    TrainingDiverged,
+    TrialResult,
+)
 
 if TYPE_CHECKING:
     from multiprocessing.connection import Connection
 
     from omegaconf import DictConfig
-
-EpochCallback = Callable[[EpochResult], None]
 
 
 class Stopped(Exception):
@@ -66,9 +69,6 @@ class LocalTraining:
         from mnist_sweep.trial.loop import empty_cuda_cache
 
         empty_cuda_cache()  # the cached blocks go back to the device for the next trial
-
-    def close(self) -> None:
-        self.model = None
 
 
 class TrainingProcess:

@@ -5,6 +5,7 @@ them (`make train`'s MLflow writer, a one-worker sweep's driver) does not import
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -41,6 +42,9 @@ class EpochResult:
             "epoch_seconds": self.seconds,
         }
         return {k: v for k, v in values.items() if v is not None}
+
+
+EpochCallback = Callable[[EpochResult], None]  # run_trial's: record, print, or stop the trial
 
 
 @dataclass
