@@ -26,7 +26,7 @@ import pytest
 
 from conftest import REPO, make_synthetic_mnist, study_runs, wait_for
 
-pytestmark = pytest.mark.docker
+pytestmark = [pytest.mark.docker, pytest.mark.timeout(3600)]  # a first build takes ~10 min
 DOCKER = REPO / "docker"
 PASSWORD = "compose/pw@with:odd#chars"  # raw in the secret file: never in a URL
 N_TRIALS, EPOCHS = 9, 30
