@@ -159,3 +159,30 @@ def test_files_read_ahead_decode_as_files_read_then(tmp_path):
     with pytest.raises(DataError) as error_then:
         data.load_raw(str(corrupt), "mnist", False)
     assert str(error.value) == str(error_then.value)
+
+
+def test_a_file_asked_for_while_it_is_read_ahead_gets_its_bytes(tmp_path):
+    """The race CI met: read_file takes the file's future while the read-ahead thread still
+    reads it; the thread must still answer that future (it once looked it up again, found it
+    gone, and the wait never ended). Provoked many times, each wait bounded."""
+    import concurrent.futures
+
+    from mnist_sweep.trial import files
+
+    folder = make_synthetic_mnist(tmp_path / "data")
+    paths = files.locate(folder, "mnist")
+    first, last = list(paths.values())[0], list(paths.values())[-1]
+    # the first file made big: the thread is still on it when the last is asked for
+    big = np.random.default_rng(0).integers(0, 4, 8_000_000, dtype=np.uint8).tobytes()
+    first.write_bytes(gzip.compress(big, 1) if first.suffix == ".gz" else big)
+    expected = files._read(last)
+    pool = concurrent.futures.ThreadPoolExecutor(1)
+    try:
+        for _ in range(10):
+            files.read_ahead(str(folder), "mnist")
+            asked = pool.submit(files.read_file, last)  # at once: the thread is on the first
+            assert asked.result(timeout=30) == expected  # before the fix: never answered
+            for path in paths.values():  # the others, so the next round reads them all again
+                files.read_file(path)
+    finally:
+        pool.shutdown(wait=False)

@@ -57,18 +57,22 @@ def read_ahead(root: str, dataset: str) -> None:
     found = locate(Path(root), dataset) if dataset in TORCHVISION_CLASSES else None
     if found is None:
         return
-    paths = [path for path in found.values() if path not in _READS]
-    for path in paths:
-        _READS[path] = Future()
-    threading.Thread(target=_read_all, args=(paths,), name="read-ahead", daemon=True).start()
+    reads: dict[Path, Future] = {p: Future() for p in found.values() if p not in _READS}
+    _READS.update(reads)
+    # the thread holds the futures themselves: read_file pops a future from _READS as soon as
+    # it waits on it, so a lookup there after the read would fail, leaving that wait unanswered
+    reads_in_order = list(reads.items())
+    threading.Thread(
+        target=_read_all, args=(reads_in_order,), name="read-ahead", daemon=True
+    ).start()
 
 
-def _read_all(paths: list[Path]) -> None:
-    for path in paths:
+def _read_all(reads: list[tuple[Path, Future]]) -> None:
+    for path, future in reads:
         try:
-            _READS[path].set_result(_read(path))
+            future.set_result(_read(path))
         except BaseException as error:  # raised where the file is used, as it would be there
-            _READS[path].set_exception(error)
+            future.set_exception(error)
 
 
 def read_file(path: Path) -> tuple[bytes, str]:
