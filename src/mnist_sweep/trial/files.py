@@ -59,16 +59,13 @@ def read_ahead(root: str, dataset: str) -> None:
         return
     reads: dict[Path, Future] = {p: Future() for p in found.values() if p not in _READS}
     _READS.update(reads)
-    # the thread holds the futures themselves: read_file pops a future from _READS as soon as
-    # it waits on it, so a lookup there after the read would fail, leaving that wait unanswered
-    reads_in_order = list(reads.items())
-    threading.Thread(
-        target=_read_all, args=(reads_in_order,), name="read-ahead", daemon=True
-    ).start()
+    # the thread holds the futures themselves: read_file pops a file's future from _READS when
+    # it waits on it, maybe before the thread reaches that file (a lookup then finds nothing)
+    threading.Thread(target=_read_all, args=(reads,), name="read-ahead", daemon=True).start()
 
 
-def _read_all(reads: list[tuple[Path, Future]]) -> None:
-    for path, future in reads:
+def _read_all(reads: dict[Path, Future]) -> None:
+    for path, future in reads.items():
         try:
             future.set_result(_read(path))
         except BaseException as error:  # raised where the file is used, as it would be there
