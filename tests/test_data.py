@@ -165,7 +165,8 @@ def test_a_file_asked_for_while_it_is_read_ahead_gets_its_bytes(tmp_path):
     """The race CI met: read_file takes the file's future while the read-ahead thread still
     reads it; the thread must still answer that future (it once looked it up again, found it
     gone, and the wait never ended). Provoked many times, each wait bounded."""
-    import concurrent.futures
+    import queue
+    import threading
 
     from mnist_sweep.trial import files
 
@@ -176,13 +177,10 @@ def test_a_file_asked_for_while_it_is_read_ahead_gets_its_bytes(tmp_path):
     big = np.random.default_rng(0).integers(0, 4, 8_000_000, dtype=np.uint8).tobytes()
     first.write_bytes(gzip.compress(big, 1) if first.suffix == ".gz" else big)
     expected = files._read(last)
-    pool = concurrent.futures.ThreadPoolExecutor(1)
-    try:
-        for _ in range(10):
-            files.read_ahead(str(folder), "mnist")
-            asked = pool.submit(files.read_file, last)  # at once: the thread is on the first
-            assert asked.result(timeout=30) == expected  # before the fix: never answered
-            for path in paths.values():  # the others, so the next round reads them all again
-                files.read_file(path)
-    finally:
-        pool.shutdown(wait=False)
+    for _ in range(10):
+        files.read_ahead(str(folder), "mnist")
+        answers: queue.Queue = queue.Queue()  # a daemon thread asks: a hang fails, not blocks exit
+        threading.Thread(target=lambda: answers.put(files.read_file(last)), daemon=True).start()
+        assert answers.get(timeout=30) == expected  # before the fix: never answered
+        for path in paths.values():  # the others, so the next round reads them all again
+            files.read_file(path)

@@ -61,7 +61,11 @@ def read_ahead(root: str, dataset: str) -> None:
     _READS.update(reads)
     # the thread holds the futures themselves: read_file pops a file's future from _READS when
     # it waits on it, maybe before the thread reaches that file (a lookup then finds nothing)
-    threading.Thread(target=_read_all, args=(reads,), name="read-ahead", daemon=True).start()
+    try:
+        threading.Thread(target=_read_all, args=(reads,), name="read-ahead", daemon=True).start()
+    except RuntimeError:  # no thread to spare (a pids limit): read_file reads them when asked
+        for path in reads:
+            _READS.pop(path, None)
 
 
 def _read_all(reads: dict[Path, Future]) -> None:
