@@ -20,7 +20,7 @@ from optuna.trial import TrialState
 from conftest import spawn, study_runs, wait_for
 from mnist_sweep.base.errors import RaisedElsewhere, failure_reason
 from mnist_sweep.trial.loop import run_trial
-from mnist_sweep.trial.process import TrainingProcess
+from mnist_sweep.trial.process import LocalTraining, TrainingProcess
 from mnist_sweep.trial.results import TrainingDiverged
 from test_sweep import TINY, load
 
@@ -66,6 +66,61 @@ def test_a_callback_that_raises_stops_the_trial_after_that_epoch(cfg_factory, tr
     pid = training.process.pid
     assert len(training.run(cfg, []).epochs) == 3  # the same process, free again
     assert training.process.pid == pid
+
+
+def test_an_epoch_is_recorded_while_the_next_one_trains(cfg_factory, training):
+    """The records (MLflow's curves) of epoch 1 run after the go: epoch 2's result arrives while
+    they still run (waiting for it there would wait forever if training waited for them)."""
+    cfg = cfg_factory("tracking.enabled=false", "train.epochs=3")
+    decided, next_epoch_arrived = [], []
+
+    def record(epoch) -> None:
+        if epoch.epoch == 1:
+            next_epoch_arrived.append(training.connection.poll(120))
+
+    result = training.run(cfg, [decided.append], [record])
+    assert next_epoch_arrived == [True]
+    assert [e.epoch for e in decided] == [1, 2, 3] and len(result.epochs) == 3
+
+
+@pytest.mark.parametrize("where", ["there", "here"])
+def test_the_epoch_that_stops_a_trial_is_recorded_and_a_failed_record_fails_it(
+    cfg_factory, training, where
+):
+    """Pruned after epoch 2: epoch 2 is recorded too (in the training process and in-process
+    alike). A record that raises stops the trial and its error is raised, even when the
+    decision was to stop (the epoch's record is incomplete: the trial fails)."""
+    runner = training if where == "there" else LocalTraining()
+    cfg = cfg_factory("tracking.enabled=false", "train.epochs=4")
+
+    class Halt(Exception):
+        pass
+
+    class WriteFailed(Exception):
+        pass
+
+    def halt_after_the_second(epoch) -> None:
+        if epoch.epoch == 2:
+            raise Halt()
+
+    recorded = []
+    with pytest.raises(Halt):
+        runner.run(cfg, [halt_after_the_second], [lambda epoch: recorded.append(epoch.epoch)])
+    assert recorded == [1, 2]
+
+    def write_fails_at(n):
+        def record(epoch) -> None:
+            if epoch.epoch == n:
+                raise WriteFailed()
+        return record
+
+    with pytest.raises(WriteFailed):
+        runner.run(cfg, [halt_after_the_second], [write_fails_at(2)])
+    decided = []
+    with pytest.raises(WriteFailed):
+        runner.run(cfg, [decided.append], [write_fails_at(1)])
+    assert [e.epoch for e in decided] == [1]  # epoch 2 trained meanwhile is not reported
+    assert len(runner.run(cfg, []).epochs) == 4  # free again
 
 
 def test_divergence_and_errors_come_back_with_their_reasons(cfg_factory, training):
@@ -140,7 +195,7 @@ def test_the_training_process_ends_with_its_worker_killed_mid_trial(tmp_path, cf
     code = f"""
 import sys
 from omegaconf import OmegaConf
-from mnist_sweep.trial.process import TrainingProcess
+from mnist_sweep.trial.process import LocalTraining, TrainingProcess
 training = TrainingProcess()
 def show(epoch):
     print(training.process.pid, flush=True)

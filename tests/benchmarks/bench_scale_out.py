@@ -70,11 +70,12 @@ def simulated_worker_class():
     does not import torch)."""
     from mnist_sweep.search.worker import Worker
     from mnist_sweep.trial.loop import EpochResult, TrialResult
+    from mnist_sweep.trial.results import decided_then_recorded
 
     class SimulatedWorker(Worker):
         epoch_seconds = 5.0
 
-        def run_trial(self, cfg, callbacks):
+        def run_trial(self, cfg, callbacks, records):
             """Sleep an epoch, then hand the callbacks (MLflow curves, Optuna report and prune
             check) an epoch whose accuracy depends smoothly on lr and momentum, so that the
             sampler and the pruner have something to learn."""
@@ -103,8 +104,7 @@ def simulated_worker_class():
                     seconds=self.epoch_seconds,
                 )
                 result.epochs.append(epoch_result)
-                for callback in callbacks:
-                    callback(epoch_result)
+                decided_then_recorded(callbacks, records)(epoch_result)
             result.test_acc, result.test_loss = result.epochs[-1].val_acc, 1 - acc
             result.test_correct, result.test_size = int(acc * 10000), 10000
             return result

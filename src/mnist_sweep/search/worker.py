@@ -157,7 +157,7 @@ class Worker(WorkerSetup):
         from mnist_sweep.trial.results import EpochProgress, TrainingDiverged
 
         metric, number = self.spec.settings["metric"], trial.number
-        callbacks: list[EpochCallback] = (
+        progress: list[EpochCallback] = (
             [] if self.spec.settings["quiet"] else [EpochProgress(prefix)]
         )
         run_name = trial_run_name(number, values, self.spec.settings["n_trials"])
@@ -193,12 +193,13 @@ class Worker(WorkerSetup):
             try:
                 # A signal stops training at once, but never an epoch's MLflow write or Optuna
                 # report midway: the run must still be ended KILLED, the trial told FAIL.
+                # The report decides whether the trial goes on; the curves and the progress
+                # line only record, so a training process trains on meanwhile.
                 with INTERRUPTS.allowed():
                     result = self.run_trial(
                         cfg,
-                        callbacks=[
-                            INTERRUPTS.shielded(c) for c in (*callbacks, run.log_epoch, report)
-                        ],
+                        callbacks=[INTERRUPTS.shielded(report)],
+                        records=[INTERRUPTS.shielded(c) for c in (run.log_epoch, *progress)],
                     )
             except Pruned as pruned:
                 ending = settled(
@@ -255,11 +256,11 @@ class Worker(WorkerSetup):
                         )
         return ending
 
-    def run_trial(self, cfg, callbacks):
-        """The training itself: `run_trial`, here or in the training process (the scale-out
-        benchmark's simulated workers sleep instead and make the same store calls:
-        tests/benchmarks/bench_scale_out.py)."""
-        return self.training.run(cfg, callbacks)
+    def run_trial(self, cfg, callbacks, records):
+        """The training itself: `run_trial`, here or in the training process, with each epoch's
+        `callbacks` (which may stop it) and `records` (the scale-out benchmark's simulated
+        workers sleep instead and make the same store calls: tests/benchmarks/bench_scale_out.py)."""
+        return self.training.run(cfg, callbacks, records)
 
 
 class Pruned(Exception):

@@ -33,6 +33,7 @@ from mnist_sweep.trial.results import (
     EpochResult,
     TrainingDiverged,
     TrialResult,
+    decided_then_recorded,
 )
 
 if TYPE_CHECKING:
@@ -54,11 +55,16 @@ class LocalTraining:
     def call(self, function: Callable, *args) -> Any:
         return function(*args)
 
-    def run(self, cfg: DictConfig, callbacks: Sequence[EpochCallback]) -> TrialResult:
+    def run(
+        self,
+        cfg: DictConfig,
+        callbacks: Sequence[EpochCallback],
+        records: Sequence[EpochCallback] = (),
+    ) -> TrialResult:
         from mnist_sweep.trial.loop import run_trial
 
         self.model = None  # the last trial's is freed before this one's is built
-        result = run_trial(cfg, callbacks=callbacks)
+        result = run_trial(cfg, callbacks=[decided_then_recorded(callbacks, records)])
         self.model = result.model
         return result
 
@@ -116,10 +122,19 @@ class TrainingProcess:
                 self.kill()
             raise
 
-    def run(self, cfg: DictConfig, callbacks: Sequence[EpochCallback]) -> TrialResult:
-        """run_trial(cfg) there; each epoch's result goes through `callbacks` here. A callback
-        that raises stops the trial there after that epoch, and its exception is raised here.
-        The result has no model (save_weights saves it from there)."""
+    def run(
+        self,
+        cfg: DictConfig,
+        callbacks: Sequence[EpochCallback],
+        records: Sequence[EpochCallback] = (),
+    ) -> TrialResult:
+        """run_trial(cfg) there; each epoch's result goes through `callbacks` here, then through
+        `records` (as `decided_then_recorded` runs them in-process). A callback that raises
+        stops the trial there after that epoch, and its exception is raised here. `records`
+        only record (they may not stop the trial at that epoch): the next epoch trains while
+        they run, so that training does not wait for an epoch's MLflow write (a record that
+        raises stops it after the next one). The result has no model (save_weights saves it
+        from there)."""
         try:
             self._send_first(("train", cfg))
             while True:
@@ -131,8 +146,16 @@ class TrainingProcess:
                         callback(payload)
                 except Exception:
                     self._stop()
+                    for record in records:  # the epoch that stopped it is recorded too
+                        record(payload)
                     raise
                 self._send(("go", None))
+                try:
+                    for record in records:
+                        record(payload)
+                except Exception:
+                    self._stop()  # after the epoch training meanwhile
+                    raise
         except BaseException as error:  # Ctrl-C, SIGTERM: the command is ending
             if not isinstance(error, Exception):
                 self.kill()

@@ -5,7 +5,7 @@ them (`make train`'s MLflow writer, a one-worker sweep's driver) does not import
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -45,6 +45,29 @@ class EpochResult:
 
 
 EpochCallback = Callable[[EpochResult], None]  # run_trial's: record, print, or stop the trial
+
+
+def decided_then_recorded(
+    decide: Sequence[EpochCallback], record: Sequence[EpochCallback]
+) -> EpochCallback:
+    """One epoch callback: `decide`'s (which may raise to stop the trial: pruned, say), then
+    `record`'s (the MLflow curves, the progress line), which run for the epoch that stopped it
+    too. A record's error wins over a decision to stop: the epoch's record is incomplete, and
+    the trial fails, as one whose write failed always did. The training process runs the same
+    two lists with the next epoch training meanwhile (`TrainingProcess.run`)."""
+
+    def each_epoch(epoch: EpochResult) -> None:
+        try:
+            for callback in decide:
+                callback(epoch)
+        except Exception:
+            for callback in record:
+                callback(epoch)
+            raise
+        for callback in record:
+            callback(epoch)
+
+    return each_epoch
 
 
 @dataclass
