@@ -120,7 +120,41 @@ def test_the_epoch_that_stops_a_trial_is_recorded_and_a_failed_record_fails_it(
     with pytest.raises(WriteFailed):
         runner.run(cfg, [decided.append], [write_fails_at(1)])
     assert [e.epoch for e in decided] == [1]  # epoch 2 trained meanwhile is not reported
-    assert len(runner.run(cfg, []).epochs) == 4  # free again
+    with pytest.raises(WriteFailed):  # the last epoch's: its stop comes after the trial's end
+        runner.run(cfg, [], [write_fails_at(4)])
+    again = runner.run(cfg, [])  # free again, and in step: this trial's answers, not a stale one
+    assert len(again.epochs) == 4 and again.test_size > 0
+
+
+def test_it_trains_on_while_the_worker_decides_and_a_stop_stops_it_mid_epoch(
+    cfg_factory, training
+):
+    """While the worker decides on epoch 1, the process trains epoch 2 (its CPU time grows; it
+    would wait in the pipe, at none, before). Told to stop then, it stops mid-epoch: epoch 2 is
+    never sent, the trial's result is "stopped", and the next trial runs."""
+    cfg = cfg_factory("tracking.enabled=false", "train.epochs=3", "train.batch_size=1")
+
+    def cpu_ticks() -> int:
+        fields = open(f"/proc/{training.process.pid}/stat").read().rsplit(")", 1)[1].split()
+        return int(fields[11]) + int(fields[12])  # utime + stime
+
+    class Halt(Exception):
+        pass
+
+    seen, grew = [], []
+
+    def decide(epoch) -> None:
+        seen.append(epoch.epoch)
+        if epoch.epoch == 1:
+            start = cpu_ticks()
+            grew.append(wait_for(lambda: cpu_ticks() - start >= 5,
+                                 "it to train while the worker decides", timeout=60, every=0.01))
+            raise Halt()
+
+    with pytest.raises(Halt):
+        training.run(cfg, [decide])
+    assert grew == [True] and seen == [1]
+    assert len(training.run(cfg_factory("tracking.enabled=false"), []).epochs) == 2
 
 
 def test_divergence_and_errors_come_back_with_their_reasons(cfg_factory, training):

@@ -7,7 +7,9 @@ torch and reads the data on one core while the driver opens the stores on the ot
 trains the trials the worker sends it, one at a time. The worker keeps everything else (Optuna,
 MLflow, the progress lines): it gets each epoch's result, runs its callbacks on it (which may
 prune the trial) and tells the process to go on or stop, so a trial ends at the same epoch as
-in-process. The training process never imports MLflow or Optuna; the driver never imports torch.
+in-process. The process trains on meanwhile, and a stop stops it between two batches of the
+next epoch, whose partial result nobody sees; an epoch's MLflow curves are written after the
+go, while the next epoch trains. The training process never imports MLflow or Optuna; the driver never imports torch.
 
 `LocalTraining` is the same interface in-process (the workers of a multi-worker sweep, whose
 fork server has imported torch already).
@@ -130,11 +132,11 @@ class TrainingProcess:
     ) -> TrialResult:
         """run_trial(cfg) there; each epoch's result goes through `callbacks` here, then through
         `records` (as `decided_then_recorded` runs them in-process). A callback that raises
-        stops the trial there after that epoch, and its exception is raised here. `records`
-        only record (they may not stop the trial at that epoch): the next epoch trains while
-        they run, so that training does not wait for an epoch's MLflow write (a record that
-        raises stops it after the next one). The result has no model (save_weights saves it
-        from there)."""
+        stops the trial after that epoch (the next one, training meanwhile, is dropped), and its
+        exception is raised here. `records` only record (they may not stop the trial at that
+        epoch): they run after the go, so that training does not wait for an epoch's MLflow
+        write (a record that raises stops it during the next one). The result has no model
+        (save_weights saves it from there)."""
         try:
             self._send_first(("train", cfg))
             while True:
@@ -188,13 +190,12 @@ class TrainingProcess:
         return process is not None and process.is_alive() and not self.connection.closed
 
     def _stop(self) -> None:
-        """Stop the running trial after the epoch it just sent: the process is free again."""
+        """Stop the running trial (it may be training the epoch after the one it sent, or have
+        ended): what it sends until its "stopped" is dropped, and the process is free again."""
         try:
             self._send(("stop", None))
-            while True:
-                kind, _ = self._receive()
-                if kind != "epoch":
-                    break
+            while self._receive()[0] != "stopped":
+                pass
         except RaisedElsewhere:
             pass  # it died meanwhile: the next trial starts another
 
@@ -282,6 +283,9 @@ def _serve(
             os._exit(0)
         if kind == "close":
             os._exit(0)
+        if kind == "stop":  # it came after the trial's end: one "stopped" to each stop
+            reply_or_exit(connection, ("stopped", None))
+            continue
         out_of_memory = False
         try:
             if kind == "call":
@@ -302,10 +306,14 @@ def _serve(
             from mnist_sweep.trial.loop import empty_cuda_cache
 
             empty_cuda_cache()
-        try:
-            connection.send(reply)
-        except BaseException:
-            os._exit(0)
+        reply_or_exit(connection, reply)
+
+
+def reply_or_exit(connection: Connection, reply: tuple) -> None:
+    try:
+        connection.send(reply)
+    except BaseException:  # the worker is gone
+        os._exit(0)
 
 
 class WorkerGone(Exception):
@@ -330,22 +338,52 @@ _LAST: dict[str, Any] = {}  # the training process's last trained model
 
 
 def _train(connection: Connection, cfg: DictConfig) -> TrialResult:
+    """run_trial(cfg), each epoch sent to the worker. Training goes on while the worker decides
+    on the epoch sent (one epoch in flight): its answer is read between batches, and a stop
+    stops the trial there, mid-epoch, as if it had been told before the epoch began. The next
+    epoch is sent only once the last one's answer came, and the trial's end waits for it too,
+    so the trial ends where it would have ended waiting (a stop wins over a result, a
+    divergence or an error that came meanwhile)."""
     from mnist_sweep.trial.loop import run_trial
 
     _LAST.clear()
+    unanswered = 0  # epochs sent without a go or stop read yet (0 or 1)
 
-    def send_and_wait(epoch: EpochResult) -> None:
+    def take_answer() -> None:
+        nonlocal unanswered
         try:
-            connection.send(("epoch", epoch))
             kind, _ = connection.recv()
         except (OSError, EOFError):
             raise WorkerGone() from None
         if kind == "close":
             os._exit(0)
-        if kind != "go":
+        if kind != "go":  # a stop: the worker sends nothing more for this trial
+            unanswered = 0
             raise Stopped()
+        unanswered -= 1
 
-    result = run_trial(cfg, callbacks=[send_and_wait])
+    def answers_that_came() -> None:
+        try:
+            while connection.poll():
+                take_answer()
+        except (OSError, EOFError):
+            raise WorkerGone() from None
+
+    def send(epoch: EpochResult) -> None:
+        nonlocal unanswered
+        while unanswered:  # the last epoch's answer first
+            take_answer()
+        try:
+            connection.send(("epoch", epoch))
+        except OSError:
+            raise WorkerGone() from None
+        unanswered += 1
+
+    try:
+        result = run_trial(cfg, callbacks=[send], before_each_batch=answers_that_came)
+    finally:
+        while unanswered:  # the last epoch's answer: a stop makes the trial's end "stopped"
+            take_answer()
     _LAST["model"], result.model = result.model, None
     return result
 
