@@ -132,7 +132,8 @@ def test_it_trains_on_while_the_worker_decides_and_a_stop_stops_it_mid_epoch(
     """While the worker decides on epoch 1, the process trains epoch 2 (its CPU time grows; it
     would wait in the pipe, at none, before). Told to stop then, it stops mid-epoch: epoch 2 is
     never sent, the trial's result is "stopped", and the next trial runs."""
-    cfg = cfg_factory("tracking.enabled=false", "train.epochs=3", "train.batch_size=1")
+    cfg = cfg_factory("tracking.enabled=false", "train.epochs=3", "train.batch_size=1",
+                      "model=cnn")  # an epoch of ~500 steps: many ticks of CPU
 
     def cpu_ticks() -> int:
         fields = open(f"/proc/{training.process.pid}/stat").read().rsplit(")", 1)[1].split()
@@ -147,7 +148,7 @@ def test_it_trains_on_while_the_worker_decides_and_a_stop_stops_it_mid_epoch(
         seen.append(epoch.epoch)
         if epoch.epoch == 1:
             start = cpu_ticks()
-            grew.append(wait_for(lambda: cpu_ticks() - start >= 5,
+            grew.append(wait_for(lambda: cpu_ticks() - start >= 3,
                                  "it to train while the worker decides", timeout=60, every=0.01))
             raise Halt()
 

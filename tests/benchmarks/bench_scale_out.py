@@ -76,8 +76,8 @@ def simulated_worker_class():
         epoch_seconds = 5.0
 
         def run_trial(self, cfg, callbacks, records):
-            """Sleep an epoch, then hand the callbacks (MLflow curves, Optuna report and prune
-            check) an epoch whose accuracy depends smoothly on lr and momentum, so that the
+            """Sleep an epoch, then hand the callbacks (Optuna report and prune check) and the
+            records (MLflow curves) an epoch whose accuracy depends smoothly on lr and momentum, so that the
             sampler and the pruner have something to learn."""
             import math
 

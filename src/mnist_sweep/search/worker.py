@@ -199,7 +199,7 @@ class Worker(WorkerSetup):
                     result = self.run_trial(
                         cfg,
                         callbacks=[INTERRUPTS.shielded(report)],
-                        records=[INTERRUPTS.shielded(c) for c in (run.log_epoch, *progress)],
+                        records=[INTERRUPTS.shielded(c) for c in (*progress, run.log_epoch)],
                     )
             except Pruned as pruned:
                 ending = settled(
@@ -258,8 +258,8 @@ class Worker(WorkerSetup):
 
     def run_trial(self, cfg, callbacks, records):
         """The training itself: `run_trial`, here or in the training process, with each epoch's
-        `callbacks` (which may stop it) and `records` (the scale-out benchmark's simulated
-        workers sleep instead and make the same store calls: tests/benchmarks/bench_scale_out.py)."""
+        `callbacks` (which may stop it) and `records`. (The scale-out benchmark's simulated
+        workers sleep instead and make the same store calls: tests/benchmarks/bench_scale_out.py.)"""
         return self.training.run(cfg, callbacks, records)
 
 

@@ -138,6 +138,7 @@ def run_trial(
         for callback in callbacks:
             callback(epoch_result)
 
+    before_each_batch()  # a stop that came needs no test pass
     result.test_loss, result.test_acc, result.test_correct = evaluate(model, splits.test)
     result.test_size = len(splits.test)
     return result

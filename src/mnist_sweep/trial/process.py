@@ -8,7 +8,7 @@ trains the trials the worker sends it, one at a time. The worker keeps everythin
 MLflow, the progress lines): it gets each epoch's result, runs its callbacks on it (which may
 prune the trial) and tells the process to go on or stop, so a trial ends at the same epoch as
 in-process. The process trains on meanwhile, and a stop stops it between two batches of the
-next epoch, whose partial result nobody sees; an epoch's MLflow curves are written after the
+next epoch or before the test pass (else where it next sends), the partial epoch never sent; an epoch's MLflow curves are written after the
 go, while the next epoch trains. The training process never imports MLflow or Optuna; the driver never imports torch.
 
 `LocalTraining` is the same interface in-process (the workers of a multi-worker sweep, whose
@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import select
 import signal
 import sys
 import threading
@@ -45,7 +46,8 @@ if TYPE_CHECKING:
 
 
 class Stopped(Exception):
-    """The worker stopped the trial after an epoch (its callback raised: pruned, say)."""
+    """The worker stopped the trial after an epoch (its callback raised: pruned, say; or an
+    epoch's record failed after the go)."""
 
 
 class LocalTraining:
@@ -146,10 +148,13 @@ class TrainingProcess:
                 try:
                     for callback in callbacks:
                         callback(payload)
-                except Exception:
-                    self._stop()
-                    for record in records:  # the epoch that stopped it is recorded too
-                        record(payload)
+                except BaseException as stopping:  # a Ctrl-C held during the report too
+                    try:
+                        if isinstance(stopping, Exception):
+                            self._stop()
+                    finally:  # the epoch that stopped it is recorded too
+                        for record in records:
+                            record(payload)
                     raise
                 self._send(("go", None))
                 try:
@@ -293,8 +298,9 @@ def _serve(
                 reply: tuple = ("value", function(*args))
             else:
                 reply = ("value", _train(connection, payload))
-        except Stopped:
+        except Stopped as stopped:  # it may have come over an error (out of memory, say)
             reply = ("stopped", None)
+            out_of_memory = "out of memory" in str(stopped.__context__ or "").lower()
         except TrainingDiverged as error:
             reply = ("diverged", (str(error), error.epoch))
         except WorkerGone:
@@ -360,14 +366,14 @@ def _train(connection: Connection, cfg: DictConfig) -> TrialResult:
         if kind != "go":  # a stop: the worker sends nothing more for this trial
             unanswered = 0
             raise Stopped()
-        unanswered -= 1
+        unanswered = max(0, unanswered - 1)
+
+    readable = select.poll()  # ~1 us a look (Connection.poll builds a selector each time)
+    readable.register(connection.fileno(), select.POLLIN)
 
     def answers_that_came() -> None:
-        try:
-            while connection.poll():
-                take_answer()
-        except (OSError, EOFError):
-            raise WorkerGone() from None
+        while readable.poll(0):  # an answer, or the worker gone (recv raises: WorkerGone)
+            take_answer()
 
     def send(epoch: EpochResult) -> None:
         nonlocal unanswered

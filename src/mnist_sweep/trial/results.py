@@ -60,7 +60,7 @@ def decided_then_recorded(
         try:
             for callback in decide:
                 callback(epoch)
-        except Exception:
+        except BaseException:  # a stop, or a Ctrl-C held during the decision
             for callback in record:
                 callback(epoch)
             raise
