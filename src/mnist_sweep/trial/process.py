@@ -8,8 +8,9 @@ trains the trials the worker sends it, one at a time. The worker keeps everythin
 MLflow, the progress lines): it gets each epoch's result, runs its callbacks on it (which may
 prune the trial) and tells the process to go on or stop, so a trial ends at the same epoch as
 in-process. The process trains on meanwhile, and a stop stops it between two batches of the
-next epoch or before the test pass (else where it next sends), the partial epoch never sent; an epoch's MLflow curves are written after the
-go, while the next epoch trains. The training process never imports MLflow or Optuna; the driver never imports torch.
+next epoch or before the test pass (else where it next sends), the partial epoch never sent;
+an epoch's MLflow curves are written after the go, while the next epoch trains. The training
+process never imports MLflow or Optuna; the driver never imports torch.
 
 `LocalTraining` is the same interface in-process (the workers of a multi-worker sweep, whose
 fork server has imported torch already).
@@ -353,20 +354,19 @@ def _train(connection: Connection, cfg: DictConfig) -> TrialResult:
     from mnist_sweep.trial.loop import run_trial
 
     _LAST.clear()
-    unanswered = 0  # epochs sent without a go or stop read yet (0 or 1)
+    awaiting_answer = False  # to the last epoch sent (a go or a stop)
 
     def take_answer() -> None:
-        nonlocal unanswered
+        nonlocal awaiting_answer
         try:
             kind, _ = connection.recv()
         except (OSError, EOFError):
             raise WorkerGone() from None
         if kind == "close":
             os._exit(0)
-        if kind != "go":  # a stop: the worker sends nothing more for this trial
-            unanswered = 0
+        awaiting_answer = False  # a stop answers it too, or comes after a go
+        if kind != "go":  # the worker sends nothing more for this trial
             raise Stopped()
-        unanswered = max(0, unanswered - 1)
 
     readable = select.poll()  # ~1 us a look (Connection.poll builds a selector each time)
     readable.register(connection.fileno(), select.POLLIN)
@@ -376,19 +376,19 @@ def _train(connection: Connection, cfg: DictConfig) -> TrialResult:
             take_answer()
 
     def send(epoch: EpochResult) -> None:
-        nonlocal unanswered
-        while unanswered:  # the last epoch's answer first
+        nonlocal awaiting_answer
+        if awaiting_answer:  # the last epoch's answer first: one epoch in flight
             take_answer()
         try:
             connection.send(("epoch", epoch))
         except OSError:
             raise WorkerGone() from None
-        unanswered += 1
+        awaiting_answer = True
 
     try:
         result = run_trial(cfg, callbacks=[send], before_each_batch=answers_that_came)
     finally:
-        while unanswered:  # the last epoch's answer: a stop makes the trial's end "stopped"
+        if awaiting_answer:  # the last epoch's: a stop makes the trial's end "stopped"
             take_answer()
     _LAST["model"], result.model = result.model, None
     return result
