@@ -83,6 +83,30 @@ def test_an_epoch_is_recorded_while_the_next_one_trains(cfg_factory, training):
     assert [e.epoch for e in decided] == [1, 2, 3] and len(result.epochs) == 3
 
 
+def test_a_begun_trial_trains_before_it_is_followed_and_a_cancelled_one_is_stopped(
+    cfg_factory, training
+):
+    """A trial begun trains at once: its first epoch arrives while the worker, not following it
+    yet, creates its MLflow run. One cancelled (its run could not be created) is stopped,
+    whether it had sent an epoch or not, and the next trial runs in step: its own epochs."""
+    cfg = cfg_factory("tracking.enabled=false", "train.epochs=3")
+    training.begin(cfg)
+    assert training.connection.poll(120)  # epoch 1, sent before anyone followed
+    seen = []
+    assert len(training.follow([seen.append]).epochs) == 3
+    assert [e.epoch for e in seen] == [1, 2, 3]
+    training.begin(cfg)
+    assert training.connection.poll(120)
+    training.cancel()
+    training.begin(cfg)
+    training.cancel()  # before its first epoch
+    seen = []
+    two = cfg_factory("tracking.enabled=false", "train.epochs=2", "optim.lr=0.05")
+    result = training.run(two, [seen.append])
+    assert [e.epoch for e in seen] == [1, 2] and len(result.epochs) == 2
+    assert [e.train_loss for e in result.epochs] == [e.train_loss for e in run_trial(two).epochs]
+
+
 @pytest.mark.parametrize("where", ["there", "here"])
 def test_the_epoch_that_stops_a_trial_is_recorded_and_a_failed_record_fails_it(
     cfg_factory, training, where

@@ -152,15 +152,8 @@ class Worker(WorkerSetup):
 
     def train(self, trial: optuna.Trial, values: dict, cfg, prefix: str) -> Ending:
         from mnist_sweep.tracking.datasets import split_descriptions
-        from mnist_sweep.tracking.runs import trial_end_tags, trial_run_name, where_it_ran
-        from mnist_sweep.trial.process import EpochCallback
-        from mnist_sweep.trial.results import EpochProgress, TrainingDiverged
+        from mnist_sweep.tracking.runs import where_it_ran
 
-        metric, number = self.spec.settings["metric"], trial.number
-        progress: list[EpochCallback] = (
-            [] if self.spec.settings["quiet"] else [EpochProgress(prefix)]
-        )
-        run_name = trial_run_name(number, values, self.spec.settings["n_trials"])
         where = splits = None
         if self.tracker.client is not None:  # torch's figures and the data's: where it trains
             # what cannot be described there is described by trial_run here: a failure (no data
@@ -169,6 +162,27 @@ class Worker(WorkerSetup):
                 where = self.training.call(where_it_ran, cfg, str(cfg.train.device))
             with contextlib.suppress(Exception):
                 splits = self.training.call(split_descriptions, cfg.data)
+        # the first epoch trains while the trial's run is created (four MLflow writes)
+        self.training.begin(cfg)
+        try:
+            return self.follow_in_its_run(trial, values, cfg, prefix, where, splits)
+        except BaseException as error:  # begun, never followed: its run could not be created
+            self.training.cancel(kill=not isinstance(error, Exception))  # (or Ctrl-C came)
+            raise
+
+    def follow_in_its_run(
+        self, trial: optuna.Trial, values: dict, cfg, prefix: str, where, splits
+    ) -> Ending:
+        """The begun trial followed to its end, recorded in its MLflow run; how it ended."""
+        from mnist_sweep.tracking.runs import trial_end_tags, trial_run_name
+        from mnist_sweep.trial.process import EpochCallback
+        from mnist_sweep.trial.results import EpochProgress, TrainingDiverged
+
+        progress: list[EpochCallback] = (
+            [] if self.spec.settings["quiet"] else [EpochProgress(prefix)]
+        )
+        run_name = trial_run_name(trial.number, values, self.spec.settings["n_trials"])
+        metric, number = self.spec.settings["metric"], trial.number
         with self.tracker.trial_run(
             cfg,
             device=str(cfg.train.device),
@@ -257,10 +271,11 @@ class Worker(WorkerSetup):
         return ending
 
     def run_trial(self, cfg, callbacks, records):
-        """The training itself: `run_trial`, here or in the training process, with each epoch's
-        `callbacks` (which may stop it) and `records`. (The scale-out benchmark's simulated
-        workers sleep instead and make the same store calls: tests/benchmarks/bench_scale_out.py.)"""
-        return self.training.run(cfg, callbacks, records)
+        """The training itself: the trial begun (`run_trial`, here or in the training process)
+        followed, with each epoch's `callbacks` (which may stop it) and `records`. (The
+        scale-out benchmark's simulated workers sleep instead and make the same store calls:
+        tests/benchmarks/bench_scale_out.py.)"""
+        return self.training.follow(callbacks, records)
 
 
 class Pruned(Exception):

@@ -56,6 +56,7 @@ class LocalTraining:
 
     def __init__(self) -> None:
         self.model: Any = None  # the last trial's, for save_weights
+        self.started: DictConfig | None = None  # the trial begun, until followed
 
     def call(self, function: Callable, *args) -> Any:
         return function(*args)
@@ -66,12 +67,27 @@ class LocalTraining:
         callbacks: Sequence[EpochCallback],
         records: Sequence[EpochCallback] = (),
     ) -> TrialResult:
+        self.begin(cfg)
+        return self.follow(callbacks, records)
+
+    def begin(self, cfg: DictConfig) -> None:
+        """Here, a trial trains only once followed."""
+        self.started = cfg
+
+    def follow(
+        self, callbacks: Sequence[EpochCallback], records: Sequence[EpochCallback] = ()
+    ) -> TrialResult:
         from mnist_sweep.trial.loop import run_trial
 
+        cfg, self.started = self.started, None
+        assert cfg is not None, "follow() a trial begin() began"
         self.model = None  # the last trial's is freed before this one's is built
         result = run_trial(cfg, callbacks=[decided_then_recorded(callbacks, records)])
         self.model = result.model
         return result
+
+    def cancel(self, kill: bool = False) -> None:
+        self.started = None
 
     def save_weights(self, path: str) -> None:
         save_state_dict(self.model, path)
@@ -87,6 +103,7 @@ class TrainingProcess:
 
     def __init__(self, preload: DictConfig | None = None):
         self.preload = preload
+        self.started = False  # a trial begun there, not yet followed
         self.start()
 
     def start(self) -> None:
@@ -133,15 +150,29 @@ class TrainingProcess:
         callbacks: Sequence[EpochCallback],
         records: Sequence[EpochCallback] = (),
     ) -> TrialResult:
-        """run_trial(cfg) there; each epoch's result goes through `callbacks` here, then through
+        """run_trial(cfg) there: `begin` then `follow`."""
+        self.begin(cfg)
+        return self.follow(callbacks, records)
+
+    def begin(self, cfg: DictConfig) -> None:
+        """run_trial(cfg) begins there now, so that its first epoch trains while the worker
+        creates the trial's MLflow run. A trial begun is then followed, or cancelled."""
+        self._send_first(("train", cfg))  # (interrupted mid-message: the process is killed)
+        self.started = True
+
+    def follow(
+        self, callbacks: Sequence[EpochCallback], records: Sequence[EpochCallback] = ()
+    ) -> TrialResult:
+        """The started trial's epochs: each goes through `callbacks` here, then through
         `records` (as `decided_then_recorded` runs them in-process). A callback that raises
         stops the trial after that epoch (the next one, training meanwhile, is dropped), and its
         exception is raised here. `records` only record (they may not stop the trial at that
         epoch): they run after the go, so that training does not wait for an epoch's MLflow
         write (a record that raises stops it during the next one). The result has no model
         (save_weights saves it from there)."""
+        assert self.started, "follow() a trial begin() began"
+        self.started = False
         try:
-            self._send_first(("train", cfg))
             while True:
                 kind, payload = self._receive()
                 if kind != "epoch":
@@ -150,12 +181,17 @@ class TrainingProcess:
                     for callback in callbacks:
                         callback(payload)
                 except BaseException as stopping:  # a Ctrl-C held during the report too
+                    stop_asked = False
                     try:
                         if isinstance(stopping, Exception):
-                            self._stop()
-                    finally:  # the epoch that stopped it is recorded too
-                        for record in records:
-                            record(payload)
+                            stop_asked = self._ask_to_stop()
+                    finally:  # the epoch that stopped it is recorded too, while it stops
+                        try:
+                            for record in records:
+                                record(payload)
+                        finally:
+                            if stop_asked:
+                                self._until_stopped()
                     raise
                 self._send(("go", None))
                 try:
@@ -168,6 +204,17 @@ class TrainingProcess:
             if not isinstance(error, Exception):
                 self.kill()
             raise
+
+    def cancel(self, kill: bool = False) -> None:
+        """A trial begun but not followed (its MLflow run could not be created, say): it is
+        stopped, and the process is free for the next one; or killed (`kill`: Ctrl-C, the
+        command ends)."""
+        if self.started:
+            self.started = False
+            if kill:
+                self.kill()
+            else:
+                self._stop()
 
     def save_weights(self, path: str) -> None:
         """The last trial's model's state dict, saved to `path` by the training process (not by
@@ -198,8 +245,20 @@ class TrainingProcess:
     def _stop(self) -> None:
         """Stop the running trial (it may be training the epoch after the one it sent, or have
         ended): what it sends until its "stopped" is dropped, and the process is free again."""
+        if self._ask_to_stop():
+            self._until_stopped()
+
+    def _ask_to_stop(self) -> bool:
+        """Whether the stop could be sent (else it died meanwhile: the next trial starts
+        another)."""
         try:
             self._send(("stop", None))
+            return True
+        except RaisedElsewhere:
+            return False
+
+    def _until_stopped(self) -> None:
+        try:
             while self._receive()[0] != "stopped":
                 pass
         except RaisedElsewhere:
