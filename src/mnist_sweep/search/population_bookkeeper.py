@@ -115,7 +115,7 @@ class PopulationBookkeeper:
         try:
             with self.book.storage.coalesced():  # its params: one transaction
                 member.values = self.setup.space.suggest(trial)
-            member.cfg = compose_trial([*self.spec.fixed, *self.setup.placement], member.values)
+            member.cfg = compose_trial(self.spec.fixed, {**self.setup.placement, **member.values})
         except Exception as error:
             self.fail(trial.number, failure_reason(error))
             return

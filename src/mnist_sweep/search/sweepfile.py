@@ -371,8 +371,10 @@ def check_space(spec: SweepSpec, space: SearchSpace) -> Any:
             values = [d.low, d.high]
         for value in values:
             lines = [*context, *to_overrides({p.key: value})]
+            # keys looked up in the config compose_trial composes (one compose per group option)
+            reference = lines if p.key in groups else context
             try:
-                check_overrides(lines)
+                check_overrides(lines, reference=reference)
                 check_trial_config(compose_trial(context, {p.key: value}))
             except ConfigError as error:
                 raise ConfigError(

@@ -71,7 +71,7 @@ class WorkerSetup:
         self.study, _ = open_study(spec, self.space, base, on_stale=self.end_stale_run)
         # where its trials train: here, or a training process (trial/process.py)
         self.training = training or LocalTraining()
-        # where its trials run: overrides of train.device and train.threads
+        # where its trials run: train.device and train.threads, set on their configs
         self.placement = self.training.call(
             placement, str(base.train.device), base.train.threads, index, n_workers
         )
@@ -130,7 +130,7 @@ class Worker(WorkerSetup):
             with self.book.storage.snapshot(), self.book.storage.coalesced():
                 values = self.space.suggest(trial)
             # the space was checked against the config tree before the workers started
-            cfg = compose_trial([*self.spec.fixed, *self.placement], values)
+            cfg = compose_trial(self.spec.fixed, {**self.placement, **values})
             ending = self.train(trial, values, cfg, prefix)
         except StorageUnavailable:
             raise

@@ -479,16 +479,17 @@ def save_state_dict(model, path: str) -> None:
     torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, path)
 
 
-def placement(device: str, threads: int | None, index: int, n_workers: int) -> list[str]:
-    """Overrides that give worker `index` of `n_workers` its share: its own GPU, or its share of
-    the CPU cores (train.device auto or cuda; train.threads unset)."""
+def placement(device: str, threads: int | None, index: int, n_workers: int) -> dict[str, Any]:
+    """What gives worker `index` of `n_workers` its share (train.device and train.threads, set
+    on its trials' configs): its own GPU, or its share of the CPU cores (train.device auto or
+    cuda; train.threads unset)."""
     import torch
 
-    overrides = []
+    where: dict[str, Any] = {}
     if device in ("auto", "cuda") and torch.cuda.is_available():
-        overrides.append(f"train.device=cuda:{index % torch.cuda.device_count()}")
+        where["train.device"] = f"cuda:{index % torch.cuda.device_count()}"
     elif device == "auto":
-        overrides.append("train.device=cpu")
-    if threads is None and not (overrides and overrides[0].startswith("train.device=cuda")):
-        overrides.append(f"train.threads={max(1, (os.cpu_count() or 1) // n_workers)}")
-    return overrides
+        where["train.device"] = "cpu"
+    if threads is None and not str(where.get("train.device", "")).startswith("cuda"):
+        where["train.threads"] = max(1, (os.cpu_count() or 1) // n_workers)
+    return where
