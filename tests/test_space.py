@@ -76,3 +76,22 @@ def test_contains_tells_the_values_a_distribution_can_take(grammar, inside, outs
     d = to_distribution("k", grammar)
     assert all(contains(d, v) for v in inside), [v for v in inside if not contains(d, v)]
     assert not any(contains(d, v) for v in outside), [v for v in outside if contains(d, v)]
+
+
+def test_the_space_check_looks_keys_up_in_the_trials_configs_and_a_deleted_key_is_allowed():
+    """Keys are looked up in the configs the trials compose (one compose per group option, not
+    two): a sweep whose fixed overrides delete a key (~optim.weight_decay, which Hydra accepts)
+    passes, its trials lack the key, and a searched key that exists nowhere is still refused
+    by name, under a group option too."""
+    from mnist_sweep.base.hydra_config import compose_trial
+    from mnist_sweep.search.sweepfile import check_space, load_spec
+
+    spec = load_spec("momentum_decay", ["~optim.weight_decay"])
+    base = check_space(spec, spec.space())
+    assert "weight_decay" not in base.optim and "momentum" in base.optim
+    trial = compose_trial(spec.fixed, {"schedule": "step", "optim.lr": 0.05})
+    assert "weight_decay" not in trial.optim and trial.schedule.name == "step"
+    for searched in ("optim.momentun=interval(0.1,0.5)", "schedule.step_sise=range(1,5)"):
+        spec = load_spec("momentum_decay", [searched])
+        with pytest.raises(ConfigError, match=searched.split("=")[0].split(".")[-1]):
+            check_space(spec, spec.space())

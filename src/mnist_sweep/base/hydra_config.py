@@ -183,7 +183,9 @@ def check_overrides(
                     f"{', '.join(groups[o.key_or_group])}."
                 )
     group_choices = [o.input_line for o in plain if o.key_or_group in groups]
-    base = _composed(tuple(reference or group_choices), conf_dir, config_name)
+    if reference is None or any(o.is_delete() for o in plain):  # (a key deleted there is missing)
+        reference = [str(line) for line in group_choices]
+    base = _composed(tuple(reference), conf_dir, config_name)
     for o in plain:
         if o.key_or_group in groups or o.is_add() or o.is_force_add():
             continue

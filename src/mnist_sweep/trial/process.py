@@ -104,6 +104,7 @@ class TrainingProcess:
     def __init__(self, preload: DictConfig | None = None):
         self.preload = preload
         self.started = False  # a trial begun there, not yet followed
+        self.not_begun: Exception | None = None  # why the trial begun could not begin
         self.start()
 
     def start(self) -> None:
@@ -156,8 +157,13 @@ class TrainingProcess:
 
     def begin(self, cfg: DictConfig) -> None:
         """run_trial(cfg) begins there now, so that its first epoch trains while the worker
-        creates the trial's MLflow run. A trial begun is then followed, or cancelled."""
-        self._send_first(("train", cfg))  # (interrupted mid-message: the process is killed)
+        creates the trial's MLflow run. A trial begun is then followed, or cancelled. One that
+        could not begin (no process to train it) raises when followed: in its run."""
+        self.not_begun = None
+        try:
+            self._send_first(("train", cfg))  # (interrupted mid-message: the process is killed)
+        except Exception as error:
+            self.not_begun = error
         self.started = True
 
     def follow(
@@ -171,8 +177,10 @@ class TrainingProcess:
         write (a record that raises stops it during the next one). The result has no model
         (save_weights saves it from there)."""
         assert self.started, "follow() a trial begin() began"
-        self.started = False
         try:
+            self.started = False
+            if self.not_begun is not None:
+                raise self.not_begun
             while True:
                 kind, payload = self._receive()
                 if kind != "epoch":
@@ -213,8 +221,13 @@ class TrainingProcess:
             self.started = False
             if kill:
                 self.kill()
-            else:
-                self._stop()
+            elif self.not_begun is None:
+                try:  # (it stops between two batches: a Ctrl-C meanwhile ends the wait)
+                    with INTERRUPTS.allowed():
+                        self._stop()
+                except BaseException:
+                    self.kill()
+                    raise
 
     def save_weights(self, path: str) -> None:
         """The last trial's model's state dict, saved to `path` by the training process (not by
