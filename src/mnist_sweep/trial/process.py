@@ -5,7 +5,8 @@ data, all in one process: on 2 cores, one core idle for seconds. `TrainingProces
 the sweep starts, before the driver imports MLflow (no thread, no torch there yet): it imports
 torch and reads the data on one core while the driver opens the stores on the other, and then
 trains the trials the worker sends it, one at a time. The worker keeps everything else (Optuna,
-MLflow, the progress lines): it gets each epoch's result, runs its callbacks on it (which may
+MLflow, the progress lines): it sends a trial (`begin`) and makes its MLflow run while the first
+epoch trains, then gets each epoch's result (`follow`), runs its callbacks on it (which may
 prune the trial) and tells the process to go on or stop, so a trial ends at the same epoch as
 in-process. The process trains on meanwhile, and a stop stops it between two batches of the
 next epoch or before the test pass (else where it next sends), the partial epoch never sent;
