@@ -81,7 +81,7 @@ class LocalTraining:
         from mnist_sweep.trial.loop import run_trial
 
         cfg, self.started = self.started, None
-        assert cfg is not None, "follow() a trial begin() began"
+        assert cfg is not None, "follow() needs a trial begun"
         self.model = None  # the last trial's is freed before this one's is built
         result = run_trial(cfg, callbacks=[decided_then_recorded(callbacks, records)])
         self.model = result.model
@@ -170,14 +170,14 @@ class TrainingProcess:
     def follow(
         self, callbacks: Sequence[EpochCallback], records: Sequence[EpochCallback] = ()
     ) -> TrialResult:
-        """The started trial's epochs: each goes through `callbacks` here, then through
+        """The begun trial's epochs: each goes through `callbacks` here, then through
         `records` (as `decided_then_recorded` runs them in-process). A callback that raises
         stops the trial after that epoch (the next one, training meanwhile, is dropped), and its
         exception is raised here. `records` only record (they may not stop the trial at that
         epoch): they run after the go, so that training does not wait for an epoch's MLflow
         write (a record that raises stops it during the next one). The result has no model
         (save_weights saves it from there)."""
-        assert self.started, "follow() a trial begin() began"
+        assert self.started, "follow() needs a trial begun"
         try:
             self.started = False
             if self.not_begun is not None:
