@@ -95,3 +95,24 @@ def test_the_space_check_looks_keys_up_in_the_trials_configs_and_a_deleted_key_i
         spec = load_spec("momentum_decay", [searched])
         with pytest.raises(ConfigError, match=searched.split("=")[0].split(".")[-1]):
             check_space(spec, spec.space())
+
+
+def test_a_deleted_key_that_is_searched_or_missing_gets_a_clear_error_and_an_added_one_passes():
+    """Beside a delete (~key) in the fixed overrides: searching the deleted key is refused with
+    a one-paragraph ConfigError (not omegaconf's traceback), deleting a key that does not exist
+    is refused by name, and a key added with +key may still be searched."""
+    from mnist_sweep.search.sweepfile import check_space, load_spec
+
+    spec = load_spec(
+        "momentum", ["~optim.weight_decay", "optim.weight_decay=interval(0.0, 0.1)"]
+    )
+    with pytest.raises(ConfigError, match="optim.weight_decay.*does not exist"):
+        check_space(spec, spec.space())
+    spec = load_spec("momentum", ["~optim.weight_dekay"])
+    with pytest.raises(ConfigError, match="~optim.weight_dekay deletes a key that does not exist"):
+        check_space(spec, spec.space())
+    spec = load_spec(
+        "momentum", ["~optim.weight_decay", "+train.note=a", "train.note=choice(a, b)"]
+    )
+    base = check_space(spec, spec.space())
+    assert base.train.note == "a" and "weight_decay" not in base.optim

@@ -15,6 +15,7 @@ from typing import Any
 
 import hydra
 from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
 from mnist_sweep.base.errors import ConfigError, report, user_errors_exit
 from mnist_sweep.base.interrupts import INTERRUPTS
@@ -149,7 +150,13 @@ def compose_trial(overrides: list[str], values: dict, conf_dir: Path = CONF_DIR)
     cfg = compose([*overrides, *to_overrides(chosen)], conf_dir, check=False)
     for key, value in values.items():
         if key not in groups:
-            OmegaConf.update(cfg, key, value, merge=False)
+            try:
+                OmegaConf.update(cfg, key, value, merge=False)
+            except OmegaConfBaseException as error:  # a key the fixed overrides deleted, say
+                raise ConfigError(
+                    f"{key}={value!r} cannot be set on the config of the overrides "
+                    f"{' '.join(overrides) or '(none)'}: {' '.join(str(error).split())}"
+                ) from None
     return cfg
 
 
@@ -182,27 +189,43 @@ def check_overrides(
                     f"{o.key_or_group!r}: allowed are "
                     f"{', '.join(groups[o.key_or_group])}."
                 )
-    group_choices = [o.input_line for o in plain if o.key_or_group in groups]
-    if reference is None or any(o.is_delete() for o in plain):  # (a key deleted there is missing)
-        reference = [str(line) for line in group_choices]
-    base = _composed(tuple(reference), conf_dir, config_name)
+    group_choices = tuple(str(o.input_line) for o in plain if o.key_or_group in groups)
+    deletes = [o for o in plain if o.is_delete() and o.key_or_group not in groups]
+    # A deleted key is looked up where it still exists (the group choices' config), so that its
+    # delete is checked before any config that applies it is composed; every other key in the
+    # config the trials compose (`reference`), where added (+key) and deleted (~key) keys are
+    # already applied.
+    if deletes or reference is None:
+        choices_config = _composed(group_choices, conf_dir, config_name)
+        for o in deletes:
+            _check_key_exists(o, choices_config)
+    base = (
+        choices_config if reference is None else _composed(tuple(reference), conf_dir, config_name)
+    )
     for o in plain:
-        if o.key_or_group in groups or o.is_add() or o.is_force_add():
+        if o.key_or_group in groups or o.is_add() or o.is_force_add() or o.is_delete():
             continue
-        parent_key, _, leaf = o.key_or_group.rpartition(".")
-        parent = OmegaConf.select(base, parent_key) if parent_key else base
-        if not isinstance(parent, DictConfig) or leaf not in parent:
-            where = f"the {parent_key!r} config" if parent_key else "the top-level config"
-            keys = (
-                ", ".join(str(k) for k in parent.keys() if k != "hydra")
-                if isinstance(parent, DictConfig)
-                else "none"
-            )
-            raise ConfigError(
-                f"{o.input_line} overrides a key that does not exist: "
-                f"{o.key_or_group!r} is not in {where}, whose keys are: {keys}. "
-                f"To add a new key use +{o.input_line}."
-            )
+        _check_key_exists(o, base)
+
+
+def _check_key_exists(override: Any, config: DictConfig) -> None:
+    """A ConfigError unless the key `override` sets or deletes is in `config`."""
+    parent_key, _, leaf = override.key_or_group.rpartition(".")
+    parent = OmegaConf.select(config, parent_key) if parent_key else config
+    if isinstance(parent, DictConfig) and leaf in parent:
+        return
+    where = f"the {parent_key!r} config" if parent_key else "the top-level config"
+    keys = (
+        ", ".join(str(k) for k in parent.keys() if k != "hydra")
+        if isinstance(parent, DictConfig)
+        else "none"
+    )
+    hint = "" if override.is_delete() else f" To add a new key use +{override.input_line}."
+    raise ConfigError(
+        f"{override.input_line} {'deletes' if override.is_delete() else 'overrides'} a key that "
+        f"does not exist: {override.key_or_group!r} is not in {where}, whose keys are: "
+        f"{keys}.{hint}"
+    )
 
 
 def _command_line_overrides(argv: list[str]) -> tuple[list[str], bool]:
