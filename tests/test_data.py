@@ -38,8 +38,19 @@ def test_truncated_file_is_named(tmp_path):
 
 
 def test_corrupt_gzip_is_named(tmp_path):
+    """Not gzip, a gzip cut short, and one whose compressed stream is damaged: each a DataError."""
     path = tmp_path / "images.gz"
     path.write_bytes(b"not gzip at all")
+    with pytest.raises(DataError, match="Cannot read the IDX file"):
+        data.read_idx(path, expected_ndim=3)
+    write_idx(path, np.random.default_rng(0).integers(0, 256, (30, 28, 28), dtype=np.uint8))
+    intact = path.read_bytes()
+    path.write_bytes(intact[: len(intact) // 2])
+    with pytest.raises(DataError, match="Cannot read the IDX file"):
+        data.read_idx(path, expected_ndim=3)
+    damaged = bytearray(intact)
+    damaged[20:40] = b"\xff" * 20  # inside the deflate stream, past the 10-byte header
+    path.write_bytes(bytes(damaged))
     with pytest.raises(DataError, match="Cannot read the IDX file"):
         data.read_idx(path, expected_ndim=3)
 

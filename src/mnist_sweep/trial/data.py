@@ -13,6 +13,7 @@ import functools
 import hashlib
 import math
 import struct
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -68,7 +69,7 @@ def read_idx(path: Path, expected_ndim: int, digests: list | None = None) -> tor
     the sha256 of its decompressed content goes to `digests`."""
     try:
         raw, digest = read_file(path)  # read ahead while torch was imported, or now
-    except (OSError, EOFError) as error:  # gzip.BadGzipFile is an OSError
+    except (OSError, EOFError, zlib.error) as error:  # gzip.BadGzipFile is an OSError
         raise DataError(
             f"Cannot read the IDX file {path}: {error}. Replace it with an intact "
             "copy of the dataset file (raw or .gz)."

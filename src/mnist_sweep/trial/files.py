@@ -84,6 +84,10 @@ def read_file(path: Path) -> tuple[bytes, str]:
 
 
 def _read(path: Path) -> tuple[bytes, str]:
-    with (gzip.open if path.suffix == ".gz" else open)(path, "rb") as f:
-        raw = f.read()
+    # gzip.decompress inflates the whole file in one zlib call, which releases the GIL; reading
+    # through gzip.open takes the GIL back for every chunk, and beside torch's import (which
+    # holds it) made the read ~3x longer and the import ~0.25 s slower (here, 2 cores).
+    raw = path.read_bytes()
+    if path.suffix == ".gz":
+        raw = gzip.decompress(raw)
     return raw, hashlib.sha256(raw).hexdigest()
