@@ -1,7 +1,9 @@
 """One trial recorded in a real (temporary) SQLite MLflow store."""
 
+import contextlib
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -9,6 +11,7 @@ import pytest
 from conftest import FAST
 from mlflow.tracking import MlflowClient
 
+from mnist_sweep.base.hydra_config import compose
 from mnist_sweep.tracking.runs import fluent_target, open_tracker, redact_uri
 from mnist_sweep.train import train_and_track
 from mnist_sweep.trial.loop import run_trial
@@ -97,7 +100,7 @@ def test_make_train_ends_its_written_run_failed_or_killed_after_its_epochs(stop,
                                                                          store, monkeypatch):
     """`make train`'s run is made and written by a writer process (run_writer.SingleRun): what
     the trial measured before it stopped is in the run, which ends as trial_run would end it."""
-    import mnist_sweep.trial.loop as loop
+    import mnist_sweep.trial.results as results
 
     class Stop:
         def __init__(self, prefix=""):
@@ -107,7 +110,7 @@ def test_make_train_ends_its_written_run_failed_or_killed_after_its_epochs(stop,
             if epoch.epoch == 2:
                 raise RuntimeError("boom") if stop == "exception" else KeyboardInterrupt
 
-    monkeypatch.setattr(loop, "EpochProgress", Stop)  # the command's own callback, stopping it
+    monkeypatch.setattr(results, "EpochProgress", Stop)  # the command's own callback, stopping it
     with pytest.raises(RuntimeError if stop == "exception" else KeyboardInterrupt):
         train_and_track(cfg_factory("train.epochs=3", "train.progress=true"))
     client, run = only_run(store)
@@ -126,7 +129,7 @@ def test_make_train_whose_writer_dies_mid_training_fails_and_leaves_no_run_runni
     import multiprocessing
     import signal
 
-    import mnist_sweep.trial.loop as loop
+    import mnist_sweep.trial.results as results
     from mnist_sweep.base.errors import TrackingError
 
     class KillWriter:
@@ -139,7 +142,7 @@ def test_make_train_whose_writer_dies_mid_training_fails_and_leaves_no_run_runni
                 os.kill(writer.pid, signal.SIGKILL)
                 writer.join()
 
-    monkeypatch.setattr(loop, "EpochProgress", KillWriter)
+    monkeypatch.setattr(results, "EpochProgress", KillWriter)
     with pytest.raises(TrackingError, match="exit code -9"):
         train_and_track(cfg_factory("train.epochs=3", "train.progress=true"))
     _, run = only_run(store)
@@ -149,11 +152,13 @@ def test_make_train_whose_writer_dies_mid_training_fails_and_leaves_no_run_runni
 
 def test_make_train_trains_without_importing_mlflow(mnist_dir, tmp_path):
     """MLflow (1-4 s of imports, its store's first open, the run's creation) is the writer
-    process's: the training process never imports it, and its run is complete all the same."""
+    process's, torch the training process's: the command's own process imports neither, and
+    its run is complete all the same, with the figures the trial trained in-process gets."""
     store = f"sqlite:///{tmp_path / 'mlflow.db'}"
     code = (
         "import atexit, runpy, sys\n"
         "atexit.register(lambda: print('mlflow imported:', 'mlflow' in sys.modules, flush=True))\n"
+        "atexit.register(lambda: print('torch imported:', 'torch' in sys.modules, flush=True))\n"
         f"sys.argv = ['train', 'data.root={mnist_dir}', 'tracking.tracking_uri={store}', "
         f"*{FAST!r}]\n"
         "runpy.run_module('mnist_sweep.train', run_name='__main__')\n"
@@ -162,10 +167,50 @@ def test_make_train_trains_without_importing_mlflow(mnist_dir, tmp_path):
                          text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     assert "mlflow imported: False" in out.stdout, out.stdout
+    assert "torch imported: False" in out.stdout, out.stdout
     client, run = only_run(store)
     assert run.info.status == "FINISHED" and run.info.run_id in out.stderr + out.stdout
     assert {"test_acc", "val_acc", "batch_train_loss"} <= set(run.data.metrics)
     assert len(run.inputs.dataset_inputs) == 3 and run.data.tags["mlflow.user"]
+    assert run.data.tags["torch_version"] and run.data.tags["threads"] == "1"
+    cfg = compose([f"data.root={mnist_dir}", "tracking.enabled=false", *FAST])
+    here = run_trial(cfg)
+    assert run.data.metrics["test_acc"] == here.test_acc
+    assert [m.value for m in client.get_metric_history(run.info.run_id, "train_loss")] == [
+        e.train_loss for e in here.epochs]
+
+
+def test_make_train_interrupted_mid_training_ends_its_run_killed_and_leaves_no_process(
+        mnist_dir, tmp_path):
+    """Ctrl-C at a terminal (SIGINT to the command's process group) while the trial trains in
+    its training process: the command exits 130 at once, its run ends KILLED with the epochs
+    it had, and neither the training process nor the writer is left behind."""
+    import signal
+    import time
+
+    store = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    output = tmp_path / "out.txt"
+    with output.open("w") as out:
+        command = subprocess.Popen(
+            [sys.executable, "-m", "mnist_sweep.train", f"data.root={mnist_dir}",
+             f"tracking.tracking_uri={store}", *FAST, "train.epochs=5000", "train.progress=true"],
+            cwd=tmp_path, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            deadline = time.time() + 240
+            while not re.search(r"epoch +2/5000", output.read_text()):
+                assert command.poll() is None and time.time() < deadline, output.read_text()
+                time.sleep(0.05)
+            os.killpg(command.pid, signal.SIGINT)
+            assert command.wait(60) == 130, output.read_text()
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(command.pid, signal.SIGKILL)
+    time.sleep(0.5)  # (a child that outlived the command would still be in the group)
+    with pytest.raises(ProcessLookupError):
+        os.killpg(command.pid, 0)
+    client, run = only_run(store)
+    assert run.info.status == "KILLED"
+    assert len(client.get_metric_history(run.info.run_id, "train_loss")) >= 2
 
 
 def test_log_model_stores_a_loadable_model(cfg_factory, store):

@@ -49,6 +49,26 @@ def test_a_trial_trained_there_is_the_trial_trained_here(cfg_factory, training, 
     assert all(torch.equal(saved[k], v) for k, v in here.model.state_dict().items())
 
 
+def test_files_named_while_it_imports_torch_are_read_meanwhile_and_calls_get_their_replies(
+        cfg_factory, training):
+    """`make train` starts its training process before its config is known, then names the
+    data: the files are read while torch imports there (a read message, which gets no reply),
+    one named again after the import is handled by the loop, and each call after them gets its
+    own reply; the trial then trains as here, and the files are not read again for the next."""
+    from mnist_sweep.trial.files import reads_ahead
+    from mnist_sweep.trial.process import prepared_device
+
+    cfg = cfg_factory("tracking.enabled=false", "train.threads=1", "train.epochs=1")
+    training.read_ahead(cfg.data)
+    assert len(training.call(reads_ahead)) == 4  # read from the first message, not taken yet
+    training.read_ahead(cfg.data)  # (already there: nothing more to read)
+    assert training.call(prepared_device, cfg) == "cpu"
+    assert training.call(reads_ahead) == []  # taken by the trial's data
+    assert training.run(cfg, []).test_acc == run_trial(cfg).test_acc
+    training.read_ahead(cfg.data)  # a second trial's (`make train -m`): decoded already, not read
+    assert training.call(reads_ahead) == []
+
+
 def test_a_callback_that_raises_stops_the_trial_after_that_epoch(cfg_factory, training):
     cfg = cfg_factory("tracking.enabled=false", "train.epochs=3")
 

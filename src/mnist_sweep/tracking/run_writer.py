@@ -29,6 +29,7 @@ in its start-up, before it could ignore the signal, had read nothing: `close` st
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import multiprocessing
 import os
@@ -337,6 +338,9 @@ def _serve(tracking_cfg_yaml: str, requests, replies) -> None:
     sqlite_stores.close_all()
 
 
+WRITER_NICENESS = 10  # 10 of 19: ~1/10 of a core against a busy process at 0 (Linux)
+
+
 class SingleRun:
     """`make train`'s MLflow run, made and written by a writer process: MLflow's import (1-4 s),
     its store's first open and the run's creation overlap torch's import, the data's loading and
@@ -357,6 +361,10 @@ class SingleRun:
         self.writer = RunWriter(
             OmegaConf.to_yaml(tracking_cfg, resolve=True), "fork" if fork else "spawn"
         )  # starts at once
+        # Behind the training process on a busy CPU: the epochs are what the user waits for,
+        # and the writer has until the run's end (it fills the cores' idle moments)
+        with contextlib.suppress(OSError):
+            os.setpriority(os.PRIO_PROCESS, self.writer.process.pid, WRITER_NICENESS)
         self.run_id: str | None = None
         self.result = None
 
@@ -369,7 +377,15 @@ class SingleRun:
         self.result = result  # written with the run's end
 
     @contextmanager
-    def trial_run(self, cfg: DictConfig, device) -> Iterator[SingleRun]:
+    def trial_run(
+        self,
+        cfg: DictConfig,
+        device,
+        where: dict[str, str] | None = None,
+        splits: list | None = None,
+    ) -> Iterator[SingleRun]:
+        """`where` (where_it_ran) and `splits` (split_descriptions): taken where the trial
+        trains, when torch is not imported here; else described here."""
         from mnist_sweep.base.errors import failure_reason
         from mnist_sweep.base.hydra_config import resolved as resolved_config
         from mnist_sweep.base.urls import redact_passwords
@@ -380,8 +396,10 @@ class SingleRun:
             resolved = redact_passwords(resolved_config(cfg))
             resolved.pop("hydra", None)
             name = cfg.tracking.get("run_name") or single_run_name(cfg)
-            tags = {"sweep_role": "single", **where_it_ran(cfg, device)}
-            self.writer.create(self.KEY, name, tags, resolved, split_descriptions(cfg.data))
+            tags = {"sweep_role": "single", **(where or where_it_ran(cfg, device))}
+            if splits is None:
+                splits = split_descriptions(cfg.data)
+            self.writer.create(self.KEY, name, tags, resolved, splits)
         except BaseException as error:  # a run made meanwhile is ended (by its key) before close
             interrupted = isinstance(error, (KeyboardInterrupt, SystemExit))
             self.writer.end(self.KEY, "KILLED" if interrupted else "FAILED", {})

@@ -20,6 +20,7 @@ ALL_FILES = [name for pair in SPLIT_FILES.values() for name in pair]
 TORCHVISION_CLASSES = {"mnist": "MNIST", "fashion_mnist": "FashionMNIST", "kmnist": "KMNIST"}
 
 _READS: dict[Path, Future] = {}  # path -> (decompressed bytes, their sha256), read ahead
+_TAKEN: set[Path] = set()  # files read before: decoded and cached (data.load_raw), not read again
 
 
 def _find(folder: Path, name: str) -> Path | None:
@@ -57,7 +58,11 @@ def read_ahead(root: str, dataset: str) -> None:
     found = locate(Path(root), dataset) if dataset in TORCHVISION_CLASSES else None
     if found is None:
         return
-    reads: dict[Path, Future] = {p: Future() for p in found.values() if p not in _READS}
+    reads: dict[Path, Future] = {
+        p: Future() for p in found.values() if p not in _READS and p not in _TAKEN
+    }
+    if not reads:
+        return
     _READS.update(reads)
     # the thread holds the futures themselves: read_file pops a file's future from _READS when
     # it waits on it, maybe before the thread reaches that file (a lookup then finds nothing)
@@ -66,6 +71,11 @@ def read_ahead(root: str, dataset: str) -> None:
     except RuntimeError:  # no thread to spare (a pids limit): read_file reads them when asked
         for path in reads:
             _READS.pop(path, None)
+
+
+def reads_ahead() -> list[str]:
+    """The names of the files read ahead (or being read) that no one has taken yet."""
+    return sorted(path.name for path in _READS)
 
 
 def _read_all(reads: dict[Path, Future]) -> None:
@@ -79,6 +89,7 @@ def _read_all(reads: dict[Path, Future]) -> None:
 def read_file(path: Path) -> tuple[bytes, str]:
     """The file's decompressed bytes and their sha256: the read ahead (its error raised here),
     else read now."""
+    _TAKEN.add(path)
     ahead = _READS.pop(path, None)
     return ahead.result() if ahead is not None else _read(path)
 

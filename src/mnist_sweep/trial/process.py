@@ -71,6 +71,12 @@ class LocalTraining:
         self.begin(cfg)
         return self.follow(callbacks, records)
 
+    def read_ahead(self, data_cfg: DictConfig) -> None:
+        """The data's files read in a thread from now (files.read_ahead)."""
+        from mnist_sweep.trial.files import read_ahead
+
+        read_ahead(str(data_cfg.root), str(data_cfg.name))
+
     def begin(self, cfg: DictConfig) -> None:
         """Here, a trial trains only once followed."""
         self.started = cfg
@@ -145,6 +151,14 @@ class TrainingProcess:
             if not isinstance(error, Exception):
                 self.kill()
             raise
+
+    def read_ahead(self, data_cfg: DictConfig) -> None:
+        """The data's files read there from now, in a thread, even while it still imports
+        torch (a process started before its config was known: `make train`'s)."""
+        try:
+            self._send_first(("read", (str(data_cfg.root), str(data_cfg.name))))
+        except Exception:  # no process: the trial that needs one says so
+            pass
 
     def run(
         self,
@@ -351,17 +365,21 @@ def _serve(
     end_with_the_worker(worker)
     if workers_end is not None:
         workers_end.close()  # forked with it: without this, the worker's death would not end
-    try:  # the pipe
+    early = EarlyMessages(connection)  # the pipe
+    try:
         warm_up(preload)
     except Exception:  # the trial that needs it says why, with the worker's handling
         pass
     while True:
         try:
-            kind, payload = connection.recv()
+            kind, payload = early.first() or connection.recv()
         except BaseException:  # the worker is gone (or died mid-message)
             os._exit(0)
         if kind == "close":
             os._exit(0)
+        if kind == "read":  # (after torch's import: read now, loaded by the trial)
+            _read_ahead(*payload)
+            continue
         if kind == "stop":  # it came after the trial's end: one "stopped" to each stop
             reply_or_exit(connection, ("stopped", None))
             continue
@@ -387,6 +405,51 @@ def _serve(
 
             empty_cuda_cache()
         reply_or_exit(connection, reply)
+
+
+class EarlyMessages:
+    """What the worker sends while the process imports torch, read in a thread meanwhile: the
+    files a "read" message names start to be read at once (files.read_ahead, whose reads
+    release the GIL), not after the import; the first other message is kept for the loop."""
+
+    def __init__(self, connection: Connection):
+        self.connection = connection
+        self.kept: tuple[str, Any] | None = None
+        self.error: BaseException | None = None
+        self.thread: threading.Thread | None = threading.Thread(
+            target=self._listen, name="early-messages", daemon=True
+        )
+        try:
+            self.thread.start()
+        except RuntimeError:  # no thread to spare: the loop reads them, after the import
+            self.thread = None
+
+    def _listen(self) -> None:
+        try:
+            while True:
+                kind, payload = self.connection.recv()
+                if kind != "read":
+                    self.kept = (kind, payload)
+                    return
+                _read_ahead(*payload)
+        except BaseException as error:  # the worker is gone: the loop exits
+            self.error = error
+
+    def first(self) -> tuple[str, Any] | None:
+        """The message kept (once), after the thread has ended; None when there is none."""
+        if self.thread is None:
+            return None
+        self.thread.join()
+        self.thread = None
+        if self.error is not None:
+            raise self.error
+        return self.kept
+
+
+def _read_ahead(root: str, name: str) -> None:
+    from mnist_sweep.trial.files import read_ahead
+
+    read_ahead(root, name)
 
 
 def reply_or_exit(connection: Connection, reply: tuple) -> None:
@@ -478,6 +541,15 @@ def warm_up(cfg: DictConfig | None) -> None:
 
     if cfg is not None:
         data.load_raw(str(cfg.data.root), cfg.data.name, bool(cfg.data.download))
+
+
+def prepared_device(cfg: DictConfig) -> str:
+    """loop.prepare(cfg) ahead of its trial (its config checked, its data loaded and cached: a
+    bad one fails before a run is made); the device it trains on, by name. (Here, not in
+    loop.py: a worker names it without importing torch.)"""
+    from mnist_sweep.trial.loop import prepare
+
+    return str(prepare(cfg)[0])
 
 
 def save_last_model(path: str) -> None:
