@@ -51,12 +51,12 @@ def start_training() -> Any:
 def train_and_track(cfg: DictConfig, training: Any = None) -> TrialResult:
     """The `make train` job: one trial, recorded in MLflow unless tracking.enabled=false. It
     trains in `training` (a TrainingProcess), else here."""
+    # said before anything is imported: the command says what it does from its first second
+    log.info("loading PyTorch and the data" + (", MLflow" if cfg.tracking.enabled else "") + " ...")
     from mnist_sweep.base.interrupts import INTERRUPTS
     from mnist_sweep.tracking.run_writer import SingleRun
     from mnist_sweep.tracking.runs import NullTracker
 
-    # said before anything slow: the command says what it does from its first second
-    log.info("loading PyTorch and the data" + (", MLflow" if cfg.tracking.enabled else "") + " ...")
     # MLflow in a process of its own, from now: its import and store overlap torch's and the data's
     tracking = SingleRun(cfg.tracking) if cfg.tracking.enabled else NullTracker()
     if training is None or (cfg.tracking.enabled and SingleRun.writer_logs_model(cfg)):
