@@ -58,6 +58,10 @@ CASES = {
     "bad schedule argument": (["schedule=step", "schedule.gamma=-1"], ["schedule.gamma=-1", "> 0"]),
     "bad plateau factor": (["schedule=plateau", "schedule.factor=1.5"],
                            ["schedule.factor=1.5", "(0, 1)"]),
+    "unset environment variable": (["data.root=${oc.env:MNIST_SWEEP_UNSET_IN_TESTS}"],
+                                   ["cannot be resolved", "MNIST_SWEEP_UNSET_IN_TESTS"]),
+    "data root name too long": ([f"data.root=/tmp/{'x' * 300}"],
+                                ["data.root=/tmp/xxx", "File name too long"]),
 }
 
 

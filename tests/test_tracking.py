@@ -153,13 +153,17 @@ def test_make_train_whose_writer_dies_mid_training_fails_and_leaves_no_run_runni
 def test_make_train_trains_without_importing_mlflow(mnist_dir, tmp_path):
     """MLflow (1-4 s of imports, its store's first open, the run's creation) is the writer
     process's, torch the training process's: the command's own process imports neither, and
-    its run is complete all the same, with the figures the trial trained in-process gets."""
+    its run is complete all the same, with the figures the trial trained in-process gets. The
+    training process, forked before Hydra's job existed, gets the config as the job resolves it
+    (${hydra:runtime.cwd} exists only there)."""
     store = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    (tmp_path / "data").symlink_to(mnist_dir)
     code = (
         "import atexit, runpy, sys\n"
         "atexit.register(lambda: print('mlflow imported:', 'mlflow' in sys.modules, flush=True))\n"
         "atexit.register(lambda: print('torch imported:', 'torch' in sys.modules, flush=True))\n"
-        f"sys.argv = ['train', 'data.root={mnist_dir}', 'tracking.tracking_uri={store}', "
+        "sys.argv = ['train', 'data.root=${hydra:runtime.cwd}/data', "
+        f"'tracking.tracking_uri={store}', "
         f"*{FAST!r}]\n"
         "runpy.run_module('mnist_sweep.train', run_name='__main__')\n"
     )

@@ -67,6 +67,14 @@ def test_files_named_while_it_imports_torch_are_read_meanwhile_and_calls_get_the
     assert training.run(cfg, []).test_acc == run_trial(cfg).test_acc
     training.read_ahead(cfg.data)  # a second trial's (`make train -m`): decoded already, not read
     assert training.call(reads_ahead) == []
+    training.begin(cfg)
+    training.read_ahead(cfg.data)  # while a trial trains: no answer to its epoch, no stop
+    assert len(training.follow([]).epochs) == 1
+    bad = cfg_factory("tracking.enabled=false", f"data.root=/tmp/{'x' * 300}")
+    training.read_ahead(bad.data)  # cannot even look there: its trial says so, not a dead process
+    with pytest.raises(RaisedElsewhere, match="File name too long"):
+        training.call(prepared_device, bad)
+    assert training.call(prepared_device, cfg) == "cpu"
 
 
 def test_a_callback_that_raises_stops_the_trial_after_that_epoch(cfg_factory, training):

@@ -12,14 +12,16 @@ and a writer process imports MLflow (tracking/run_writer.py). This process never
 from __future__ import annotations
 
 import atexit
+import copy
 import functools
 import logging
+import sys
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from omegaconf import DictConfig
 
-    from mnist_sweep.trial.results import TrialResult
+    from mnist_sweep.trial.results import EpochResult, TrialResult
 
 log = logging.getLogger("mnist_sweep")
 
@@ -35,17 +37,71 @@ def main() -> None:
     run_hydra_app(functools.partial(train_and_track, training=training))
 
 
+# Hydra's flags that run no job (or several: -m runs each in this process, or our sweeper)
+NO_SINGLE_JOB = {
+    "-m",
+    "--multirun",
+    "-h",
+    "--help",
+    "--hydra-help",
+    "-i",
+    "--info",
+    "-c",
+    "--cfg",
+    "-sc",
+    "--shell-completion",
+}
+
+
 def start_training() -> Any:
-    """The training process, forked now (no thread, no torch here yet), or None."""
+    """The training process, forked now (no thread, no torch here yet) when the command runs
+    one job; else None."""
     from mnist_sweep.trial.process import TrainingProcess
 
-    if not TrainingProcess.can_fork():
+    if NO_SINGLE_JOB & set(sys.argv[1:]) or not TrainingProcess.can_fork():
         return None
     try:
         return TrainingProcess()
     except OSError as error:  # no process to spare (memory, a pids limit): trained here
         log.warning(f"training in this process: {error}")
         return None
+
+
+def trains_here(cfg: DictConfig) -> str | None:
+    """Why this job's trial must train in this process, not in a process forked before Hydra
+    set up the job: the model MLflow logs is this process's (tracking.log_model), or the job
+    changes what that process would not see (hydra.job.env_set: CUDA_VISIBLE_DEVICES, say;
+    hydra.job.chdir: relative paths)."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if cfg.tracking.enabled and cfg.tracking.get("log_model", False):
+        return "tracking.log_model"
+    if HydraConfig.initialized():
+        job = HydraConfig.get().job
+        if job.env_set:
+            return "hydra.job.env_set"
+        if job.chdir:
+            return "hydra.job.chdir"
+    return None
+
+
+def resolved_here(cfg: DictConfig) -> DictConfig:
+    """A copy of the config with its interpolations resolved as Hydra resolves them in this
+    process (${hydra:...} and ${now:...} exist only here), or a ConfigError naming the bad one."""
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    from mnist_sweep.base.errors import ConfigError
+
+    resolved = copy.deepcopy(cfg)
+    try:
+        OmegaConf.resolve(resolved)
+    except OmegaConfBaseException as error:
+        raise ConfigError(
+            f"The config cannot be resolved: {' '.join(str(error).split())}. Fix the override "
+            "or the environment variable it reads."
+        ) from None
+    return resolved
 
 
 def train_and_track(cfg: DictConfig, training: Any = None) -> TrialResult:
@@ -56,23 +112,31 @@ def train_and_track(cfg: DictConfig, training: Any = None) -> TrialResult:
     from mnist_sweep.base.interrupts import INTERRUPTS
     from mnist_sweep.tracking.run_writer import SingleRun
     from mnist_sweep.tracking.runs import NullTracker
+    from mnist_sweep.trial.process import LocalTraining
 
+    if training is not None and trains_here(cfg):
+        training.close()  # (it imports torch on the second core for nothing)
+        training = None
     # MLflow in a process of its own, from now: its import and store overlap torch's and the data's
-    tracking = SingleRun(cfg.tracking) if cfg.tracking.enabled else NullTracker()
-    if training is None or (cfg.tracking.enabled and SingleRun.writer_logs_model(cfg)):
-        from mnist_sweep.trial.process import LocalTraining
-
-        training = LocalTraining()  # (the model the writer logs is this process's)
-    training.read_ahead(cfg.data)  # in a thread there, while it imports torch
+    tracking = (
+        SingleRun(cfg.tracking, behind_training=training is not None)
+        if cfg.tracking.enabled
+        else NullTracker()
+    )
+    training = training or LocalTraining()
+    where = splits = None
     try:
         from mnist_sweep.tracking.datasets import split_descriptions
         from mnist_sweep.tracking.runs import where_it_ran
         from mnist_sweep.trial.process import prepared_device
 
-        # config and data errors surface before a run is made
-        device = training.call(prepared_device, cfg)
-        where = training.call(where_it_ran, cfg, device) if cfg.tracking.enabled else None
-        splits = training.call(split_descriptions, cfg.data) if cfg.tracking.enabled else None
+        trial_cfg = resolved_here(cfg)
+        training.read_ahead(trial_cfg.data)  # in a thread there, while it imports torch
+        # config and data errors surface before a run is made (a download is not cut)
+        device = training.call(prepared_device, trial_cfg, interruptible=False)
+        if cfg.tracking.enabled:
+            where = training.call(where_it_ran, trial_cfg, device)
+            splits = training.call(split_descriptions, trial_cfg.data)
     except BaseException:
         if isinstance(tracking, SingleRun):
             tracking.writer.abandon()
@@ -81,14 +145,15 @@ def train_and_track(cfg: DictConfig, training: Any = None) -> TrialResult:
 
     progress = [EpochProgress()] if cfg.train.get("progress", True) else []
     with tracking.trial_run(cfg, device, where=where, splits=splits) as run:
-        # Ctrl-C stops training at once, but not an epoch's line or logging; both only record,
-        # so that a training process trains the next epoch meanwhile
+
+        def record(epoch: EpochResult) -> None:  # the line and the run's curves: both, or none
+            for callback in (*progress, run.log_epoch):
+                callback(epoch)
+
+        # Ctrl-C stops training at once, but not an epoch's line and logging; they only
+        # record, so that a training process trains the next epoch meanwhile
         with INTERRUPTS.allowed():
-            result = training.run(
-                cfg,
-                callbacks=[],
-                records=[INTERRUPTS.shielded(c) for c in (*progress, run.log_epoch)],
-            )
+            result = training.run(trial_cfg, callbacks=[], records=[INTERRUPTS.shielded(record)])
         run.log_result(result)
         # said before the run ends: an error in its last writes must not hide the result
         log.info(

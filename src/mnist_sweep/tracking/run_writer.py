@@ -353,7 +353,9 @@ class SingleRun:
 
     KEY = "single"
 
-    def __init__(self, tracking_cfg: DictConfig):
+    def __init__(self, tracking_cfg: DictConfig, behind_training: bool = False):
+        """`behind_training`: the trial trains in a process of its own, which the writer yields
+        the CPU to (where it trains in this process, its first epoch waits for the run)."""
         from omegaconf import OmegaConf
 
         # forked while this process has no other thread and no torch (`make train`), else spawned
@@ -361,10 +363,12 @@ class SingleRun:
         self.writer = RunWriter(
             OmegaConf.to_yaml(tracking_cfg, resolve=True), "fork" if fork else "spawn"
         )  # starts at once
-        # Behind the training process on a busy CPU: the epochs are what the user waits for,
-        # and the writer has until the run's end (it fills the cores' idle moments)
-        with contextlib.suppress(OSError):
-            os.setpriority(os.PRIO_PROCESS, self.writer.process.pid, WRITER_NICENESS)
+        if behind_training:
+            # the epochs are what the user waits for: MLflow's imports (~2.5 s of CPU) on the
+            # second core slowed the first epoch 0.63 -> 1.61 s (bench-startup, 2 cores); the
+            # writer has until the run's end, and fills the cores' idle moments meanwhile
+            with contextlib.suppress(OSError):
+                os.setpriority(os.PRIO_PROCESS, self.writer.process.pid, WRITER_NICENESS)
         self.run_id: str | None = None
         self.result = None
 

@@ -122,7 +122,13 @@ def find_or_download(root: Path, dataset: str, allow_download: bool) -> dict[str
             f"Unknown dataset data.name={dataset!r}; allowed: "
             f"{', '.join(sorted(TORCHVISION_CLASSES))}."
         )
-    files = locate(root, dataset)
+    try:
+        files = locate(root, dataset)
+    except OSError as error:  # a folder it may not read, a name too long
+        raise DataError(
+            f"Cannot look for {dataset}'s files under data.root={root}: {error}. Point "
+            "data.root (env MNIST_SWEEP_DATA) at a folder this user can read."
+        ) from None
     if files is not None:
         return files
     if not allow_download:

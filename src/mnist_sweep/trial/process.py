@@ -22,6 +22,7 @@ interrupted). It exits when the worker closes it, or when the worker is gone (it
 
 from __future__ import annotations
 
+import contextlib
 import multiprocessing
 import os
 import select
@@ -59,7 +60,7 @@ class LocalTraining:
         self.model: Any = None  # the last trial's, for save_weights
         self.started: DictConfig | None = None  # the trial begun, until followed
 
-    def call(self, function: Callable, *args) -> Any:
+    def call(self, function: Callable, *args, interruptible: bool = True) -> Any:
         return function(*args)
 
     def run(
@@ -140,11 +141,12 @@ class TrainingProcess:
         """Whether one can be forked now: what makes it pay (see the module's doc)."""
         return threading.active_count() == 1 and "torch" not in sys.modules
 
-    def call(self, function: Callable, *args) -> Any:
+    def call(self, function: Callable, *args, interruptible: bool = True) -> Any:
         """function(*args) in the training process (a module-level function: sent by name).
-        Interrupted at once by Ctrl-C (the first waits for torch's import, or a download)."""
+        Interrupted at once by Ctrl-C (the first waits for torch's import, or a download);
+        `interruptible=False`: a Ctrl-C meanwhile is raised after it (a download is not cut)."""
         try:
-            with INTERRUPTS.allowed():
+            with INTERRUPTS.allowed() if interruptible else contextlib.nullcontext():
                 self._send_first(("call", (function, args)))
                 return self._reply()
         except BaseException as error:  # interrupted between the two: its reply left unread
@@ -378,7 +380,7 @@ def _serve(
         if kind == "close":
             os._exit(0)
         if kind == "read":  # (after torch's import: read now, loaded by the trial)
-            _read_ahead(*payload)
+            _read_ahead(payload)
             continue
         if kind == "stop":  # it came after the trial's end: one "stopped" to each stop
             reply_or_exit(connection, ("stopped", None))
@@ -431,7 +433,7 @@ class EarlyMessages:
                 if kind != "read":
                     self.kept = (kind, payload)
                     return
-                _read_ahead(*payload)
+                _read_ahead(payload)
         except BaseException as error:  # the worker is gone: the loop exits
             self.error = error
 
@@ -446,10 +448,13 @@ class EarlyMessages:
         return self.kept
 
 
-def _read_ahead(root: str, name: str) -> None:
+def _read_ahead(root_and_name: tuple[str, str]) -> None:
+    """A head start only: what fails here (a folder it may not read, say) the trial's own read
+    reports, with the worker's handling."""
     from mnist_sweep.trial.files import read_ahead
 
-    read_ahead(root, name)
+    with contextlib.suppress(Exception):
+        read_ahead(*root_and_name)
 
 
 def reply_or_exit(connection: Connection, reply: tuple) -> None:
@@ -492,24 +497,37 @@ def _train(connection: Connection, cfg: DictConfig) -> TrialResult:
     _LAST.clear()
     awaiting_answer = False  # to the last epoch sent (a go or a stop)
 
-    def take_answer() -> None:
-        nonlocal awaiting_answer
+    def receive() -> tuple[str, Any]:
         try:
-            kind, _ = connection.recv()
+            return connection.recv()
         except (OSError, EOFError):
             raise WorkerGone() from None
+
+    def answered(kind: str) -> None:
+        nonlocal awaiting_answer
         if kind == "close":
             os._exit(0)
         awaiting_answer = False  # a stop answers it too, or comes after a go
         if kind != "go":  # the worker sends nothing more for this trial
             raise Stopped()
 
+    def take_answer() -> None:
+        kind, payload = receive()
+        while kind == "read":  # (files for a later trial: not an answer)
+            _read_ahead(payload)
+            kind, payload = receive()
+        answered(kind)
+
     readable = select.poll()  # ~1 us a look (Connection.poll builds a selector each time)
     readable.register(connection.fileno(), select.POLLIN)
 
     def answers_that_came() -> None:
         while readable.poll(0):  # an answer, or the worker gone (recv raises: WorkerGone)
-            take_answer()
+            kind, payload = receive()
+            if kind == "read":
+                _read_ahead(payload)
+            else:
+                answered(kind)
 
     def send(epoch: EpochResult) -> None:
         nonlocal awaiting_answer
