@@ -60,8 +60,14 @@ CASES = {
                            ["schedule.factor=1.5", "(0, 1)"]),
     "unset environment variable": (["data.root=${oc.env:MNIST_SWEEP_UNSET_IN_TESTS}"],
                                    ["cannot be resolved", "MNIST_SWEEP_UNSET_IN_TESTS"]),
+    "unset environment variable in the store's URI": (
+        ["tracking.tracking_uri=${oc.env:MNIST_SWEEP_UNSET_IN_TESTS}"],
+        ["cannot be resolved", "MNIST_SWEEP_UNSET_IN_TESTS"]),
     "data root name too long": ([f"data.root=/tmp/{'x' * 300}"],
                                 ["data.root=/tmp/xxx", "File name too long"]),
+    "data root name too long, trained in-process": (  # (the model logged: no training process)
+        [f"data.root=/tmp/{'x' * 300}", "tracking.log_model=true"],
+        ["data.root=/tmp/xxx", "File name too long"]),
 }
 
 

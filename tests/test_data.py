@@ -195,3 +195,52 @@ def test_a_file_asked_for_while_it_is_read_ahead_gets_its_bytes(tmp_path):
         assert answers.get(timeout=30) == expected  # before the fix: never answered
         for path in paths.values():  # the others, so the next round reads them all again
             files.read_file(path)
+
+
+def test_a_download_lands_whole_or_not_at_all(tmp_path, mnist_dir, monkeypatch):
+    """torchvision's download, from a local server: one that fails partway (a file served cut
+    short fails its checksum; Ctrl-C or a kill would cut it the same way) leaves no file in
+    data.root for the next run to take as the dataset; a whole one lands in root/MNIST/raw, where
+    the next run finds it without downloading."""
+    import functools
+    import hashlib
+    import http.server
+    import threading
+
+    import torchvision.datasets
+
+    from mnist_sweep.base.errors import DataError
+    from mnist_sweep.trial.files import ALL_FILES, _read, locate
+
+    served = tmp_path / "served"
+    served.mkdir()
+    whole, resources = {}, []
+    for name, path in locate(mnist_dir, "mnist").items():
+        whole[name] = gzip.compress(_read(path)[0])
+    for name in ALL_FILES:  # torchvision's order: train images, train labels, test images, labels
+        (served / f"{name}.gz").write_bytes(whole[name])
+        resources.append((f"{name}.gz", hashlib.md5(whole[name]).hexdigest()))
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(served))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    monkeypatch.setattr(torchvision.datasets.MNIST, "mirrors",
+                        [f"http://127.0.0.1:{server.server_address[1]}/"])
+    monkeypatch.setattr(torchvision.datasets.MNIST, "resources", resources)
+    root = tmp_path / "root"
+    try:
+        last = served / f"{ALL_FILES[-1]}.gz"
+        last.write_bytes(whole[ALL_FILES[-1]][:20])  # the last file cut short
+        with pytest.raises(DataError, match="download failed"):
+            data.find_or_download(root, "mnist", allow_download=True)
+        assert [p for p in root.rglob("*") if p.is_file()] == []  # three whole files: not kept
+        assert list(root.iterdir()) == []
+        last.write_bytes(whole[ALL_FILES[-1]])
+        files = data.find_or_download(root, "mnist", allow_download=True)
+    finally:
+        server.shutdown()
+    assert set(files) == set(ALL_FILES)
+    assert {path.parent for path in files.values()} == {root / "MNIST" / "raw"}
+    assert [p.name for p in root.iterdir()] == ["MNIST"]  # no download folder left
+    assert data.find_or_download(root, "mnist", allow_download=False) == files
+    assert torch.equal(data.read_idx(files[ALL_FILES[0]], 3),
+                       data.read_idx(locate(mnist_dir, "mnist")[ALL_FILES[0]], 3))

@@ -5,8 +5,8 @@
 Hydra's command line around the training loop (`trial.loop.run_trial`) and an MLflow run. The
 trial trains in a process forked as the command starts (trial/process.py, as a one-worker
 sweep's): it imports torch on one core while this process reads the command line with Hydra
-and a writer process imports MLflow (tracking/run_writer.py). This process never imports torch
-(except with tracking.log_model, whose model is logged from here).
+and a writer process imports MLflow (tracking/run_writer.py). This process never imports torch,
+except where the trial trains here (`trains_here`; each job of `-m`).
 """
 
 from __future__ import annotations
@@ -58,7 +58,9 @@ def start_training() -> Any:
     one job; else None."""
     from mnist_sweep.trial.process import TrainingProcess
 
-    if NO_SINGLE_JOB & set(sys.argv[1:]) or not TrainingProcess.can_fork():
+    args = sys.argv[1:]
+    multirun = any(a.replace(" ", "").upper() == "HYDRA.MODE=MULTIRUN" for a in args)
+    if NO_SINGLE_JOB & set(args) or multirun or not TrainingProcess.can_fork():
         return None
     try:
         return TrainingProcess()
@@ -107,6 +109,9 @@ def resolved_here(cfg: DictConfig) -> DictConfig:
 def train_and_track(cfg: DictConfig, training: Any = None) -> TrialResult:
     """The `make train` job: one trial, recorded in MLflow unless tracking.enabled=false. It
     trains in `training` (a TrainingProcess), else here."""
+    # the config as Hydra's job resolves it, for the trial, its run and its writer alike
+    # (${hydra:...} and ${now:...} exist only here, not in the training process)
+    cfg = resolved_here(cfg)
     # said before anything is imported: the command says what it does from its first second
     log.info("loading PyTorch and the data" + (", MLflow" if cfg.tracking.enabled else "") + " ...")
     from mnist_sweep.base.interrupts import INTERRUPTS
@@ -130,13 +135,13 @@ def train_and_track(cfg: DictConfig, training: Any = None) -> TrialResult:
         from mnist_sweep.tracking.runs import where_it_ran
         from mnist_sweep.trial.process import prepared_device
 
-        trial_cfg = resolved_here(cfg)
-        training.read_ahead(trial_cfg.data)  # in a thread there, while it imports torch
-        # config and data errors surface before a run is made (a download is not cut)
-        device = training.call(prepared_device, trial_cfg, interruptible=False)
+        training.read_ahead(cfg.data)  # in a thread there, while it imports torch
+        # config and data errors surface before a run is made
+        device = training.call(prepared_device, cfg)
         if cfg.tracking.enabled:
-            where = training.call(where_it_ran, trial_cfg, device)
-            splits = training.call(split_descriptions, trial_cfg.data)
+            where = training.call(where_it_ran, cfg, device)
+            splits = training.call(split_descriptions, cfg.data)
+        INTERRUPTS.check()  # one that came meanwhile (here: in-process): no run is made
     except BaseException:
         if isinstance(tracking, SingleRun):
             tracking.writer.abandon()
@@ -153,7 +158,7 @@ def train_and_track(cfg: DictConfig, training: Any = None) -> TrialResult:
         # Ctrl-C stops training at once, but not an epoch's line and logging; they only
         # record, so that a training process trains the next epoch meanwhile
         with INTERRUPTS.allowed():
-            result = training.run(trial_cfg, callbacks=[], records=[INTERRUPTS.shielded(record)])
+            result = training.run(cfg, callbacks=[], records=[INTERRUPTS.shielded(record)])
         run.log_result(result)
         # said before the run ends: an error in its last writes must not hide the result
         log.info(

@@ -12,7 +12,10 @@ from __future__ import annotations
 import functools
 import hashlib
 import math
+import os
+import shutil
 import struct
+import tempfile
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -99,12 +102,24 @@ def read_idx(path: Path, expected_ndim: int, digests: list | None = None) -> tor
 
 
 def download(root: Path, dataset: str) -> None:
-    """Let torchvision fetch and checksum the files into root/<Class>/raw."""
+    """Let torchvision fetch and checksum the files into root/<Class>/raw: into a folder of
+    their own first, each moved into place whole (os.replace), so that a download cut short
+    (a failure, Ctrl-C, a kill) leaves no partial file there for `locate` to find."""
     import torchvision.datasets  # imported here: only a download needs it
 
-    cls = getattr(torchvision.datasets, TORCHVISION_CLASSES[dataset])
-    for train in (True, False):
-        cls(str(root), train=train, download=True)
+    name = TORCHVISION_CLASSES[dataset]
+    cls = getattr(torchvision.datasets, name)
+    root.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{dataset}-download-", dir=root))
+    try:
+        for train in (True, False):
+            cls(str(staging), train=train, download=True)
+        target = root / name / "raw"
+        target.mkdir(parents=True, exist_ok=True)
+        for file in sorted((staging / name / "raw").iterdir()):
+            os.replace(file, target / file.name)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
 
 
 def missing_files_error(root: Path, dataset: str, reason: str) -> DataError:
@@ -122,13 +137,7 @@ def find_or_download(root: Path, dataset: str, allow_download: bool) -> dict[str
             f"Unknown dataset data.name={dataset!r}; allowed: "
             f"{', '.join(sorted(TORCHVISION_CLASSES))}."
         )
-    try:
-        files = locate(root, dataset)
-    except OSError as error:  # a folder it may not read, a name too long
-        raise DataError(
-            f"Cannot look for {dataset}'s files under data.root={root}: {error}. Point "
-            "data.root (env MNIST_SWEEP_DATA) at a folder this user can read."
-        ) from None
+    files = look_for(root, dataset)
     if files is not None:
         return files
     if not allow_download:
@@ -138,10 +147,21 @@ def find_or_download(root: Path, dataset: str, allow_download: bool) -> dict[str
     except Exception as error:  # torchvision raises URLError, RuntimeError, OSError...
         reason = " ".join(str(error).split())[:200]
         raise missing_files_error(root, dataset, f"the download failed: {reason}") from error
-    files = locate(root, dataset)
+    files = look_for(root, dataset)
     if files is None:
         raise missing_files_error(root, dataset, "the download left no files")
     return files
+
+
+def look_for(root: Path, dataset: str) -> dict[str, Path] | None:
+    """files.locate, or a DataError where the folder cannot be looked in."""
+    try:
+        return locate(root, dataset)
+    except OSError as error:  # a folder this user may not read, a name too long
+        raise DataError(
+            f"Cannot look for {dataset}'s files under data.root={root}: {error}. Point "
+            "data.root (env MNIST_SWEEP_DATA) at a folder this user can read, by a valid path."
+        ) from None
 
 
 @functools.lru_cache(maxsize=4)

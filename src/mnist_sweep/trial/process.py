@@ -1,4 +1,6 @@
-"""Trials trained in a process of their own: a one-worker sweep's training process.
+"""Trials trained in a process of their own: a one-worker sweep's training process, and
+`make train`'s (forked before Hydra is imported; it names the data's files with a "read"
+message, which a thread there takes while torch imports).
 
 A sweep with one worker used to import MLflow, open its stores, then import torch and read the
 data, all in one process: on 2 cores, one core idle for seconds. `TrainingProcess` is forked as
@@ -60,7 +62,7 @@ class LocalTraining:
         self.model: Any = None  # the last trial's, for save_weights
         self.started: DictConfig | None = None  # the trial begun, until followed
 
-    def call(self, function: Callable, *args, interruptible: bool = True) -> Any:
+    def call(self, function: Callable, *args) -> Any:
         return function(*args)
 
     def run(
@@ -74,9 +76,7 @@ class LocalTraining:
 
     def read_ahead(self, data_cfg: DictConfig) -> None:
         """The data's files read in a thread from now (files.read_ahead)."""
-        from mnist_sweep.trial.files import read_ahead
-
-        read_ahead(str(data_cfg.root), str(data_cfg.name))
+        _read_ahead((str(data_cfg.root), str(data_cfg.name)))
 
     def begin(self, cfg: DictConfig) -> None:
         """Here, a trial trains only once followed."""
@@ -141,12 +141,11 @@ class TrainingProcess:
         """Whether one can be forked now: what makes it pay (see the module's doc)."""
         return threading.active_count() == 1 and "torch" not in sys.modules
 
-    def call(self, function: Callable, *args, interruptible: bool = True) -> Any:
+    def call(self, function: Callable, *args) -> Any:
         """function(*args) in the training process (a module-level function: sent by name).
-        Interrupted at once by Ctrl-C (the first waits for torch's import, or a download);
-        `interruptible=False`: a Ctrl-C meanwhile is raised after it (a download is not cut)."""
+        Interrupted at once by Ctrl-C (the first waits for torch's import, or a download)."""
         try:
-            with INTERRUPTS.allowed() if interruptible else contextlib.nullcontext():
+            with INTERRUPTS.allowed():
                 self._send_first(("call", (function, args)))
                 return self._reply()
         except BaseException as error:  # interrupted between the two: its reply left unread
