@@ -69,22 +69,17 @@ def start_training() -> Any:
         return None
 
 
-def trains_here(cfg: DictConfig) -> str | None:
-    """Why this job's trial must train in this process, not in a process forked before Hydra
+def trains_here(cfg: DictConfig) -> bool:
+    """Whether this job's trial must train in this process, not in a process forked before Hydra
     set up the job: the model MLflow logs is this process's (tracking.log_model), or the job
     changes what that process would not see (hydra.job.env_set: CUDA_VISIBLE_DEVICES, say;
     hydra.job.chdir: relative paths)."""
     from hydra.core.hydra_config import HydraConfig
 
     if cfg.tracking.enabled and cfg.tracking.get("log_model", False):
-        return "tracking.log_model"
-    if HydraConfig.initialized():
-        job = HydraConfig.get().job
-        if job.env_set:
-            return "hydra.job.env_set"
-        if job.chdir:
-            return "hydra.job.chdir"
-    return None
+        return True
+    job = HydraConfig.get().job if HydraConfig.initialized() else None
+    return job is not None and bool(job.env_set or job.chdir)
 
 
 def resolved_here(cfg: DictConfig) -> DictConfig:

@@ -373,14 +373,11 @@ def _serve(
         pass
     while True:
         try:
-            kind, payload = early.first() or connection.recv()
+            kind, payload = early.first() or next_message(connection)
         except BaseException:  # the worker is gone (or died mid-message)
             os._exit(0)
         if kind == "close":
             os._exit(0)
-        if kind == "read":  # (after torch's import: read now, loaded by the trial)
-            _read_ahead(payload)
-            continue
         if kind == "stop":  # it came after the trial's end: one "stopped" to each stop
             reply_or_exit(connection, ("stopped", None))
             continue
@@ -427,12 +424,7 @@ class EarlyMessages:
 
     def _listen(self) -> None:
         try:
-            while True:
-                kind, payload = self.connection.recv()
-                if kind != "read":
-                    self.kept = (kind, payload)
-                    return
-                _read_ahead(payload)
+            self.kept = next_message(self.connection)
         except BaseException as error:  # the worker is gone: the loop exits
             self.error = error
 
@@ -445,6 +437,15 @@ class EarlyMessages:
         if self.error is not None:
             raise self.error
         return self.kept
+
+
+def next_message(connection: Connection) -> tuple[str, Any]:
+    """The next message that is not a "read" (the files those name start to be read now)."""
+    while True:
+        kind, payload = connection.recv()
+        if kind != "read":
+            return kind, payload
+        _read_ahead(payload)
 
 
 def _read_ahead(root_and_name: tuple[str, str]) -> None:
@@ -496,12 +497,6 @@ def _train(connection: Connection, cfg: DictConfig) -> TrialResult:
     _LAST.clear()
     awaiting_answer = False  # to the last epoch sent (a go or a stop)
 
-    def receive() -> tuple[str, Any]:
-        try:
-            return connection.recv()
-        except (OSError, EOFError):
-            raise WorkerGone() from None
-
     def answered(kind: str) -> None:
         nonlocal awaiting_answer
         if kind == "close":
@@ -511,10 +506,10 @@ def _train(connection: Connection, cfg: DictConfig) -> TrialResult:
             raise Stopped()
 
     def take_answer() -> None:
-        kind, payload = receive()
-        while kind == "read":  # (files for a later trial: not an answer)
-            _read_ahead(payload)
-            kind, payload = receive()
+        try:
+            kind, _ = next_message(connection)  # (a read names files for a later trial)
+        except (OSError, EOFError):
+            raise WorkerGone() from None
         answered(kind)
 
     readable = select.poll()  # ~1 us a look (Connection.poll builds a selector each time)
@@ -522,8 +517,11 @@ def _train(connection: Connection, cfg: DictConfig) -> TrialResult:
 
     def answers_that_came() -> None:
         while readable.poll(0):  # an answer, or the worker gone (recv raises: WorkerGone)
-            kind, payload = receive()
-            if kind == "read":
+            try:
+                kind, payload = connection.recv()
+            except (OSError, EOFError):
+                raise WorkerGone() from None
+            if kind == "read":  # (not an answer: and the next may not have come yet)
                 _read_ahead(payload)
             else:
                 answered(kind)
@@ -550,10 +548,8 @@ def _train(connection: Connection, cfg: DictConfig) -> TrialResult:
 def warm_up(cfg: DictConfig | None) -> None:
     """What the first trial would otherwise wait for: torch, the training loop's modules, the
     data files read (the cache run_trial reads them from), the files' bytes read meanwhile."""
-    from mnist_sweep.trial.files import read_ahead
-
     if cfg is not None:
-        read_ahead(str(cfg.data.root), str(cfg.data.name))
+        _read_ahead((str(cfg.data.root), str(cfg.data.name)))
     from mnist_sweep.trial import data, loop  # noqa: F401  (torch, the models, the optimizer)
 
     if cfg is not None:
