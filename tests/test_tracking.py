@@ -8,7 +8,7 @@ import subprocess
 import sys
 
 import pytest
-from conftest import FAST
+from conftest import FAST, run_cli
 from mlflow.tracking import MlflowClient
 
 from mnist_sweep.base.hydra_config import compose
@@ -182,6 +182,24 @@ def test_make_train_trains_without_importing_mlflow(mnist_dir, tmp_path):
     assert run.data.metrics["test_acc"] == here.test_acc
     assert [m.value for m in client.get_metric_history(run.info.run_id, "train_loss")] == [
         e.train_loss for e in here.epochs]
+
+
+def test_make_train_that_diverges_says_so_and_its_run_keeps_the_epoch_it_trained(mnist_dir, tmp_path):
+    """A loss that turns NaN: the command says why in one paragraph and exits non-zero; the
+    epoch that diverged is printed and recorded (its seconds, its NaN loss, its batch curve),
+    as a sweep's trial and a population's member record it, and the run ends FAILED."""
+    import math
+
+    store = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    out = run_cli("mnist_sweep.train", f"data.root={mnist_dir}", f"tracking.tracking_uri={store}",
+                  *FAST, "train.progress=true", "optim.lr=1000000.0", cwd=tmp_path,
+                  timeout=300)
+    assert out.returncode != 0 and "Traceback" not in out.stderr, out.stderr[-3000:]
+    assert "diverged" in out.stderr and "epoch 1/" in out.stdout + out.stderr
+    client, run = only_run(store)
+    assert run.info.status == "FAILED" and "TrainingDiverged" in run.data.tags["fail_reason"]
+    assert run.data.metrics["epoch_seconds"] > 0 and math.isnan(run.data.metrics["train_loss"])
+    assert len(client.get_metric_history(run.info.run_id, "batch_train_loss")) > 1
 
 
 def test_make_train_interrupted_mid_training_ends_its_run_killed_and_leaves_no_process(

@@ -214,6 +214,8 @@ def test_divergence_and_errors_come_back_with_their_reasons(cfg_factory, trainin
     with pytest.raises(TrainingDiverged) as diverged:
         training.run(cfg_factory("tracking.enabled=false", "optim.lr=1000000.0"), [])
     assert diverged.value.epoch == 1 and "diverged" in str(diverged.value)
+    record = diverged.value.record  # the epoch it trained comes back with it, to be recorded
+    assert record.epoch == 1 and record.seconds > 0 and len(record.batch_loss) > 0
     huge = cfg_factory("tracking.enabled=false", "model=cnn", "model.hidden=400000000")
     with pytest.raises(RaisedElsewhere) as refused:
         training.run(huge, [])

@@ -141,7 +141,7 @@ def train_and_track(cfg: DictConfig, training: Any = None) -> TrialResult:
         if isinstance(tracking, SingleRun):
             tracking.writer.abandon()
         raise
-    from mnist_sweep.trial.results import EpochProgress
+    from mnist_sweep.trial.results import EpochProgress, TrainingDiverged
 
     progress = [EpochProgress()] if cfg.train.get("progress", True) else []
     with tracking.trial_run(cfg, device, where=where, splits=splits) as run:
@@ -152,8 +152,13 @@ def train_and_track(cfg: DictConfig, training: Any = None) -> TrialResult:
 
         # Ctrl-C stops training at once, but not an epoch's line and logging; they only
         # record, so that a training process trains the next epoch meanwhile
-        with INTERRUPTS.allowed():
-            result = training.run(cfg, callbacks=[], records=[INTERRUPTS.shielded(record)])
+        try:
+            with INTERRUPTS.allowed():
+                result = training.run(cfg, callbacks=[], records=[INTERRUPTS.shielded(record)])
+        except TrainingDiverged as error:  # the epoch it trained is recorded, as any
+            if error.record is not None:
+                INTERRUPTS.shielded(record)(error.record)
+            raise
         run.log_result(result)
         # said before the run ends: an error in its last writes must not hide the result
         log.info(

@@ -204,6 +204,7 @@ class Worker(WorkerSetup):
                 if pruned:
                     raise Pruned(epoch.epoch, value)
 
+            records = [INTERRUPTS.shielded(c) for c in (*progress, run.log_epoch)]
             try:
                 # A signal stops training at once, but never an epoch's MLflow write or Optuna
                 # report midway: the run must still be ended KILLED, the trial told FAIL.
@@ -211,9 +212,7 @@ class Worker(WorkerSetup):
                 # line only record, so a training process trains on meanwhile.
                 with INTERRUPTS.allowed():
                     result = self.run_trial(
-                        cfg,
-                        callbacks=[INTERRUPTS.shielded(report)],
-                        records=[INTERRUPTS.shielded(c) for c in (*progress, run.log_epoch)],
+                        cfg, callbacks=[INTERRUPTS.shielded(report)], records=records
                     )
             except Pruned as pruned:
                 ending = settled(
@@ -228,6 +227,9 @@ class Worker(WorkerSetup):
                 run.end_status = "FAILED"
                 return Ending("ended elsewhere", gone.epoch, reason=ENDED_ELSEWHERE)
             except TrainingDiverged as error:
+                if error.record is not None:  # the epoch it trained is recorded, as any
+                    for record in records:
+                        record(error.record)
                 if self.spec.settings["diverged"] != "prune":
                     run.set_tags({"state": "failed"})
                     raise

@@ -115,10 +115,10 @@ def run_trial(
         last_batch = len(train) - batch_size * (steps_per_epoch - 1)
         sizes = [batch_size] * (steps_per_epoch - 1) + [last_batch]
         train_loss = sum(loss * n for loss, n in zip(losses, sizes)) / len(train)
-        if not math.isfinite(train_loss):
-            raise TrainingDiverged.at(train_loss, epoch, cfg.optim.lr)
+        diverged = not math.isfinite(train_loss)
         val_loss, val_acc, _ = evaluate(model, splits.val) if splits.val else (None, None, 0)
-        schedule.after_epoch({"train_loss": train_loss, "val_loss": val_loss})
+        if not diverged:
+            schedule.after_epoch({"train_loss": train_loss, "val_loss": val_loss})
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         epoch_result = EpochResult(
@@ -134,6 +134,9 @@ def run_trial(
             lr=optimizer.param_groups[0]["lr"],
             seconds=time.perf_counter() - started,
         )
+        if diverged:  # its record goes with it: the run keeps the epoch it trained (as a
+            # population's member's does)
+            raise TrainingDiverged.at(train_loss, epoch, cfg.optim.lr, record=epoch_result)
         result.epochs.append(epoch_result)
         for callback in callbacks:
             callback(epoch_result)

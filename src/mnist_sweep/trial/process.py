@@ -343,8 +343,8 @@ class TrainingProcess:
         if kind == "value":
             return payload
         if kind == "diverged":
-            message, epoch = payload
-            raise TrainingDiverged(message, epoch)
+            message, epoch, record = payload
+            raise TrainingDiverged(message, epoch, record)
         assert kind == "raised", kind
         message, reason, user_error = payload
         raise (RaisedUserError if user_error else RaisedElsewhere)(message, reason)
@@ -392,7 +392,7 @@ def _serve(
             reply = ("stopped", None)
             out_of_memory = "out of memory" in str(stopped.__context__ or "").lower()
         except TrainingDiverged as error:
-            reply = ("diverged", (str(error), error.epoch))
+            reply = ("diverged", (str(error), error.epoch, error.record))
         except WorkerGone:
             os._exit(0)
         except Exception as error:

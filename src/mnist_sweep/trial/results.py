@@ -88,16 +88,20 @@ class TrainingDiverged(UserError):
     """The loss became NaN or infinite in `epoch`: the trial cannot go on. A sweep tells Optuna
     it was pruned there (a result: this configuration does not train), not that it failed."""
 
-    def __init__(self, message: str, epoch: int):
+    def __init__(self, message: str, epoch: int, record: EpochResult | None = None):
         super().__init__(message)
         self.epoch = epoch
+        self.record = record  # the epoch that diverged (its seconds, curves): recorded too
 
     @classmethod
-    def at(cls, train_loss: float, epoch: int, lr) -> TrainingDiverged:
+    def at(
+        cls, train_loss: float, epoch: int, lr, record: EpochResult | None = None
+    ) -> TrainingDiverged:
         return cls(
             f"The training loss became {train_loss} in epoch {epoch} (optim.lr={lr}): the "
             "trial diverged; a smaller learning rate or momentum trains.",
             epoch,
+            record,
         )
 
 
