@@ -61,9 +61,10 @@ def test_out_of_memory_fails_its_trial_a_diverged_loss_is_pruned_and_the_worker_
     assert runs[1].data.tags["state"] == "diverged" and "fail_reason" not in runs[1].data.tags
     assert runs[1].data.tags["mlflow.note.content"].startswith("**Diverged** in epoch 1")
     # the epoch it trained is in its run, as a population's member's is: its seconds (a sweep's
-    # training time), its NaN loss, its batch curve up to the NaN
+    # training time), its NaN loss, its batch curve up to the NaN, its progress line
     diverged_run = runs[1].data.metrics
     assert diverged_run["epoch_seconds"] > 0 and math.isnan(diverged_run["train_loss"])
+    assert math.isnan(diverged_run["val_acc"])  # NaN weights not validated: NaN, as told Optuna
     history = client.get_metric_history(runs[1].info.run_id, "batch_train_loss")
     assert [m.step for m in history] == list(range(len(history))) and len(history) > 1
     assert "[w0 #1] epoch 1/2 | train loss nan" in out.stdout

@@ -12,7 +12,7 @@ import logging
 import math
 import queue
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import optuna
 
@@ -81,6 +81,14 @@ class PopulationTrainer:
                     k: TrainingDiverged.at(r.train_loss, r.epoch, population.lr_of(k))
                     for k, r in results.items()
                     if not math.isfinite(r.train_loss)
+                }
+                # a diverged member's NaN weights are not validated (recorded NaN there, the
+                # value its trial is told), as a trial trained alone records them
+                results = {
+                    k: replace(r, val_loss=math.nan, val_acc=math.nan)
+                    if k in diverged and r.val_acc is not None
+                    else r
+                    for k, r in results.items()
                 }
                 done = [k for k, r in results.items() if r.epoch == r.epochs and k not in diverged]
                 tests = population.finish(done)  # one test pass for all that are done

@@ -227,9 +227,13 @@ class Worker(WorkerSetup):
                 run.end_status = "FAILED"
                 return Ending("ended elsewhere", gone.epoch, reason=ENDED_ELSEWHERE)
             except TrainingDiverged as error:
-                if error.record is not None:  # the epoch it trained is recorded, as any
-                    for record in records:
-                        record(error.record)
+                try:
+                    if error.record is not None:  # the epoch it trained is recorded, as any
+                        for record in records:
+                            record(error.record)
+                except BaseException:  # a failed write fails the trial, as in any epoch
+                    run.set_tags({"state": "failed"})
+                    raise
                 if self.spec.settings["diverged"] != "prune":
                     run.set_tags({"state": "failed"})
                     raise

@@ -116,8 +116,10 @@ def run_trial(
         sizes = [batch_size] * (steps_per_epoch - 1) + [last_batch]
         train_loss = sum(loss * n for loss, n in zip(losses, sizes)) / len(train)
         diverged = not math.isfinite(train_loss)
-        val_loss, val_acc, _ = evaluate(model, splits.val) if splits.val else (None, None, 0)
-        if not diverged:
+        if diverged:  # NaN weights are not validated: NaN there, the value a sweep is told
+            val_loss = val_acc = math.nan if splits.val else None
+        else:
+            val_loss, val_acc, _ = evaluate(model, splits.val) if splits.val else (None, None, 0)
             schedule.after_epoch({"train_loss": train_loss, "val_loss": val_loss})
         if device.type == "cuda":
             torch.cuda.synchronize(device)
