@@ -289,6 +289,19 @@ def servers():
         shutil.rmtree(running.folder, ignore_errors=True)
 
 
+def pooled_storage(url: str):
+    """A storage for a test's own repeated reads through the servers' PgBouncer, opened as the
+    sweep opens its own (study.open_storage): without server-side prepared statements. psycopg 3
+    prepares a query it ran 5 times on one connection, under a name another client may have
+    given another query on the server connection that transaction pooling hands it next: the
+    rows of that query then come back as this one's (CI saw SQLAlchemy crash on them)."""
+    import optuna
+
+    from mnist_sweep.search.study import server_engine_kwargs
+
+    return optuna.storages.RDBStorage(url, engine_kwargs=server_engine_kwargs(url))
+
+
 def study_runs(client, study_name: str) -> tuple[list, list]:
     """The MLflow runs of one study, in every experiment: (parent runs, trial runs)."""
     runs = []

@@ -23,6 +23,7 @@ from conftest import (
     caught,
     finish,
     needs_postgres,
+    pooled_storage,
     run_cli,
     spawn,
     study_runs,
@@ -57,8 +58,8 @@ class StudyWatch:
         self.storage, self.name, self.study = storage, name, None
 
     def trials(self) -> list:
-        if self.study is None:
-            self.study = optuna.load_study(study_name=self.name, storage=self.storage)
+        if self.study is None:  # (read again and again: no prepared statements)
+            self.study = optuna.load_study(study_name=self.name, storage=pooled_storage(self.storage))
         return self.study.get_trials(deepcopy=False)
 
     def mid_run(self) -> list:

@@ -55,6 +55,30 @@ def our_storage(study: optuna.Study) -> ResilientRDBStorage:
     return cached._backend
 
 
+def server_engine_kwargs(url: str) -> dict[str, Any]:
+    """How this tool connects to a database server (PostgreSQL, MySQL), directly or through
+    PgBouncer: a sweep's workers, and `make dashboard`."""
+    from sqlalchemy.engine import make_url
+
+    try:
+        psycopg3 = make_url(url).get_dialect().driver == "psycopg"  # postgresql:// (SQLAlchemy 2.1)
+    except Exception:  # a malformed URL: the storage's opening says why
+        psycopg3 = False
+    return {
+        # no server-side prepared statements: through PgBouncer in transaction mode (make
+        # server), the next statement may run on another server connection, where the name
+        # psycopg 3 gave a query it ran 5 times may be another client's query
+        "connect_args": {"connect_timeout": 10} | ({"prepare_threshold": None} if psycopg3 else {}),
+        # pre-ping: a pooled connection that died with a database or pooler restart is
+        # replaced, not used
+        "pool_pre_ping": True,
+        # a worker's threads (trials, heartbeats, bookkeeper) use at most 3 at once; keep
+        # 1,000 workers' connections bounded even without a pooler
+        "pool_size": 2,
+        "max_overflow": 2,
+    }
+
+
 def open_storage(
     url: str,
     heartbeat_interval: int = 10,
@@ -92,19 +116,7 @@ def open_storage(
         engine_kwargs = {"connect_args": {"timeout": 60}}  # wait for a busy writer, don't fail
         sqlite_stores.install()
     else:
-        engine_kwargs = {
-            # no server-side prepared statements: through PgBouncer in transaction mode (make
-            # server), the next statement may run on another server connection
-            "connect_args": {"connect_timeout": 10}
-            | ({"prepare_threshold": None} if scheme == "postgresql" else {}),
-            # pre-ping: a pooled connection that died with a database or pooler restart is
-            # replaced, not used
-            "pool_pre_ping": True,
-            # a worker's threads (trials, heartbeats, bookkeeper) use at most 3 at once; keep
-            # 1,000 workers' connections bounded even without a pooler
-            "pool_size": 2,
-            "max_overflow": 2,
-        }
+        engine_kwargs = server_engine_kwargs(url)
     retry = RetryHeartbeatStaleTrialCallback(max_retry=max_retry)
 
     def stale_trial_callback(study: optuna.Study, trial: FrozenTrial) -> None:
