@@ -66,7 +66,7 @@ readme-images: ## remake docs/images/*.png from a real default sweep on real MNI
 	$(PY) docs/readme_images.py --data $(or $(DATA),../shared/data/mnist) $(if $(WORKDIR),--workdir $(WORKDIR))
 
 dashboard: ## optuna-dashboard on http://127.0.0.1:8080 over the study storage ($$SWEEP_STORAGE, else sqlite:///optuna.db; through PgBouncer too): a live view of a running study
-	$(PY) -m mnist_sweep.dashboard $${SWEEP_STORAGE:-sqlite:///optuna.db} --host 127.0.0.1 --port $${DASHBOARD_PORT:-8080}
+	$(PY) -m mnist_sweep.dashboard --host 127.0.0.1 --port $${DASHBOARD_PORT:-8080}
 
 server: ## start PostgreSQL, PgBouncer and an MLflow server on 127.0.0.1 for many workers (data in SERVER_DIR; needs pgbouncer)
 	$(PY) -m mnist_sweep.server --dir $(SERVER_DIR) $(ARGS)

@@ -10,7 +10,8 @@ from pathlib import Path
 import optuna
 import requests
 
-from conftest import PG_PASSWORD, REPO, needs_postgres, pooled_storage
+from conftest import REPO, hides_password, needs_postgres, pooled_storage
+from mnist_sweep.base.urls import redact_uri
 from mnist_sweep.servers.local import free_port, wait_for_http
 
 
@@ -35,7 +36,10 @@ def serve(storage: str, tmp_path, looks: int = 1) -> None:
     finally:
         os.killpg(server.pid, signal.SIGTERM)
         server.wait(timeout=30)
-    assert PG_PASSWORD not in (tmp_path / "dashboard.log").read_text()
+    said = (tmp_path / "dashboard.log").read_text()
+    # ours, not optuna-dashboard's own command (which prepares statements on the server)
+    assert f"optuna-dashboard over {redact_uri(storage)} on http://127.0.0.1:" in said, said
+    assert hides_password(said)
 
 
 def make_live_study(storage) -> None:
@@ -74,3 +78,8 @@ def test_a_storage_no_sweep_writes_is_refused_in_one_paragraph(tmp_path):
     out = run_cli("mnist_sweep.dashboard", "redis://user:s3cret-pw@127.0.0.1:6379/0", cwd=tmp_path)
     assert out.returncode != 0 and "Traceback" not in out.stderr, out.stderr
     assert "not one a sweep writes" in out.stderr and "s3cret-pw" not in out.stdout + out.stderr
+    # a server that does not answer (nothing listens on port 9): one paragraph, no password
+    out = run_cli("mnist_sweep.dashboard", cwd=tmp_path,
+                  env={"SWEEP_STORAGE": "postgresql://user:s3cret-pw@127.0.0.1:9/optuna"})
+    assert out.returncode != 0 and "Traceback" not in out.stderr, out.stderr
+    assert "cannot be read" in out.stderr and "s3cret-pw" not in out.stdout + out.stderr
