@@ -20,7 +20,7 @@ LAYERS = [
     "population",  # many trials stacked into one model, and its trainer
     "tracking",    # MLflow: runs, the members' run writer, deep links, registry, datasets
     "search",      # the sweep: space, sweep file, study, storage, driver, workers, report
-    "",            # the command lines at the top: train, sweep, server, seed_table
+    "",            # the command lines at the top: train, sweep, server, seed_table, dashboard
 ]
 
 
