@@ -36,10 +36,10 @@ def dashboard_storage(url: str):
     one paragraph when it is no storage a sweep writes or cannot be reached."""
     from optuna.storages import RDBStorage
 
-    from mnist_sweep.search.study import server_engine_kwargs
+    from mnist_sweep.search.study import STORAGE_SCHEMES, server_engine_kwargs
 
     scheme = scheme_of(url)
-    if scheme not in ("sqlite", "postgresql", "mysql"):
+    if scheme not in STORAGE_SCHEMES:
         raise ConfigError(
             f"The storage {redact_uri(url)!r} is not one a sweep writes: give its URL as "
             "SWEEP_STORAGE, sqlite:///path/optuna.db (the embedded default) or "

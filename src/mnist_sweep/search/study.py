@@ -55,6 +55,10 @@ def our_storage(study: optuna.Study) -> ResilientRDBStorage:
     return cached._backend
 
 
+# The storages this tool opens (a sweep's, `make dashboard`'s): Optuna's RDB storage on these
+STORAGE_SCHEMES = ("sqlite", "postgresql", "mysql")
+
+
 def server_engine_kwargs(url: str) -> dict[str, Any]:
     """How this tool connects to a database server (PostgreSQL, MySQL), directly or through
     PgBouncer: a sweep's workers, and `make dashboard`."""
@@ -92,7 +96,7 @@ def open_storage(
     connection (a restart, a network blip) are retried for up to `outage_seconds`."""
     shown = redact_uri(url)
     scheme = scheme_of(url)
-    if scheme not in ("sqlite", "postgresql", "mysql"):
+    if scheme not in STORAGE_SCHEMES:
         raise ConfigError(
             f"sweep.storage={shown!r} is not an Optuna storage URL this tool opens: "
             "use sqlite:///path/optuna.db (the embedded default) or "
